@@ -35,6 +35,7 @@ MAX_PARAMS_ENTRIES: Final = 64
 MAX_DOTS: Final = 64
 MAX_OPS: Final = 100_000
 SIGNATURE_LEN: Final = 64
+MAX_EMBEDDED: Final = 4 * 1024 * 1024
 T = TypeVar("T")
 _SET_NAME = re.compile(r"[a-z0-9][a-z0-9._/-]{0,127}")
 _TENSOR_NAME = re.compile(r"[\x21-\x7e]{1,512}")
@@ -82,6 +83,16 @@ class _Fields:
             raise CodecError(self.at(key), f"expected {length} bytes, got {len(value)}")
         return value
 
+    def blob(self, key: str, max_len: int = MAX_EMBEDDED) -> bytes:
+        value = self.obj[key]
+        if not isinstance(value, bytes):
+            raise CodecError(
+                self.at(key), f"expected an embedded message (byte string), got {type(value).__name__}"
+            )
+        if len(value) > max_len:
+            raise CodecError(self.at(key), f"{len(value)} bytes exceed the limit of {max_len}")
+        return value
+
     def list_(self, key: str, max_len: int) -> list[Any]:
         value = self.obj[key]
         if not isinstance(value, list):
@@ -93,6 +104,14 @@ class _Fields:
     def version(self) -> None:
         if self.uint("v", maximum=2**16) != FORMAT_VERSION:
             raise CodecError(self.at("v"), f"unsupported format version (this node speaks {FORMAT_VERSION})")
+
+
+def _nested(raw: bytes, path: str) -> Any:
+    """Decode an embedded signed payload, reporting errors under its field."""
+    try:
+        return decode(raw)
+    except CodecError as exc:
+        raise CodecError(f"{path}{exc.field.removeprefix('$')}", exc.reason) from None
 
 
 def _uint(value: Any, path: str, maximum: int = 2**64 - 1, minimum: int = 0) -> int:
@@ -163,6 +182,11 @@ class TensorEntry:
 
     @classmethod
     def from_obj(cls, obj: Any, path: str, with_digest: bool = True) -> TensorEntry:
+        if _entry_ok(obj, with_digest):
+            shape = tuple(obj["shape"])
+            if not with_digest:
+                return cls(obj["name"], obj["dtype"], shape)
+            return cls(obj["name"], obj["dtype"], shape, obj["size"], obj["sha256"])
         keys = ("name", "dtype", "shape", "size", "sha256") if with_digest else ("name", "dtype", "shape")
         f = _Fields(obj, path, keys)
         name = f.text("name", _TENSOR_NAME, 512)
@@ -178,6 +202,42 @@ class TensorEntry:
         if size != entry.numel * ITEMSIZE[dtype]:
             raise CodecError(f.at("size"), f"{size} bytes do not match {dtype} shape {list(shape)}")
         return cls(name, dtype, shape, size, f.bytes_("sha256", 32))
+
+
+_ENTRY_KEYS = frozenset({"name", "dtype", "shape", "size", "sha256"})
+_SPEC_KEYS = frozenset({"name", "dtype", "shape"})
+
+
+def _entry_ok(obj: Any, with_digest: bool) -> bool:
+    """True when a manifest entry passes every rule of the checked path below.
+
+    Manifests have thousands of entries; this keeps the common, valid case
+    cheap. Anything it does not accept goes through the checked path, which
+    names the failing field.
+    """
+    if type(obj) is not dict or obj.keys() != (_ENTRY_KEYS if with_digest else _SPEC_KEYS):
+        return False
+    name, dtype, shape = obj["name"], obj["dtype"], obj["shape"]
+    if (
+        type(name) is not str
+        or not _TENSOR_NAME.fullmatch(name)
+        or type(dtype) is not str
+        or dtype not in ITEMSIZE
+    ):
+        return False
+    if type(shape) is not list or len(shape) > MAX_DIMS:
+        return False
+    numel = 1
+    for d in shape:
+        if type(d) is not int or not 0 <= d <= MAX_DIM:
+            return False
+        numel *= d
+    if not with_digest:
+        return True
+    size, digest = obj["size"], obj["sha256"]
+    return (
+        type(size) is int and size == numel * ITEMSIZE[dtype] and type(digest) is bytes and len(digest) == 32
+    )
 
 
 def _manifest(f: _Fields, key: str, with_digest: bool) -> tuple[TensorEntry, ...]:
@@ -328,6 +388,14 @@ class ContributionHeader:
 
 @dataclass(frozen=True)
 class SignedHeader:
+    """A header and the author's signature over its canonical bytes.
+
+    On the wire the header travels as an embedded byte string (as in
+    COSE_Sign1), so the receiver checks the signature over exactly the bytes
+    it received and hashes those same bytes into the id: nothing is
+    re-encoded on the way in.
+    """
+
     header: ContributionHeader
     signature: bytes
 
@@ -336,12 +404,15 @@ class SignedHeader:
         return self.header.id
 
     def to_obj(self) -> dict[str, Any]:
-        return {"h": self.header.to_obj(), "s": self.signature}
+        return {"h": self.header.encoded, "s": self.signature}
 
     @classmethod
     def from_obj(cls, obj: Any, path: str = "$") -> SignedHeader:
         f = _Fields(obj, path, ("h", "s"))
-        return cls(ContributionHeader.from_obj(obj["h"], f.at("h")), f.bytes_("s", SIGNATURE_LEN))
+        raw = f.blob("h")
+        header = ContributionHeader.from_obj(_nested(raw, f.at("h")), f.at("h"))
+        header.__dict__["encoded"] = raw  # proven canonical, so identical to a re-encode
+        return cls(header, f.bytes_("s", SIGNATURE_LEN))
 
 
 @dataclass(frozen=True)
@@ -362,12 +433,14 @@ class Removal:
         }
 
     def to_obj(self) -> dict[str, Any]:
-        return {"r": self.unsigned_obj(), "s": self.signature}
+        return {"r": self.encoded_unsigned, "s": self.signature}
 
     @classmethod
     def from_obj(cls, obj: Any, path: str = "$") -> Removal:
         outer = _Fields(obj, path, ("r", "s"))
-        f = _Fields(obj["r"], outer.at("r"), ("v", "target", "author", "dots"))
+        raw = outer.blob("r")
+        inner = _nested(raw, outer.at("r"))
+        f = _Fields(inner, outer.at("r"), ("v", "target", "author", "dots"))
         f.version()
         dots = []
         raw_dots = f.list_("dots", MAX_DOTS)
@@ -380,12 +453,14 @@ class Removal:
             dots.append((_peer_id(d[0], p + "[0]"), _uint(d[1], p + "[1]")))
         if dots != sorted(set(dots)):
             raise CodecError(f.at("dots"), "dots must be unique and sorted")
-        return cls(
-            target=_cid(obj["r"]["target"], f.at("target")),
-            author=_peer_id(obj["r"]["author"], f.at("author")),
+        removal = cls(
+            target=_cid(inner["target"], f.at("target")),
+            author=_peer_id(inner["author"], f.at("author")),
             dots=tuple(dots),
             signature=outer.bytes_("s", SIGNATURE_LEN),
         )
+        removal.__dict__["encoded_unsigned"] = raw
+        return removal
 
     @cached_property
     def encoded_unsigned(self) -> bytes:

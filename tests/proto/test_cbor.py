@@ -27,19 +27,23 @@ def test_roundtrip_is_identity_and_canonical(value: object) -> None:
     data = encode(value)
     assert decode(data) == value
     assert encode(decode(data)) == data
+    assert data == cbor2.dumps(value, canonical=True)  # cbor2 agrees on the canonical form
 
 
 @pytest.mark.parametrize(
     ("data", "fragment"),
     [
         (b"\x18\x01", "non-minimal"),
-        (bytes.fromhex("a2616201616102"), "not canonical"),  # keys out of order
-        (bytes.fromhex("a2616101616102"), "not canonical"),  # duplicate key
+        (bytes.fromhex("a2616201616102"), "not in canonical order"),  # keys out of order
+        (bytes.fromhex("a2616101616102"), "or duplicated"),  # duplicate key
+        (bytes.fromhex("a2026161016161"), "not in canonical order"),  # integer keys out of order
+        (bytes.fromhex("a14161"), "map keys must be text strings or integers"),
         (bytes.fromhex("5bffffffffffffffff"), "exceeds limit"),  # 2**64-byte string, 9 bytes of input
         (b"\x9f\xff", "indefinite"),
         (b"\xc1\x00", "tag 1"),
         (b"\x01\x02", "trailing"),
-        (bytes.fromhex("fb3fe0000000000000"), "not canonical"),  # 0.5 as a double
+        (bytes.fromhex("fb3fe0000000000000"), "shortest exact width"),  # 0.5 as a double
+        (bytes.fromhex("fa3fc00000"), "shortest exact width"),  # 1.5 as a single
         (b"\xf7", "simple value 23"),
         (b"\x62\xff\xfe", "UTF-8"),
         (bytes.fromhex("f97e00"), "NaN"),
@@ -98,3 +102,44 @@ def test_mutated_valid_messages_only_raise_codec_error(value: object, data: st.D
     except CodecError:
         return
     assert encode(decoded) == bytes(raw)
+
+
+@given(st.text(max_size=30))
+def test_text_validation_agrees_with_python_utf8(text: str) -> None:
+    raw = text.encode("utf-8", errors="surrogatepass")
+    item = (
+        encode(b"x")[:0] + bytes([0x78, len(raw)]) + raw if len(raw) >= 24 else bytes([0x60 | len(raw)]) + raw
+    )
+    try:
+        raw.decode("utf-8")
+        valid = True
+    except UnicodeDecodeError:
+        valid = False
+    if valid:
+        assert decode(item) == text
+    else:
+        with pytest.raises(CodecError, match="UTF-8"):
+            decode(item)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\xc0\x80",
+        b"\xed\xa0\x80",
+        b"\xf4\x90\x80\x80",
+        b"\xe0\x80\x80",
+        b"\xf0\x80\x80\x80",
+        b"\xc3",
+        b"\xff",
+    ],
+)
+def test_overlong_surrogate_and_out_of_range_utf8_rejected(raw: bytes) -> None:
+    with pytest.raises(CodecError, match="UTF-8"):
+        decode(bytes([0x60 | len(raw)]) + raw)
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_floats_use_the_shortest_exact_width(x: float) -> None:
+    assert encode(x) == cbor2.dumps(x, canonical=True)
+    assert decode(encode(x)) == x

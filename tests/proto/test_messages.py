@@ -44,26 +44,43 @@ def test_peer_id_text_form_roundtrips() -> None:
 )
 def test_field_errors_name_the_field(path: tuple[str, ...], value: object, fragment: str) -> None:
     obj = signed_header().to_obj()
-    target = obj
-    for key in path[:-1]:
-        target = target[key]
-    target[path[-1]] = value
+    if path[0] == "h":
+        header = decode(obj["h"])
+        header[path[1]] = value
+        obj["h"] = encode(header)
+    else:
+        obj[path[0]] = value
     with pytest.raises(CodecError, match=fragment):
         loads_header(encode(obj))
 
 
+def with_header(mutate) -> bytes:  # type: ignore[no-untyped-def]
+    obj = signed_header().to_obj()
+    header = decode(obj["h"])
+    mutate(header)
+    obj["h"] = encode(header)
+    return encode(obj)
+
+
 def test_manifest_checks() -> None:
-    obj = signed_header().to_obj()
-    obj["h"]["tensors"][0]["size"] += 4
-    with pytest.raises(CodecError, match=r"tensors\[0\]\.size: .* do not match"):
-        loads_header(encode(obj))
-    obj = signed_header().to_obj()
-    obj["h"]["tensors"].reverse()
+    def grow(h: dict) -> None:
+        h["tensors"][0]["size"] += 4
+
+    def shape(h: dict) -> None:
+        h["tensors"][1]["shape"] = [1.5]
+
+    with pytest.raises(CodecError, match=r"\$\.h\.tensors\[0\]\.size: .* do not match"):
+        loads_header(with_header(grow))
     with pytest.raises(CodecError, match="unique and sorted"):
-        loads_header(encode(obj))
-    obj = signed_header().to_obj()
-    obj["h"]["tensors"][1]["shape"] = [1.5]
+        loads_header(with_header(lambda h: h["tensors"].reverse()))
     with pytest.raises(CodecError, match=r"shape\[0\]: expected an unsigned integer, got float"):
+        loads_header(with_header(shape))
+
+
+def test_embedded_header_must_itself_be_canonical() -> None:
+    obj = signed_header().to_obj()
+    obj["h"] = obj["h"] + b"\x00"
+    with pytest.raises(CodecError, match=r"\$\.h@\d+: 1 trailing bytes"):
         loads_header(encode(obj))
 
 
@@ -101,3 +118,45 @@ def test_mutated_state_messages_only_raise_codec_error(data: st.DataObject) -> N
     except CodecError:
         return
     assert isinstance(msg, StateMessage)
+
+
+entry_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 2**41),
+    st.floats(allow_nan=False),
+    st.text(max_size=6),
+    st.binary(min_size=31, max_size=33),
+    st.lists(st.integers(-1, 5), max_size=9),
+    st.sampled_from(["F32", "BF16", "I8", "layer.w", "x y", 48, [3, 4]]),
+)
+VALID_ENTRY = {"name": "layer.w", "dtype": "F32", "shape": [3, 4], "size": 48, "sha256": bytes(32)}
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["name", "dtype", "shape", "size", "sha256", "other"]), entry_values, max_size=2
+    ),
+    st.sets(st.sampled_from(["name", "dtype", "shape", "size", "sha256"]), max_size=1),
+    st.booleans(),
+)
+def test_fast_manifest_path_accepts_only_what_the_checked_path_accepts(
+    changes: dict, dropped: set, with_digest: bool
+) -> None:
+    from meshmerge.proto import messages as m
+
+    obj = {k: v for k, v in {**VALID_ENTRY, **changes}.items() if k not in dropped}
+    if not with_digest:
+        obj = {k: v for k, v in obj.items() if k not in ("size", "sha256") or k in changes}
+    fast = m._entry_ok(obj, with_digest)
+    original = m._entry_ok
+    try:
+        m._entry_ok = lambda *_: False  # force the checked path
+        m.TensorEntry.from_obj(obj, "$", with_digest)
+        checked = True
+    except CodecError:
+        checked = False
+    finally:
+        m._entry_ok = original
+    assert fast == checked
