@@ -121,7 +121,13 @@ class MergeState:
 
     # -- local operations ----------------------------------------------------
 
-    def contribute(
+    def contribute(self, signer: Signer, tensors: Tensors, **kw: Any) -> SignedHeader:
+        """Sign a contribution and add it here; returns the signed header to announce."""
+        signed = self.make_contribution(signer, tensors, **kw)
+        self.orset.add(signed)
+        return signed
+
+    def make_contribution(
         self,
         signer: Signer,
         tensors: Tensors,
@@ -131,7 +137,7 @@ class MergeState:
         meta: Mapping[str, Any] | None = None,
         seq: int | None = None,
     ) -> SignedHeader:
-        """Sign and add a contribution; returns the signed header to announce.
+        """Build and sign a contribution without changing the state.
 
         ``seq`` defaults to one past the author's highest seq known here. The
         caller (the daemon) must persist the counter: reusing a seq with other
@@ -152,12 +158,16 @@ class MergeState:
             meta=dict(meta or {}),
         )
         self.check_schema(header)
-        signed = SignedHeader(header, signer.sign(DOMAIN_HEADER, header.encoded))
-        self.orset.add(signed)
-        return signed
+        return SignedHeader(header, signer.sign(DOMAIN_HEADER, header.encoded))
 
     def remove(self, signer: Signer, cid: bytes) -> Removal:
-        """Retract one of the signer's own contributions (all dots observed here)."""
+        """Retract one of the signer's own contributions here; returns the removal to announce."""
+        removal = self.make_removal(signer, cid)
+        self.orset.remove(removal)
+        return removal
+
+    def make_removal(self, signer: Signer, cid: bytes) -> Removal:
+        """Sign a removal of the dots observed here for `cid`, without changing the state."""
         signed = self.orset.adds.get(cid)
         if signed is None:
             raise MergeStateError(f"unknown contribution {cid.hex()[:16]}…")
