@@ -95,7 +95,9 @@ class HostConfig:
         if not 0 < self.dial_timeout <= 120:
             raise ConfigError(f"dial_timeout: must be in (0, 120] seconds, got {self.dial_timeout!r}")
         if not 1 <= self.negotiate_timeout <= 60:
-            raise ConfigError(f"negotiate_timeout: must be in [1, 60] seconds, got {self.negotiate_timeout!r}")
+            raise ConfigError(
+                f"negotiate_timeout: must be in [1, 60] seconds, got {self.negotiate_timeout!r}"
+            )
 
 
 def build_host(config: HostConfig, identity: Identity) -> BasicHost:
@@ -130,7 +132,9 @@ def build_host(config: HostConfig, identity: Identity) -> BasicHost:
         limits=lim,
         dial_stagger=config.dial_stagger,
     )
-    host = BasicHost(network=swarm, enable_mDNS=config.enable_mdns, negotiate_timeout=config.negotiate_timeout)
+    host = BasicHost(
+        network=swarm, enable_mDNS=config.enable_mdns, negotiate_timeout=config.negotiate_timeout
+    )
     swarm.set_stream_handler(swarm.wrap_stream_handler(swarm.common_stream_handler))
     return host
 
@@ -155,7 +159,9 @@ def peer_info(addr: str | multiaddr.Multiaddr) -> PeerInfo:
         ma = addr if isinstance(addr, multiaddr.Multiaddr) else multiaddr.Multiaddr(addr)
         return info_from_p2p_addr(ma)
     except Exception as exc:
-        raise ConfigError(f"peer address {str(addr)!r} is not a valid /…/p2p/<peer-id> multiaddr ({exc})") from exc
+        raise ConfigError(
+            f"peer address {str(addr)!r} is not a valid /…/p2p/<peer-id> multiaddr ({exc})"
+        ) from exc
 
 
 def full_addrs(host: BasicHost) -> Sequence[multiaddr.Multiaddr]:

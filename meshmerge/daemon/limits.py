@@ -56,7 +56,8 @@ class ConnectionLimits:
                 raise ValueError(f"limits.{name}: must be an integer >= 1, got {value!r}")
         if not self.inbound_connection_rate > 0:
             raise ValueError(
-                f"limits.inbound_connection_rate: must be > 0 per second, got {self.inbound_connection_rate!r}"
+                "limits.inbound_connection_rate: must be > 0 per second, "
+                f"got {self.inbound_connection_rate!r}"
             )
         if self.max_connections_per_peer > self.max_connections:
             raise ValueError("limits.max_connections_per_peer: must not exceed max_connections")
@@ -131,7 +132,10 @@ class ConnectionLimiter:
             return Refusal("max_pending_inbound", lim.max_pending_inbound, f"inbound from {ip}")
         if len(self._open) + self._pending_total >= lim.max_connections:
             return Refusal("max_connections", lim.max_connections, f"inbound from {ip}")
-        if group is not None and self._by_group[group] + self._pending[group] >= lim.max_connections_per_ip_group:
+        if (
+            group is not None
+            and self._by_group[group] + self._pending[group] >= lim.max_connections_per_ip_group
+        ):
             return Refusal("max_connections_per_ip_group", lim.max_connections_per_ip_group, f"group {group}")
         if not self._bucket.take(now):
             return Refusal("inbound_connection_rate", lim.inbound_connection_rate, f"inbound from {ip}")
@@ -159,7 +163,9 @@ class ConnectionLimiter:
                 return Refusal("max_connections", lim.max_connections, f"outbound to {peer}")
             group = ip_group(ip) if ip else None
             if group is not None and self._by_group[group] >= lim.max_connections_per_ip_group:
-                return Refusal("max_connections_per_ip_group", lim.max_connections_per_ip_group, f"group {group}")
+                return Refusal(
+                    "max_connections_per_ip_group", lim.max_connections_per_ip_group, f"group {group}"
+                )
         return None
 
     def opened(self, key: int, peer: str, ip: str | None) -> None:

@@ -17,6 +17,7 @@ Shortfalls of the stock Swarm fixed here (each has a test in tests/daemon/test_h
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,8 +27,8 @@ from libp2p.abc import IMuxedConn, INetConn, INetStream
 from libp2p.io.abc import ReadWriteCloser
 from libp2p.network.exceptions import SwarmException
 from libp2p.network.swarm import Swarm
-from libp2p.utils.address_validation import is_relay_address
 from libp2p.peer.id import ID
+from libp2p.utils.address_validation import is_relay_address
 from multiaddr import Multiaddr
 
 from .limits import ConnectionLimiter, ConnectionLimits, LogThrottle, Refusal
@@ -169,7 +170,9 @@ class MeshSwarm(Swarm):
                 if won:
                     break
         if not won:
-            raise SwarmException(f"dial to {peer_id} failed on all {len(addrs)} address(es): {'; '.join(errors)}")
+            raise SwarmException(
+                f"dial to {peer_id} failed on all {len(addrs)} address(es): {'; '.join(errors)}"
+            )
         return won
 
     # --- inbound admission ---------------------------------------------------------------
@@ -178,10 +181,8 @@ class MeshSwarm(Swarm):
         refusal = self.limiter.admit_inbound(ip, trio.current_time())
         if refusal is not None:
             self._refused(refusal, "inbound connection refused")
-            try:
+            with contextlib.suppress(Exception):
                 await read_write_closer.close()
-            except Exception:
-                pass
             return
         pending = True
 
@@ -208,10 +209,8 @@ class MeshSwarm(Swarm):
         refusal = self.limiter.admit_connection(peer, ip, inbound)
         if refusal is not None:
             self._refused(refusal, f"{direction} connection refused")
-            try:
+            with contextlib.suppress(Exception):
                 await muxed_conn.close()
-            except Exception:
-                pass
             raise LimitRefused(refusal)
         if inbound:
             # The handshake is over: this connection stops counting as pending.
@@ -247,16 +246,18 @@ class MeshSwarm(Swarm):
             refusal = None
             if per_conn >= lim.max_streams_per_connection:
                 refusal = Refusal(
-                    "max_streams_per_connection", lim.max_streams_per_connection, f"peer {stream.muxed_conn.peer_id}"
+                    "max_streams_per_connection",
+                    lim.max_streams_per_connection,
+                    f"peer {stream.muxed_conn.peer_id}",
                 )
             elif self._inbound_streams >= lim.max_inbound_streams:
-                refusal = Refusal("max_inbound_streams", lim.max_inbound_streams, f"peer {stream.muxed_conn.peer_id}")
+                refusal = Refusal(
+                    "max_inbound_streams", lim.max_inbound_streams, f"peer {stream.muxed_conn.peer_id}"
+                )
             if refusal is not None:
                 self._refused(refusal, "inbound stream reset")
-                try:
+                with contextlib.suppress(Exception):
                     await stream.reset()
-                except Exception:
-                    pass
                 return
             self._streams_by_conn[conn_key] = per_conn + 1
             self._inbound_streams += 1
