@@ -40,6 +40,8 @@ class ConnectionLimits:
     """Token-bucket refill, inbound connections per second."""
     inbound_connection_burst: int = 100
     """Token-bucket size: inbound connections accepted back to back."""
+    exempt_loopback: bool = True
+    """Loopback peers skip the IP-group cap (local test swarms all share 127.0.0.0/24)."""
 
     def validate(self) -> None:
         for name in (
@@ -124,10 +126,17 @@ class ConnectionLimiter:
         self._pending_total = 0
 
     # --- inbound, before the handshake -------------------------------------------------
+    def _group(self, ip: str | None) -> str | None:
+        if not ip:
+            return None
+        if self.limits.exempt_loopback and ipaddress.ip_address(ip).is_loopback:
+            return None
+        return ip_group(ip)
+
     def admit_inbound(self, ip: str | None, now: float) -> Refusal | None:
         """Decide on a freshly accepted socket. On None the caller must call `end_pending`."""
         lim = self.limits
-        group = ip_group(ip) if ip else None
+        group = self._group(ip)
         if self._pending_total >= lim.max_pending_inbound:
             return Refusal("max_pending_inbound", lim.max_pending_inbound, f"inbound from {ip}")
         if len(self._open) + self._pending_total >= lim.max_connections:
@@ -146,8 +155,8 @@ class ConnectionLimiter:
 
     def end_pending(self, ip: str | None) -> None:
         self._pending_total -= 1
-        if ip:
-            group = ip_group(ip)
+        group = self._group(ip)
+        if group is not None:
             self._pending[group] -= 1
             if self._pending[group] <= 0:
                 del self._pending[group]
@@ -161,7 +170,7 @@ class ConnectionLimiter:
         if not inbound:
             if len(self._open) + self._pending_total >= lim.max_connections:
                 return Refusal("max_connections", lim.max_connections, f"outbound to {peer}")
-            group = ip_group(ip) if ip else None
+            group = self._group(ip)
             if group is not None and self._by_group[group] >= lim.max_connections_per_ip_group:
                 return Refusal(
                     "max_connections_per_ip_group", lim.max_connections_per_ip_group, f"group {group}"
@@ -169,7 +178,7 @@ class ConnectionLimiter:
         return None
 
     def opened(self, key: int, peer: str, ip: str | None) -> None:
-        group = ip_group(ip) if ip else None
+        group = self._group(ip)
         self._open[key] = (group, peer)
         self._by_peer[peer] += 1
         if group is not None:
