@@ -115,9 +115,11 @@ def build_host(config: HostConfig, identity: Identity) -> BasicHost:
     lim = config.limits
     conn_config = ConnectionConfig(
         max_connections=lim.max_connections,
-        # Our limiter enforces the caps; the stock trimming only starts at the cap itself.
+        # Our limiter enforces the caps; stock trimming only starts at the cap itself,
+        # and a low watermark of 0 keeps the stock auto-connector from dialing every
+        # peer in the peerstore (the DHT decides whom to talk to).
         min_connections=0,
-        low_watermark=lim.max_connections,
+        low_watermark=0,
         high_watermark=lim.max_connections,
         max_connections_per_peer=lim.max_connections_per_peer,
         dial_timeout=config.dial_timeout,

@@ -13,6 +13,10 @@ Shortfalls of the stock Swarm fixed here (each has a test in tests/daemon/test_h
   the handshake (inbound) and before registering a connection (both directions),
   and cap inbound streams per connection and in total, each refusal logged once
   per second per limit.
+* Auto-dialing. The stock `AutoConnector` dials peers from the peerstore until
+  the connection count reaches the midpoint of the watermarks (with default
+  watermarks: 200 dials). Peers the DHT merely heard of would be dialed blindly;
+  we disable it — the DHT and gossip layers choose whom to connect to.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import trio
 from libp2p.abc import IMuxedConn, INetConn, INetStream
 from libp2p.io.abc import ReadWriteCloser
+from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.exceptions import SwarmException
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
@@ -74,6 +79,14 @@ def _rank(addr: Multiaddr) -> int:
     return 2
 
 
+class _NoAutoConnect(AutoConnector):
+    async def start(self) -> None:
+        self._started = False
+
+    async def maybe_connect(self) -> None:
+        return None
+
+
 class MeshSwarm(Swarm):
     def __init__(
         self,
@@ -84,6 +97,7 @@ class MeshSwarm(Swarm):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.auto_connector = _NoAutoConnect(swarm=self)
         self.limiter = ConnectionLimiter(limits)
         self.dial_stagger = dial_stagger
         self.max_dial_addrs = max_dial_addrs

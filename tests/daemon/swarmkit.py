@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
+import trio
 from libp2p.host.basic_host import BasicHost
 from libp2p.peer.peerinfo import PeerInfo
 
@@ -43,3 +44,13 @@ async def dht_swarm(
         for node in nodes:
             await node.dht.refresh()
         yield nodes
+
+
+def run(fn: Callable[[], Awaitable[None]], timeout: float = 120.0) -> None:
+    """Run an async test body under trio with a generous hang guard."""
+
+    async def guarded() -> None:
+        with trio.fail_after(timeout):
+            await fn()
+
+    trio.run(guarded)
