@@ -111,11 +111,11 @@ def test_dial_falls_through_dead_address_quickly() -> None:
 
 
 def test_config_validation_names_field_and_rule() -> None:
-    with pytest.raises(ConfigError, match="listen_addrs.*not a valid multiaddr"):
+    with pytest.raises(ConfigError, match=r"listen_addrs.*not a valid multiaddr"):
         HostConfig(listen_addrs=("/ip4/999.1.1.1/tcp/1",)).validate()
-    with pytest.raises(ConfigError, match="listen_addrs.*wildcard"):
+    with pytest.raises(ConfigError, match=r"listen_addrs.*wildcard"):
         HostConfig(listen_addrs=("/ip4/0.0.0.0/tcp/4001",)).validate()
-    with pytest.raises(ConfigError, match="listen_addrs.*must be /ip4"):
+    with pytest.raises(ConfigError, match=r"listen_addrs.*must be /ip4"):
         HostConfig(listen_addrs=("/ip4/127.0.0.1/udp/4001",)).validate()
     with pytest.raises(ConfigError, match="listen_addrs: at least one"):
         HostConfig(listen_addrs=()).validate()
