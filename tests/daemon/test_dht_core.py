@@ -67,7 +67,7 @@ def test_routing_table_ip_group_diversity() -> None:
     me = Identity.generate().peer_id.to_bytes()
     table = RoutingTable(me, k=20, max_per_group_per_bucket=2, max_per_group_table=3, exempt_loopback=False)
     peers = [Identity.generate().peer_id.to_bytes() for _ in range(10)]
-    added = [table.add(p, ["192.0.2.%d" % (i + 1)], now=0.0) for i, p in enumerate(peers)]
+    added = [table.add(p, [f"192.0.2.{i + 1}"], now=0.0) for i, p in enumerate(peers)]
     assert sum(added) == 3  # one /24 gets at most 3 slots in the whole table
     assert table.rejected_diversity == 7
     other = Identity.generate().peer_id.to_bytes()
@@ -156,11 +156,11 @@ def test_provider_key_from_cid() -> None:
 
 def test_dht_config_validation() -> None:
     DHTConfig().validate()
-    with pytest.raises(ValueError, match="dht.k: must be an integer"):
+    with pytest.raises(ValueError, match=r"dht\.k: must be an integer"):
         DHTConfig(k=0).validate()
-    with pytest.raises(ValueError, match="dht.max_inbound_requests"):
+    with pytest.raises(ValueError, match=r"dht\.max_inbound_requests"):
         DHTConfig(max_inbound_requests=10**9).validate()
-    with pytest.raises(ValueError, match="dht.request_timeout"):
+    with pytest.raises(ValueError, match=r"dht\.request_timeout"):
         DHTConfig(request_timeout=float("nan")).validate()
-    with pytest.raises(ValueError, match="dht.max_message_bytes: must exceed"):
+    with pytest.raises(ValueError, match=r"dht\.max_message_bytes: must exceed"):
         DHTConfig(max_message_bytes=4096, max_value_bytes=8192).validate()
