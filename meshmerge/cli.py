@@ -80,7 +80,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     try:
         if args.dev:
             base = Path(args.dev) if args.dev != "tmp" else Path(tempfile.mkdtemp(prefix="meshmerge-dev-"))
-            config = dev_config(base, listen_port=args.port or 0)
+            config = dev_config(base, listen_port=args.port or 0, bootstrap=tuple(args.bootstrap))
         else:
             config = Config.load(Path(args.config))
     except ConfigError as exc:
@@ -106,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--config", default="/etc/meshmerge/config.toml")
     d.add_argument("--dev", metavar="DIR", help="loopback-only dev node with state in DIR ('tmp' for a fresh one)")
     d.add_argument("--port", type=int, help="with --dev: TCP port to listen on (default: any)")
+    d.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="with --dev: peer to dial first")
     d.add_argument("--no-network", action="store_true", help="serve RPC only, no libp2p (local testing)")
     d.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     d.add_argument("--log-format", choices=["text", "json"], default="text")

@@ -33,7 +33,7 @@ from meshmerge.proto.rpc import RpcError
 
 log = logging.getLogger("meshmerge.node")
 
-ChangeListener = Callable[[bytes, StateMessage], None]
+ChangeListener = Callable[[bytes, StateMessage, bool], None]
 
 
 @dataclass
@@ -59,12 +59,12 @@ class Node:
     # -- wiring ------------------------------------------------------------------
 
     def on_change(self, listener: ChangeListener) -> None:
-        """Call `listener(set_id, ops)` after every durable change (local or remote)."""
+        """Call `listener(set_id, ops, local)` after every durable change; `local` is False for peers' ops."""
         self._listeners.append(listener)
 
-    def _notify(self, set_id: bytes, ops: StateMessage) -> None:
+    def _notify(self, set_id: bytes, ops: StateMessage, local: bool) -> None:
         for listener in self._listeners:
-            listener(set_id, ops)
+            listener(set_id, ops, local)
 
     # -- lookups -----------------------------------------------------------------
 
@@ -102,7 +102,7 @@ class Node:
             await trio.to_thread.run_sync(self.store.add_set, schema)
             self._sets[schema.id] = SetHandle(MergeState(schema), trio.Lock())
             log.info("created merge set %s (%s)", schema.name, cids.to_text(schema.id))
-            self._notify(schema.id, StateMessage(schema.id, schema=schema))
+            self._notify(schema.id, StateMessage(schema.id, schema=schema), True)
         return schema.id
 
     async def ensure_set(self, schema: SetSchema) -> SetHandle:
@@ -131,7 +131,7 @@ class Node:
             await trio.to_thread.run_sync(self.store.append, schema.id, ops)
             handle.state.apply(ops)
         log.info("contribution %s to %s (seq %d, weight %d)", cids.to_text(signed.id), schema.name, seq, weight)
-        self._notify(schema.id, ops)
+        self._notify(schema.id, ops, True)
         return {"id": cids.to_text(signed.id), "seq": seq, "set": cids.to_text(schema.id)}
 
     async def remove(self, ref: str, contribution: str) -> dict[str, Any]:
@@ -148,7 +148,7 @@ class Node:
             ops = StateMessage(handle.state.set_id, removals=(removal,))
             await trio.to_thread.run_sync(self.store.append, handle.state.set_id, ops)
             handle.state.apply(ops)
-        self._notify(handle.state.set_id, ops)
+        self._notify(handle.state.set_id, ops, True)
         return {"removed": contribution}
 
     async def apply_remote(self, set_id: bytes, ops: StateMessage) -> Any:
@@ -163,7 +163,7 @@ class Node:
             if report.new_ops is not None:
                 await trio.to_thread.run_sync(self.store.append, set_id, report.new_ops)
         if report.new_ops is not None:
-            self._notify(set_id, report.new_ops)
+            self._notify(set_id, report.new_ops, False)
         return report
 
     async def merged(
@@ -174,6 +174,8 @@ class Node:
         schema = handle.state.schema
         async with handle.lock:
             state = handle.state
+            if not state.live_ids():
+                raise RpcError("empty_set", f"merge set {schema.name!r} has no live contributions yet")
             t0 = time.perf_counter()
             try:
                 merged = await trio.to_thread.run_sync(
