@@ -170,6 +170,8 @@ class Store:
         limits.validate()
         data_dir = Path(data_dir)
         make_dirs(data_dir, fsync=fsync)
+        if data_dir.stat().st_mode & 0o077:
+            log.warning("data directory %s is accessible to other users; chmod 700 it", data_dir)
         lock = DirLock(data_dir)
         store = cls(data_dir, limits, fsync, lock)
         try:
@@ -222,8 +224,8 @@ class Store:
             directory / "seqs", max_authors=self.limits.max_seq_authors, fsync=self.fsync
         )
         handle = _Set(directory, schema, gen, oplog, seqs)
-        self._report(log_path, found, oplog.header.damaged_copies, handle.reported_gaps)
-        self._report(directory / "seqs", seq_found, 0, set())
+        self._report(log_path, found, oplog.header.damaged_copies, handle.reported_gaps, repaired=True)
+        self._report(directory / "seqs", seq_found, 0, set(), repaired=True)
         if seq_found.gaps:
             log.error(
                 "%s: sequence reservations were damaged; pass at_least=<state's max seq + 1> to "
@@ -232,12 +234,26 @@ class Store:
             )
         return handle
 
-    def _report(self, path: Path, found: Scan, damaged_headers: int, reported: set[int]) -> None:
+    def _report(
+        self, path: Path, found: Scan, damaged_headers: int, reported: set[int], *, repaired: bool = False
+    ) -> None:
+        """Log and count what a scan found. ``repaired``: the tail was cut off (open-time recovery)."""
         c = self._counters
         c.damaged_headers += damaged_headers
         if damaged_headers:
             log.error("%s: first header copy damaged; using the second", path)
-        if found.tail_bytes:
+        if found.tail_bytes and not repaired:
+            # Not a crash: this file was complete (a committed snapshot, or a log verified on open).
+            c.corrupt_regions += 1
+            c.corrupt_bytes += found.tail_bytes
+            log.error(
+                "%s: the last %d byte(s) from offset %d are damaged; their operations are lost here "
+                "(anti-entropy refetches them)",
+                path,
+                found.tail_bytes,
+                found.end,
+            )
+        elif found.tail_bytes:
             c.torn_tails += 1
             c.torn_bytes += found.tail_bytes
             log.warning(

@@ -39,6 +39,10 @@ def filled(root: Path, **limits: int) -> tuple[Store, MergeState]:
     return store, live
 
 
+def total_ops(state: MergeState) -> int:
+    return len(state.orset.adds) + len(state.orset.removals) + len(state.orset.evidence)
+
+
 def records_in(path: Path, kind: FileKind = FileKind.OPLOG) -> int:
     with read_records(path, kind, MIN_RECORD_BYTES) as (_, _, found):
         return len(found.records)
@@ -430,3 +434,28 @@ def test_seq_log_is_compacted_on_open(tmp_path: Path) -> None:
         assert store.next_seq(SID, a) == 400
     with open_store(tmp_path) as store:
         assert store.next_seq(SID, a) == 401
+
+
+@pytest.mark.parametrize("where", ["middle", "last"])
+def test_damaged_snapshot_record_is_loud_and_keeps_the_rest(
+    tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A committed snapshot is never torn, so damage anywhere in it, even at its end, is an ERROR."""
+    store, live = filled(tmp_path, max_ops_per_record=4)
+    store.snapshot(SID, live)
+    store.close()
+    path = set_dir(tmp_path) / "snapshot-0000000000000001"
+    with read_records(path, FileKind.SNAPSHOT, MIN_RECORD_BYTES) as (_, _, found):
+        records = list(found.records)
+    assert len(records) >= 3
+    target = records[len(records) // 2] if where == "middle" else records[-1]
+    raw = bytearray(path.read_bytes())
+    raw[target.payload_start + 5] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with caplog.at_level(logging.ERROR, "meshmerge.store"), open_store(tmp_path) as store:
+        state = store.load_state(SID)
+        assert store.counters.corrupt_regions == 1 and store.counters.torn_tails == 0
+        assert "damaged" in caplog.text
+        lost = total_ops(live) - total_ops(state)
+        assert 1 <= lost <= 4  # exactly the damaged record's operations (at most max_ops_per_record)
+    assert path.stat().st_size == len(raw)  # a snapshot is never truncated

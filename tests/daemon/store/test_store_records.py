@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import os
 import tracemalloc
 
@@ -176,3 +177,12 @@ def test_scan_memory_and_time_are_bounded_on_hostile_input() -> None:
     tracemalloc.stop()
     assert found.records == [] and found.end == 0
     assert peak < 1 << 20
+
+
+def test_record_mac_is_truncated_hmac_sha256() -> None:
+    """Pins the documented format: anyone can verify our files with a standard HMAC."""
+    payload = os.urandom(777)
+    record = encode_record(SALT, payload, MAX)
+    expected = hmac.digest(SALT, len(payload).to_bytes(4, "little") + payload, "sha256")[:16]
+    assert record[:4] == RECORD_MARK and record[4:8] == (777).to_bytes(4, "little")
+    assert record[8:24] == expected and record[24:] == payload
