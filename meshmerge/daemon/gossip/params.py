@@ -305,7 +305,9 @@ class PeerScoreParams:
 # --------------------------------------------------------------------------- derivation
 
 
-def score_parameter_decay(decay_time: float, decay_interval: float = 1.0, decay_to_zero: float = 0.01) -> float:
+def score_parameter_decay(
+    decay_time: float, decay_interval: float = 1.0, decay_to_zero: float = 0.01
+) -> float:
     """Per-interval decay factor that takes a counter of 1 to ``decay_to_zero`` in ``decay_time``."""
     ticks = decay_time / decay_interval
     if ticks <= 0:
@@ -380,7 +382,9 @@ def derive_topic_params(
         mesh_failure_penalty_weight=w3,
         mesh_failure_penalty_decay=decay3,
         invalid_message_deliveries_weight=-(max_in_mesh_score + max_first_delivery_score) / topic_weight,
-        invalid_message_deliveries_decay=score_parameter_decay(invalid_decay_time, decay_interval, decay_to_zero),
+        invalid_message_deliveries_decay=score_parameter_decay(
+            invalid_decay_time, decay_interval, decay_to_zero
+        ),
     )
 
 
@@ -407,7 +411,11 @@ def derive_score_params(
     weights = dict(topic_weights or {})
     topics = {
         t: derive_topic_params(
-            rate, topic_weight=weights.get(t, 1.0), d=d, decay_interval=decay_interval, decay_to_zero=decay_to_zero
+            rate,
+            topic_weight=weights.get(t, 1.0),
+            d=d,
+            decay_interval=decay_interval,
+            decay_to_zero=decay_to_zero,
         )
         for t, rate in topic_rates.items()
     }

@@ -102,7 +102,9 @@ class _DeliveryRecord:
 class PeerScore:
     """Score state for all peers a router knows, under one :class:`PeerScoreParams`."""
 
-    def __init__(self, params: PeerScoreParams, *, now: float = 0.0, delivery_record_ttl: float = 120.0) -> None:
+    def __init__(
+        self, params: PeerScoreParams, *, now: float = 0.0, delivery_record_ttl: float = 120.0
+    ) -> None:
         params.validate()
         self.params = params
         self._peers: dict[bytes, _PeerStats] = {}
@@ -170,7 +172,9 @@ class PeerScore:
                 deficit = tp.mesh_message_deliveries_threshold - ts.mesh_deliveries
                 topic_score += deficit * deficit * tp.mesh_message_deliveries_weight
             topic_score += ts.mesh_failure_penalty * tp.mesh_failure_penalty_weight
-            topic_score += ts.invalid_deliveries * ts.invalid_deliveries * tp.invalid_message_deliveries_weight
+            topic_score += (
+                ts.invalid_deliveries * ts.invalid_deliveries * tp.invalid_message_deliveries_weight
+            )
             score += topic_score * tp.topic_weight
         if p.topic_score_cap > 0 and score > p.topic_score_cap:
             score = p.topic_score_cap
