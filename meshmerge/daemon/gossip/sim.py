@@ -197,6 +197,9 @@ class Simulator:
             self.now = at
             self.events += 1
             if kind == _FRAME:
+                src: bytes
+                dst: SimNode
+                frame: bytes
                 src, dst, frame = payload  # type: ignore[misc]
                 if src not in dst.links:
                     continue  # link closed while in flight
