@@ -125,7 +125,7 @@ class Simulator:
         mid = node.router.publish(topic, data, self.now)
         self.published[mid] = (self.now, node.index)
         self.delivered.setdefault(mid, {})
-        self._after(node)
+        self.flush_node(node)
         return mid
 
     def inject(self, src: SimNode, dst: SimNode, rpc: RPC, *, at: float | None = None) -> None:
@@ -171,7 +171,7 @@ class Simulator:
                 if bw is not None and node.uplink_free > self.now:
                     break
 
-    def _after(self, node: SimNode) -> None:
+    def flush_node(self, node: SimNode) -> None:
         r = node.router
         if r is None:
             return
@@ -213,12 +213,12 @@ class Simulator:
                         dst.inbox.append((at, src, rpc))
                     continue
                 dst.router.on_rpc(src, rpc, at)
-                self._after(dst)
+                self.flush_node(dst)
             elif kind == _HEARTBEAT:
                 node: SimNode = payload  # type: ignore[assignment]
                 assert node.router is not None
                 node.router.on_heartbeat(at)
-                self._after(node)
+                self.flush_node(node)
                 self._push(at + node.router.params.heartbeat_interval, _HEARTBEAT, node)
             elif kind == _PUMP:
                 node = payload  # type: ignore[assignment]
