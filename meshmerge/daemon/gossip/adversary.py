@@ -34,7 +34,7 @@ class NonForwardingRouter(GossipSubRouter):
     def _emit_gossip(self, topic: str, exclude: set[bytes], mids: list[bytes]) -> None:
         return
 
-    def _handle_ihave(self, peer: bytes, st: object, ihaves: list[ControlIHave], now: float) -> list[bytes]:  # type: ignore[override]
+    def _handle_ihave(self, peer: bytes, st: object, ihaves: list[ControlIHave], now: float) -> list[bytes]:
         return []
 
 
