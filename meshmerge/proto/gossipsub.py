@@ -181,6 +181,15 @@ def _put_bytes(out: bytearray, fieldno: int, value: bytes) -> None:
     out += value
 
 
+def _put_ids(out: bytearray, fieldno: int, ids: list[bytes]) -> None:
+    tag = bytes(((fieldno << 3) | _LEN,))
+    for mid in ids:
+        n = len(mid)
+        out += tag
+        out += bytes((n,)) if n < 0x80 else _uvarint(n)
+        out += mid
+
+
 def _put_str(out: bytearray, fieldno: int, value: str) -> None:
     _put_bytes(out, fieldno, value.encode("utf-8"))
 
@@ -209,13 +218,11 @@ def _encode_control(ctl: ControlMessage) -> bytes:
         sub = bytearray()
         if ih.topic is not None:
             _put_str(sub, 1, ih.topic)
-        for mid in ih.message_ids:
-            _put_bytes(sub, 2, mid)
+        _put_ids(sub, 2, ih.message_ids)
         _put_bytes(out, 1, bytes(sub))
     for iw in ctl.iwant:
         sub = bytearray()
-        for mid in iw.message_ids:
-            _put_bytes(sub, 1, mid)
+        _put_ids(sub, 1, iw.message_ids)
         _put_bytes(out, 2, bytes(sub))
     for gr in ctl.graft:
         sub = bytearray()
@@ -241,8 +248,7 @@ def _encode_control(ctl: ControlMessage) -> bytes:
         _put_bytes(out, 4, bytes(sub))
     for idw in ctl.idontwant:
         sub = bytearray()
-        for mid in idw.message_ids:
-            _put_bytes(sub, 1, mid)
+        _put_ids(sub, 1, idw.message_ids)
         _put_bytes(out, 5, bytes(sub))
     return bytes(out)
 
@@ -291,38 +297,43 @@ def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
             raise MalformedError("varint longer than 10 bytes")
 
 
-def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
-    """Split [pos, end) into (field number, wire type, start, stop-or-value) tuples.
+def _read_field(buf: bytes, pos: int, end: int) -> tuple[int, int, int, int, int]:
+    """Read one field at ``pos``: (field number, wire type, start, stop-or-value, next pos).
 
-    For length-delimited fields (start, stop) bound the payload; for varints the
-    value is in the last slot. Fixed-width fields are skipped. Groups are refused.
+    For length-delimited fields (start, stop) bound the payload; for varints the value
+    is in the fourth slot; fixed-width fields come back as wire type 1/5 with no payload.
+    Groups are refused.
+    """
+    key, pos = _read_varint(buf, pos, end)
+    fieldno, wt = key >> 3, key & 7
+    if fieldno == 0:
+        raise MalformedError("field number 0")
+    if wt == _LEN:
+        ln, pos = _read_varint(buf, pos, end)
+        stop = pos + ln
+        if stop > end:
+            raise TruncatedError(f"field {fieldno} claims {ln} bytes, only {end - pos} left")
+        return fieldno, wt, pos, stop, stop
+    if wt == _VARINT:
+        val, pos = _read_varint(buf, pos, end)
+        return fieldno, wt, 0, val, pos
+    if wt in (_I64, _I32):
+        pos += 8 if wt == _I64 else 4
+        if pos > end:
+            raise TruncatedError("input ends inside a fixed-width field")
+        return fieldno, wt, 0, 0, pos
+    raise MalformedError(f"unsupported wire type {wt} (field {fieldno})")
+
+
+def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """The fields in [pos, end), skipping fixed-width ones (no field of the schema uses them).
+
     A generator, so callers enforce their counts before the next field is read.
     """
     while pos < end:
-        key, pos = _read_varint(buf, pos, end)
-        fieldno, wt = key >> 3, key & 7
-        if fieldno == 0:
-            raise MalformedError("field number 0")
-        if wt == _LEN:
-            ln, pos = _read_varint(buf, pos, end)
-            stop = pos + ln
-            if stop > end:
-                raise TruncatedError(f"field {fieldno} claims {ln} bytes, only {end - pos} left")
-            yield fieldno, wt, pos, stop
-            pos = stop
-        elif wt == _VARINT:
-            val, pos = _read_varint(buf, pos, end)
-            yield fieldno, wt, 0, val
-        elif wt == _I64:
-            pos += 8
-            if pos > end:
-                raise TruncatedError("input ends inside a fixed64")
-        elif wt == _I32:
-            pos += 4
-            if pos > end:
-                raise TruncatedError("input ends inside a fixed32")
-        else:
-            raise MalformedError(f"unsupported wire type {wt} (field {fieldno})")
+        fieldno, wt, x, y, pos = _read_field(buf, pos, end)
+        if wt in (_LEN, _VARINT):
+            yield fieldno, wt, x, y
 
 
 def _expect(wt: int, want: int, what: str) -> None:
@@ -387,15 +398,33 @@ def _decode_message(buf: bytes, a: int, b: int, lim: CodecLimits) -> Message:
 def _decode_ids(
     buf: bytes, a: int, b: int, fieldno: int, cnt: _Counter, what: str, topic_field: bool
 ) -> tuple[str | None, list[bytes]]:
+    """Repeated message ids (the bulk of IHAVE/IWANT/IDONTWANT traffic), with a fast path
+    for one-byte keys and lengths; anything else goes through the generic field reader."""
     lim = cnt.limits
     topic: str | None = None
     ids: list[bytes] = []
-    for fno, wt, x, y in _fields(buf, a, b):
+    id_key = (fieldno << 3) | _LEN
+    max_len = lim.max_message_id_len
+    pos = a
+    while pos < b:
+        if buf[pos] == id_key and pos + 1 < b and buf[pos + 1] < 0x80:
+            ln = buf[pos + 1]
+            start = pos + 2
+            stop = start + ln
+            if stop > b:
+                raise TruncatedError(f"{what}.messageIDs claims {ln} bytes, only {b - start} left")
+            if ln > max_len:
+                raise LimitExceededError(f"{what}.messageIDs is {ln} bytes, limit {max_len}")
+            cnt.mid()
+            ids.append(buf[start:stop])
+            pos = stop
+            continue
+        fno, wt, x, y, pos = _read_field(buf, pos, b)
         if topic_field and fno == 1:
             topic = _str_field(buf, wt, x, y, lim.max_topic_len, f"{what}.topicID")
         elif fno == fieldno:
             cnt.mid()
-            ids.append(_bytes_field(buf, wt, x, y, lim.max_message_id_len, f"{what}.messageIDs"))
+            ids.append(_bytes_field(buf, wt, x, y, max_len, f"{what}.messageIDs"))
     return topic, ids
 
 
