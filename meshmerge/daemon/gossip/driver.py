@@ -315,9 +315,7 @@ class GossipService:
                 self._reconcile()
                 for pid, _ in self._direct:
                     self._dial(pid)
-                log.info(
-                    "gossip: serving %s on %s", ", ".join(OUR_PROTOCOLS), self.host.get_id().to_base58()
-                )
+                log.info("gossip: serving %s on %s", ", ".join(OUR_PROTOCOLS), self.host.get_id().to_base58())
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -433,7 +431,10 @@ class GossipService:
         p = self.config.params
         r = self.router
         for pb, st in r.peers.items():
-            if r.queued_bytes(pb) * 2 > p.max_peer_queue_bytes or len(st.queue) * 2 > p.max_peer_queue_messages:
+            if (
+                r.queued_bytes(pb) * 2 > p.max_peer_queue_bytes
+                or len(st.queue) * 2 > p.max_peer_queue_messages
+            ):
                 return True
         return False
 
@@ -549,7 +550,9 @@ class GossipService:
                 self._failures.pop(peer, None)
                 st.ready.set()
                 self._pump()
-                log.info("gossip: peer %s joined (%s, %s)", peer, proto, "outbound" if outbound else "inbound")
+                log.info(
+                    "gossip: peer %s joined (%s, %s)", peer, proto, "outbound" if outbound else "inbound"
+                )
                 await self._write_loop(st, stream)
         finally:
             if added:

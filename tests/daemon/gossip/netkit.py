@@ -70,6 +70,4 @@ async def wait_for(pred, timeout: float = 20.0, what: str = "condition") -> None
 
 
 def mesh_ready(nodes: list[GNode], topic: str, degree: int) -> bool:
-    return all(
-        len(node.service.router.mesh.get(topic, ())) >= degree for node in nodes
-    )
+    return all(len(node.service.router.mesh.get(topic, ())) >= degree for node in nodes)
