@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from meshmerge.daemon.gossip.params import GossipSubParams, PeerScoreParams, PeerScoreThresholds
 from meshmerge.daemon.gossip.router import GossipSubRouter
 from meshmerge.daemon.gossip.sim import SimNode, Simulator
-from meshmerge.proto.gossipsub import ControlIHave, ControlIWant, Message
+from meshmerge.proto.gossipsub import RPC, ControlIHave, ControlIWant, Message
 from meshmerge.proto.gossipsub_sign import Ed25519Identity
 
-__all__ = ["NonForwardingRouter", "Swarm", "build_swarm", "honest_ip", "sybil_ip"]
+__all__ = ["CovertFlashRouter", "NonForwardingRouter", "Swarm", "build_swarm", "honest_ip", "sybil_ip"]
 
 
 class NonForwardingRouter(GossipSubRouter):
@@ -121,3 +121,33 @@ def build_swarm(
             s.router.subscribe(topic, sim.now)
             sim.flush_node(s)
     return Swarm(sim, honest, sybils, topic)
+
+
+class CovertFlashRouter(GossipSubRouter):
+    """Behaves honestly (and so builds score) until ``attack_at``, then relays nothing."""
+
+    attack_at: float = 0.0
+    _clock: float = 0.0
+
+    def _attacking(self) -> bool:
+        return self._clock >= self.attack_at
+
+    def on_rpc(self, peer: bytes, rpc: RPC, now: float) -> None:
+        self._clock = now
+        super().on_rpc(peer, rpc, now)
+
+    def on_heartbeat(self, now: float) -> None:
+        self._clock = now
+        super().on_heartbeat(now)
+
+    def _forward(self, msg: Message, mid: bytes, topic: str, source: bytes, now: float) -> None:
+        if source == self.peer_id or not self._attacking():
+            super()._forward(msg, mid, topic, source, now)
+
+    def _handle_iwant(self, peer: bytes, iwants: list[ControlIWant], now: float) -> None:
+        if not self._attacking():
+            super()._handle_iwant(peer, iwants, now)
+
+    def _emit_gossip(self, topic: str, exclude: set[bytes], mids: list[bytes]) -> None:
+        if not self._attacking():
+            super()._emit_gossip(topic, exclude, mids)
