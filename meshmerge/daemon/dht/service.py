@@ -60,10 +60,24 @@ class _CachedStream:
         self.reader = FrameReader(stream, max_bytes)
         self.lock = trio.Lock()
 
+        self.broken = False
+
     async def exchange(self, msg: Message) -> Message:
+        """Write one request, read its reply. Any interruption (error or cancellation)
+        leaves the stream out of step, so it is marked broken and never reused."""
         async with self.lock:
-            await self.stream.write(encode_frame(msg))
-            return await self.reader.read()
+            ok = False
+            try:
+                await self.stream.write(encode_frame(msg))
+                reply = await self.reader.read()
+                # go leaves the key empty in FIND_NODE replies; anything else must echo it
+                if reply.type != msg.type or bytes(reply.key) not in (b"", bytes(msg.key)):
+                    raise WireError("reply does not match the request (type or key differs)")
+                ok = True
+                return reply
+            finally:
+                if not ok:
+                    self.broken = True
 
 
 class DHTMode(Enum):
@@ -424,21 +438,24 @@ class KademliaDHT:
                         raise
                     return None
                 cached = self._streams.get(peer)
+                if cached is not None and cached.broken:
+                    self._drop_stream(peer, cached)
+                    cached = None
                 if cached is not None and not cached.lock.locked():
                     try:
                         return await cached.exchange(msg)
-                    except (WireError, OSError, Exception) as exc:
-                        if isinstance(exc, trio.Cancelled):
-                            raise
+                    except Exception as exc:
                         log.debug("cached DHT stream to %s failed (%r); retrying on a new one", ID(peer), exc)
                         self._drop_stream(peer, cached)
-                fresh = _CachedStream(
-                    await self.host.new_stream(ID(peer), [KAD]), self.config.max_message_bytes
-                )
+                    except BaseException:
+                        self._drop_stream(peer, cached)
+                        raise
+                stream = await self.host.new_stream(ID(peer), [KAD])
+                fresh = _CachedStream(stream, self.config.max_message_bytes)
                 try:
                     reply = await fresh.exchange(msg)
                 except BaseException:
-                    await _reset(fresh.stream)
+                    self._closing.append(stream)
                     raise
                 await self._keep_stream(peer, fresh)
                 return reply
@@ -468,7 +485,7 @@ class KademliaDHT:
 
     async def _close_dropped(self) -> None:
         while self._closing:
-            await _close(self._closing.pop())
+            await _reset(self._closing.pop())
 
     def _absorb(self, reply: Message) -> list[bytes]:
         closer = []
@@ -511,17 +528,22 @@ class KademliaDHT:
                 lookup.on_success(peer, closer)
             wake_send.send_nowait(None)
 
-        with trio.move_on_after(self.config.lookup_timeout):
-            async with trio.open_nursery() as nursery:
+        # Queries run in the service's nursery: when the caller stops early (quorum
+        # reached) the answers still in flight are read to the end within
+        # request_timeout, which keeps their cached streams in step for reuse.
+        # Without a running service they run here and are cancelled on stop.
+        async with trio.open_nursery() as local:
+            owner = self._nursery or local
+            with trio.move_on_after(self.config.lookup_timeout) as deadline:
                 while True:
                     for peer in lookup.next_to_query():
-                        nursery.start_soon(query, peer)
-                    if lookup.stopped:
-                        nursery.cancel_scope.cancel()
-                        break
-                    if lookup.done:
+                        owner.start_soon(query, peer)
+                    if lookup.stopped or lookup.done:
                         break
                     await wake_recv.receive()
+            if lookup.stopped or deadline.cancelled_caught:
+                lookup.stop()
+                local.cancel_scope.cancel()
         await self._close_dropped()
         return lookup
 
