@@ -123,6 +123,8 @@ class GossipConfig:
     """publish() waits up to this long while some peer's queue is more than half full."""
     stream_retry_limit: int = 3
     """Consecutive failures to (re)open the outbound stream to a connected peer before giving up."""
+    shutdown_timeout: float = 2.0
+    """Seconds run() waits on cancellation for inbound-stream readers to finish."""
     reconcile_interval_ticks: int = 5
     """Every this many heartbeats, start peer tasks for connections whose notification we missed."""
 
@@ -143,7 +145,13 @@ class GossipConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ParamsError(f"GossipConfig.{name}: must be a positive integer, got {value!r}")
-        for name in ("open_stream_timeout", "write_timeout", "dial_timeout", "publish_wait_timeout"):
+        for name in (
+            "open_stream_timeout",
+            "write_timeout",
+            "dial_timeout",
+            "publish_wait_timeout",
+            "shutdown_timeout",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value <= 600:
                 raise ParamsError(f"GossipConfig.{name}: must be in (0, 600] seconds, got {value!r}")
@@ -327,6 +335,10 @@ class GossipService:
                     self.host.remove_stream_handler(TProtocol(proto))
             for scope in list(self._readers.values()):
                 scope.cancel()
+            # readers run in py-libp2p's handler tasks: wait (bounded) until they have left
+            with trio.CancelScope(shield=True), trio.move_on_after(self.config.shutdown_timeout):
+                while self._readers:
+                    await trio.sleep(0.01)
             log.info("gossip: stopped")
 
     def subscribe(self, topic: str, validator: Validator, handler: Handler) -> None:
