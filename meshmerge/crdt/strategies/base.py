@@ -72,7 +72,9 @@ class Params:
     def validate(self) -> None:
         """Raise StrategyError naming the field and the rule it breaks."""
 
-    def _number(self, field: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+    def _number(
+        self, field: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+    ) -> None:
         """Check that ``field`` is a real number in the given interval."""
         v = getattr(self, field)
         if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
@@ -148,7 +150,8 @@ class Strategy(ABC):
         params = self.parse_params(raw_params)
         if len(inp.tensors) < self.min_inputs:
             raise StrategyError(
-                f"strategy {self.name!r} needs at least {self.min_inputs} contributions, got {len(inp.tensors)}"
+                f"strategy {self.name!r} needs at least {self.min_inputs} contributions, "
+                f"got {len(inp.tensors)}"
             )
         return self.merge(inp, params, chunk)
 

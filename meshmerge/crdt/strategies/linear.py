@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from meshmerge.cext import weighted_sum_f32
 from meshmerge.crdt.strategies._combine import _task_chunk
 from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, task_base
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
-from meshmerge.cext import weighted_sum_f32
 
 
 @dataclass(frozen=True)

@@ -231,13 +231,13 @@ def foolsgold_alphas(g: list[list[float]], confidence: float) -> list[float]:
         for j in range(n):
             if i != j and norms[i] > 0.0 and norms[j] > 0.0:
                 cs[i][j] = g[i][j] / (norms[i] * norms[j])
-    v = [max((cs[i][j] for j in range(n) if j != i), default=0.0) for i in range(n)]
+    # As in FoolsGold, a contribution's similarity to itself counts as 0, so v_i >= 0.
+    v = [max(cs[i]) for i in range(n)]
     for i in range(n):
         for j in range(n):
             if i != j and v[j] > v[i] and v[j] > 0.0:
                 cs[i][j] *= v[i] / v[j]
-    alpha = [min(1.0, max(0.0, 1.0 - max((cs[i][j] for j in range(n) if j != i), default=0.0)))
-             for i in range(n)]
+    alpha = [min(1.0, max(0.0, 1.0 - max(cs[i]))) for i in range(n)]
     top = max(alpha)
     if top == 0.0:
         return [0.0] * n

@@ -11,7 +11,8 @@ second pass writes ``sum_k c_k x_k`` in float64.
   ``out = sin((1-t) theta)/sin(theta) x0 + sin(t theta)/sin(theta) x1``;
   nearly parallel tensors (|cos| > 1 - 1e-7) or a zero tensor fall back to
   linear interpolation. With more than two contributions ``slerp`` is the
-  weighted Karcher mean below (for two, that mean *is* the slerp).
+  weighted Karcher mean below (for two inputs of equal norm that mean is this
+  slerp; for unequal norms slerp's result norm differs, as in mergekit).
 * ``karcher`` — weighted Riemannian (Karcher) mean of the directions
   ``x_k/|x_k|`` on the unit sphere by fixed-count gradient steps
   ``m <- exp_m(sum_k w_k log_m(u_k))`` starting at the normalised weighted
