@@ -50,7 +50,8 @@ def test_gram_matches_numpy_and_ignores_chunking() -> None:
     rng = np.random.default_rng(4)
     xs = [rng.standard_normal(1003).astype(np.float32) for _ in range(4)]
     base = rng.standard_normal(1003).astype(np.float32)
-    ref = np.array([[np.dot(a.astype(np.float64) - base, b.astype(np.float64) - base) for b in xs] for a in xs])
+    d = [x.astype(np.float64) - base for x in xs]
+    ref = np.array([[np.dot(a, b) for b in d] for a in d])
     results = []
     for chunk in (1003, 8, 13, 64):
         lanes = np.zeros((4, 4, 8))
@@ -71,10 +72,7 @@ def test_median_and_trimmed_mean_match_numpy(n: int) -> None:
     stack = np.sort(np.stack(xs).astype(np.float64), axis=0)
     out = np.empty(777, np.float32)
     assert sorted_reduce(xs, 0, 0, out) == -1
-    if n % 2:
-        ref = stack[n // 2]
-    else:
-        ref = (stack[n // 2 - 1] + stack[n // 2]) * 0.5
+    ref = stack[n // 2] if n % 2 else (stack[n // 2 - 1] + stack[n // 2]) * 0.5
     assert np.array_equal(out, ref.astype(np.float32))
     trim = (n - 1) // 2 if n > 2 else 0
     assert sorted_reduce(xs, 1, trim, out) == -1

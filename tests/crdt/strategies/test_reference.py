@@ -170,7 +170,7 @@ def model_vectors(inp):
     for k in range(len(inp.tensors)):
         parts = []
         for spec in inp.specs:
-            b, ts = deltas(inp, spec) if use_base else (0.0, [f32(t[spec.name], spec.dtype) for t in inp.tensors])
+            ts = deltas(inp, spec)[1] if use_base else [f32(t[spec.name], spec.dtype) for t in inp.tensors]
             parts.append(ts[k])
         out.append(np.concatenate(parts))
     base = np.concatenate([f32(inp.base[s.name], s.dtype) for s in inp.specs]) if use_base else 0.0
@@ -188,7 +188,7 @@ def test_krum_and_multi_krum_exact() -> None:
     for k in (2, 5):
         for spec in inp.specs:
             inp.tensors[k][spec.name] = inp.tensors[k][spec.name] + np.float32(3.0 * (k - 3))
-    x, base = model_vectors(inp)
+    x, _ = model_vectors(inp)
     n, f = 7, 2
     d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
     scores = [np.sort(np.delete(d[i], i))[: n - f - 2].sum() for i in range(n)]
