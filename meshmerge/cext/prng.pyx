@@ -27,11 +27,24 @@ def stream_key(bytes seed, str name, unsigned int stream):
 
 
 def drop_threshold(double p):
-    """Integer threshold T so that ``(draw >> 11) < T`` happens with probability p (exact for 53 bits)."""
+    """16-bit threshold T: a uniform 16-bit value is ``< T`` with probability T/65536.
+
+    ``p`` is rounded to the nearest multiple of 2^-16 (ties to even), which is
+    the resolution of DARE/DELLA drop rates here.
+    """
     if not 0.0 <= p <= 1.0:
         raise ValueError("p must lie in [0, 1]")
-    import math
-    return math.ceil(p * 9007199254740992.0)
+    return round(p * 65536.0)
+
+
+def drop_lanes(uint64_t key, uint64_t start, cnp.uint16_t[::1] out):
+    """The 16-bit values the drop masks compare: lane ``i mod 4`` of draw ``i div 4``."""
+    cdef Py_ssize_t j, n = out.shape[0]
+    cdef uint64_t gi
+    with nogil:
+        for j in range(n):
+            gi = start + <uint64_t>j
+            out[j] = <cnp.uint16_t>((splitmix64_at(key, gi >> 2) >> ((gi & 3) << 4)) & 0xFFFF)
 
 
 def random_u64(uint64_t key, uint64_t start, uint64_t[::1] out):

@@ -8,8 +8,10 @@ optionally elect a sign, and combine:
 
 * magnitude trim: keep iff ``lo[k] <= |t|_f32 < hi[k]`` where ``|t|_f32`` is
   ``|t|`` rounded to float32 (the quantity the thresholds were selected on);
-* random drop (DARE): drop iff ``(splitmix64(key[k], i) >> 11) < drop_thr``,
-  kept values are multiplied by ``rescale``;
+* random drop (DARE): element ``i`` uses the 16-bit lane ``i mod 4`` of draw
+  ``i div 4`` of stream ``key[k]`` (four elements per SplitMix64 output) and is
+  dropped iff that 16-bit value is ``< drop_thr``, so the drop probability is
+  exactly ``drop_thr / 65536``; kept values are multiplied by ``rescale``;
 * sign election: ``consensus`` 1 = sign of sum_k w_k v_k ("total"), 2 = sign of
   sum_k sign(v_k) ("count"), 0 = none (every kept value agrees);
 * disjoint mean: sum of agreeing w_k v_k divided by the sum of the weights of
@@ -17,6 +19,9 @@ optionally elect a sign, and combine:
   ``inv_den``;
 * ``out[i] = float32(b + lam * mean)``.
 
+Selections are written as multiplications by 0.0/1.0 rather than branches so
+the loops vectorise without ``-fno-trapping-math``; a dropped value becomes a
+signed zero, which no later sum can observe (every accumulator starts at +0).
 Every sum runs over k = 0..N-1 in order in float64, per element, so results
 do not depend on chunking. Magnitude thresholds come from an exact two-pass
 radix selection over the float32 bit patterns (``mag_hist_hi``/``mag_hist_lo``):
@@ -41,7 +46,7 @@ from meshmerge.cext._common cimport (
 cnp.import_array()
 
 cdef enum:
-    BLOCK = 256
+    BLOCK = 128
     HI_BINS = 65536
     LO_BINS = 32768
 
@@ -177,6 +182,9 @@ def sparse_merge(
     cdef Py_ssize_t k, j, i0, m
     cdef const float* p
     cdef double t, v, e, wk
+    cdef double* vk
+    cdef uint64_t key, pos, gi, z = 0, u
+    cdef double g
     cdef float a, lok, hik
     cdef uint32_t f
     cdef int bad = -1
@@ -195,8 +203,11 @@ def sparse_merge(
                     s[j] = 0.0
                     num[j] = 0.0
                     den[j] = 0.0
+                # Phase 1: kept (trimmed, dropped, rescaled) task values and the sign tally.
+                # Each loop is branch-free per element so the compiler can vectorise it.
                 for k in range(nk):
                     p = ptrs.p[k] + i0
+                    vk = vals + k * BLOCK
                     lok = lo[k]
                     hik = hi[k]
                     wk = w[k]
@@ -205,29 +216,44 @@ def sparse_merge(
                         f = f | nonfinite_bits(p[j])
                         t = <double>p[j] - bb[j]
                         a = <float>fabs(t)
-                        v = t * rescale if (a >= lok and a < hik) else 0.0
-                        if kp != NULL and (splitmix64_at(kp[k], start + <uint64_t>(i0 + j)) >> 11) < drop_thr:
-                            v = 0.0
-                        vals[k * BLOCK + j] = v
-                        if consensus == 1:
-                            s[j] = s[j] + wk * v
-                        elif consensus == 2:
-                            s[j] = s[j] + ((v > 0.0) - (v < 0.0))
+                        vk[j] = (t * rescale) * <double>((a >= lok) & (a < hik))
                     flags[k] = flags[k] | f
+                    if kp != NULL:
+                        key = kp[k]
+                        pos = start + <uint64_t>i0
+                        for j in range(m):
+                            gi = pos + <uint64_t>j
+                            if j == 0 or (gi & 3) == 0:
+                                z = splitmix64_at(key, gi >> 2)
+                            u = (z >> ((gi & 3) << 4)) & 0xFFFF
+                            vk[j] = vk[j] * <double>(u >= drop_thr)
+                    if consensus == 1:
+                        for j in range(m):
+                            s[j] = s[j] + wk * vk[j]
+                    elif consensus == 2:
+                        for j in range(m):
+                            s[j] = s[j] + <double>((vk[j] > 0.0) - (vk[j] < 0.0))
+                # Phase 2: sums over the entries that agree with the elected sign.
                 for k in range(nk):
+                    vk = vals + k * BLOCK
                     wk = w[k]
-                    for j in range(m):
-                        v = vals[k * BLOCK + j]
-                        if consensus == 0 or (v > 0.0 and s[j] > 0.0) or (v < 0.0 and s[j] < 0.0):
-                            num[j] = num[j] + wk * v
-                            if v != 0.0:
-                                den[j] = den[j] + wk
-                for j in range(m):
-                    if disjoint:
-                        e = num[j] / den[j] if den[j] != 0.0 else 0.0
+                    if consensus == 0:
+                        for j in range(m):
+                            num[j] = num[j] + wk * vk[j]
+                            den[j] = den[j] + wk * <double>(vk[j] != 0.0)
                     else:
-                        e = num[j] * inv_den
-                    out[i0 + j] = <float>(bb[j] + lam * e)
+                        for j in range(m):
+                            v = vk[j]
+                            g = <double>(((v > 0.0) & (s[j] > 0.0)) | ((v < 0.0) & (s[j] < 0.0)))
+                            num[j] = num[j] + (wk * v) * g
+                            den[j] = den[j] + wk * g
+                if disjoint:
+                    for j in range(m):
+                        e = num[j] / (den[j] + <double>(den[j] == 0.0))
+                        out[i0 + j] = <float>(bb[j] + lam * e)
+                else:
+                    for j in range(m):
+                        out[i0 + j] = <float>(bb[j] + lam * (num[j] * inv_den))
                 i0 += m
             for k in range(nk):
                 if (flags[k] & NONFINITE) and bad < 0:

@@ -1,6 +1,6 @@
 import numpy as np
 
-from meshmerge.cext import drop_threshold, random_u64, stream_key, uniform_f64
+from meshmerge.cext import drop_lanes, drop_threshold, random_u64, stream_key, uniform_f64
 
 MASK = (1 << 64) - 1
 
@@ -67,5 +67,19 @@ def test_uniform_is_uniform_enough() -> None:
 
 def test_drop_threshold_is_exact() -> None:
     assert drop_threshold(0.0) == 0
-    assert drop_threshold(1.0) == 1 << 53
-    assert drop_threshold(0.5) == 1 << 52
+    assert drop_threshold(1.0) == 1 << 16
+    assert drop_threshold(0.5) == 1 << 15
+    assert drop_threshold(0.1) == 6554
+
+
+def test_drop_lanes_are_the_four_16_bit_lanes_of_each_draw() -> None:
+    key = stream_key(bytes(32), "lanes", 1)
+    draws = np.empty(10, dtype=np.uint64)
+    random_u64(key, 0, draws)
+    ref = [(int(draws[i // 4]) >> (16 * (i % 4))) & 0xFFFF for i in range(40)]
+    lanes = np.empty(40, dtype=np.uint16)
+    drop_lanes(key, 0, lanes)
+    assert lanes.tolist() == ref
+    tail = np.empty(13, dtype=np.uint16)
+    drop_lanes(key, 27, tail)
+    assert tail.tolist() == ref[27:]

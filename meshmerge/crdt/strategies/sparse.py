@@ -11,9 +11,10 @@ delta). Kernels: :mod:`meshmerge.cext.sparse`.
   sum of agreeing ``w_k t_k`` divided by the *sum of the weights* of the
   agreeing entries (so identical inputs come back unchanged at density 1).
 * ``dare`` / ``dare_linear`` — Yu et al. 2024, "Language Models are Super Mario":
-  drop each entry with probability ``1 - density`` (counter-based PRNG keyed
-  by seed, tensor, contributor position, element index) and rescale kept
-  entries by ``1/density``; then the weighted average (``normalize``) or sum.
+  drop each entry with probability ``1 - density`` (rounded to a multiple of
+  2^-16; counter-based PRNG keyed by seed, tensor, contributor position and
+  element index) and rescale kept entries by the inverse keep probability;
+  then the weighted average (``normalize``) or sum.
 * ``dare_ties`` — DARE's drop-and-rescale followed by TIES' sign election and
   disjoint mean.
 * ``breadcrumbs`` / ``model_breadcrumbs`` — Davari & Belilovsky 2024, "Model
@@ -102,8 +103,11 @@ def sparse_task_merge(inp: MergeInput, plan: _Plan, chunk: int, name: str) -> di
     w = checked_weights(inp, positive=True)
     n = len(inp.tensors)
     inv_den = 1.0 / float(w.sum()) if plan.normalize else 1.0
+    # Drop rates have 2^-16 resolution; rescale by the exact keep probability realised.
     drop_thr = drop_threshold(plan.drop) if plan.drop > 0.0 else 0
-    rescale = 1.0 / (1.0 - plan.drop) if plan.drop > 0.0 and plan.rescale else 1.0
+    if drop_thr >= 65536:
+        raise StrategyError("density must be at least 2^-16 (the resolution of the drop mask)")
+    rescale = 65536.0 / (65536 - drop_thr) if drop_thr and plan.rescale else 1.0
     out: dict[str, Any] = {}
     for spec in inp.specs:
         stream = TensorStream(inp, spec, chunk, base=use_base)

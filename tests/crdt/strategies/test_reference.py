@@ -93,13 +93,18 @@ def test_ties_exact(dtype: str, density: float, sign_mode: str) -> None:
         assert out[spec.name].tobytes() == storage(ref, spec).tobytes(), spec.name
 
 
+def keep_scale(density):
+    return 65536.0 / (65536 - drop_threshold(1.0 - density))
+
+
 def dare_masks(inp, spec, density):
     thr = drop_threshold(1.0 - density)
     masks = []
     for k in range(len(inp.tensors)):
-        r = np.empty(spec.numel, dtype=np.uint64)
+        r = np.empty((spec.numel + 3) // 4, dtype=np.uint64)
         random_u64(stream_key(inp.seed, spec.name, k), 0, r)
-        masks.append((r >> np.uint64(11)) >= np.uint64(thr))
+        lanes = r.view(np.uint16)[: spec.numel]  # little-endian: lane j is bits 16j..16j+15
+        masks.append(lanes >= thr)
     return masks
 
 
@@ -107,7 +112,7 @@ def test_dare_ties_exact() -> None:
     inp = make_input(4, kind="delta")
     out = run("dare_ties", inp, {"density": 0.3})
     for spec in inp.specs:
-        ref = ties_reference(inp, spec, 1.0, masks=dare_masks(inp, spec, 0.3), rescale=1.0 / (1.0 - 0.7))
+        ref = ties_reference(inp, spec, 1.0, masks=dare_masks(inp, spec, 0.3), rescale=keep_scale(0.3))
         assert out[spec.name].tobytes() == storage(ref, spec).tobytes()
 
 
@@ -120,7 +125,7 @@ def test_dare_linear_exact_and_keeps_about_density() -> None:
         masks = dare_masks(inp, spec, 0.25)
         num = np.zeros(spec.numel)
         for k, t in enumerate(ts):
-            num = num + inp.weights[k] * np.where(masks[k], t * (1.0 / (1.0 - 0.75)), 0.0)
+            num = num + inp.weights[k] * np.where(masks[k], t * keep_scale(0.25), 0.0)
         ref = b + 1.0 * (num * (1.0 / total))
         assert out[spec.name].tobytes() == storage(ref, spec).tobytes()
     keep = np.concatenate([m for spec in inp.specs for m in dare_masks(inp, spec, 0.25)]).mean()
