@@ -15,16 +15,56 @@ the first input that holds a NaN or Inf, or -1.
 
 import numpy as np
 cimport numpy as cnp
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 
 from libc.stdint cimport uint32_t
 
-from meshmerge.cext._common cimport NONFINITE, f32_bits, gather_f32, nonfinite_bits
+from meshmerge.cext._common cimport NONFINITE, gather_f32
 
 cnp.import_array()
 
-cdef enum:
-    BLOCK = 512
+
+
+cdef extern from *:
+    """
+    #include <string.h>
+    #include <stdint.h>
+    #ifndef MM_CLONES
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    /* Same IEEE operations in the same order on every clone (no FMA contraction:
+       -ffp-contract=off), only the vector width differs, so bytes do not. */
+    #define MM_CLONES __attribute__((target_clones("avx2", "default")))
+    #else
+    #define MM_CLONES
+    #endif
+    #endif
+    #define MM_WSUM_BLOCK 512
+    MM_CLONES static void mm_wsum_f32(const float *const *p, const double *w, Py_ssize_t nk,
+                                      Py_ssize_t n, float *out, uint32_t *flags)
+    {
+        double acc[MM_WSUM_BLOCK];
+        for (Py_ssize_t lo = 0; lo < n; lo += MM_WSUM_BLOCK) {
+            Py_ssize_t m = n - lo < MM_WSUM_BLOCK ? n - lo : MM_WSUM_BLOCK;
+            for (Py_ssize_t j = 0; j < m; j++) acc[j] = 0.0;
+            for (Py_ssize_t k = 0; k < nk; k++) {
+                const float *x = p[k] + lo;
+                const double wk = w[k];
+                uint32_t f = 0;
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    float v = x[j];
+                    uint32_t bits;
+                    memcpy(&bits, &v, 4);
+                    acc[j] = acc[j] + wk * (double)v;
+                    f |= (bits & 0x7F800000u) + 0x00800000u;
+                }
+                flags[k] |= f;
+            }
+            for (Py_ssize_t j = 0; j < m; j++) out[lo + j] = (float)acc[j];
+        }
+    }
+    """
+    void mm_wsum_f32(const float** p, const double* w, Py_ssize_t nk, Py_ssize_t n,
+                     float* out, uint32_t* flags) nogil
 
 
 def weighted_sum_f32(list inputs, const double[::1] weights, float[::1] out):
@@ -34,41 +74,21 @@ def weighted_sum_f32(list inputs, const double[::1] weights, float[::1] out):
     """
     cdef Py_ssize_t n = out.shape[0]
     cdef Py_ssize_t nk = len(inputs)
-    cdef Py_ssize_t k, i, j, lo, m
-    cdef double acc[BLOCK]
-    cdef double w
-    cdef float x
-    cdef const float* p
+    cdef Py_ssize_t k
     if weights.shape[0] != nk:
         raise ValueError(f"{nk} inputs but {weights.shape[0]} weights")
     cdef const float** ptrs = <const float**>malloc(max(nk, 1) * sizeof(float*))
-    cdef uint32_t* chk = <uint32_t*>malloc(max(nk, 1) * sizeof(uint32_t))
-    cdef uint32_t f
+    cdef uint32_t* chk = <uint32_t*>calloc(max(nk, 1), sizeof(uint32_t))
     if ptrs == NULL or chk == NULL:
         free(ptrs); free(chk)
         raise MemoryError()
     try:
         gather_f32(inputs, n, ptrs)
-        with nogil:
-            for k in range(nk):
-                chk[k] = 0
-            lo = 0
-            while lo < n:
-                m = min(BLOCK, n - lo)
-                for j in range(m):
-                    acc[j] = 0.0
-                for k in range(nk):
-                    p = ptrs[k] + lo
-                    w = weights[k]
-                    f = 0
-                    for j in range(m):
-                        x = p[j]
-                        acc[j] = acc[j] + w * x
-                        f = f | nonfinite_bits(x)
-                    chk[k] = chk[k] | f
-                for j in range(m):
-                    out[lo + j] = <float>acc[j]
-                lo += m
+        if n and nk:
+            with nogil:
+                mm_wsum_f32(ptrs, &weights[0], nk, n, &out[0], chk)
+        elif n:
+            out[:] = 0.0
         for k in range(nk):
             if chk[k] & NONFINITE:
                 return k

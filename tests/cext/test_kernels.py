@@ -90,3 +90,17 @@ def test_magnitude_histogram_counts_every_element() -> None:
     assert hist.sum(axis=1).tolist() == [500, 500, 500]
     bins = (np.abs(xs[1]).view(np.uint32) >> 15).astype(np.int64)
     assert np.array_equal(hist[1], np.bincount(bins, minlength=65536).astype(np.uint64))
+
+
+def test_magnitude_selection_with_two_ranks_in_one_bin() -> None:
+    from meshmerge.cext import mag_hist_lo
+
+    x = np.array([1.0, 1.0000001, 1.0000002, 1.0000004, 3.0, -1.0000003], np.float32)
+    bins = np.abs(x).view(np.uint32) >> 15
+    target = np.array([[bins[0], bins[0]]], np.uint32)
+    hist = np.zeros((1, 2, 32768), np.uint64)
+    mag_hist_lo([x], None, target, hist)
+    assert hist[0, 0].sum() == 5 and hist[0, 1].sum() == 5
+    one = np.zeros((1, 1, 32768), np.uint64)
+    mag_hist_lo([x], None, target[:, :1], one)
+    assert one[0, 0].sum() == 5

@@ -85,8 +85,9 @@ def ties_reference(inp, spec, density, sign_mode="total", masks=None, rescale=1.
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("density,sign_mode", [(0.2, "total"), (0.55, "count"), (1.0, "total")])
-def test_ties_exact(dtype: str, density: float, sign_mode: str) -> None:
-    inp = make_input(5, dtype=dtype)
+@pytest.mark.parametrize("quantize", [False, True])
+def test_ties_exact(dtype: str, density: float, sign_mode: str, quantize: bool) -> None:
+    inp = make_input(5, dtype=dtype, quantize=quantize)  # quantised: many ties at the threshold
     out = run("ties", inp, {"density": density, "majority_sign": sign_mode})
     for spec in inp.specs:
         ref = ties_reference(inp, spec, density, sign_mode)
