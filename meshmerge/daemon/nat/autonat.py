@@ -31,7 +31,7 @@ from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.peer.id import ID
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
-from .connutil import conn_of_stream, is_circuit_addr, is_relayed, tcp_endpoint
+from .connutil import conn_of_stream, is_circuit_addr, is_relayed, public_addrs, tcp_endpoint
 from .hostfactory import key_pair, make_host
 
 PROTOCOL_ID = TProtocol("/libp2p/autonat/1.0.0")
@@ -279,8 +279,14 @@ class AutoNATClient:
         self._listeners.append(fn)
 
     def _our_addrs(self) -> list[bytes]:
-        return [a.decapsulate(multiaddr.Multiaddr(f"/p2p/{self.host.get_id()}")).to_bytes()
-                for a in self.host.get_addrs() if not is_circuit_addr(a)][:16]
+        """Public candidates (observed and predicted) first, then what the host advertises."""
+        own = [a.decapsulate(multiaddr.Multiaddr(f"/p2p/{self.host.get_id()}"))
+               for a in self.host.get_addrs() if not is_circuit_addr(a)]
+        out: list[bytes] = []
+        for a in [*public_addrs(self.host, 8), *own]:
+            if a.to_bytes() not in out:
+                out.append(a.to_bytes())
+        return out[:16]
 
     async def probe(self, server: ID, addrs: Iterable[multiaddr.Multiaddr] | None = None) -> bool:
         """Ask one server; True = it reached us, False = it could not. Raises AutoNATError.

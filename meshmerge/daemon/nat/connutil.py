@@ -81,4 +81,39 @@ def is_public_ip(ip: str) -> bool:
     return a.is_global
 
 
+def public_addrs(host: IHost, limit: int) -> list[multiaddr.Multiaddr]:
+    """Our publicly dialable TCP candidates: public listen addresses, observed
+    addresses, and each observed IP with our listen port (NATs that keep the
+    source port map the listen port to itself)."""
+    listen_ports = sorted({ep[1] for a in host.get_transport_addrs()  # type: ignore[attr-defined]
+                           if (ep := tcp_endpoint(a)) is not None})
+    candidates: list[tuple[str, int]] = []
+    for a in host.get_transport_addrs():  # type: ignore[attr-defined]
+        ep = tcp_endpoint(a)
+        if ep is not None and is_public_ip(ep[0]):
+            candidates.append(ep)
+    manager = getattr(host, "_observed_addr_manager", None)
+    observed: list[multiaddr.Multiaddr] = []
+    if manager is not None:
+        try:
+            observed = list(manager.addrs(min_observers=1))
+        except Exception:
+            observed = []
+    for a in observed:
+        ep = tcp_endpoint(a)
+        if ep is None or not is_public_ip(ep[0]):
+            continue
+        candidates.extend((ep[0], p) for p in listen_ports)
+        candidates.append(ep)
+    out: list[multiaddr.Multiaddr] = []
+    seen: set[tuple[str, int]] = set()
+    for ip, port in candidates:
+        if (ip, port) in seen:
+            continue
+        seen.add((ip, port))
+        fam = "ip6" if ":" in ip else "ip4"
+        out.append(multiaddr.Multiaddr(f"/{fam}/{ip}/tcp/{port}"))
+    return out[:limit]
+
+
 _DOC_NETS = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")
