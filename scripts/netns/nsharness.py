@@ -250,6 +250,7 @@ table ip mmnat {{
     type filter hook forward priority filter; policy drop;
     iifname "lan0" accept
     ct state established,related accept
+    ct status dnat accept
     {f'iifname "wan0" {rst}' if rst else ""}
   }}
   chain input {{
@@ -262,6 +263,33 @@ table ip mmnat {{
 }}
 """
         run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input_text=ruleset)
+        if kind == "upnp":
+            run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input_text=_UPNP_TABLES)
+
+    def start_miniupnpd(self, name: str) -> subprocess.Popen[bytes]:
+        """Run miniupnpd (UPnP IGD + NAT-PMP) on the LAN side of site ``name``'s router."""
+        ensure_tools(upnp=True)
+        gw = self.nodes[f"{name}g"]
+        if gw.kind != "upnp":
+            raise HarnessError(f"{name} is not behind a upnp router")
+        base = 16 * int(gw.site)
+        conf = STATE_DIR / f"{self.prefix}-{name}-miniupnpd.conf"
+        conf.write_text(
+            "ext_ifname=wan0\n"
+            "listening_ip=lan0\n"
+            f"ext_ip={gw.public_ip}\n"
+            "port=5000\n"
+            "enable_upnp=yes\nenable_natpmp=yes\nsecure_mode=yes\nsystem_uptime=no\n"
+            f"uuid=4d696e69-5550-6e50-0000-{int(gw.site):012d}\n"
+            "upnp_table_name=mmupnp\nupnp_nat_table_name=mmupnp\n"
+            "upnp_forward_chain=forward_miniupnpd\nupnp_nat_chain=prerouting_miniupnpd\n"
+            "upnp_nat_postrouting_chain=postrouting_miniupnpd\n"
+            f"allow 1024-65535 {LAN_NET}.{base}/28 1024-65535\n"
+            "deny 0-65535 0.0.0.0/0 0-65535\n"
+        )
+        pid = STATE_DIR / f"{self.prefix}-{name}-miniupnpd.pid"
+        return self.popen(f"{name}g", ["miniupnpd", "-d", "-f", str(conf), "-P", str(pid)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     # ---- running things inside ------------------------------------------
     def exec(self, node: str, argv: Sequence[str], *, check: bool = True) -> str:
@@ -277,6 +305,27 @@ table ip mmnat {{
 
     def describe(self) -> list[dict[str, str]]:
         return [dataclasses.asdict(n) for n in self.nodes.values()]
+
+
+_UPNP_TABLES = """
+table inet mmupnp {
+  chain forward_miniupnpd { }
+  chain prerouting_miniupnpd { }
+  chain postrouting_miniupnpd { }
+  chain forward {
+    type filter hook forward priority filter - 1; policy accept;
+    jump forward_miniupnpd
+  }
+  chain prerouting {
+    type nat hook prerouting priority dstnat; policy accept;
+    jump prerouting_miniupnpd
+  }
+  chain postrouting {
+    type nat hook postrouting priority srcnat - 1; policy accept;
+    jump postrouting_miniupnpd
+  }
+}
+"""
 
 
 def list_namespaces() -> list[str]:
