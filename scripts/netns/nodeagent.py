@@ -11,6 +11,7 @@ uses py-libp2p 0.8.1's own CircuitV2Protocol STOP handler and DCUtRProtocol
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import select
@@ -139,6 +140,7 @@ async def _agent(args: argparse.Namespace) -> None:
                 await nursery.start(punch.run)
         client = relay.RelayClient(host, svc)
         nat_client = autonat.AutoNATClient(host, autonat.AutoNATConfig(threshold=args.autonat_threshold))
+        mappers: dict[str, Any] = {}
         buf = b""
         while True:
             while b"\n" not in buf:
@@ -245,6 +247,28 @@ async def _agent(args: argparse.Namespace) -> None:
                     reply({"conns": [{"relayed": connutil.is_relayed(c),
                                       "addrs": [str(a) for a in c.get_transport_addresses()]}
                                      for c in connutil.conns_to(host, peer)]})
+                elif op == "portmap":
+                    from meshmerge.daemon.nat import upnp
+
+                    cfg = upnp.PortMapConfig(lease_s=cmd.get("lease_s", 3600), use_natpmp=cmd.get("natpmp", True),
+                                             use_upnp=cmd.get("upnp", True))
+                    mapper = upnp.PortMapper(args.port, cfg)
+                    scope = trio.CancelScope()
+                    mappers[cmd.get("name", "default")] = (mapper, scope)
+
+                    async def keep(*, task_status: Any, m: Any = mapper, sc: Any = scope) -> None:
+                        with sc:
+                            await m.run(task_status=task_status)
+
+                    mapping = await nursery.start(keep)
+                    reply({"mapping": dataclasses.asdict(mapping)})
+                elif op == "portmap_stop":
+                    mapper, scope = mappers.pop(cmd.get("name", "default"))
+                    scope.cancel()
+                    with trio.fail_after(10):
+                        while mapper.mapping is not None:
+                            await trio.sleep(0.05)
+                    reply({"ok": True, "renewals": mapper.renewals})
                 elif op == "observed":
                     m = getattr(host, "_observed_addr_manager", None)
                     reply({"observed": [str(a) for a in (m.addrs(min_observers=1) if m else [])],

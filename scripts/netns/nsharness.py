@@ -52,6 +52,7 @@ PUBLIC_NET = "203.0.113"
 LAN_NET = "198.51.100"
 CGNAT_NET = "100.64"
 NAT_KINDS = ("cone", "rst", "symmetric", "double", "upnp")
+STUN_HOSTS = (250, 251)
 
 
 class HarnessError(RuntimeError):
@@ -194,6 +195,20 @@ class Topology:
         self._write_state()
         return node
 
+    def add_stun(self) -> Node:
+        """A public STUN server on two addresses (.250 and .251), needed by miniupnpd."""
+        ns = self._ns("stun")
+        self._add_ns(ns)
+        ip1, ip2 = f"{PUBLIC_NET}.{STUN_HOSTS[0]}", f"{PUBLIC_NET}.{STUN_HOSTS[1]}"
+        self._to_internet(ns, "eth0", ip1)
+        run(["ip", "-n", ns, "addr", "add", f"{ip2}/24", "dev", "eth0"])
+        node = Node("stun", ns, "public", ip1, public_ip=ip1)
+        self.nodes["stun"] = node
+        self._write_state()
+        script = str(Path(__file__).resolve().parent / "stunserver.py")
+        self.popen("stun", ["python3", script, ip1, ip2], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return node
+
     def add_nat(self, name: str, kind: str) -> Node:
         """A host ``name`` behind a router ``name``-gw of the given NAT kind."""
         if kind not in NAT_KINDS:
@@ -240,6 +255,9 @@ class Topology:
         run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
         masq = "masquerade fully-random" if kind == "symmetric" else "masquerade"
         rst = "tcp flags & (syn | ack) == syn reject with tcp reset" if kind == "rst" else ""
+        stun_ips = ", ".join(f"{PUBLIC_NET}.{h}" for h in STUN_HOSTS)
+        # the UPnP router's own STUN self-check (miniupnpd) must hear answers from the second address
+        stun = f'iifname "wan0" ip saddr {{ {stun_ips} }} udp sport 3478-3479 accept' if kind == "upnp" else ""
         ruleset = f"""
 table ip mmnat {{
   chain postrouting {{
@@ -257,6 +275,7 @@ table ip mmnat {{
     type filter hook input priority filter; policy accept;
     iifname "wan0" ct state established,related accept
     iifname "wan0" icmp type echo-request accept
+    {stun}
     {f'iifname "wan0" {rst}' if rst else ""}
     iifname "wan0" drop
   }}
@@ -277,8 +296,8 @@ table ip mmnat {{
         conf.write_text(
             "ext_ifname=wan0\n"
             "listening_ip=lan0\n"
-            f"ext_ip={gw.public_ip}\n"
             "port=5000\n"
+            f"ext_perform_stun=yes\next_stun_host={PUBLIC_NET}.{STUN_HOSTS[0]}\next_stun_port=3478\n"
             "enable_upnp=yes\nenable_natpmp=yes\nsecure_mode=yes\nsystem_uptime=no\n"
             f"uuid=4d696e69-5550-6e50-0000-{int(gw.site):012d}\n"
             "upnp_table_name=mmupnp\nupnp_nat_table_name=mmupnp\n"
