@@ -11,6 +11,7 @@ uses py-libp2p 0.8.1's own CircuitV2Protocol STOP handler and DCUtRProtocol
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+ECHO = "/meshmerge/test/echo/1"
 
 
 class AgentError(RuntimeError):
@@ -74,10 +76,8 @@ class Agent:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(Exception):
                 self.call("quit", timeout=5)
-            except Exception:
-                pass
             try:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -168,7 +168,7 @@ async def _agent(args: argparse.Namespace) -> None:
                     servers = [ID.from_base58(s) for s in cmd["servers"]]
                     results: dict[str, Any] = {}
 
-                    async def probe_one(s: Any) -> None:
+                    async def probe_one(s: Any, results: dict[str, Any] = results) -> None:
                         try:
                             ok = await nat_client.probe(s)
                             nat_client.record(s, ok)
@@ -204,7 +204,7 @@ async def _agent(args: argparse.Namespace) -> None:
                 elif op == "echo":
                     from libp2p.custom_types import TProtocol
 
-                    s = await host.new_stream(ID.from_base58(cmd["peer"]), [TProtocol("/meshmerge/test/echo/1")])
+                    s = await host.new_stream(ID.from_base58(cmd["peer"]), [TProtocol(ECHO)])
                     await s.write(cmd["data"].encode())
                     with trio.fail_after(10):
                         data = await s.read(65536)
@@ -222,7 +222,7 @@ async def _agent(args: argparse.Namespace) -> None:
                         finally:
                             await stream.close()
 
-                    host.set_stream_handler(TProtocol("/meshmerge/test/echo/1"), echo)
+                    host.set_stream_handler(TProtocol(ECHO), echo)
                     reply({"ok": True})
                 elif op == "wait_direct":
                     peer = ID.from_base58(cmd["peer"])
@@ -240,8 +240,9 @@ async def _agent(args: argparse.Namespace) -> None:
                     if rec is None:
                         reply({"record": None})
                     else:
-                        reply({"record": {"outcome": rec.outcome, "attempts": rec.attempts, "error": rec.error,
-                                          "s": None if rec.direct_at is None else rec.direct_at - rec.relayed_at}})
+                        took = None if rec.direct_at is None else rec.direct_at - rec.relayed_at
+                        reply({"record": {"outcome": rec.outcome, "attempts": rec.attempts,
+                                          "error": rec.error, "s": took}})
                 elif op == "conns":
                     peer = ID.from_base58(cmd["peer"])
                     reply({"conns": [{"relayed": connutil.is_relayed(c),
@@ -250,7 +251,8 @@ async def _agent(args: argparse.Namespace) -> None:
                 elif op == "portmap":
                     from meshmerge.daemon.nat import upnp
 
-                    cfg = upnp.PortMapConfig(lease_s=cmd.get("lease_s", 3600), use_natpmp=cmd.get("natpmp", True),
+                    cfg = upnp.PortMapConfig(lease_s=cmd.get("lease_s", 3600),
+                                             use_natpmp=cmd.get("natpmp", True),
                                              use_upnp=cmd.get("upnp", True))
                     mapper = upnp.PortMapper(args.port, cfg)
                     scope = trio.CancelScope()

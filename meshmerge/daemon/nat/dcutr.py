@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import multiaddr
 import trio
@@ -136,7 +137,7 @@ class DCUtRService:
             self.records[peer].outcome = "failed"
             self.records[peer].error = "too many hole punches in flight"
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the protocol and drive hole punches until cancelled."""
         self.host.set_stream_handler(PROTOCOL_ID, self._handle)
         try:
@@ -259,7 +260,7 @@ class DCUtRService:
         async def one(addr: multiaddr.Multiaddr) -> None:
             try:
                 if as_responder:
-                    await network.dial_addr_as_responder(addr, peer)  # type: ignore[attr-defined]
+                    await network.dial_addr_as_responder(addr, peer)
                 else:
                     await network.dial_addr(addr, peer)
                 done.set()

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import multiaddr
 import trio
@@ -128,6 +129,13 @@ class RelayClientConfig:
             raise ValueError("RelayClientConfig.min_refresh_s and retry_s must be > 0")
 
 
+def _tag_relayed(conn: INetConn, ma: multiaddr.Multiaddr) -> None:
+    """Record the circuit address on the swarm connection (SwarmConn API, not on INetConn)."""
+    tag = getattr(conn, "set_transport_info", None)
+    if tag is not None:
+        tag([ma], ConnectionType.RELAYED)
+
+
 class _Protocol(CircuitV2Protocol):
     """Stock hop/stop protocol with the relay-id fix and a relayed-connection hook."""
 
@@ -153,7 +161,7 @@ class _Protocol(CircuitV2Protocol):
             raise ConnectionError(f"relayed connection from {src} via {relay} failed: {exc}") from exc
         for conn in conns_to(self.host, muxed.peer_id):
             if getattr(conn, "muxed_conn", None) is muxed:
-                conn.set_transport_info([ma], ConnectionType.RELAYED)
+                _tag_relayed(conn, ma)
                 self._on_inbound(conn)
                 break
 
@@ -257,7 +265,9 @@ class RelayClient:
         remaining = info.expire - now
         return max(self.config.min_refresh_s, remaining * self.config.refresh_fraction)
 
-    async def keep_reservation(self, relay: ID, *, task_status: trio.TaskStatus[ReservationInfo] = trio.TASK_STATUS_IGNORED) -> None:
+    async def keep_reservation(
+        self, relay: ID, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Reserve, report the first grant via ``task_status``, then refresh before expiry forever.
 
         Raises RelayError if the first reservation fails or a reservation
@@ -301,7 +311,8 @@ class RelayClient:
                 await write_delimited_msg(stream, req)
                 resp = await read_delimited_msg(stream, HopMessage)
                 if resp.type != HopMessage.STATUS or resp.status != Status.OK:
-                    raise RelayError(f"relay {relay} refused to connect us to {peer}", _status_name(resp.status))
+                    raise RelayError(f"relay {relay} refused to connect us to {peer}",
+                                     _status_name(resp.status))
                 raw = RawConnection(stream=stream, initiator=True, connection_type=ConnectionType.RELAYED,
                                     addresses=[ma])
                 conn = await self.host.upgrade_outbound_connection(raw, peer)
@@ -311,6 +322,6 @@ class RelayClient:
             except Exception as exc:
                 await stream.reset()
                 raise RelayError(f"relayed dial to {peer} via {relay} failed: {exc!r}") from exc
-        conn.set_transport_info([ma], ConnectionType.RELAYED)
+        _tag_relayed(conn, ma)
         self.service.notify(conn, False)
         return conn

@@ -24,6 +24,7 @@ import secrets
 import struct
 import urllib.parse
 import xml.etree.ElementTree as ET
+from typing import Any
 
 import trio
 
@@ -298,7 +299,9 @@ class UPnPClient:
     async def external_ip(self) -> str:
         return (await self.call("GetExternalIPAddress", [])).get("NewExternalIPAddress", "")
 
-    async def add(self, external_port: int, internal_ip: str, internal_port: int, lease_s: int, desc: str) -> None:
+    async def add(
+        self, external_port: int, internal_ip: str, internal_port: int, lease_s: int, desc: str
+    ) -> None:
         await self.call("AddPortMapping", [
             ("NewRemoteHost", ""), ("NewExternalPort", str(external_port)), ("NewProtocol", "TCP"),
             ("NewInternalPort", str(internal_port)), ("NewInternalClient", internal_ip), ("NewEnabled", "1"),
@@ -315,12 +318,15 @@ async def _natpmp(gateway: str, payload: bytes, op: int, timeout: float) -> tupl
     with sock:
         await sock.connect((gateway, NATPMP_PORT))
         delay = 0.25
-        with trio.move_on_after(timeout):
-            while True:  # RFC 6886 retransmission with doubling delay
-                await sock.send(payload)
-                with trio.move_on_after(delay):
-                    return parse_natpmp(await sock.recv(64), op)
-                delay *= 2
+        deadline = trio.current_time() + timeout
+        while (left := deadline - trio.current_time()) > 0:  # RFC 6886: retransmit, doubling delay
+            await sock.send(payload)
+            got: list[bytes] = []  # stays empty when the wait times out
+            with trio.move_on_after(min(delay, left)):
+                got.append(await sock.recv(64))
+            if got:
+                return parse_natpmp(got[0], op)
+            delay *= 2
     raise PortMapError(f"no NAT-PMP answer from {gateway}")
 
 
@@ -338,7 +344,8 @@ class PortMapper:
         ext_port = self.internal_port
         for _ in range(3):
             try:
-                await client.add(ext_port, lan_ip, self.internal_port, self.config.lease_s, self.config.description)
+                await client.add(ext_port, lan_ip, self.internal_port, self.config.lease_s,
+                                 self.config.description)
                 break
             except PortMapError as exc:
                 if "718" not in str(exc):  # ConflictInMappingEntry: try another external port
@@ -349,7 +356,7 @@ class PortMapper:
         ext_ip = await client.external_ip()
         return Mapping("upnp", ext_ip, ext_port, lan_ip, self.internal_port, self.config.lease_s)
 
-    async def run(self, *, task_status: trio.TaskStatus[Mapping] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         client: UPnPClient | None = None
         gateway: str | None = None

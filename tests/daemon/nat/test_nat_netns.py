@@ -29,6 +29,7 @@ SITES = [
     ("syma", "symmetric"),
     ("symb", "symmetric"),
     ("dbl", "double"),
+    ("home", "upnp"),
 ]
 FLAGS = {"relay": ["--hop", "--autonat-server"], "srv": ["--autonat-server"]}
 
@@ -48,8 +49,10 @@ def net() -> Iterator[Net]:
     agents: dict[str, Agent] = {}
     with nsharness.topology("nat", SITES) as topo:
         try:
+            topo.add_stun()
+            topo.start_miniupnpd("home")
             for seed, (name, _) in enumerate(SITES, start=1):
-                flags = FLAGS.get(name, ["--dcutr"])
+                flags = FLAGS.get(name, ["--dcutr"] if name != "home" else [])
                 agents[name] = Agent(topo, name, seed, flags=flags)
             n = Net(topo, agents)
             for name in agents:
@@ -134,3 +137,27 @@ def test_dcutr_through_double_nat(net: Net) -> None:
     assert c.call("dial_relay", peer=a.id, relay=relay.id)["relayed"] is True
     w = c.call("wait_direct", peer=a.id, timeout=10)
     assert w["direct"], a.call("punch_record", peer=c.id)
+
+
+def _upnp_rules(net: Net) -> str:
+    return net.topo.exec("homeg", ["nft", "list", "chain", "inet", "mmupnp", "prerouting_miniupnpd"])
+
+
+@pytest.mark.parametrize("proto", ["upnp", "natpmp"])
+def test_port_mapping_makes_a_natted_peer_publicly_reachable(net: Net, proto: str) -> None:
+    home, servers = net.a["home"], [net.a["relay"].id, net.a["srv"].id]
+    dialer = net.a["srv"]
+    public_ip = net.topo.nodes["home"].public_ip
+    assert "dnat" not in _upnp_rules(net)
+    m = home.call("portmap", lease_s=4, upnp=proto == "upnp", timeout=30)["mapping"]
+    assert m["protocol"] == proto and m["external_ip"] == public_ip and m["external_port"] == 4001
+    assert "dport 4001 dnat" in _upnp_rules(net)
+    # a public peer dials the router's public address and reaches the peer behind it
+    dialer.call("connect", addr=f"/ip4/{public_ip}/tcp/4001/p2p/{home.id}")
+    assert home.call("autonat", servers=servers, timeout=60)["status"] == "public"
+    import time
+
+    time.sleep(2.5)  # lease 4 s, renewed at half the lease
+    stop = home.call("portmap_stop", timeout=20)
+    assert stop["renewals"] >= 1
+    assert "dnat" not in _upnp_rules(net)  # removed on shutdown

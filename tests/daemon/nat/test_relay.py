@@ -133,7 +133,8 @@ async def _body_reserve_at_non_relay_fails_cleanly() -> None:
         async with t_svc.running():
             await _connect(target, plain)
             with pytest.raises(RelayError):
-                await RelayClient(target, t_svc, RelayClientConfig(request_timeout_s=3)).reserve(plain.get_id())
+                cfg = RelayClientConfig(request_timeout_s=3)
+                await RelayClient(target, t_svc, cfg).reserve(plain.get_id())
 
 
 def test_reserve_refresh_and_relayed_dial() -> None:
