@@ -29,7 +29,7 @@ WAIT_S = float(os.environ.get("MM_NAT_WAIT_S", "30"))
 
 def attempt(topo: nsharness.Topology, relay: Agent, mode: str, i: int) -> tuple[bool, float | None]:
     port = 4100 + i
-    seed = 1000 + 2 * i + (0 if mode == "ours" else 500)
+    seed = 1000 + 2 * i + {"ours": 0, "stock": 500, "stockhost": 1000}[mode]
     flags = ["--mode", mode] + (["--dcutr"] if mode == "ours" else [])
     a = b = None
     try:
@@ -54,12 +54,12 @@ def attempt(topo: nsharness.Topology, relay: Agent, mode: str, i: int) -> tuple[
 def main() -> None:
     if os.geteuid() != 0:
         sys.exit("scripts/bench/nat.py needs root (network namespaces)")
-    results: dict[str, list[tuple[bool, float | None]]] = {"ours": [], "stock": []}
+    results: dict[str, list[tuple[bool, float | None]]] = {"ours": [], "stock": [], "stockhost": []}
     with nsharness.topology("bnch", [("relay", "public"), ("conea", "cone"), ("coneb", "cone")]) as topo:
         relay = Agent(topo, "relay", 1, flags=["--hop"])
         try:
             for i in range(ATTEMPTS):
-                for mode in ("ours", "stock"):
+                for mode in results:
                     results[mode].append(attempt(topo, relay, mode, i))
         finally:
             relay.close()
@@ -72,16 +72,22 @@ def main() -> None:
         med = statistics.median(ok) if ok else float("nan")
         worst = max(ok) if ok else float("nan")
         summary[mode] = (rate, med)
-        label = "meshmerge DCUtR" if mode == "ours" else "stock py-libp2p 0.8.1 DCUtR"
+        label = {
+            "ours": "meshmerge DCUtR (meshmerge host)",
+            "stock": "stock py-libp2p 0.8.1 DCUtR on the meshmerge host (listen-port dials)",
+            "stockhost": "stock py-libp2p 0.8.1 DCUtR on a stock new_host",
+        }[mode]
         rows.append([label, f"{len(ok)}/{len(res)}", f"{100 * rate:.0f}%", med, worst])
     print("## nat\n")
     print(f"DCUtR between two cone-NAT peers (nftables masquerade, unsolicited SYNs dropped) "
           f"through a public relay in network namespaces; {ATTEMPTS} attempts each, fresh processes "
           f"per attempt, wait limit {WAIT_S:.0f} s. {machine()}.\n")
     print(table(["implementation", "direct", "success", "median relayed→direct (s)", "max (s)"], rows))
-    (ro, mo), (rs, ms) = summary["ours"], summary["stock"]
-    print(f"\nSuccess ours/stock: {ro:.2f}/{rs:.2f}; median time ratio stock/ours: "
-          f"{(ms / mo) if mo == mo and ms == ms and mo > 0 else float('nan'):.1f}x")
+    ro, mo = summary["ours"]
+    for mode in ("stock", "stockhost"):
+        rs, ms = summary[mode]
+        ratio = ms / mo if mo == mo and ms == ms and mo > 0 else float("nan")
+        print(f"\n{mode}: success ours/theirs {ro:.2f}/{rs:.2f}; median time theirs/ours {ratio:.1f}x")
     print(f"\n(run at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
 
 

@@ -114,11 +114,20 @@ async def _agent(args: argparse.Namespace) -> None:
 
     from contextlib import AsyncExitStack
 
-    async with running_host(listen, kp) as host, AsyncExitStack() as stack:
+    if args.mode == "stockhost":
+        # py-libp2p's own defaults end to end: new_host's transports and security
+        from libp2p import new_host
+
+        addrs = [multiaddr.Multiaddr(a) for a in listen]
+        plain = new_host(key_pair=kp, listen_addrs=addrs)
+        host_cm: Any = _run_plain(plain, addrs)
+    else:
+        host_cm = running_host(listen, kp)
+    async with host_cm as host, AsyncExitStack() as stack:
         svc = relay.RelayService(host, relay.RelayServiceConfig() if args.hop else None)
         relayed_at: dict[str, float] = {}
         stock_dcutr = None
-        if args.mode == "stock":
+        if args.mode in ("stock", "stockhost"):
             from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
             from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
             from libp2p.tools.anyio_service import background_trio_service
@@ -281,6 +290,12 @@ async def _agent(args: argparse.Namespace) -> None:
                 reply({"error": repr(exc)})
 
 
+@contextlib.asynccontextmanager
+async def _run_plain(host: Any, addrs: Any) -> Any:
+    async with host.run(addrs):
+        yield host
+
+
 async def _run_service(svc: Any, *, task_status: Any) -> None:
     import trio
 
@@ -297,7 +312,7 @@ def main() -> None:
     ap.add_argument("--autonat-server", action="store_true")
     ap.add_argument("--autonat-threshold", type=int, default=2)
     ap.add_argument("--dcutr", action="store_true")
-    ap.add_argument("--mode", choices=["ours", "stock"], default="ours")
+    ap.add_argument("--mode", choices=["ours", "stock", "stockhost"], default="ours")
     args = ap.parse_args()
     import logging
 

@@ -227,12 +227,9 @@ class AutoNATServer:
         seen = {str(out[0])}
         for raw in list(raw_addrs)[: 4 * self.config.max_dial_addrs]:
             try:
-                a = multiaddr.Multiaddr(raw)
-            except Exception:
+                ep = tcp_endpoint(multiaddr.Multiaddr(raw))
+            except Exception:  # undecodable bytes from the client: skip
                 continue
-            if is_circuit_addr(a):
-                continue
-            ep = tcp_endpoint(a)
             if ep is None or ep[0] != obs_ip:
                 continue
             ma = multiaddr.Multiaddr(f"/{fam}/{ep[0]}/tcp/{ep[1]}")

@@ -100,10 +100,9 @@ def _decode_addrs(raw: Iterable[bytes], limit: int) -> list[multiaddr.Multiaddr]
     seen: set[tuple[str, int]] = set()
     for b in list(raw)[: 4 * limit]:
         try:
-            a = multiaddr.Multiaddr(b)
-        except Exception:
+            ep = tcp_endpoint(multiaddr.Multiaddr(b))
+        except Exception:  # undecodable bytes from the peer: skip
             continue
-        ep = tcp_endpoint(a)
         if ep is None or not is_public_ip(ep[0]) or ep in seen:
             continue
         seen.add(ep)

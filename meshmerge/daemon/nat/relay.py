@@ -252,7 +252,9 @@ class RelayClient:
         addrs = []
         for raw in resp.reservation.addrs[:16]:
             try:
-                addrs.append(multiaddr.Multiaddr(raw))
+                ma = multiaddr.Multiaddr(raw)
+                ma.protocols()  # parsing is lazy: force it so garbage is dropped here
+                addrs.append(ma)
             except Exception:
                 continue
         if not addrs:
