@@ -30,6 +30,8 @@ SITES = [
     ("symb", "symmetric"),
     ("dbl", "double"),
     ("home", "upnp"),
+    ("rsta", "rst"),
+    ("rstb", "rst"),
 ]
 FLAGS = {"relay": ["--hop", "--autonat-server"], "srv": ["--autonat-server"]}
 
@@ -129,9 +131,27 @@ def test_symmetric_nat_falls_back_to_the_relay_within_the_deadline(net: Net) -> 
     assert b.call("echo", peer=a.id, data="still relayed")["data"] == "still relayed"
 
 
+def test_rst_answering_routers_end_in_a_bounded_outcome(net: Net) -> None:
+    """Routers that RST unsolicited SYNs: punched or not, the attempt ends within its deadlines."""
+    a, b, relay = net.a["rsta"], net.a["rstb"], net.a["relay"]
+    a.call("reserve", relay=relay.id)
+    a.call("serve_echo")
+    assert b.call("dial_relay", peer=a.id, relay=relay.id)["relayed"] is True
+    import time
+
+    t0 = time.monotonic()
+    rec = None
+    while time.monotonic() - t0 < 12:
+        rec = a.call("punch_record", peer=b.id)["record"]
+        if rec and rec["outcome"] != "pending":
+            break
+        time.sleep(0.1)
+    assert rec is not None and rec["outcome"] in ("direct", "failed"), rec
+    assert b.call("echo", peer=a.id, data="still talking")["data"] == "still talking"
+
+
 def test_dcutr_through_double_nat(net: Net) -> None:
-    a, b, relay = net.a["dbl"], net.a["pub"], net.a["relay"]
-    _ = b
+    a, relay = net.a["dbl"], net.a["relay"]
     a.call("reserve", relay=relay.id)
     c = net.a["conea"]
     assert c.call("dial_relay", peer=a.id, relay=relay.id)["relayed"] is True
