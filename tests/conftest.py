@@ -10,6 +10,8 @@ import os
 
 import pytest
 
+from meshmerge.testing.interop.tools import InteropSetupError, InteropTools, ensure_tools
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.geteuid() == 0:
@@ -18,3 +20,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "root" in item.keywords:
             item.add_marker(skip_root)
+
+
+@pytest.fixture(scope="session")
+def interop_tools() -> InteropTools:
+    """go/js peers installed by scripts/interop/setup; FAILS (never skips) if setup fails."""
+    try:
+        return ensure_tools()
+    except InteropSetupError as exc:
+        pytest.fail(f"interop setup failed: {exc}", pytrace=False)

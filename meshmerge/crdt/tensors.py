@@ -40,8 +40,7 @@ class TensorSpec:
             raise TensorError(f"tensor name must be 1..1024 characters, got {len(self.name)}")
         if self.dtype not in FLOAT_DTYPES:
             raise TensorError(
-                f"tensor {self.name!r}: dtype {self.dtype!r} not supported; "
-                f"use one of {sorted(FLOAT_DTYPES)}"
+                f"tensor {self.name!r}: dtype {self.dtype!r} not supported; use one of {sorted(FLOAT_DTYPES)}"
             )
         if any(d < 0 for d in self.shape):
             raise TensorError(f"tensor {self.name!r}: negative dimension in {self.shape}")

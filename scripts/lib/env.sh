@@ -33,9 +33,13 @@ mm_ensure_env() {
     local want; want="$(mm_stamp)-$extras"
     if [ "$(cat "$MM_VENV/.meshmerge-stamp" 2>/dev/null)" != "$want" ]; then
         mm_log "installing meshmerge[$extras] and building Cython kernels (first run takes a minute)"
-        "$MM_PY" -m pip install -q "setuptools>=69" wheel "Cython>=3.0,<3.4" "numpy>=2.0,<3" 2>&1 | grep -v '^WARNING: Location' >&2 || true
-        (cd "$MM_ROOT" && "$MM_PY" -m pip install -q --no-build-isolation -e ".[$extras]" 2>&1 | grep -v '^WARNING: Location' >&2) || true
-        "$MM_PY" -c 'import meshmerge.cext' || { mm_log "install failed"; return 1; }
+        local log="$MM_VENV/install.log"
+        if ! { "$MM_PY" -m pip install -q "setuptools>=77" wheel "Cython>=3.0,<3.4" "numpy>=2.0,<3" &&
+               (cd "$MM_ROOT" && "$MM_PY" -m pip install -q --no-build-isolation -e ".[$extras]"); } >"$log" 2>&1; then
+            grep -v '^WARNING: Location' "$log" | tail -30 >&2
+            mm_log "install failed; full log in $log"; return 1
+        fi
+        "$MM_PY" -c 'import meshmerge.cext' || { mm_log "kernels did not build; see $log"; return 1; }
         echo "$want" > "$MM_VENV/.meshmerge-stamp"
     fi
 }

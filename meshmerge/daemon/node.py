@@ -1,0 +1,254 @@
+"""The node's local core: merge sets, contributions and merges, backed by the store.
+
+The RPC server and the network services call into one :class:`Node`. It runs
+on the trio thread; blocking work (fsync, hashing, merging) goes to worker
+threads. Each merge set has a lock, so operations on one set are applied in
+a single order and an operation is acknowledged only after the store made it
+durable. Network services subscribe to :meth:`Node.changes` to learn about
+new local operations (to announce them) and report remote ones through
+:meth:`Node.apply_remote`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from meshmerge import __version__
+from meshmerge.crdt import Incomplete, MergeState, MergeStateError, SchemaMismatch, Signer, digest_of_tensors
+from meshmerge.crdt import tensorfile
+from meshmerge.crdt.strategies import StrategyError
+from meshmerge.daemon.store import Store
+from meshmerge.proto import cid as cids
+from meshmerge.proto.cbor import CodecError
+from meshmerge.proto.messages import SetSchema, StateMessage
+from meshmerge.proto.peerid import to_base58
+from meshmerge.proto.rpc import RpcError
+
+log = logging.getLogger("meshmerge.node")
+
+ChangeListener = Callable[[bytes, StateMessage], None]
+
+
+@dataclass
+class SetHandle:
+    state: MergeState
+    lock: trio.Lock
+
+
+class Node:
+    def __init__(self, store: Store, signer: Signer, *, max_blob_bytes: int) -> None:
+        self.store = store
+        self.signer = signer
+        self.max_blob_bytes = max_blob_bytes
+        self.started = time.time()
+        self._sets: dict[bytes, SetHandle] = {}
+        self._listeners: list[ChangeListener] = []
+        self.extra_status: list[Callable[[], Mapping[str, Any]]] = []
+        for schema in store.sets():
+            self._sets[schema.id] = SetHandle(store.load_state(schema.id), trio.Lock())
+        if self._sets:
+            log.info("loaded %d merge set(s) from %s", len(self._sets), getattr(store, "root", "the store"))
+
+    # -- wiring ------------------------------------------------------------------
+
+    def on_change(self, listener: ChangeListener) -> None:
+        """Call `listener(set_id, ops)` after every durable change (local or remote)."""
+        self._listeners.append(listener)
+
+    def _notify(self, set_id: bytes, ops: StateMessage) -> None:
+        for listener in self._listeners:
+            listener(set_id, ops)
+
+    # -- lookups -----------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> str:
+        return to_base58(self.signer.peer_id)
+
+    def set_ids(self) -> list[bytes]:
+        return list(self._sets)
+
+    def state(self, set_id: bytes) -> MergeState | None:
+        handle = self._sets.get(set_id)
+        return handle.state if handle else None
+
+    def resolve_set(self, ref: str) -> SetHandle:
+        """A set by its id text (bafy…) or by its name when that name is unique here."""
+        if ref.startswith("b"):
+            try:
+                handle = self._sets.get(cids.from_text(ref))
+            except cids.CidError:
+                handle = None
+            if handle is not None:
+                return handle
+        named = [h for h in self._sets.values() if h.state.schema.name == ref]
+        if len(named) == 1:
+            return named[0]
+        if len(named) > 1:
+            raise RpcError("ambiguous_set", f"{len(named)} merge sets are named {ref!r}; use the set id")
+        raise RpcError("unknown_set", f"no merge set {ref!r} on this node (see `meshmerge sets`)")
+
+    # -- operations ----------------------------------------------------------------
+
+    async def create_set(self, schema: SetSchema) -> bytes:
+        if schema.id not in self._sets:
+            await trio.to_thread.run_sync(self.store.add_set, schema)
+            self._sets[schema.id] = SetHandle(MergeState(schema), trio.Lock())
+            log.info("created merge set %s (%s)", schema.name, cids.to_text(schema.id))
+            self._notify(schema.id, StateMessage(schema.id, schema=schema))
+        return schema.id
+
+    async def ensure_set(self, schema: SetSchema) -> SetHandle:
+        await self.create_set(schema)
+        return self._sets[schema.id]
+
+    async def contribute(self, ref: str, data: bytes, *, weight: int, meta: Mapping[str, Any]) -> dict[str, Any]:
+        handle = self.resolve_set(ref)
+        schema = handle.state.schema
+        try:
+            tensors, dtypes = tensorfile.loads(data)
+        except tensorfile.TensorFileError as exc:
+            raise RpcError("bad_tensors", f"not a valid safetensors file: {exc}") from None
+        async with handle.lock:
+            try:
+                seq = await trio.to_thread.run_sync(self.store.next_seq, schema.id, self.signer.peer_id)
+                signed = handle.state.make_contribution(
+                    self.signer, tensors, weight=weight, dtypes=dtypes, meta=dict(meta), seq=seq
+                )
+            except SchemaMismatch as exc:
+                raise RpcError("schema_mismatch", str(exc)) from None
+            except (MergeStateError, CodecError, ValueError) as exc:
+                raise RpcError("bad_contribution", str(exc)) from None
+            ops = StateMessage(schema.id, adds=(signed,))
+            await trio.to_thread.run_sync(self.store.put_blob, signed.header, data)
+            await trio.to_thread.run_sync(self.store.append, schema.id, ops)
+            handle.state.apply(ops)
+        log.info("contribution %s to %s (seq %d, weight %d)", cids.to_text(signed.id), schema.name, seq, weight)
+        self._notify(schema.id, ops)
+        return {"id": cids.to_text(signed.id), "seq": seq, "set": cids.to_text(schema.id)}
+
+    async def remove(self, ref: str, contribution: str) -> dict[str, Any]:
+        handle = self.resolve_set(ref)
+        try:
+            target = cids.from_text(contribution)
+        except cids.CidError as exc:
+            raise RpcError("bad_request", str(exc)) from None
+        async with handle.lock:
+            try:
+                removal = handle.state.make_removal(self.signer, target)
+            except MergeStateError as exc:
+                raise RpcError("cannot_remove", str(exc)) from None
+            ops = StateMessage(handle.state.set_id, removals=(removal,))
+            await trio.to_thread.run_sync(self.store.append, handle.state.set_id, ops)
+            handle.state.apply(ops)
+        self._notify(handle.state.set_id, ops)
+        return {"removed": contribution}
+
+    async def apply_remote(self, set_id: bytes, ops: StateMessage) -> Any:
+        """Join operations from a peer; returns the ApplyReport (rejections feed peer scores)."""
+        handle = self._sets.get(set_id)
+        if handle is None:
+            if ops.schema is None:
+                return None
+            handle = await self.ensure_set(ops.schema)
+        async with handle.lock:
+            report = handle.state.apply(ops)
+            if report.new_ops is not None:
+                await trio.to_thread.run_sync(self.store.append, set_id, report.new_ops)
+        if report.new_ops is not None:
+            self._notify(set_id, report.new_ops)
+        return report
+
+    async def merged(
+        self, ref: str, strategy: str | None, params: Mapping[str, Any] | None
+    ) -> tuple[dict[str, Any], bytes]:
+        """Merge the live set; returns (summary, safetensors bytes)."""
+        handle = self.resolve_set(ref)
+        schema = handle.state.schema
+        async with handle.lock:
+            state = handle.state
+            t0 = time.perf_counter()
+            try:
+                merged = await trio.to_thread.run_sync(
+                    lambda: state.merged(self.store.get_tensors, strategy, params)
+                )
+            except Incomplete as exc:
+                raise RpcError(
+                    "incomplete", f"{len(exc.missing)} live contribution(s) still being fetched; retry shortly"
+                ) from None
+            except StrategyError as exc:
+                raise RpcError("bad_strategy", str(exc)) from None
+            root = state.root()
+            live = len(state.live_ids())
+        dtypes = {t.name: t.dtype for t in schema.tensors}
+        data = await trio.to_thread.run_sync(
+            lambda: tensorfile.dumps(merged, dtypes, {"meshmerge.root": root.hex(), "meshmerge.set": schema.name})
+        )
+        summary = {
+            "set": cids.to_text(schema.id),
+            "strategy": strategy or schema.strategy,
+            "contributions": live,
+            "root": root.hex(),
+            "sha256": digest_of_tensors(merged),
+            "seconds": round(time.perf_counter() - t0, 4),
+            "bytes": len(data),
+        }
+        return summary, data
+
+    # -- views -----------------------------------------------------------------------
+
+    def set_summary(self, handle: SetHandle) -> dict[str, Any]:
+        state = handle.state
+        live = state.live_ids()
+        have = sum(1 for c in live if self.store.has_blob(c))
+        return {
+            "id": cids.to_text(state.set_id),
+            "name": state.schema.name,
+            "kind": state.schema.kind,
+            "strategy": state.schema.strategy,
+            "tensors": len(state.schema.tensors),
+            "live": len(live),
+            "complete": have,
+            "known": len(state.orset.adds),
+            "convicted": len(state.orset.convicted()),
+            "root": state.root().hex(),
+        }
+
+    def contributions(self, ref: str) -> list[dict[str, Any]]:
+        state = self.resolve_set(ref).state
+        out = []
+        for cid in sorted(state.orset.adds):
+            header = state.orset.adds[cid].header
+            out.append(
+                {
+                    "id": cids.to_text(cid),
+                    "author": to_base58(header.author),
+                    "seq": header.seq,
+                    "weight": header.weight,
+                    "live": state.orset.is_live(cid),
+                    "convicted": state.orset.is_convicted(header.author),
+                    "have_tensors": self.store.has_blob(cid),
+                    "meta": dict(header.meta),
+                }
+            )
+        return out
+
+    def status(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "peer_id": self.peer_id,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "sets": len(self._sets),
+        }
+        for extra in self.extra_status:
+            info.update(extra())
+        return info
+

@@ -1,0 +1,21 @@
+"""Interop harness: independent go-libp2p / js-libp2p peers and a stock py-libp2p host.
+
+Used by tests and benchmarks only. `scripts/interop/setup` installs the peers
+into `.interop/`; see tests/interop/README.md for the API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+
+
+def run_trio(fn: Callable[[], Awaitable[object]], timeout: float = 60.0) -> None:
+    """Run `fn` under `trio.run` with a hard deadline (a hang guard for sync pytest tests)."""
+
+    async def guarded() -> None:
+        with trio.fail_after(timeout):
+            await fn()
+
+    trio.run(guarded)
