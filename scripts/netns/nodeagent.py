@@ -121,6 +121,14 @@ async def _agent(args: argparse.Namespace) -> None:
         addrs = [multiaddr.Multiaddr(a) for a in listen]
         plain = new_host(key_pair=kp, listen_addrs=addrs)
         host_cm: Any = _run_plain(plain, addrs)
+    elif args.host == "main":
+        # the daemon's host layer (meshmerge.daemon.host): stock TCP transport, explicit listen IP
+        from meshmerge.daemon.host import HostConfig
+        from meshmerge.daemon.host import running_host as daemon_host
+        from meshmerge.daemon.identity import Identity
+
+        host_cm = daemon_host(HostConfig(listen_addrs=(f"/ip4/{args.listen_ip}/tcp/{args.port}",)),
+                              Identity(args.seed.to_bytes(32, "big")))
     else:
         host_cm = running_host(listen, kp)
     async with host_cm as host, AsyncExitStack() as stack:
@@ -312,6 +320,9 @@ def main() -> None:
     ap.add_argument("--autonat-server", action="store_true")
     ap.add_argument("--autonat-threshold", type=int, default=2)
     ap.add_argument("--dcutr", action="store_true")
+    ap.add_argument("--host", choices=["nat", "main"], default="nat",
+                    help="nat: meshmerge.daemon.nat.hostfactory; main: meshmerge.daemon.host")
+    ap.add_argument("--listen-ip", default="0.0.0.0")
     ap.add_argument("--mode", choices=["ours", "stock", "stockhost"], default="ours")
     args = ap.parse_args()
     import logging

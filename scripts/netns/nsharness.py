@@ -9,8 +9,9 @@ Address plan (documentation and carrier-grade ranges only):
 
 - the "internet": one bridge in ``<prefix>-inet``, 203.0.113.0/24;
   public hosts get .10-.49, NAT routers' WAN sides get .100-.199;
-- NATed LANs: 198.51.100.0/24 cut into /28s, site *i* uses
-  198.51.100.(16*i)/28 (router .16i+1, hosts from .16i+2);
+- NATed LANs: site *i* uses 100.100.i.0/24 (router .1, host .2), inside
+  the carrier-grade range 100.64.0.0/10, so no LAN address ever looks
+  public to the code under test;
 - carrier-grade NAT: site *i* puts 100.64.i.0/24 between the carrier
   router (.1) and the home router (.2);
 - 192.0.2.0/24 is left unused (spare).
@@ -49,7 +50,7 @@ from pathlib import Path
 STATE_DIR = Path(os.environ.get("MM_NETNS_STATE", "/run/meshmerge-netns"))
 NS_PREFIX = "mmn"
 PUBLIC_NET = "203.0.113"
-LAN_NET = "198.51.100"
+LAN_NET = "100.100"
 CGNAT_NET = "100.64"
 NAT_KINDS = ("cone", "rst", "symmetric", "double", "upnp")
 STUN_HOSTS = (250, 251)
@@ -218,9 +219,8 @@ class Topology:
         site = self._next_site
         self._next_site += 1
         if site > 15:
-            raise HarnessError("at most 15 NAT sites per topology (198.51.100.0/24 in /28s)")
-        lan_base = 16 * site
-        gw_lan, host_ip = f"{LAN_NET}.{lan_base + 1}", f"{LAN_NET}.{lan_base + 2}"
+            raise HarnessError("at most 15 NAT sites per topology")
+        gw_lan, host_ip = f"{LAN_NET}.{site}.1", f"{LAN_NET}.{site}.2"
         wan_ip = f"{PUBLIC_NET}.{self._next_wan}"
         self._next_wan += 1
         gw = self._ns(f"{name}g")
@@ -245,8 +245,8 @@ class Topology:
         ns = self._ns(name)
         self._add_ns(ns)
         self._veth(gw, "lan0", ns, "eth0")
-        run(["ip", "-n", gw, "addr", "add", f"{gw_lan}/28", "dev", "lan0"])
-        run(["ip", "-n", ns, "addr", "add", f"{host_ip}/28", "dev", "eth0"])
+        run(["ip", "-n", gw, "addr", "add", f"{gw_lan}/24", "dev", "lan0"])
+        run(["ip", "-n", ns, "addr", "add", f"{host_ip}/24", "dev", "eth0"])
         run(["ip", "-n", ns, "route", "add", "default", "via", gw_lan])
         node = Node(name, ns, "host", host_ip, str(site), kind, wan_ip)
         self.nodes[name] = node
@@ -294,7 +294,6 @@ table ip mmnat {{
         gw = self.nodes[f"{name}g"]
         if gw.kind != "upnp":
             raise HarnessError(f"{name} is not behind a upnp router")
-        base = 16 * int(gw.site)
         conf = STATE_DIR / f"{self.prefix}-{name}-miniupnpd.conf"
         conf.write_text(
             "ext_ifname=wan0\n"
@@ -306,7 +305,7 @@ table ip mmnat {{
             "upnp_table_name=mmupnp\nupnp_nat_table_name=mmupnp\n"
             "upnp_forward_chain=forward_miniupnpd\nupnp_nat_chain=prerouting_miniupnpd\n"
             "upnp_nat_postrouting_chain=postrouting_miniupnpd\n"
-            f"allow 1024-65535 {LAN_NET}.{base}/28 1024-65535\n"
+            f"allow 1024-65535 {LAN_NET}.{int(gw.site)}.0/24 1024-65535\n"
             "deny 0-65535 0.0.0.0/0 0-65535\n"
         )
         pid = STATE_DIR / f"{self.prefix}-{name}-miniupnpd.pid"

@@ -239,21 +239,32 @@ class AutoNATServer:
         return out[: self.config.max_dial_addrs]
 
     async def _dial_back(self, peer: ID, targets: list[multiaddr.Multiaddr]) -> multiaddr.Multiaddr | None:
+        """Dial all targets at once from the dialer identity; the first to connect wins.
+
+        Parallel, because the observed address of a NATed client is usually a
+        dead end (the mapping of its outgoing socket) that would otherwise eat
+        the whole deadline before its real listen address is tried.
+        """
         assert self._dialer is not None
         network = self._dialer.get_network()
+        winner: list[multiaddr.Multiaddr] = []
+
+        async def one(addr: multiaddr.Multiaddr, cancel: trio.CancelScope) -> None:
+            try:
+                await network.dial_addr(addr, peer)
+            except Exception as exc:
+                log.debug("autonat: dial-back %s to %s failed: %s", peer, addr, exc)
+                return
+            winner.append(addr)
+            cancel.cancel()
+
         with trio.move_on_after(self.config.dial_timeout_s):
-            for addr in targets:
-                try:
-                    await network.dial_addr(addr, peer)
-                except Exception as exc:
-                    log.debug("autonat: dial-back %s to %s failed: %s", peer, addr, exc)
-                    continue
-                with trio.move_on_after(2):
-                    await network.close_peer(peer)
-                return addr
-        with trio.move_on_after(2):
+            async with trio.open_nursery() as nursery:
+                for addr in targets:
+                    nursery.start_soon(one, addr, nursery.cancel_scope)
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
             await network.close_peer(peer)
-        return None
+        return winner[0] if winner else None
 
 
 class AutoNATClient:

@@ -253,15 +253,16 @@ class DCUtRService:
     async def _dial_all(self, peer: ID, addrs: list[multiaddr.Multiaddr], *, as_responder: bool) -> INetConn:
         """Dial every address at once from the listen port; first direct connection wins."""
         network = self.host.get_network()
+        source = listen_source(self.host)
         done = trio.Event()
         errors: list[str] = []
 
         async def one(addr: multiaddr.Multiaddr) -> None:
             try:
                 if as_responder:
-                    await network.dial_addr_as_responder(addr, peer)
+                    await network.dial_addr_as_responder(addr, peer, source)
                 else:
-                    await network.dial_addr(addr, peer)
+                    await network.dial_addr(addr, peer, source)
                 done.set()
             except Exception as exc:
                 errors.append(f"{addr}: {exc!r}")
@@ -290,6 +291,17 @@ class DCUtRService:
             if rc is not None:
                 self._nursery.start_soon(_close_later, rc, self.config.close_relayed_after_s)
         return conn
+
+
+def listen_source(host: IHost) -> tuple[str, int] | None:
+    """(ip, port) of our first IPv4 TCP listen address: hole-punch SYNs must leave from it
+    so each NAT maps them to the endpoint the other side dials (any TCP transport whose
+    listeners set SO_REUSEPORT, as py-libp2p 0.8.1's do, can share the port)."""
+    for a in host.get_transport_addrs():
+        ep = tcp_endpoint(a)
+        if ep is not None and ":" not in ep[0]:
+            return ep
+    return None
 
 
 async def _close_later(conn: INetConn, delay: float) -> None:

@@ -1,8 +1,10 @@
 """NAT traversal through real kernels: network namespaces, veth, nftables NAT.
 
 One topology per module (public relay, a second AutoNAT server, a public
-peer, cone-NAT, symmetric-NAT and double-NAT peers), one nodeagent process
-per node; everything is killed and deleted in the fixture's finally.
+peer, cone-NAT, symmetric-NAT, double-NAT, RST-router and UPnP peers), one
+nodeagent process per node; the peers run on the daemon's host layer
+(meshmerge.daemon.host). Everything is killed and deleted in the fixture's
+finally, also when a test fails.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def net() -> Iterator[Net]:
             topo.add_stun()
             topo.start_miniupnpd("home")
             for seed, (name, _) in enumerate(SITES, start=1):
-                flags = FLAGS.get(name, ["--dcutr"] if name != "home" else [])
+                # peers run on the daemon's host layer; relay and AutoNAT servers on the NAT factory
+                flags = FLAGS.get(name, ["--dcutr", "--host", "main", "--listen-ip", topo.nodes[name].ip])
                 agents[name] = Agent(topo, name, seed, flags=flags)
             n = Net(topo, agents)
             for name in agents:
