@@ -30,11 +30,15 @@ WAIT_S = float(os.environ.get("MM_NAT_WAIT_S", "30"))
 def attempt(topo: nsharness.Topology, relay: Agent, mode: str, i: int) -> tuple[bool, float | None]:
     port = 4100 + i
     seed = 1000 + 2 * i + {"ours": 0, "stock": 500, "stockhost": 1000}[mode]
-    flags = ["--mode", mode] + (["--dcutr"] if mode == "ours" else [])
+    def flags(node: str) -> list[str]:
+        if mode == "ours":  # the daemon's host layer with our DCUtR
+            return ["--dcutr", "--host", "main", "--listen-ip", topo.nodes[node].ip]
+        return ["--mode", mode]
+
     a = b = None
     try:
-        a = Agent(topo, "conea", seed, flags=flags, port=port)
-        b = Agent(topo, "coneb", seed + 1, flags=flags, port=port)
+        a = Agent(topo, "conea", seed, flags=flags("conea"), port=port)
+        b = Agent(topo, "coneb", seed + 1, flags=flags("coneb"), port=port)
         raddr = f"/ip4/{topo.nodes['relay'].ip}/tcp/4001/p2p/{relay.id}"
         a.call("connect", addr=raddr)
         b.call("connect", addr=raddr)
@@ -73,8 +77,8 @@ def main() -> None:
         worst = max(ok) if ok else float("nan")
         summary[mode] = (rate, med)
         label = {
-            "ours": "meshmerge DCUtR (meshmerge host)",
-            "stock": "stock py-libp2p 0.8.1 DCUtR on the meshmerge host (listen-port dials)",
+            "ours": "meshmerge DCUtR on meshmerge.daemon.host",
+            "stock": "stock py-libp2p 0.8.1 DCUtR on nat.hostfactory (listen-port dials)",
             "stockhost": "stock py-libp2p 0.8.1 DCUtR on a stock new_host",
         }[mode]
         rows.append([label, f"{len(ok)}/{len(res)}", f"{100 * rate:.0f}%", med, worst])
