@@ -7,12 +7,13 @@ What is measured, per ordered pair (dialer -> listener), each pair on fresh peer
   go: CONNECT over the control socket; js: node.dial inside node; py: host.connect.
 - ping: median RTT of 20 pings from the dialer. go and py reuse one ping
   stream; js opens one stream per ping (its ping service has no reuse).
-- gossip (one row per direction, on the connection of the pair where the
-  sender's kind dials): 100 messages published back to back after both sides
-  see each other's subscription plus a 1.5 s settle (one heartbeat for go and
-  js); delivered count within 10 s, p50/p99 latency from publish call to
-  receipt (receipt timed in node for js, at the driver for go and py; all on
-  CLOCK_MONOTONIC).
+- gossip (rows per direction, on the connections go->go, go->js, py->go,
+  py->js): 100 messages on a fresh topic after both sides see each other's
+  subscription plus a 1.5 s settle (one heartbeat for go and js), published
+  back to back ("burst": shows queueing in the receiver) and one every 10 ms
+  ("paced": per-message latency); delivered count within 10 s, p50/p99
+  latency from the publish call to receipt (timed in node for js, where the
+  driver reads it for go and py; all CLOCK_MONOTONIC).
 
 Stock py-libp2p is `new_host` with Noise only and its GossipSub with only the
 required degree arguments, so it shows py-libp2p's defaults.
@@ -22,6 +23,7 @@ Run: scripts/bench/run interop_baseline   (sizes: INTEROP_BENCH_DIALS, _PINGS, _
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import sys
@@ -83,18 +85,18 @@ class Peer:
     async def ping(self, other: Peer, count: int) -> list[float]:
         return list(await self.impl.ping(other.peer_id, count=count))
 
-    async def sees_subscriber(self, other: Peer) -> bool:
+    async def sees_subscriber(self, other: Peer, topic: str) -> bool:
         if isinstance(self.impl, GoPeer):
-            return other.peer_id in await self.impl.pubsub_list_peers(TOPIC)
+            return other.peer_id in await self.impl.pubsub_list_peers(topic)
         if isinstance(self.impl, JsPeer):
-            return other.peer_id in await self.impl.topic_peers(TOPIC)
-        return other.peer_id in self.impl.topic_peers(TOPIC)
+            return other.peer_id in await self.impl.topic_peers(topic)
+        return other.peer_id in self.impl.topic_peers(topic)
 
-    async def publish(self, data: bytes) -> None:
+    async def publish(self, topic: str, data: bytes) -> None:
         if isinstance(self.impl, GoPeer):
-            await self.impl.pubsub_publish(TOPIC, data)
+            await self.impl.pubsub_publish(topic, data)
         else:
-            await self.impl.publish(TOPIC, data)
+            await self.impl.publish(topic, data)
 
 
 @asynccontextmanager
@@ -111,13 +113,13 @@ async def start_peer(kind: str, tools: InteropTools) -> AsyncIterator[Peer]:
 
 
 @asynccontextmanager
-async def subscription(peer: Peer) -> AsyncIterator[Callable[[], Awaitable[PubsubMessage]]]:
-    """A receive function for TOPIC on `peer`, subscribed for the block."""
+async def subscription(peer: Peer, topic: str) -> AsyncIterator[Callable[[], Awaitable[PubsubMessage]]]:
+    """A receive function for `topic` on `peer`, subscribed for the block."""
     if isinstance(peer.impl, GoPeer):
-        async with peer.impl.subscribe(TOPIC) as sub:
+        async with peer.impl.subscribe(topic) as sub:
             yield sub.receive
     else:
-        sub = await peer.impl.subscribe(TOPIC)
+        sub = await peer.impl.subscribe(topic)
         yield sub.receive
 
 
@@ -136,10 +138,16 @@ async def measure_ping(dialer: Peer, listener: Peer) -> float:
     return ms(statistics.median(await dialer.ping(listener, PINGS)))
 
 
-async def measure_gossip(sender: Peer, receiver: Peer) -> dict[str, float]:
-    async with subscription(receiver) as receive, subscription(sender):
-        await wait_until(lambda: sender.sees_subscriber(receiver), timeout=15, what="sender sees subscriber")
-        await wait_until(lambda: receiver.sees_subscriber(sender), timeout=15, what="receiver sees sender")
+async def measure_gossip(sender: Peer, receiver: Peer, gap: float) -> dict[str, float]:
+    """Publish MESSAGES from sender, `gap` seconds apart (0: back to back), on a fresh topic."""
+    topic = f"{TOPIC}-{sender.kind}-{receiver.kind}-{gap}"
+    async with subscription(receiver, topic) as receive, subscription(sender, topic):
+        await wait_until(
+            lambda: sender.sees_subscriber(receiver, topic), timeout=15, what="sender sees subscriber"
+        )
+        await wait_until(
+            lambda: receiver.sees_subscriber(sender, topic), timeout=15, what="receiver sees sender"
+        )
         await trio.sleep(SETTLE)
         sent_at: dict[bytes, float] = {}
         latencies: list[float] = []
@@ -155,7 +163,9 @@ async def measure_gossip(sender: Peer, receiver: Peer) -> dict[str, float]:
             for i in range(MESSAGES):
                 payload = b"bench %s->%s %05d" % (sender.kind.encode(), receiver.kind.encode(), i)
                 sent_at[payload] = time.monotonic()
-                await sender.publish(payload)
+                await sender.publish(topic, payload)
+                if gap:
+                    await trio.sleep(gap)
             with trio.move_on_after(DELIVERY_WAIT):
                 while len(latencies) < MESSAGES:
                     await trio.sleep(0.01)
@@ -167,8 +177,9 @@ async def measure_gossip(sender: Peer, receiver: Peer) -> dict[str, float]:
     }
 
 
-PAIRS = [("go", "js"), ("js", "go"), ("py", "go"), ("go", "py"), ("py", "js"), ("js", "py")]
-GOSSIP_PAIRS = {("go", "js"), ("py", "go"), ("py", "js")}  # gossip both ways on these connections
+PAIRS = [("go", "go"), ("go", "js"), ("js", "go"), ("py", "go"), ("go", "py"), ("py", "js"), ("js", "py")]
+GOSSIP_PAIRS = {("go", "go"), ("go", "js"), ("py", "go"), ("py", "js")}  # gossip both ways on these
+GAPS = {"burst": 0.0, "paced 10 ms": 0.01}
 
 
 async def main() -> None:
@@ -194,18 +205,20 @@ async def main() -> None:
             shown = [round(d, 1) for d in dials]
             print(f"# {a_kind} -> {b_kind}: dials {shown} ms, ping {ping:.2f} ms", file=sys.stderr)
             if (a_kind, b_kind) in GOSSIP_PAIRS:
-                for sender, receiver in ((a, b), (b, a)):
+                directions = ((a, b),) if a_kind == b_kind else ((a, b), (b, a))
+                for (sender, receiver), (mode, gap) in itertools.product(directions, GAPS.items()):
                     with trio.fail_after(120):
-                        g = await measure_gossip(sender, receiver)
+                        g = await measure_gossip(sender, receiver, gap)
                     gossip_rows.append(
                         [
                             f"{sender.kind} -> {receiver.kind}",
+                            mode,
                             f"{g['delivered']}/{MESSAGES}",
                             g["p50"],
                             g["p99"],
                         ]
                     )
-                    print(f"# gossip {sender.kind} -> {receiver.kind}: {g}", file=sys.stderr)
+                    print(f"# gossip {sender.kind} -> {receiver.kind} {mode}: {g}", file=sys.stderr)
 
     print(
         f"## interop baseline\n\nMachine: {machine()}; loopback TCP, Noise, yamux. "
@@ -217,11 +230,16 @@ async def main() -> None:
         )
     )
     print()
-    print(table(["gossip sender -> receiver", "delivered", "p50 latency ms", "p99 latency ms"], gossip_rows))
-    go_js = next(r for r in dial_rows if r[0] == "go -> js")
+    headers = ["gossip sender -> receiver", "publishing", "delivered", "p50 latency ms", "p99 latency ms"]
+    print(table(headers, gossip_rows))
+    go_go = next(r for r in dial_rows if r[0] == "go -> go")
     py_rows = [r for r in dial_rows if str(r[0]).startswith("py ->")]
-    ratios = ", ".join(f"{r[0]}: {float(r[2]) / float(go_js[2]):.1f}x" for r in py_rows)  # type: ignore[arg-type]
-    print(f"\nLater-dial time of stock py-libp2p relative to go -> js in this run: {ratios}.")
+    ratios = ", ".join(f"{r[0]}: {_ratio(r[2], go_go[2])}" for r in py_rows)
+    print(f"\nLater-dial time of stock py-libp2p relative to go -> go in this run: {ratios}.")
+
+
+def _ratio(a: object, b: object) -> str:
+    return f"{float(str(a)) / float(str(b)):.1f}x"
 
 
 if __name__ == "__main__":
