@@ -634,8 +634,9 @@ class KademliaDHT:
             return None
         values = list(found.values())
         best = values[self.validator.select(key, values)]
-        with suppress(RecordRejected, StoreFull):
-            self._store_value(key, best, self._now())
+        if best != local:
+            with suppress(StoreFull):
+                self.values.put(key, best, self._now())  # validated on receipt
         stale = [p for p, v in found.items() if v != best and p != self.self_peer]
         if stale and self._nursery is not None:
             self._nursery.start_soon(self._correct, key, best, stale)

@@ -10,6 +10,7 @@ amount of memory and work.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
@@ -103,10 +104,10 @@ class PeerRecord:
     addrs: tuple[Multiaddr, ...]
 
 
-def parse_peers(peers: object) -> list[PeerRecord]:
+def parse_peers(peers: Iterable[Message.Peer]) -> list[PeerRecord]:
     """Decode `closerPeers` / `providerPeers`, dropping malformed ids and addresses."""
     out: list[PeerRecord] = []
-    for i, p in enumerate(peers):  # type: ignore[attr-defined]
+    for i, p in enumerate(peers):
         if i >= MAX_PEERS_PER_MESSAGE:
             break
         try:
