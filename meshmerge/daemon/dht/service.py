@@ -62,6 +62,15 @@ class _CachedStream:
 
         self.broken = False
 
+    async def send_only(self, msg: Message) -> None:
+        """A request that gets no reply (ADD_PROVIDER): the stream stays in step."""
+        async with self.lock:
+            try:
+                await self.stream.write(encode_frame(msg))
+            except BaseException:
+                self.broken = True
+                raise
+
     async def exchange(self, msg: Message) -> Message:
         """Write one request, read its reply. Any interruption (error or cancellation)
         leaves the stream out of step, so it is marked broken and never reused."""
@@ -429,6 +438,14 @@ class KademliaDHT:
         try:
             with trio.fail_after(self.config.request_timeout):
                 if not expect_reply:
+                    idle = self._streams.get(peer)
+                    if idle is not None and not idle.broken and not idle.lock.locked():
+                        try:
+                            await idle.send_only(msg)
+                            return None
+                        except Exception as exc:
+                            log.debug("cached DHT stream to %s failed (%r); using a new one", ID(peer), exc)
+                            self._drop_stream(peer, idle)
                     stream = await self.host.new_stream(ID(peer), [KAD])
                     try:
                         await stream.write(encode_frame(msg))
