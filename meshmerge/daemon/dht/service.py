@@ -43,6 +43,7 @@ from .wire import (
     PeerClosed,
     WireError,
     encode_frame,
+    parse_addr,
     parse_peers,
     peer_entry,
 )
@@ -760,13 +761,7 @@ class KademliaDHT:
 
 
 def _decode_addrs(raw: list[bytes]) -> list[Multiaddr]:
-    out = []
-    for b in raw:
-        try:
-            out.append(Multiaddr(b))
-        except Exception:
-            continue
-    return out
+    return [a for a in map(parse_addr, raw) if a is not None]
 
 
 def _type_name(msg: Message) -> str:

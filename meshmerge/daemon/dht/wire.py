@@ -104,6 +104,18 @@ class PeerRecord:
     addrs: tuple[Multiaddr, ...]
 
 
+def parse_addr(raw: bytes) -> Multiaddr | None:
+    """A binary multiaddr, fully checked. py-multiaddr parses bytes lazily, so
+    garbage would otherwise enter the peerstore and fail much later."""
+    try:
+        addr = Multiaddr(raw)
+        str(addr)
+        addr.protocols()
+    except Exception:
+        return None
+    return addr
+
+
 def parse_peers(peers: Iterable[Message.Peer]) -> list[PeerRecord]:
     """Decode `closerPeers` / `providerPeers`, dropping malformed ids and addresses."""
     out: list[PeerRecord] = []
@@ -121,10 +133,11 @@ def parse_peers(peers: Iterable[Message.Peer]) -> list[PeerRecord]:
         for raw in list(p.addrs)[:MAX_ADDRS_PER_PEER]:
             if len(raw) > MAX_ADDR_BYTES:
                 continue
-            try:
-                addrs.append(Multiaddr(raw))
-            except Exception:
+            addr = parse_addr(raw)
+            if addr is None:
                 log.debug("dropping malformed multiaddr from peer entry")
+            else:
+                addrs.append(addr)
         out.append(PeerRecord(bytes(p.id), tuple(addrs)))
     return out
 
