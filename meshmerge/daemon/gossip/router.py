@@ -116,6 +116,7 @@ Validator = Callable[[str, Message, bytes], "Validation | None"]
 class _Peer:
     __slots__ = (
         "dontwant",
+        "gossipsub",
         "iasked",
         "idontwant_count",
         "ihave_count",
@@ -126,6 +127,8 @@ class _Peer:
         "queue",
         "queue_bytes",
         "topics",
+        "v11",
+        "v12",
     )
 
     def __init__(self, protocol: str, outbound: bool, ips: tuple[str, ...]) -> None:
@@ -140,18 +143,9 @@ class _Peer:
         self.iasked = 0
         self.idontwant_count = 0
         self.dontwant: dict[bytes, int] = {}  # mid -> heartbeat tick after which it is forgotten
-
-    @property
-    def gossipsub(self) -> bool:
-        return self.protocol != FLOODSUB
-
-    @property
-    def v11(self) -> bool:
-        return self.protocol in (MESHSUB_11, MESHSUB_12)
-
-    @property
-    def v12(self) -> bool:
-        return self.protocol == MESHSUB_12
+        self.gossipsub = protocol != FLOODSUB
+        self.v11 = protocol in (MESHSUB_11, MESHSUB_12)
+        self.v12 = protocol == MESHSUB_12
 
 
 @dataclass(slots=True)
@@ -315,10 +309,12 @@ class GossipSubRouter:
         self._ctl(peer).prune.append(self._make_prune(peer, topic, do_px, unsubscribe, now))
 
     def _candidates(self, topic: str, exclude: set[bytes], pred: Callable[[bytes], bool]) -> list[bytes]:
+        peers = self.peers
+        direct = self.direct
         out = [
             p
             for p in self.topics.get(topic, ())
-            if p not in exclude and p not in self.direct and self.peers[p].gossipsub and pred(p)
+            if p not in exclude and p not in direct and peers[p].gossipsub and pred(p)
         ]
         self.rng.shuffle(out)
         return out
