@@ -134,9 +134,10 @@ def run(nodes: int, timeout: float, keep: bool) -> bool:
             if line != last:
                 _say(f"  t+{time.monotonic() - t0:5.1f}s  live/complete per node  {line}")
                 last = line
-            if all(v["live"] == expected_live and v["complete"] == expected_live for v in views) and len(
-                {v["root"] for v in views}
-            ) == 1:
+            if (
+                all(v["live"] == expected_live and v["complete"] == expected_live for v in views)
+                and len({v["root"] for v in views}) == 1
+            ):
                 break
             if time.monotonic() - t0 > timeout:
                 _say(f"did not converge within {timeout:.0f}s; logs: {base}/node-*/daemon.log")

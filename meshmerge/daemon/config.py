@@ -34,7 +34,9 @@ class NodeSection:
 
     def validate(self) -> None:
         if self.log_level not in ("debug", "info", "warning", "error"):
-            raise ConfigError(f"[node] log_level must be debug, info, warning or error, got {self.log_level!r}")
+            raise ConfigError(
+                f"[node] log_level must be debug, info, warning or error, got {self.log_level!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,9 @@ class RpcSection:
         for name in ("max_frame_bytes", "max_connections", "max_inflight_per_connection"):
             _positive("rpc", name, getattr(self, name))
         if not 0 <= self.socket_mode <= 0o777:
-            raise ConfigError(f"[rpc] socket_mode must be a permission mode like 0o660, got {self.socket_mode!r}")
+            raise ConfigError(
+                f"[rpc] socket_mode must be a permission mode like 0o660, got {self.socket_mode!r}"
+            )
 
 
 @dataclass(frozen=True)

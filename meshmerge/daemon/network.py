@@ -31,7 +31,9 @@ def host_config(config: Config) -> HostConfig:
     net = config.network
     return HostConfig(
         listen_addrs=net.listen,
-        limits=ConnectionLimits(max_connections=net.max_connections, max_connections_per_ip_group=net.max_connections_per_ip),
+        limits=ConnectionLimits(
+            max_connections=net.max_connections, max_connections_per_ip_group=net.max_connections_per_ip
+        ),
     )
 
 
@@ -50,7 +52,9 @@ async def start_network(
         sync = SyncService(node, host, config.sync, gossip=gossip, dht=dht)
         await nursery.start(sync.run)
         addrs = [str(a) for a in host.get_addrs()]
-        node.extra_status.append(lambda: {"listen": addrs, "connected_peers": len(host.get_network().connections)})
+        node.extra_status.append(
+            lambda: {"listen": addrs, "connected_peers": len(host.get_network().connections)}
+        )
         node.extra_status.append(sync.status)
         _register_views(rpc, host, dht, gossip)
         if config.network.bootstrap:
@@ -78,11 +82,13 @@ async def _bootstrap(host: Any, dht: KademliaDHT, addrs: tuple[str, ...]) -> Non
                 with trio.fail_after(10):
                     await host.connect(info)
                 connected += 1
-            except Exception as exc:  # noqa: BLE001 - any dial failure is retried
+            except Exception as exc:
                 log.warning("bootstrap peer %s unreachable: %s", info.peer_id, exc)
         if connected:
             size = await dht.bootstrap(infos)
-            log.info("bootstrapped: %d/%d peers answered, DHT table has %d peers", connected, len(infos), size)
+            log.info(
+                "bootstrapped: %d/%d peers answered, DHT table has %d peers", connected, len(infos), size
+            )
             return
         await trio.sleep(BOOTSTRAP_RETRY)
 

@@ -109,7 +109,9 @@ class Node:
         await self.create_set(schema)
         return self._sets[schema.id]
 
-    async def contribute(self, ref: str, data: bytes, *, weight: int, meta: Mapping[str, Any]) -> dict[str, Any]:
+    async def contribute(
+        self, ref: str, data: bytes, *, weight: int, meta: Mapping[str, Any]
+    ) -> dict[str, Any]:
         handle = self.resolve_set(ref)
         schema = handle.state.schema
         try:
@@ -130,7 +132,9 @@ class Node:
             await trio.to_thread.run_sync(self.store.put_blob, signed.header, data)
             await trio.to_thread.run_sync(self.store.append, schema.id, ops)
             handle.state.apply(ops)
-        log.info("contribution %s to %s (seq %d, weight %d)", cids.to_text(signed.id), schema.name, seq, weight)
+        log.info(
+            "contribution %s to %s (seq %d, weight %d)", cids.to_text(signed.id), schema.name, seq, weight
+        )
         self._notify(schema.id, ops, True)
         return {"id": cids.to_text(signed.id), "seq": seq, "set": cids.to_text(schema.id)}
 
@@ -183,7 +187,8 @@ class Node:
                 )
             except Incomplete as exc:
                 raise RpcError(
-                    "incomplete", f"{len(exc.missing)} live contribution(s) still being fetched; retry shortly"
+                    "incomplete",
+                    f"{len(exc.missing)} live contribution(s) still being fetched; retry shortly",
                 ) from None
             except StrategyError as exc:
                 raise RpcError("bad_strategy", str(exc)) from None
@@ -191,7 +196,9 @@ class Node:
             live = len(state.live_ids())
         dtypes = {t.name: t.dtype for t in schema.tensors}
         data = await trio.to_thread.run_sync(
-            lambda: tensorfile.dumps(merged, dtypes, {"meshmerge.root": root.hex(), "meshmerge.set": schema.name})
+            lambda: tensorfile.dumps(
+                merged, dtypes, {"meshmerge.root": root.hex(), "meshmerge.set": schema.name}
+            )
         )
         summary = {
             "set": cids.to_text(schema.id),
@@ -253,4 +260,3 @@ class Node:
         for extra in self.extra_status:
             info.update(extra())
         return info
-

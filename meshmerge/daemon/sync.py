@@ -23,6 +23,7 @@ stream, with a size limit and a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Iterable
@@ -95,7 +96,9 @@ class SyncStats:
 
 
 class SyncService:
-    def __init__(self, node: Node, host: Any, config: SyncSection, *, gossip: Any = None, dht: Any = None) -> None:
+    def __init__(
+        self, node: Node, host: Any, config: SyncSection, *, gossip: Any = None, dht: Any = None
+    ) -> None:
         self.node = node
         self.host = host
         self.config = config
@@ -192,12 +195,14 @@ class SyncService:
             peers = self._connected_peers()
             new = [p for p in peers if p not in self._known_peers]
             self._known_peers = set(peers)
-            targets = new + random.sample([p for p in peers if p not in new], min(PEERS_PER_ROUND, len(peers) - len(new)))
+            targets = new + random.sample(
+                [p for p in peers if p not in new], min(PEERS_PER_ROUND, len(peers) - len(new))
+            )
             for peer in targets:
                 try:
                     with trio.fail_after(REQUEST_TIMEOUT):
                         await self.sync_with(peer)
-                except (SyncError, trio.TooSlowError, OSError, Exception) as exc:  # noqa: BLE001 - any peer failure
+                except (SyncError, trio.TooSlowError, OSError, Exception) as exc:
                     self._bad(peer, f"anti-entropy: {type(exc).__name__}: {exc}")
             self.stats.rounds += 1
             with trio.move_on_after(self.config.anti_entropy_interval * random.uniform(0.8, 1.2)):
@@ -257,7 +262,7 @@ class SyncService:
                     await write_frame(stream, {"error": "bad request"})
         except (SyncError, trio.TooSlowError) as exc:
             log.debug("sync request refused: %s", exc)
-        except Exception as exc:  # noqa: BLE001 - a broken peer stream must not take the node down
+        except Exception as exc:
             log.debug("sync stream failed: %s", exc)
         finally:
             await _close(stream)
@@ -310,7 +315,7 @@ class SyncService:
                                 self._failed_until.pop(c, None)
                                 await self._provide(c)
                                 return
-                    except (SyncError, trio.TooSlowError, OSError, Exception) as exc:  # noqa: BLE001
+                    except (SyncError, trio.TooSlowError, OSError, Exception) as exc:
                         log.info("fetch of %s from %s failed: %s", cids.to_text(c)[:20], peer, exc)
                 self._failed_until[c] = trio.current_time() + 5.0
             finally:
@@ -329,7 +334,7 @@ class SyncService:
                         if info.peer_id not in ordered and info.peer_id != self.host.get_id():
                             self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 600)
                             ordered.append(info.peer_id)
-            except Exception as exc:  # noqa: BLE001 - the DHT is one source among several
+            except Exception as exc:
                 log.debug("find_providers failed: %s", exc)
         return ordered
 
@@ -372,7 +377,7 @@ class SyncService:
         try:
             with trio.move_on_after(10):
                 await self.dht.provide(c)
-        except Exception as exc:  # noqa: BLE001 - providing is an optimisation
+        except Exception as exc:
             log.debug("provide failed: %s", exc)
 
     async def _serve_blob(self, stream: Any) -> None:
@@ -387,9 +392,11 @@ class SyncService:
                 if not self.node.store.has_blob(c):
                     await write_frame(stream, {"ok": False, "error": "not found"})
                     return
-                size, data = await trio.to_thread.run_sync(_read_range, self.node.store.blob_path(c), offset, length)
+                size, data = await trio.to_thread.run_sync(
+                    _read_range, self.node.store.blob_path(c), offset, length
+                )
                 await write_frame(stream, {"ok": True, "size": size, "data": data})
-        except Exception as exc:  # noqa: BLE001 - a broken peer stream must not take the node down
+        except Exception as exc:
             log.debug("blob request failed: %s", exc)
         finally:
             await _close(stream)
@@ -419,8 +426,5 @@ def _read_range(path: Any, offset: int, length: int) -> tuple[int, bytes]:
 
 
 async def _close(stream: Any) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(2):
-        try:
-            await stream.close()
-        except Exception:  # noqa: BLE001 - the peer may already have reset it
-            pass
+    with trio.CancelScope(shield=True), trio.move_on_after(2), contextlib.suppress(Exception):
+        await stream.close()

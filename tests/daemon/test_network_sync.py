@@ -22,7 +22,10 @@ SCHEMA = SetSchema("test/net", "weights", tuple(TensorEntry(n, "F32", s) for n, 
 
 def model(seed: int) -> bytes:
     rng = np.random.default_rng(seed)
-    return tensorfile.dumps({n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}, dict.fromkeys(SHAPES, "F32"))
+    return tensorfile.dumps(
+        {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()},
+        dict.fromkeys(SHAPES, "F32"),
+    )
 
 
 def config(base: Path, bootstrap: tuple[str, ...], anti_entropy: float) -> Config:
@@ -30,8 +33,14 @@ def config(base: Path, bootstrap: tuple[str, ...], anti_entropy: float) -> Confi
     return dataclasses.replace(c, sync=dataclasses.replace(c.sync, anti_entropy_interval=anti_entropy))
 
 
-async def start(nursery: trio.Nursery, base: Path, bootstrap: tuple[str, ...] = (), anti_entropy: float = 3600.0) -> Node:
-    node: Node = await nursery.start(lambda task_status: run(config(base, bootstrap, anti_entropy), network=start_network, task_status=task_status))
+async def start(
+    nursery: trio.Nursery, base: Path, bootstrap: tuple[str, ...] = (), anti_entropy: float = 3600.0
+) -> Node:
+    node: Node = await nursery.start(
+        lambda task_status: run(
+            config(base, bootstrap, anti_entropy), network=start_network, task_status=task_status
+        )
+    )
     return node
 
 
@@ -66,11 +75,15 @@ def test_gossip_announcements_and_blob_fetch(tmp_path: Path) -> None:
             c = await start(nursery, tmp_path / "c", (loopback_addr(a),))
             for n in (a, b, c):
                 await n.create_set(SCHEMA)
-            await wait_for(lambda: all(n.status()["connected_peers"] >= 2 for n in (a, b, c)), 30, "full mesh")
+            await wait_for(
+                lambda: all(n.status()["connected_peers"] >= 2 for n in (a, b, c)), 30, "full mesh"
+            )
             await trio.sleep(2)  # let the gossip mesh form (heartbeat 1 s)
             for i, n in enumerate((a, b, c)):
                 await n.contribute(SCHEMA.name, model(i), weight=1 + i, meta={})
-            await wait_for(lambda: all(live(n) == 3 and complete(n) == 3 for n in (a, b, c)), 30, "3 live, complete")
+            await wait_for(
+                lambda: all(live(n) == 3 and complete(n) == 3 for n in (a, b, c)), 30, "3 live, complete"
+            )
             assert all(n.status()["sync_rounds"] <= 4 for n in (a, b, c))
             summaries = [(await n.merged(SCHEMA.name, None, None))[0] for n in (a, b, c)]
             assert len({s["sha256"] for s in summaries}) == 1

@@ -24,7 +24,10 @@ SPEC = {n: ("F32", s) for n, s in SHAPES.items()}
 
 def model(seed: int) -> bytes:
     rng = np.random.default_rng(seed)
-    return tensorfile.dumps({n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}, dict.fromkeys(SHAPES, "F32"))
+    return tensorfile.dumps(
+        {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()},
+        dict.fromkeys(SHAPES, "F32"),
+    )
 
 
 def with_daemon(tmp_path: Path, body: Callable[[Path], Any]) -> Any:
@@ -61,7 +64,9 @@ def test_contribute_list_merge_remove(tmp_path: Path) -> None:
             a1, _ = tensorfile.loads(model(1))
             a2, _ = tensorfile.loads(model(2))
             for name in SHAPES:
-                expect = (0.75 * a1[name].astype(np.float64) + 0.25 * a2[name].astype(np.float64)).astype(np.float32)
+                expect = (0.75 * a1[name].astype(np.float64) + 0.25 * a2[name].astype(np.float64)).astype(
+                    np.float32
+                )
                 if summary["contributions"] == 2:
                     assert np.allclose(merged[name], expect, atol=1e-6)
             inline = c.merge("test/rpc")
@@ -80,13 +85,21 @@ def test_errors_are_reported_and_the_connection_stays_usable(tmp_path: Path) -> 
             cases = [
                 (lambda: c.contribute("nope", model(1)), "unknown_set"),
                 (lambda: c.contribute("test/rpc", b"not safetensors"), "bad_tensors"),
-                (lambda: c.call("contribute", {"set": "test/rpc", "data": model(1), "weight": "3"}), "bad_request"),
-                (lambda: c.call("contribute", {"set": "test/rpc", "data": model(1), "weight": 0}), "bad_request"),
+                (
+                    lambda: c.call("contribute", {"set": "test/rpc", "data": model(1), "weight": "3"}),
+                    "bad_request",
+                ),
+                (
+                    lambda: c.call("contribute", {"set": "test/rpc", "data": model(1), "weight": 0}),
+                    "bad_request",
+                ),
                 (lambda: c.call("frobnicate"), "unknown_method"),
                 (lambda: c.call("sets.create", {"schema": {"v": 1}}), "bad_schema"),
                 (lambda: c.merge("test/rpc"), "empty_set"),
             ]
-            wrong = tensorfile.dumps({"a": np.zeros((8, 5), np.float32), "b": np.zeros(16, np.float32)}, {"a": "F32", "b": "F32"})
+            wrong = tensorfile.dumps(
+                {"a": np.zeros((8, 5), np.float32), "b": np.zeros(16, np.float32)}, {"a": "F32", "b": "F32"}
+            )
             cases.append((lambda: c.contribute("test/rpc", wrong), "schema_mismatch"))
             for call, code in cases:
                 with pytest.raises(RpcError) as info:
