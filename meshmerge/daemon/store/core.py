@@ -63,10 +63,13 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import numpy.typing as npt
 
 from meshmerge.crdt import MergeState
 from meshmerge.daemon.store.atomic import (
@@ -393,8 +396,8 @@ class Store:
                 log.warning("set %s: replay refused %d logged operation(s)", handle.schema.name, rejected)
             return state
 
-    def _messages(self, path: Path, buf: Buffer, found: Scan, set_id: bytes) -> list[StateMessage]:
-        out = []
+    def _messages(self, path: Path, buf: Buffer, found: Scan, set_id: bytes) -> Iterator[StateMessage]:
+        """Decode records one at a time (memory stays bounded by one record's message)."""
         for rec in found.records:
             msg = decode_payload(bytes(buf[rec.payload_start : rec.end]), set_id, self._cbor_limits)
             if isinstance(msg, str):
@@ -403,8 +406,7 @@ class Store:
                     "%s: record at offset %d verifies but cannot be replayed: %s", path, rec.offset, msg
                 )
                 continue
-            out.append(msg)
-        return out
+            yield msg
 
     def append(self, set_id: bytes, ops: StateMessage) -> None:
         """Durably log operations the set's state accepted (e.g. ``ApplyReport.new_ops``).
@@ -568,7 +570,7 @@ class Store:
     def blob_path(self, cid: bytes) -> Path:
         return self._blob_store.path(cid)
 
-    def get_tensors(self, cid: bytes) -> dict[str, Any] | None:
+    def get_tensors(self, cid: bytes) -> dict[str, npt.NDArray[Any]] | None:
         """Zero-copy read-only views of a stored blob's tensors (verified when stored), or None."""
         return self._blob_store.get_tensors(cid)
 
