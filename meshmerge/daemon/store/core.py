@@ -6,7 +6,7 @@ Layout under ``data_dir`` (directories 0700, files 0600)::
 
     lock                              flock held while open; holds the owner's pid
     sets/<set id hex>/schema.cbor     the SetSchema; its CID is the directory name
-    sets/<set id hex>/snapshot-<gen>  full state at generation <gen> (absent for gen 0)
+    sets/<set id hex>/snapshot-<gen>  full state at generation <gen> (16 hex digits; none for gen 0)
     sets/<set id hex>/oplog-<gen>     operations appended since that snapshot
     sets/<set id hex>/seqs            this node's reserved author sequence numbers
     blobs/<shard>/<cid hex>.safetensors, blobs/.partial/, blobs/.tmp/, blobs/.damaged/
