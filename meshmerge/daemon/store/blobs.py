@@ -333,6 +333,12 @@ class BlobWriter:
             self._fd = None
             self._store._release(self.cid)
 
+    def __del__(self) -> None:
+        # A writer dropped without close() (e.g. a cancelled fetch) must not hold
+        # its fd or keep its cid marked as "being written" forever.
+        with contextlib.suppress(Exception):
+            self.close()
+
     def _require_fd(self) -> int:
         if self._fd is None:
             raise StoreError(f"blob writer of {short(self.cid)} is closed")

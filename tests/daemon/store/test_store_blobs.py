@@ -222,3 +222,13 @@ def chunked(store: Store, header: ContributionHeader, data: bytes) -> None:
         for off in range(0, len(data), 1 << 20):
             w.write(off, data[off : off + (1 << 20)])
         w.finish()
+
+
+def test_dropped_writer_releases_its_slot(tmp_path: Path) -> None:
+    with open_store(tmp_path, max_blob_writers=1) as store:
+        w = store.blob_writer(HEADER)
+        w.write(0, blob_of(ADD)[:10])
+        del w
+        resumed = store.blob_writer(HEADER)
+        assert resumed.offset() == 10
+        resumed.abort()
