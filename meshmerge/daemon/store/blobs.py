@@ -7,7 +7,10 @@ tensors are exactly the manifest's. Readers therefore trust what they find
 and map it read-only without hashing again.
 
 Publishing is ``tmp (or .part) -> fsync -> rename -> fsync dir``: a crash
-leaves either no blob or the whole verified blob. Resumable network fetches
+leaves either no blob or the whole verified blob. Verification runs while the
+temporary is being fsynced (:func:`verify_while_syncing`) and the rename waits
+for both, so a rejected blob costs one write of at most its size limit to a
+temporary that is deleted, and never becomes visible. Resumable network fetches
 write ``.partial/<cid hex>.part`` with :class:`BlobWriter`; a part is never
 fsynced chunk by chunk (it is not acknowledged data), and whatever a crash
 leaves in it is caught by the verification in :meth:`BlobWriter.finish`.
@@ -55,6 +58,42 @@ def verify(header: ContributionHeader, buffer: Any) -> None:
     reason = _mismatch(header, buffer)
     if reason is not None:
         raise BlobRejected(f"blob of {short(header.id)}: {reason}")
+
+
+#: Below this size a blob is verified and fsynced one after the other (a thread costs more).
+PARALLEL_SYNC_BYTES = 4 * 1024 * 1024
+
+
+def verify_while_syncing(header: ContributionHeader, buffer: Any, fd: int | None) -> None:
+    """Verify ``buffer`` while ``fd`` (holding the same bytes, not yet visible) is fsynced.
+
+    Hashing (sha-256) and fsync both release the GIL, so a large put costs
+    about max(hash, flush) instead of their sum. Nothing is published
+    before both are done, so verification still precedes visibility.
+    """
+    if fd is None:
+        verify(header, buffer)
+        return
+    if len(buffer) < PARALLEL_SYNC_BYTES:
+        verify(header, buffer)
+        os.fsync(fd)
+        return
+    failure: list[OSError] = []
+
+    def flush() -> None:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            failure.append(exc)
+
+    syncer = threading.Thread(target=flush, name="meshmerge-blob-fsync")
+    syncer.start()
+    try:
+        verify(header, buffer)
+    finally:
+        syncer.join()
+    if failure:
+        raise failure[0]
 
 
 def _mismatch(header: ContributionHeader, buffer: Any) -> str | None:
@@ -128,17 +167,18 @@ class BlobStore:
             return final
         if len(data) > limit:
             raise BlobRejected(f"blob of {short(header.id)}: {len(data)} bytes, over its limit of {limit}")
-        verify(header, data)
         tmp = tmp_name(self.tmp / final.name)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         try:
             try:
                 pwrite_all(fd, data, 0)
-                if self.fsync:
-                    os.fsync(fd)
+                verify_while_syncing(header, data, fd if self.fsync else None)
             finally:
                 os.close(fd)
             self._publish(tmp, final)
+        except BlobRejected:
+            os.unlink(tmp)
+            raise
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -262,13 +302,11 @@ class BlobWriter:
                 self.abort()
                 return final
             os.ftruncate(fd, self._offset)
-            if self._store.fsync:
-                os.fsync(fd)
             if self._offset < 8:
                 raise BlobRejected(f"blob of {short(self.cid)}: only {self._offset} bytes")
             mm = mmap.mmap(fd, self._offset, access=mmap.ACCESS_READ)
             try:
-                verify(self.header, mm)
+                verify_while_syncing(self.header, mm, fd if self._store.fsync else None)
             finally:
                 with contextlib.suppress(BufferError):
                     mm.close()
@@ -294,6 +332,12 @@ class BlobWriter:
             os.close(self._fd)
             self._fd = None
             self._store._release(self.cid)
+
+    def __del__(self) -> None:
+        # A writer dropped without close() (e.g. a cancelled fetch) must not hold
+        # its fd or keep its cid marked as "being written" forever.
+        with contextlib.suppress(Exception):
+            self.close()
 
     def _require_fd(self) -> int:
         if self._fd is None:

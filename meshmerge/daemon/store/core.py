@@ -6,7 +6,7 @@ Layout under ``data_dir`` (directories 0700, files 0600)::
 
     lock                              flock held while open; holds the owner's pid
     sets/<set id hex>/schema.cbor     the SetSchema; its CID is the directory name
-    sets/<set id hex>/snapshot-<gen>  full state at generation <gen> (absent for gen 0)
+    sets/<set id hex>/snapshot-<gen>  full state at generation <gen> (16 hex digits; none for gen 0)
     sets/<set id hex>/oplog-<gen>     operations appended since that snapshot
     sets/<set id hex>/seqs            this node's reserved author sequence numbers
     blobs/<shard>/<cid hex>.safetensors, blobs/.partial/, blobs/.tmp/, blobs/.damaged/
@@ -31,8 +31,9 @@ record of ``oplog-<gen>``. ``snapshot`` moves from gen N to N+1 in this order:
 A crash before 2 leaves gen N intact (the stray ``oplog-<N+1>`` and temporary
 are deleted on open); a crash after 2 leaves gen N+1 complete (the old files
 are deleted on open). The snapshot holds the state it was given *plus* any
-operation of ``oplog-<N>`` that state lacks, so retiring the old log can
-never drop an acknowledged operation even if the caller's state is stale.
+operation stored in generation N that the state lacks, so retiring the old
+files can never drop an acknowledged operation even if the caller's state is
+stale.
 
 **Recovery on open.** Every current op log and sequence log is scanned. A
 torn tail (bytes after the last valid record with no valid record after
@@ -63,10 +64,13 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import numpy.typing as npt
 
 from meshmerge.crdt import MergeState
 from meshmerge.daemon.store.atomic import (
@@ -83,7 +87,7 @@ from meshmerge.daemon.store.blobs import BlobStore, BlobWriter
 from meshmerge.daemon.store.errors import StoreError
 from meshmerge.daemon.store.limits import StoreLimits
 from meshmerge.daemon.store.logfile import RecordFile, read_records
-from meshmerge.daemon.store.oplog import LogKeys, decode_payload, op_count, split_message
+from meshmerge.daemon.store.oplog import OpKeys, decode_payload, op_count, split_message
 from meshmerge.daemon.store.records import Buffer, FileKind, Scan, scan
 from meshmerge.daemon.store.seqs import SeqLog
 from meshmerge.proto.cbor import CodecError, Limits
@@ -137,10 +141,11 @@ class _Set:
         self.oplog = oplog
         self.seqs = seqs
         self.lock = threading.Lock()
-        #: identities of the ops in the current op log; None until loaded or scanned
-        self.keys: LogKeys | None = None
-        #: damaged regions of the current op log already reported (by start offset)
+        #: identities of every stored op (snapshot + op log); None until loaded or scanned
+        self.keys: OpKeys | None = None
+        #: damaged regions of the current op log / snapshot already reported (by start offset)
         self.reported_gaps: set[int] = set()
+        self.reported_snapshot: set[int] = set()
 
     def close(self) -> None:
         self.oplog.close()
@@ -242,8 +247,10 @@ class Store:
         c.damaged_headers += damaged_headers
         if damaged_headers:
             log.error("%s: first header copy damaged; using the second", path)
-        if found.tail_bytes and not repaired:
+        tail_key = -1 - found.end  # damaged tails share the "already reported" set with gaps
+        if found.tail_bytes and not repaired and tail_key not in reported:
             # Not a crash: this file was complete (a committed snapshot, or a log verified on open).
+            reported.add(tail_key)
             c.corrupt_regions += 1
             c.corrupt_bytes += found.tail_bytes
             log.error(
@@ -253,7 +260,7 @@ class Store:
                 found.tail_bytes,
                 found.end,
             )
-        elif found.tail_bytes:
+        elif found.tail_bytes and repaired:
             c.torn_tails += 1
             c.torn_bytes += found.tail_bytes
             log.warning(
@@ -369,32 +376,32 @@ class Store:
         handle = self._set(set_id)
         with handle.lock:
             state = MergeState(handle.schema)
+            keys = OpKeys()
             rejected = 0
-            if handle.gen > 0:
-                path = handle.dir / _gen_name("snapshot", handle.gen)
-                with read_records(path, FileKind.SNAPSHOT, self.limits.max_record_bytes) as (
-                    header,
-                    buf,
-                    found,
-                ):
-                    self._report(path, found, header.damaged_copies, set())
-                    for msg in self._messages(path, buf, found, set_id):
-                        rejected += len(state.apply(msg).rejected)
-            keys = LogKeys()
-            with handle.oplog.mapped() as buf:
-                found = _rescan(buf, handle.oplog)
-                self._report(handle.oplog.path, found, 0, handle.reported_gaps)
-                for msg in self._messages(handle.oplog.path, buf, found, set_id):
-                    keys.add(msg)
-                    rejected += len(state.apply(msg).rejected)
+            for msg in self._stored(handle):
+                keys.add(msg)
+                rejected += len(state.apply(msg).rejected)
             handle.keys = keys
             if rejected:
                 self._counters.replay_rejected += rejected
-                log.warning("set %s: replay refused %d logged operation(s)", handle.schema.name, rejected)
+                log.warning("set %s: replay refused %d stored operation(s)", handle.schema.name, rejected)
             return state
 
-    def _messages(self, path: Path, buf: Buffer, found: Scan, set_id: bytes) -> list[StateMessage]:
-        out = []
+    def _stored(self, handle: _Set) -> Iterator[StateMessage]:
+        """Every stored message of the set: the snapshot's records, then the op log's."""
+        set_id = handle.schema.id
+        if handle.gen > 0:
+            path = handle.dir / _gen_name("snapshot", handle.gen)
+            with read_records(path, FileKind.SNAPSHOT, self.limits.max_record_bytes) as (header, buf, found):
+                self._report(path, found, header.damaged_copies, handle.reported_snapshot)
+                yield from self._messages(path, buf, found, set_id)
+        with handle.oplog.mapped() as buf:
+            found = _rescan(buf, handle.oplog)
+            self._report(handle.oplog.path, found, 0, handle.reported_gaps)
+            yield from self._messages(handle.oplog.path, buf, found, set_id)
+
+    def _messages(self, path: Path, buf: Buffer, found: Scan, set_id: bytes) -> Iterator[StateMessage]:
+        """Decode records one at a time (memory stays bounded by one record's message)."""
         for rec in found.records:
             msg = decode_payload(bytes(buf[rec.payload_start : rec.end]), set_id, self._cbor_limits)
             if isinstance(msg, str):
@@ -403,8 +410,7 @@ class Store:
                     "%s: record at offset %d verifies but cannot be replayed: %s", path, rec.offset, msg
                 )
                 continue
-            out.append(msg)
-        return out
+            yield msg
 
     def append(self, set_id: bytes, ops: StateMessage) -> None:
         """Durably log operations the set's state accepted (e.g. ``ApplyReport.new_ops``).
@@ -440,8 +446,11 @@ class Store:
 
         ``state`` is a MergeState or its ``full_state()`` (take that in the
         thread that owns the state if other tasks may mutate it meanwhile).
-        Operations of the current log missing from it are kept in the
-        snapshot, so this never loses an appended operation.
+        Stored operations (previous snapshot or op log) missing from it are
+        kept in the new snapshot, so this never loses an appended operation
+        even when given a stale state. The store remembers the identities of
+        all stored operations once the set was loaded (about 100 bytes per
+        operation); otherwise it reads them back first.
         """
         full = state.full_state() if isinstance(state, MergeState) else state
         if full.set_id != set_id:
@@ -453,10 +462,14 @@ class Store:
             keys = handle.keys if handle.keys is not None else self._scan_keys(handle)
             extra = self._carry(handle, keys.missing_from(full))
             body = StateMessage(set_id, full.adds, full.removals, full.evidence)
+            written = OpKeys()
+            written.add(body)
             payloads = split_message(body, self.limits) if op_count(body) else []
             if extra is not None:
                 payloads += split_message(extra, self.limits)
+                written.add(extra)
             self._switch_generation(handle, payloads)
+            handle.keys = written
             self._counters.snapshots += 1
 
     def _switch_generation(self, handle: _Set, payloads: list[bytes]) -> None:
@@ -490,8 +503,8 @@ class Store:
                 os.unlink(new_log.path)
             raise
         old_log = handle.oplog
-        handle.oplog, handle.gen, handle.keys = new_log, new_gen, LogKeys()
-        handle.reported_gaps = set()
+        handle.oplog, handle.gen = new_log, new_gen
+        handle.reported_gaps, handle.reported_snapshot = set(), set()
         old_log.close()
         for name in (_gen_name("oplog", old_gen), _gen_name("snapshot", old_gen)):
             with contextlib.suppress(FileNotFoundError):
@@ -499,33 +512,28 @@ class Store:
         if self.fsync:
             fsync_dir(handle.dir)
 
-    def _scan_keys(self, handle: _Set) -> LogKeys:
-        keys = LogKeys()
-        with handle.oplog.mapped() as buf:
-            found = _rescan(buf, handle.oplog)
-            self._report(handle.oplog.path, found, 0, handle.reported_gaps)
-            for msg in self._messages(handle.oplog.path, buf, found, handle.schema.id):
-                keys.add(msg)
+    def _scan_keys(self, handle: _Set) -> OpKeys:
+        keys = OpKeys()
+        for msg in self._stored(handle):
+            keys.add(msg)
         return keys
 
-    def _carry(self, handle: _Set, missing: LogKeys) -> StateMessage | None:
-        """Logged operations the snapshotted state lacks, minus any replay would refuse."""
+    def _carry(self, handle: _Set, missing: OpKeys) -> StateMessage | None:
+        """Stored operations the snapshotted state lacks, minus any replay would refuse."""
         if not len(missing):
             return None
         check = MergeState(handle.schema)
         adds, removals, evidence = [], [], []
-        with handle.oplog.mapped() as buf:
-            found = _rescan(buf, handle.oplog)
-            for msg in self._messages(handle.oplog.path, buf, found, handle.schema.id):
-                sel = missing.select(msg)
-                adds += [a for a in sel.adds if check.check_header(a) is None]
-                removals += [r for r in sel.removals if check.check_removal(r) is None]
-                evidence += [e for e in sel.evidence if check.check_evidence(e) is None]
+        for msg in self._stored(handle):
+            sel = missing.select(msg)
+            adds += [a for a in sel.adds if check.check_header(a) is None]
+            removals += [r for r in sel.removals if check.check_removal(r) is None]
+            evidence += [e for e in sel.evidence if check.check_evidence(e) is None]
         carried = StateMessage(handle.schema.id, tuple(adds), tuple(removals), tuple(evidence))
         n = op_count(carried)
         self._counters.snapshot_carried_ops += n
         log.warning(
-            "snapshot of set %s: the given state lacks %d logged operation(s); keeping %d valid one(s) in the snapshot",
+            "snapshot of set %s: the given state lacks %d stored operation(s); keeping %d valid one(s) in it",
             handle.schema.name,
             len(missing),
             n,
@@ -568,7 +576,7 @@ class Store:
     def blob_path(self, cid: bytes) -> Path:
         return self._blob_store.path(cid)
 
-    def get_tensors(self, cid: bytes) -> dict[str, Any] | None:
+    def get_tensors(self, cid: bytes) -> dict[str, npt.NDArray[Any]] | None:
         """Zero-copy read-only views of a stored blob's tensors (verified when stored), or None."""
         return self._blob_store.get_tensors(cid)
 

@@ -6,9 +6,9 @@ A record's payload is the canonical CBOR of one :class:`StateMessage`
 several; operations are independent CRDT updates, so a crash between the
 records of one split append loses only unacknowledged operations.
 
-:class:`LogKeys` remembers the identity of every operation appended since
-the last snapshot, so :meth:`Store.snapshot` can prove that the state it is
-given contains all of them before it retires the log.
+:class:`OpKeys` remembers the identity of every stored operation of a set
+(snapshot and op log), so :meth:`Store.snapshot` can prove that the state it
+is given contains all of them before it retires the old files.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def decode_payload(payload: bytes, set_id: bytes, limits: Limits) -> StateMessag
 
 
 @dataclass
-class LogKeys:
-    """Identities of the operations in one op log (adds map id -> author)."""
+class OpKeys:
+    """Identities of a set of operations (adds map id -> author)."""
 
     adds: dict[bytes, bytes] = field(default_factory=dict)
     removals: set[bytes] = field(default_factory=set)
@@ -94,14 +94,14 @@ class LogKeys:
         self.removals.update(r.key for r in msg.removals)
         self.evidence.update(e.key for e in msg.evidence)
 
-    def missing_from(self, full: StateMessage) -> LogKeys:
-        """Operations logged here that ``full`` lacks (adds of authors it convicts do not count:
+    def missing_from(self, full: StateMessage) -> OpKeys:
+        """Operations here that ``full`` lacks (adds of authors it convicts do not count:
         replaying them would be ignored anyway)."""
         convicted = {e.author for e in full.evidence}
         have_adds = {a.id for a in full.adds}
         have_removals = {r.key for r in full.removals}
         have_evidence = {e.key for e in full.evidence}
-        return LogKeys(
+        return OpKeys(
             {k: a for k, a in self.adds.items() if k not in have_adds and a not in convicted},
             self.removals - have_removals,
             self.evidence - have_evidence,

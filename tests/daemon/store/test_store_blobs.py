@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshmerge.crdt import verify_tensors
+from meshmerge.crdt import MergeState, verify_tensors
 from meshmerge.crdt.tensorfile import dumps
 from meshmerge.daemon.store import BlobRejected, Store, StoreError
+from meshmerge.daemon.store.blobs import PARALLEL_SYNC_BYTES
+from meshmerge.proto.messages import ContributionHeader, SetSchema, TensorEntry
+from tests.crdt.factories import signer
 from tests.crdt.pool import POOL
 from tests.daemon.store.helpers import blob_of, open_store
 
@@ -186,3 +189,46 @@ def test_store_open_cleans_blob_temporaries(tmp_path: Path) -> None:
     (tmp_path / "blobs" / ".tmp" / ".x.safetensors.abc.tmp").write_bytes(b"junk")
     with Store.open(tmp_path, fsync=False):
         assert list((tmp_path / "blobs" / ".tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("valid", [True, False])
+def test_large_blob_is_verified_while_fsyncing(tmp_path: Path, valid: bool) -> None:
+    """Blobs over PARALLEL_SYNC_BYTES are hashed in parallel with their fsync; a bad one is
+    still rejected before anything is visible."""
+    n = PARALLEL_SYNC_BYTES // 4 + 1024
+    sch = SetSchema("big/set", "weights", (TensorEntry("w", "F32", (n,)),))
+    good = {"w": np.arange(n, dtype=np.float32)}
+    signed = MergeState(sch).contribute(signer(0), good, seq=0)
+    sent = good if valid else {"w": np.arange(n, dtype=np.float32)[::-1].copy()}
+    data = dumps(sent, {"w": "F32"})
+    assert len(data) > PARALLEL_SYNC_BYTES
+    with Store.open(tmp_path, fsync=True) as store:
+        for put in (
+            lambda: store.put_blob(signed.header, data),
+            lambda: chunked(store, signed.header, data),
+        ):
+            if valid:
+                put()
+                assert store.has_blob(signed.id)
+            else:
+                with pytest.raises(BlobRejected, match="sha-256"):
+                    put()
+                assert not store.has_blob(signed.id) and visible_files(tmp_path) == []
+                assert list((tmp_path / "blobs" / ".tmp").iterdir()) == []
+
+
+def chunked(store: Store, header: ContributionHeader, data: bytes) -> None:
+    with store.blob_writer(header) as w:
+        for off in range(0, len(data), 1 << 20):
+            w.write(off, data[off : off + (1 << 20)])
+        w.finish()
+
+
+def test_dropped_writer_releases_its_slot(tmp_path: Path) -> None:
+    with open_store(tmp_path, max_blob_writers=1) as store:
+        w = store.blob_writer(HEADER)
+        w.write(0, blob_of(ADD)[:10])
+        del w
+        resumed = store.blob_writer(HEADER)
+        assert resumed.offset() == 10
+        resumed.abort()

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshmerge.daemon.store import StoreLimits
-from meshmerge.daemon.store.oplog import LogKeys, decode_payload, op_count, split_message
+from meshmerge.daemon.store.oplog import OpKeys, decode_payload, op_count, split_message
 from meshmerge.proto.cbor import Limits
 from meshmerge.proto.messages import StateMessage, dumps
 from tests.crdt.factories import schema, signer
@@ -60,7 +60,7 @@ def test_split_keeps_every_op_in_order(per_record: int, data: st.DataObject) -> 
 
 
 def test_missing_ops_ignore_adds_of_convicted_authors() -> None:
-    keys = LogKeys()
+    keys = OpKeys()
     keys.add(FULL)
     assert len(keys) == op_count(FULL)
     assert not len(keys.missing_from(FULL))
