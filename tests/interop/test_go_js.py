@@ -106,6 +106,8 @@ def test_go_js_gossip_100_messages_each_way(interop_tools: InteropTools) -> None
                 assert sorted(m.data for m in got) == sorted(sent), f"go received {len(got)}/{N_MESSAGES}"
                 assert js.dropped_messages == 0
                 assert await js.score(go.peer_id) >= 0
+                stats = (await js.score_stats())[go.peer_id.to_base58()]
+                assert stats["connected"] and stats["behaviourPenalty"] == 0
 
     run_trio(body, timeout=90)
 

@@ -249,6 +249,20 @@ const ops = {
 
   score (args) {
     return node.services.pubsub.getScore(str(args, 'peer'))
+  },
+
+  // Per-peer score components (topic counters, behaviour penalty, IP colocation).
+  scoreStats () {
+    return JSON.parse(JSON.stringify(node.services.pubsub.dumpPeerScoreStats(), (key, value) =>
+      value instanceof Map ? Object.fromEntries(value) : (typeof value === 'bigint' ? value.toString() : value)))
+  },
+
+  async dhtClosestPeers (args) {
+    const out = []
+    for await (const event of node.services.dht.getClosestPeers(bytes(args, 'key'), withTimeout(args.timeoutMs))) {
+      if (event.name === 'FINAL_PEER') out.push(peerOut(event.peer))
+    }
+    return out
   }
 }
 
