@@ -21,6 +21,7 @@ from meshmerge.testing.interop.gopeer import (
     start_go_peer,
 )
 from meshmerge.testing.interop.jspeer import JsPeer, JsPeerError, JsSubscription, start_js_peer
+from meshmerge.testing.interop.pyhost import start_stock_py_host
 from meshmerge.testing.interop.tools import InteropTools
 
 pytestmark = pytest.mark.interop
@@ -160,3 +161,23 @@ def test_js_meshmerge_namespace_put_get_and_validator(interop_tools: InteropTool
                 await b.dht_get(b"/meshmerge/empty", timeout=2)
 
     run_trio(body, timeout=90)
+
+
+def test_ipv6_loopback_go_js_and_stock_py(interop_tools: InteropTools) -> None:
+    """All three kinds listen and dial on ::1 as well."""
+
+    async def body() -> None:
+        async with (
+            start_go_peer(interop_tools, host="::1") as go,
+            start_js_peer(interop_tools, host="::1") as js,
+            start_stock_py_host(host="::1") as py,
+        ):
+            assert all(str(a).startswith("/ip6/::1/tcp/") for a in [*go.addrs, *js.addrs, *py.addrs])
+            await js.dial(go.p2p_addrs[0])
+            await py.connect(go.peer_id, go.addrs)
+            await py.connect(js.peer_id, js.addrs)
+            assert len(await go.ping(js.peer_id, count=2)) == 2
+            assert len(await py.ping(go.peer_id, count=2)) == 2
+            assert len(await py.ping(js.peer_id, count=2)) == 2
+
+    run_trio(body, timeout=60)
