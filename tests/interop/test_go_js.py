@@ -12,9 +12,10 @@ import trio
 from libp2p.peer.id import ID
 
 from meshmerge.testing.interop import run_trio, wait_until
-from meshmerge.testing.interop.common import PubsubMessage, raw_cid
+from meshmerge.testing.interop.common import PubsubMessage, pk_record, raw_cid
 from meshmerge.testing.interop.gopeer import (
     GO_MESH_SETTLE,
+    DaemonError,
     GoPeer,
     Subscription,
     provide_when_routable,
@@ -136,6 +137,43 @@ def test_go_js_dht_provide_find_both_ways(interop_tools: InteropTools) -> None:
             assert (await go.dht_find_peer(js.peer_id)).peer_id == js.peer_id
 
     run_trio(body, timeout=90)
+
+
+def test_go_js_dht_put_get_pk_records_both_ways(interop_tools: InteropTools) -> None:
+    """Value records cross between go and js via the `/pk/` namespace (go accepts only /pk/ and /ipns/)."""
+
+    async def body() -> None:
+        async with start_go_peer(interop_tools) as go, start_js_peer(interop_tools) as js:
+            await _connect(go, js, "js_dials_go")
+            await wait_until(
+                lambda: _js_routing_table_nonempty(js), what="js routing table holds the go peer"
+            )
+
+            key, value = pk_record()
+            await _go_put_when_routable(go, key, value)
+            assert await js.dht_get(key, timeout=20) == value
+
+            key, value = pk_record()
+            await js.dht_put(key, value)
+            assert await go.dht_get_value(key) == value
+
+            key, value = pk_record()
+            with pytest.raises(DaemonError, match="public key does not match"):
+                await go.dht_put_value(key, value[:-1] + bytes([value[-1] ^ 1]))
+
+    run_trio(body, timeout=90)
+
+
+async def _go_put_when_routable(go: GoPeer, key: bytes, value: bytes, timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                await go.dht_put_value(key, value)
+                return
+            except DaemonError as exc:
+                if "failed to find any peer" not in str(exc):
+                    raise
+            await trio.sleep(0.05)
 
 
 async def _js_routing_table_nonempty(js: JsPeer) -> bool:
