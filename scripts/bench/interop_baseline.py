@@ -30,9 +30,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -40,11 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _table import machine, table
 
 from meshmerge.testing.interop import wait_until
+from meshmerge.testing.interop.anypeer import AnyPeer, Kind, start_peer
 from meshmerge.testing.interop.common import PubsubMessage
-from meshmerge.testing.interop.gopeer import GoPeer, start_go_peer
-from meshmerge.testing.interop.jspeer import JsPeer, start_js_peer
-from meshmerge.testing.interop.pyhost import StockPyHost, start_stock_py_host
-from meshmerge.testing.interop.tools import InteropTools, ensure_tools
+from meshmerge.testing.interop.tools import ensure_tools
 
 DIALS = int(os.environ.get("INTEROP_BENCH_DIALS", "5"))
 PINGS = int(os.environ.get("INTEROP_BENCH_PINGS", "20"))
@@ -54,73 +50,10 @@ DELIVERY_WAIT = 10.0
 TOPIC = "meshmerge-interop-bench"
 
 
-@dataclass
-class Peer:
-    """One peer of any kind behind the same few operations."""
-
-    kind: str
-    impl: Any
-
-    @property
-    def peer_id(self) -> Any:
-        return self.impl.peer_id
-
-    async def dial(self, other: Peer) -> float:
-        if isinstance(self.impl, GoPeer):
-            t0 = time.perf_counter()
-            await self.impl.connect(other.peer_id, other.impl.addrs)
-            return time.perf_counter() - t0
-        if isinstance(self.impl, JsPeer):
-            return await self.impl.dial(other.impl.p2p_addrs[0])
-        assert isinstance(self.impl, StockPyHost)
-        return await self.impl.connect(other.peer_id, other.impl.addrs)
-
-    async def connected_to(self, other: Peer) -> bool:
-        if isinstance(self.impl, GoPeer):
-            return other.peer_id in [p.peer_id for p in await self.impl.list_peers()]
-        if isinstance(self.impl, JsPeer):
-            return other.peer_id in await self.impl.connected_peers()
-        return other.peer_id in self.impl.host.get_connected_peers()
-
-    async def ping(self, other: Peer, count: int) -> list[float]:
-        return list(await self.impl.ping(other.peer_id, count=count))
-
-    async def sees_subscriber(self, other: Peer, topic: str) -> bool:
-        if isinstance(self.impl, GoPeer):
-            return other.peer_id in await self.impl.pubsub_list_peers(topic)
-        if isinstance(self.impl, JsPeer):
-            return other.peer_id in await self.impl.topic_peers(topic)
-        return other.peer_id in self.impl.topic_peers(topic)
-
-    async def publish(self, topic: str, data: bytes) -> None:
-        if isinstance(self.impl, GoPeer):
-            await self.impl.pubsub_publish(topic, data)
-        else:
-            await self.impl.publish(topic, data)
-
-
 @asynccontextmanager
-async def start_peer(kind: str, tools: InteropTools) -> AsyncIterator[Peer]:
-    if kind == "go":
-        async with start_go_peer(tools) as go:
-            yield Peer(kind, go)
-    elif kind == "js":
-        async with start_js_peer(tools) as js:
-            yield Peer(kind, js)
-    else:
-        async with start_stock_py_host(gossipsub=True) as py:
-            yield Peer(kind, py)
-
-
-@asynccontextmanager
-async def subscription(peer: Peer, topic: str) -> AsyncIterator[Callable[[], Awaitable[PubsubMessage]]]:
-    """A receive function for `topic` on `peer`, subscribed for the block."""
-    if isinstance(peer.impl, GoPeer):
-        async with peer.impl.subscribe(topic) as sub:
-            yield sub.receive
-    else:
-        sub = await peer.impl.subscribe(topic)
-        yield sub.receive
+async def subscription(peer: AnyPeer, topic: str) -> AsyncIterator[Callable[[], Awaitable[PubsubMessage]]]:
+    async with peer.subscription(topic) as receive:
+        yield receive
 
 
 def ms(seconds: float) -> float:
@@ -132,13 +65,13 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def measure_ping(dialer: Peer, listener: Peer) -> float:
+async def measure_ping(dialer: AnyPeer, listener: AnyPeer) -> float:
     await wait_until(lambda: listener.connected_to(dialer), timeout=10, what="listener sees the connection")
     await trio.sleep(0.3)  # let identify finish before pinging
     return ms(statistics.median(await dialer.ping(listener, PINGS)))
 
 
-async def measure_gossip(sender: Peer, receiver: Peer, gap: float) -> dict[str, float]:
+async def measure_gossip(sender: AnyPeer, receiver: AnyPeer, gap: float) -> dict[str, float]:
     """Publish MESSAGES from sender, `gap` seconds apart (0: back to back), on a fresh topic."""
     topic = f"{TOPIC}-{sender.kind}-{receiver.kind}-{gap}"
     async with subscription(receiver, topic) as receive, subscription(sender, topic):
@@ -177,7 +110,15 @@ async def measure_gossip(sender: Peer, receiver: Peer, gap: float) -> dict[str, 
     }
 
 
-PAIRS = [("go", "go"), ("go", "js"), ("js", "go"), ("py", "go"), ("go", "py"), ("py", "js"), ("js", "py")]
+PAIRS: list[tuple[Kind, Kind]] = [
+    ("go", "go"),
+    ("go", "js"),
+    ("js", "go"),
+    ("py", "go"),
+    ("go", "py"),
+    ("py", "js"),
+    ("js", "py"),
+]
 GOSSIP_PAIRS = {("go", "go"), ("go", "js"), ("py", "go"), ("py", "js")}  # gossip both ways on these
 GAPS = {"burst": 0.0, "paced 10 ms": 0.01}
 
