@@ -120,7 +120,11 @@ class Node:
             raise RpcError("bad_tensors", f"not a valid safetensors file: {exc}") from None
         async with handle.lock:
             try:
-                seq = await trio.to_thread.run_sync(self.store.next_seq, schema.id, self.signer.peer_id)
+                known = handle.state.orset.max_seq(self.signer.peer_id)
+                floor = 0 if known is None else known + 1  # never below a seq peers already saw from us
+                seq = await trio.to_thread.run_sync(
+                    lambda: self.store.next_seq(schema.id, self.signer.peer_id, at_least=floor)
+                )
                 signed = handle.state.make_contribution(
                     self.signer, tensors, weight=weight, dtypes=dtypes, meta=dict(meta), seq=seq
                 )
@@ -130,8 +134,7 @@ class Node:
                 raise RpcError("bad_contribution", str(exc)) from None
             ops = StateMessage(schema.id, adds=(signed,))
             await trio.to_thread.run_sync(self.store.put_blob, signed.header, data)
-            await trio.to_thread.run_sync(self.store.append, schema.id, ops)
-            handle.state.apply(ops)
+            await self._persist(handle, ops)
         log.info(
             "contribution %s to %s (seq %d, weight %d)", cids.to_text(signed.id), schema.name, seq, weight
         )
@@ -150,10 +153,23 @@ class Node:
             except MergeStateError as exc:
                 raise RpcError("cannot_remove", str(exc)) from None
             ops = StateMessage(handle.state.set_id, removals=(removal,))
-            await trio.to_thread.run_sync(self.store.append, handle.state.set_id, ops)
-            handle.state.apply(ops)
+            await self._persist(handle, ops)
         self._notify(handle.state.set_id, ops, True)
         return {"removed": contribution}
+
+    async def _persist(self, handle: SetHandle, ops: StateMessage) -> None:
+        """Make local ops durable, then apply them (the caller holds the set's lock)."""
+        await trio.to_thread.run_sync(self.store.append, handle.state.set_id, ops)
+        handle.state.apply(ops)
+        await self._maybe_snapshot(handle)
+
+    async def _maybe_snapshot(self, handle: SetHandle) -> None:
+        """Compact the op log once it passes its size limit (state captured on the trio thread)."""
+        set_id = handle.state.set_id
+        if self.store.snapshot_due(set_id):
+            full = handle.state.full_state()
+            await trio.to_thread.run_sync(self.store.snapshot, set_id, full)
+            log.info("snapshot of %s written", handle.state.schema.name)
 
     async def apply_remote(self, set_id: bytes, ops: StateMessage) -> Any:
         """Join operations from a peer; returns the ApplyReport (rejections feed peer scores)."""
@@ -166,6 +182,7 @@ class Node:
             report = handle.state.apply(ops)
             if report.new_ops is not None:
                 await trio.to_thread.run_sync(self.store.append, set_id, report.new_ops)
+                await self._maybe_snapshot(handle)
         if report.new_ops is not None:
             self._notify(set_id, report.new_ops, False)
         return report
