@@ -225,3 +225,18 @@ def _fake_signed(s: MergeState, sig, seq: int) -> SignedHeader:  # type: ignore[
     )
     header = ContributionHeader(s.set_id, sig.peer_id, seq, 1, "weights", entries)
     return SignedHeader(header, sig.sign(DOMAIN_HEADER, header.encoded))
+
+
+def test_trusted_replay_skips_only_signature_checks() -> None:
+    s = state()
+    good = s.contribute(signer(1), tensors(1))
+    forged = SignedHeader(good.header, bytes(64))
+    fresh = state()
+    assert fresh.apply(StateMessage(s.set_id, adds=(forged,))).rejected  # untrusted: refused
+    replay = state()
+    assert not replay.apply(StateMessage(s.set_id, adds=(forged,)), trusted=True).rejected
+    other = MergeState(schema("test/other"))
+    wrong_set = other.contribute(signer(1), tensors(1))
+    assert replay.apply(
+        StateMessage(s.set_id, adds=(wrong_set,)), trusted=True
+    ).rejected  # schema still checked
