@@ -13,9 +13,11 @@ What we change relative to stock py-libp2p 0.8.1 (each shown by a test):
   ``RelayServiceConfig`` values (2 min, 128 KiB per circuit, like go-libp2p);
 - the stock listener tags inbound relayed connections with its *own* id as
   the relay id (``/p2p/<self>/p2p-circuit/...``); we use the relay's id;
-- stock has no reservation refresh tied to the expiry the relay granted on
-  the client we use; ``RelayClient.keep_reservation`` refreshes before expiry
-  and reports failures.
+- the stock client side lives in ``CircuitV2Transport`` (relay discovery,
+  selection, performance tracking) and its circuit addresses are filtered
+  out by the swarm's dialer anyway; ``RelayClient`` is a small explicit
+  client: reserve, refresh at a fraction of the granted lifetime (retrying
+  until the reservation would expire), dial through a named relay.
 """
 
 from __future__ import annotations
