@@ -95,8 +95,11 @@ async def _body_stock_listener_tags_its_own_id_as_relay() -> None:
             await RelayClient(target, RelayService(target)).reserve(relay.get_id())
             await RelayClient(dialer, d_svc).dial(target.get_id(), relay.get_id())
             with trio.fail_after(5):
-                while not [c for c in conns_to(target, dialer.get_id())
-                           if c.get_connection_type() == ConnectionType.RELAYED]:
+                while not [
+                    c
+                    for c in conns_to(target, dialer.get_id())
+                    if c.get_connection_type() == ConnectionType.RELAYED
+                ]:
                     await trio.sleep(0.05)
             c = conns_to(target, dialer.get_id())[0]
             assert [str(a) for a in c.get_transport_addresses()] == [
