@@ -152,8 +152,9 @@ class Topology:
                     proc.wait(timeout=5)
         self._procs.clear()
         delete_prefix(self.prefix)
-        with contextlib.suppress(FileNotFoundError):
-            (STATE_DIR / f"{self.prefix}.json").unlink()
+        for f in [STATE_DIR / f"{self.prefix}.json", *STATE_DIR.glob(f"{self.prefix}-*")]:
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
         with contextlib.suppress(Exception):
             atexit.unregister(self.down)
 
@@ -396,6 +397,10 @@ def cleanup_stale() -> list[str]:
                 f.unlink(missing_ok=True)
             except PermissionError:
                 live_prefixes.add(f.stem)
+    if STATE_DIR.exists():  # miniupnpd configs and pid files of dead topologies
+        for f in STATE_DIR.glob(f"{NS_PREFIX}*-*"):
+            if f.name.split("-", 1)[0] not in live_prefixes:
+                f.unlink(missing_ok=True)
     for ns in list_namespaces():
         if ns.startswith(NS_PREFIX) and ns.split("-", 1)[0] not in live_prefixes:
             _kill_ns_pids(ns)
