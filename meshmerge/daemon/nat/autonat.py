@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 
 import multiaddr
@@ -290,6 +290,20 @@ class AutoNATClient:
     def add_listener(self, fn: Callable[[Reachability], None]) -> None:
         """``fn(new_status)`` runs synchronously on every reachability change."""
         self._listeners.append(fn)
+
+    async def watch(self, fn: Callable[[Reachability], Awaitable[None]]) -> None:
+        """Await ``fn(status)`` after each change, e.g. ``DHT.set_mode`` (server when PUBLIC).
+
+        Runs until cancelled; if several changes land before ``fn`` returns,
+        only the latest status is delivered.
+        """
+        delivered = Reachability.UNKNOWN
+        while True:
+            if self.status is not delivered:
+                delivered = self.status
+                await fn(delivered)
+                continue
+            await self.changed.wait()
 
     def _our_addrs(self) -> list[bytes]:
         """Public candidates (observed and predicted) first, then what the host advertises."""

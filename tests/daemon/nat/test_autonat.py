@@ -150,13 +150,21 @@ async def _body_client_run_loop_reports_public_after_threshold() -> None:
         client = AutoNATClient(me, cfg)
         seen: list[Reachability] = []
         client.add_listener(seen.append)
+        modes: list[str] = []
+
+        async def set_mode(status: Reachability) -> None:  # what the DHT hook looks like
+            await trio.sleep(0)
+            modes.append("server" if status is Reachability.PUBLIC else "client")
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.run)
+            nursery.start_soon(client.watch, set_mode)
             with trio.fail_after(15):
-                while not seen:
-                    await client.changed.wait()
+                while not modes:
+                    await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
         assert seen == [Reachability.PUBLIC]
+        assert modes == ["server"]
         assert set(client.tracker.votes()) == {s1.get_id(), s2.get_id()}
 
 
