@@ -64,7 +64,9 @@ def _print(args: argparse.Namespace, result: Any, columns: Sequence[str] | None 
     elif isinstance(result, dict):
         width = max((len(k) for k in result), default=0)
         for key, value in result.items():
-            print(f"{key:<{width}}  {_cell(value) if not isinstance(value, (dict, list)) else json.dumps(value)}")
+            print(
+                f"{key:<{width}}  {_cell(value) if not isinstance(value, (dict, list)) else json.dumps(value)}"
+            )
     else:
         print(result)
 
@@ -80,7 +82,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     try:
         if args.dev:
             base = Path(args.dev) if args.dev != "tmp" else Path(tempfile.mkdtemp(prefix="meshmerge-dev-"))
-            config = dev_config(base, listen_port=args.port or 0)
+            config = dev_config(base, listen_port=args.port or 0, bootstrap=tuple(args.bootstrap))
         else:
             config = Config.load(Path(args.config))
     except ConfigError as exc:
@@ -98,14 +100,21 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshmerge", description="meshmerge node and control tool")
-    parser.add_argument("--socket", default=str(DEFAULT_SOCKET), help="daemon RPC socket (env MESHMERGE_SOCKET)")
+    parser.add_argument(
+        "--socket", default=str(DEFAULT_SOCKET), help="daemon RPC socket (env MESHMERGE_SOCKET)"
+    )
     parser.add_argument("--json", action="store_true", help="print raw JSON instead of tables")
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("daemon", help="run the node")
     d.add_argument("--config", default="/etc/meshmerge/config.toml")
-    d.add_argument("--dev", metavar="DIR", help="loopback-only dev node with state in DIR ('tmp' for a fresh one)")
+    d.add_argument(
+        "--dev", metavar="DIR", help="loopback-only dev node with state in DIR ('tmp' for a fresh one)"
+    )
     d.add_argument("--port", type=int, help="with --dev: TCP port to listen on (default: any)")
+    d.add_argument(
+        "--bootstrap", action="append", default=[], metavar="MULTIADDR", help="with --dev: peer to dial first"
+    )
     d.add_argument("--no-network", action="store_true", help="serve RPC only, no libp2p (local testing)")
     d.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     d.add_argument("--log-format", choices=["text", "json"], default="text")
@@ -125,7 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sets_sub = sets.add_subparsers(dest="sets_command")
     create = sets_sub.add_parser("create", help="define a merge set from a template safetensors file")
     create.add_argument("name")
-    create.add_argument("--like", required=True, help="safetensors file whose tensor names/dtypes/shapes to use")
+    create.add_argument(
+        "--like", required=True, help="safetensors file whose tensor names/dtypes/shapes to use"
+    )
     create.add_argument("--kind", choices=["weights", "delta", "lora"], default="weights")
     create.add_argument("--strategy", default="linear")
     create.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
@@ -174,7 +185,9 @@ def _dispatch(args: argparse.Namespace, client: Client) -> int:
         _print(args, client.status())
     elif cmd in ("peers", "scores", "topics", "dht", "blocklist"):
         result = client.call(cmd)
-        columns = list(result[0]) if isinstance(result, list) and result and isinstance(result[0], dict) else None
+        columns = (
+            list(result[0]) if isinstance(result, list) and result and isinstance(result[0], dict) else None
+        )
         _print(args, result, columns)
     elif cmd == "sets":
         if args.sets_command == "create":
@@ -182,19 +195,32 @@ def _dispatch(args: argparse.Namespace, client: Client) -> int:
 
             arrays, dtypes = tensorfile.loads(Path(args.like).read_bytes())
             spec = {name: (dtypes[name], tuple(a.shape)) for name, a in arrays.items()}
-            _print(args, client.create_set(args.name, spec, kind=args.kind, strategy=args.strategy, params=_params(args.param)))
+            _print(
+                args,
+                client.create_set(
+                    args.name, spec, kind=args.kind, strategy=args.strategy, params=_params(args.param)
+                ),
+            )
         elif args.sets_command == "show":
             _print(args, client.call("sets.show", {"set": args.set}))
         else:
-            _print(args, client.sets(), ["name", "id", "kind", "strategy", "live", "complete", "convicted", "root"])
+            _print(
+                args,
+                client.sets(),
+                ["name", "id", "kind", "strategy", "live", "complete", "convicted", "root"],
+            )
     elif cmd == "contribute":
         _print(args, client.contribute(args.set, args.file, weight=args.weight, meta=_params(args.meta)))
     elif cmd == "remove":
         _print(args, client.remove(args.set, args.id))
     elif cmd == "contributions":
-        _print(args, client.contributions(args.set), ["id", "author", "seq", "weight", "live", "have_tensors"])
+        _print(
+            args, client.contributions(args.set), ["id", "author", "seq", "weight", "live", "have_tensors"]
+        )
     elif cmd == "merge":
-        summary = client.merge(args.set, output=args.output, strategy=args.strategy, params=_params(args.param) or None)
+        summary = client.merge(
+            args.set, output=args.output, strategy=args.strategy, params=_params(args.param) or None
+        )
         summary.pop("data", None)
         _print(args, summary)
     return 0

@@ -19,7 +19,7 @@ import itertools
 import os
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -129,7 +129,12 @@ class Client:
         return list(self.call("sets.list"))
 
     def contribute(
-        self, merge_set: str, tensors: Path | str | bytes, *, weight: int = 1, meta: Mapping[str, Any] | None = None
+        self,
+        merge_set: str,
+        tensors: Path | str | bytes,
+        *,
+        weight: int = 1,
+        meta: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Contribute a safetensors file (path, passed as a descriptor) or its bytes."""
         params: dict[str, Any] = {"set": merge_set, "weight": weight, "meta": dict(meta or {})}
@@ -201,10 +206,11 @@ class AsyncClient:
         return call
 
 
-def run(main: Awaitable[T]) -> T:
+def run(main: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine on uvloop when installed, else on the default asyncio loop."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(main)  # type: ignore[arg-type]
-    return uvloop.run(main)  # type: ignore[no-any-return]
+        return asyncio.run(main)
+    result: T = uvloop.run(main)
+    return result

@@ -4,35 +4,98 @@
 out[i] = sum_k w[k] * x_k[i], accumulated in float64 in the fixed order
 k = 0..N-1, then rounded once to the output dtype. The result of one element
 depends only on that element of each input, so it does not depend on how the
-caller chunks the tensor.
+caller chunks the tensor. Work is done in blocks of ``BLOCK`` elements,
+contributor-major inside a block, so the inner loop is a plain vectorisable
+multiply-add per element (no reassociation: each element has its own
+accumulator).
+
+The float32 kernel also reports non-finite inputs: it returns the index of
+the first input that holds a NaN or Inf, or -1.
 """
 
 import numpy as np
 cimport numpy as cnp
+from libc.stdlib cimport calloc, free, malloc
+
+from libc.stdint cimport uint32_t
+
+from meshmerge.cext._common cimport NONFINITE, gather_f32
 
 cnp.import_array()
 
 
+
+cdef extern from *:
+    """
+    #include <string.h>
+    #include <stdint.h>
+    #ifndef MM_CLONES
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    /* Same IEEE operations in the same order on every clone (no FMA contraction:
+       -ffp-contract=off), only the vector width differs, so bytes do not. */
+    #define MM_CLONES __attribute__((target_clones("avx2", "default")))
+    #else
+    #define MM_CLONES
+    #endif
+    #endif
+    #define MM_WSUM_BLOCK 512
+    MM_CLONES static void mm_wsum_f32(const float *const *p, const double *w, Py_ssize_t nk,
+                                      Py_ssize_t n, float *out, uint32_t *flags)
+    {
+        double acc[MM_WSUM_BLOCK];
+        for (Py_ssize_t lo = 0; lo < n; lo += MM_WSUM_BLOCK) {
+            Py_ssize_t m = n - lo < MM_WSUM_BLOCK ? n - lo : MM_WSUM_BLOCK;
+            for (Py_ssize_t j = 0; j < m; j++) acc[j] = 0.0;
+            for (Py_ssize_t k = 0; k < nk; k++) {
+                const float *x = p[k] + lo;
+                const double wk = w[k];
+                uint32_t f = 0;
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    float v = x[j];
+                    uint32_t bits;
+                    memcpy(&bits, &v, 4);
+                    acc[j] = acc[j] + wk * (double)v;
+                    f |= (bits & 0x7F800000u) + 0x00800000u;
+                }
+                flags[k] |= f;
+            }
+            for (Py_ssize_t j = 0; j < m; j++) out[lo + j] = (float)acc[j];
+        }
+    }
+    """
+    void mm_wsum_f32(const float** p, const double* w, Py_ssize_t nk, Py_ssize_t n,
+                     float* out, uint32_t* flags) nogil
+
+
 def weighted_sum_f32(list inputs, const double[::1] weights, float[::1] out):
-    """Accumulate float32 inputs (1-D, contiguous, same length) into `out`."""
+    """Accumulate float32 inputs (1-D, contiguous, same length) into `out`.
+
+    Returns the index of the first input containing NaN/Inf, or -1.
+    """
     cdef Py_ssize_t n = out.shape[0]
-    cdef Py_ssize_t k, i, nk = len(inputs)
-    cdef const float[::1] x
-    cdef double w
+    cdef Py_ssize_t nk = len(inputs)
+    cdef Py_ssize_t k
     if weights.shape[0] != nk:
         raise ValueError(f"{nk} inputs but {weights.shape[0]} weights")
-    cdef double[::1] acc = np.zeros(n, dtype=np.float64)
-    for k in range(nk):
-        x = inputs[k]
-        if x.shape[0] != n:
-            raise ValueError(f"input {k} has {x.shape[0]} elements, expected {n}")
-        w = weights[k]
-        with nogil:
-            for i in range(n):
-                acc[i] = acc[i] + w * x[i]
-    with nogil:
-        for i in range(n):
-            out[i] = <float>acc[i]
+    cdef const float** ptrs = <const float**>malloc(max(nk, 1) * sizeof(float*))
+    cdef uint32_t* chk = <uint32_t*>calloc(max(nk, 1), sizeof(uint32_t))
+    if ptrs == NULL or chk == NULL:
+        free(ptrs); free(chk)
+        raise MemoryError()
+    try:
+        gather_f32(inputs, n, ptrs)
+        if n and nk:
+            with nogil:
+                mm_wsum_f32(ptrs, &weights[0], nk, n, &out[0], chk)
+        elif n:
+            out[:] = 0.0
+        for k in range(nk):
+            if chk[k] & NONFINITE:
+                return k
+        return -1
+    finally:
+        free(ptrs)
+        free(chk)
 
 
 def weighted_sum_f64(list inputs, const double[::1] weights, double[::1] out):

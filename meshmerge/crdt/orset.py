@@ -87,6 +87,10 @@ class ORSet:
     def convicted(self) -> frozenset[bytes]:
         return frozenset(self._convicted)
 
+    def convictions(self) -> dict[bytes, bytes]:
+        """Convicted author -> key of the evidence that convicted it."""
+        return dict(self._convicted)
+
     def max_seq(self, author: bytes) -> int | None:
         seqs = [self.adds[i].header.seq for i in self._by_author.get(author, ())]
         return max(seqs) if seqs else None

@@ -34,7 +34,9 @@ class NodeSection:
 
     def validate(self) -> None:
         if self.log_level not in ("debug", "info", "warning", "error"):
-            raise ConfigError(f"[node] log_level must be debug, info, warning or error, got {self.log_level!r}")
+            raise ConfigError(
+                f"[node] log_level must be debug, info, warning or error, got {self.log_level!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,9 @@ class RpcSection:
         for name in ("max_frame_bytes", "max_connections", "max_inflight_per_connection"):
             _positive("rpc", name, getattr(self, name))
         if not 0 <= self.socket_mode <= 0o777:
-            raise ConfigError(f"[rpc] socket_mode must be a permission mode like 0o660, got {self.socket_mode!r}")
+            raise ConfigError(
+                f"[rpc] socket_mode must be a permission mode like 0o660, got {self.socket_mode!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,11 @@ class NetworkSection:
     enable_mdns: bool = False
     max_connections: int = 256
     max_connections_per_ip: int = 8
+    dht_mode: str = "server"
 
     def validate(self) -> None:
+        if self.dht_mode not in ("server", "client"):
+            raise ConfigError(f"[network] dht_mode must be server or client, got {self.dht_mode!r}")
         for addr in (*self.listen, *self.bootstrap, *self.announce):
             if not isinstance(addr, str) or not addr.startswith("/"):
                 raise ConfigError(f"[network] {addr!r} is not a multiaddr (it must start with '/')")
@@ -190,11 +197,11 @@ def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
     raise ConfigError(f"{where}: unsupported type")  # pragma: no cover - every field type is handled above
 
 
-def dev_config(base_dir: Path, *, listen_port: int = 0) -> Config:
+def dev_config(base_dir: Path, *, listen_port: int = 0, bootstrap: tuple[str, ...] = ()) -> Config:
     """A loopback-only config rooted in base_dir (tests, the demo, `meshmerge daemon --dev`)."""
     return Config(
         node=NodeSection(data_dir=base_dir / "data", log_level="info"),
         rpc=RpcSection(socket=base_dir / "rpc.sock"),
-        network=NetworkSection(listen=(f"/ip4/127.0.0.1/tcp/{listen_port}",)),
+        network=NetworkSection(listen=(f"/ip4/127.0.0.1/tcp/{listen_port}",), bootstrap=bootstrap),
         metrics=MetricsSection(enabled=False),
     ).validate()

@@ -33,7 +33,7 @@ from meshmerge.proto.rpc import RpcError
 
 log = logging.getLogger("meshmerge.node")
 
-ChangeListener = Callable[[bytes, StateMessage], None]
+ChangeListener = Callable[[bytes, StateMessage, bool], None]
 
 
 @dataclass
@@ -59,12 +59,12 @@ class Node:
     # -- wiring ------------------------------------------------------------------
 
     def on_change(self, listener: ChangeListener) -> None:
-        """Call `listener(set_id, ops)` after every durable change (local or remote)."""
+        """Call `listener(set_id, ops, local)` after every durable change; `local` is False for peers' ops."""
         self._listeners.append(listener)
 
-    def _notify(self, set_id: bytes, ops: StateMessage) -> None:
+    def _notify(self, set_id: bytes, ops: StateMessage, local: bool) -> None:
         for listener in self._listeners:
-            listener(set_id, ops)
+            listener(set_id, ops, local)
 
     # -- lookups -----------------------------------------------------------------
 
@@ -102,14 +102,16 @@ class Node:
             await trio.to_thread.run_sync(self.store.add_set, schema)
             self._sets[schema.id] = SetHandle(MergeState(schema), trio.Lock())
             log.info("created merge set %s (%s)", schema.name, cids.to_text(schema.id))
-            self._notify(schema.id, StateMessage(schema.id, schema=schema))
+            self._notify(schema.id, StateMessage(schema.id, schema=schema), True)
         return schema.id
 
     async def ensure_set(self, schema: SetSchema) -> SetHandle:
         await self.create_set(schema)
         return self._sets[schema.id]
 
-    async def contribute(self, ref: str, data: bytes, *, weight: int, meta: Mapping[str, Any]) -> dict[str, Any]:
+    async def contribute(
+        self, ref: str, data: bytes, *, weight: int, meta: Mapping[str, Any]
+    ) -> dict[str, Any]:
         handle = self.resolve_set(ref)
         schema = handle.state.schema
         try:
@@ -118,7 +120,11 @@ class Node:
             raise RpcError("bad_tensors", f"not a valid safetensors file: {exc}") from None
         async with handle.lock:
             try:
-                seq = await trio.to_thread.run_sync(self.store.next_seq, schema.id, self.signer.peer_id)
+                known = handle.state.orset.max_seq(self.signer.peer_id)
+                floor = 0 if known is None else known + 1  # never below a seq peers already saw from us
+                seq = await trio.to_thread.run_sync(
+                    lambda: self.store.next_seq(schema.id, self.signer.peer_id, at_least=floor)
+                )
                 signed = handle.state.make_contribution(
                     self.signer, tensors, weight=weight, dtypes=dtypes, meta=dict(meta), seq=seq
                 )
@@ -128,10 +134,11 @@ class Node:
                 raise RpcError("bad_contribution", str(exc)) from None
             ops = StateMessage(schema.id, adds=(signed,))
             await trio.to_thread.run_sync(self.store.put_blob, signed.header, data)
-            await trio.to_thread.run_sync(self.store.append, schema.id, ops)
-            handle.state.apply(ops)
-        log.info("contribution %s to %s (seq %d, weight %d)", cids.to_text(signed.id), schema.name, seq, weight)
-        self._notify(schema.id, ops)
+            await self._persist(handle, ops)
+        log.info(
+            "contribution %s to %s (seq %d, weight %d)", cids.to_text(signed.id), schema.name, seq, weight
+        )
+        self._notify(schema.id, ops, True)
         return {"id": cids.to_text(signed.id), "seq": seq, "set": cids.to_text(schema.id)}
 
     async def remove(self, ref: str, contribution: str) -> dict[str, Any]:
@@ -146,10 +153,23 @@ class Node:
             except MergeStateError as exc:
                 raise RpcError("cannot_remove", str(exc)) from None
             ops = StateMessage(handle.state.set_id, removals=(removal,))
-            await trio.to_thread.run_sync(self.store.append, handle.state.set_id, ops)
-            handle.state.apply(ops)
-        self._notify(handle.state.set_id, ops)
+            await self._persist(handle, ops)
+        self._notify(handle.state.set_id, ops, True)
         return {"removed": contribution}
+
+    async def _persist(self, handle: SetHandle, ops: StateMessage) -> None:
+        """Make local ops durable, then apply them (the caller holds the set's lock)."""
+        await trio.to_thread.run_sync(self.store.append, handle.state.set_id, ops)
+        handle.state.apply(ops)
+        await self._maybe_snapshot(handle)
+
+    async def _maybe_snapshot(self, handle: SetHandle) -> None:
+        """Compact the op log once it passes its size limit (state captured on the trio thread)."""
+        set_id = handle.state.set_id
+        if self.store.snapshot_due(set_id):
+            full = handle.state.full_state()
+            await trio.to_thread.run_sync(self.store.snapshot, set_id, full)
+            log.info("snapshot of %s written", handle.state.schema.name)
 
     async def apply_remote(self, set_id: bytes, ops: StateMessage) -> Any:
         """Join operations from a peer; returns the ApplyReport (rejections feed peer scores)."""
@@ -162,8 +182,9 @@ class Node:
             report = handle.state.apply(ops)
             if report.new_ops is not None:
                 await trio.to_thread.run_sync(self.store.append, set_id, report.new_ops)
+                await self._maybe_snapshot(handle)
         if report.new_ops is not None:
-            self._notify(set_id, report.new_ops)
+            self._notify(set_id, report.new_ops, False)
         return report
 
     async def merged(
@@ -174,6 +195,8 @@ class Node:
         schema = handle.state.schema
         async with handle.lock:
             state = handle.state
+            if not state.live_ids():
+                raise RpcError("empty_set", f"merge set {schema.name!r} has no live contributions yet")
             t0 = time.perf_counter()
             try:
                 merged = await trio.to_thread.run_sync(
@@ -181,7 +204,8 @@ class Node:
                 )
             except Incomplete as exc:
                 raise RpcError(
-                    "incomplete", f"{len(exc.missing)} live contribution(s) still being fetched; retry shortly"
+                    "incomplete",
+                    f"{len(exc.missing)} live contribution(s) still being fetched; retry shortly",
                 ) from None
             except StrategyError as exc:
                 raise RpcError("bad_strategy", str(exc)) from None
@@ -189,7 +213,9 @@ class Node:
             live = len(state.live_ids())
         dtypes = {t.name: t.dtype for t in schema.tensors}
         data = await trio.to_thread.run_sync(
-            lambda: tensorfile.dumps(merged, dtypes, {"meshmerge.root": root.hex(), "meshmerge.set": schema.name})
+            lambda: tensorfile.dumps(
+                merged, dtypes, {"meshmerge.root": root.hex(), "meshmerge.set": schema.name}
+            )
         )
         summary = {
             "set": cids.to_text(schema.id),
@@ -251,4 +277,3 @@ class Node:
         for extra in self.extra_status:
             info.update(extra())
         return info
-

@@ -25,6 +25,7 @@ from meshmerge.daemon.node import Node
 from meshmerge.proto import cid as cids
 from meshmerge.proto.cbor import CodecError
 from meshmerge.proto.messages import SetSchema
+from meshmerge.proto.peerid import to_base58
 from meshmerge.proto.rpc import (
     MAX_FDS_PER_REQUEST,
     FrameReader,
@@ -59,7 +60,7 @@ class Call:
         return value
 
     def fd(self, name: str) -> int | None:
-        index = self.param(name, int, None)
+        index: int | None = self.param(name, int, None)
         if index is None:
             return None
         if not 0 <= index < len(self.fds):
@@ -74,7 +75,8 @@ def read_fd(fd: int, limit: int) -> bytes:
         if st.st_size > limit:
             raise RpcError("too_large", f"input is {st.st_size} bytes, the limit is {limit}")
         os.lseek(fd, 0, os.SEEK_SET)
-    chunks, total = [], 0
+    chunks: list[bytes] = []
+    total = 0
     while True:
         chunk = os.read(fd, 1 << 20)
         if not chunk:
@@ -116,6 +118,7 @@ class RpcServer:
             "remove": self._remove,
             "contributions": self._contributions,
             "merge": self._merge,
+            "blocklist": self._blocklist,
         }
 
     def register(self, name: str, handler: Handler) -> None:
@@ -139,7 +142,9 @@ class RpcServer:
                 while True:
                     conn, _ = await sock.accept()
                     if self.connections.value == 0:
-                        log.warning("RPC connection refused: %d connections already open", self.connections.value)
+                        log.warning(
+                            "RPC connection refused: %d connections already open", self.connections.value
+                        )
                         conn.close()
                         continue
                     nursery.start_soon(self._connection, conn)
@@ -173,16 +178,21 @@ class RpcServer:
                 conn.close()
 
     async def _serve_one(self, conn: trio.socket.SocketType, body: dict[str, Any], fds: deque[int]) -> None:
-        rid = body.get("id") if type(body.get("id")) is int else 0
+        raw_id = body.get("id")
+        rid = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else 0
         taken: list[int] = []
         try:
             request = parse_request(body)
             if request.fds > len(fds):
-                raise ProtocolError(f"request {request.id} announced {request.fds} descriptors, {len(fds)} came")
+                raise ProtocolError(
+                    f"request {request.id} announced {request.fds} descriptors, {len(fds)} came"
+                )
             taken = [fds.popleft() for _ in range(request.fds)]
             handler = self.methods.get(request.method)
             if handler is None:
-                raise RpcError("unknown_method", f"no method {request.method!r}; valid: {sorted(self.methods)}")
+                raise RpcError(
+                    "unknown_method", f"no method {request.method!r}; valid: {sorted(self.methods)}"
+                )
             result = await handler(Call(request, taken))
             response = Response(request.id, True, result)
         except RpcError as exc:
@@ -191,7 +201,9 @@ class RpcServer:
             raise
         except Exception as exc:
             log.exception("RPC method failed")
-            response = Response(rid, False, error_code="internal", error_message=f"{type(exc).__name__}: {exc}")
+            response = Response(
+                rid, False, error_code="internal", error_message=f"{type(exc).__name__}: {exc}"
+            )
         finally:
             for fd in taken:
                 os.close(fd)
@@ -233,6 +245,24 @@ class RpcServer:
     async def _remove(self, call: Call) -> Any:
         return await self.node.remove(call.param("set", str), call.param("id", str))
 
+    async def _blocklist(self, call: Call) -> Any:
+        """Authors convicted by verifiable evidence (equivocation), per merge set."""
+        rows = []
+        for set_id in self.node.set_ids():
+            state = self.node.state(set_id)
+            if state is None:
+                continue
+            for author, evidence in sorted(state.orset.convictions().items()):
+                rows.append(
+                    {
+                        "peer": to_base58(author),
+                        "set": state.schema.name,
+                        "reason": "equivocation",
+                        "evidence": cids.to_text(evidence),
+                    }
+                )
+        return rows
+
     async def _contributions(self, call: Call) -> Any:
         return self.node.contributions(call.param("set", str))
 
@@ -245,7 +275,9 @@ class RpcServer:
             await trio.to_thread.run_sync(write_fd, fd, data)
         elif call.param("inline", bool, False):
             if len(data) > self.max_frame_bytes - 4096:
-                raise RpcError("too_large", "merged model exceeds the frame limit; pass an output file descriptor")
+                raise RpcError(
+                    "too_large", "merged model exceeds the frame limit; pass an output file descriptor"
+                )
             summary["data"] = data
         return summary
 

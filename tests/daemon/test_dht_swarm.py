@@ -238,3 +238,21 @@ def test_reprovide_loop_reannounces() -> None:
             assert [p.peer_id for p in found] == [nodes[1].host.get_id()]
 
     run(body, 60)
+
+
+def test_periodic_refresh_finds_late_joiners_and_drops_dead_peers() -> None:
+    async def body() -> None:
+        cfg = DHTConfig(refresh_interval=0.3, request_timeout=1.0)
+        async with dht_swarm(2, cfg) as (a, b):
+            async with dht_swarm(1, cfg) as (late,):
+                await late.dht.bootstrap([a.info])
+                with trio.fail_after(10):
+                    while late.dht.self_peer not in b.dht.routing:
+                        await trio.sleep(0.1)  # via late's queries to b or b's own refresh
+                assert b.dht.self_peer in late.dht.routing or a.dht.self_peer in late.dht.routing
+            # `late` is gone: failed requests during refreshes evict it
+            with trio.fail_after(15):
+                while late.dht.self_peer in b.dht.routing:
+                    await trio.sleep(0.1)
+
+    run(body, 60)

@@ -264,3 +264,37 @@ def test_protocol_garbage_over_raw_tcp_keeps_node_up() -> None:
             assert len(await PingService(client).ping(server.get_id(), 2)) == 2
 
     run(body, 90)
+
+
+def test_stock_close_is_serial_100ms_per_connection_ours_is_concurrent() -> None:
+    async def stock_close_time() -> float:
+        center = new_host(key_pair=create_new_key_pair())
+        peers = [new_host(key_pair=create_new_key_pair()) for _ in range(10)]
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(center.run(LOOPBACK))
+            for p in peers:
+                await stack.enter_async_context(p.run(LOOPBACK))
+                await p.connect(info_of(center))
+            t0 = time.perf_counter()
+            await center.close()
+            return time.perf_counter() - t0
+
+    async def our_close_time() -> float:
+        async with contextlib.AsyncExitStack() as stack:
+            center = await stack.enter_async_context(running_host(HostConfig(), Identity.generate()))
+            for _ in range(10):
+                p = await stack.enter_async_context(running_host(HostConfig(), Identity.generate()))
+                await p.connect(info_of(center))
+            t0 = time.perf_counter()
+            await center.close()
+            return time.perf_counter() - t0
+
+    times: dict[str, float] = {}
+
+    async def body() -> None:
+        times["stock"] = await stock_close_time()
+        times["ours"] = await our_close_time()
+
+    run(body, 90)
+    assert times["stock"] >= 1.0, times  # 10 connections x 100 ms sleep, one after another
+    assert times["ours"] < 0.8, times

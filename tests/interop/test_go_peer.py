@@ -7,23 +7,24 @@ py-libp2p 0.8.1 does against go over real loopback TCP.
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import trio
 
 from meshmerge.testing.interop import run_trio
+from meshmerge.testing.interop.common import raw_cid
 from meshmerge.testing.interop.framing import BufferedStream
-from meshmerge.testing.interop.gopeer import DaemonError, GoPeer, StreamInfo, start_go_peer
+from meshmerge.testing.interop.gopeer import (
+    GO_MESH_SETTLE,
+    DaemonError,
+    GoPeer,
+    StreamInfo,
+    provide_when_routable,
+    start_go_peer,
+)
 from meshmerge.testing.interop.pyhost import start_stock_py_host
 from meshmerge.testing.interop.tools import InteropTools
 
 pytestmark = pytest.mark.interop
-
-
-def raw_cid(data: bytes) -> bytes:
-    """Binary CIDv1 (raw codec, sha2-256) of `data`."""
-    return bytes([0x01, 0x55, 0x12, 0x20]) + hashlib.sha256(data).digest()
 
 
 def test_go_daemon_identify_connect_stream_handler(interop_tools: InteropTools) -> None:
@@ -60,6 +61,9 @@ def test_go_daemon_pubsub_and_dht_between_two_go_peers(interop_tools: InteropToo
             await a.connect(b.peer_id, b.addrs)
             async with a.subscribe("mm-t"), b.subscribe("mm-t") as sub:
                 await _wait_topic_peer(a, "mm-t", b)
+                await _wait_topic_peer(b, "mm-t", a)
+                # A subscribed p2pd publishes to its mesh only; the mesh forms on its 1 s heartbeat.
+                await trio.sleep(GO_MESH_SETTLE)
                 for i in range(10):
                     await a.pubsub_publish("mm-t", b"m%d" % i)
                 got = [await sub.receive() for _ in range(10)]
@@ -68,7 +72,7 @@ def test_go_daemon_pubsub_and_dht_between_two_go_peers(interop_tools: InteropToo
                 assert "mm-t" in await b.pubsub_get_topics()
 
             cid = raw_cid(b"go-go provide")
-            await a.dht_provide(cid)
+            await provide_when_routable(a, cid)
             providers = await b.dht_find_providers(cid, count=1)
             assert a.peer_id in [p.peer_id for p in providers]
             found = await b.dht_find_peer(a.peer_id)
@@ -95,6 +99,7 @@ def test_stock_py_libp2p_host_and_go_identify_and_ping(interop_tools: InteropToo
             else:
                 await go.connect(py.peer_id, py.addrs)
 
+            assert "/ipfs/kad/1.0.0" in await py.identified_protocols(go.peer_id)  # py's own identify
             go_seen_by_py = await py.identify_remote(go.peer_id)
             assert "/ipfs/kad/1.0.0" in go_seen_by_py.protocols
             assert "/meshsub/1.1.0" in go_seen_by_py.protocols

@@ -1,4 +1,9 @@
-"""Registry of merge strategies by name."""
+"""Registry of merge strategies by name.
+
+Names follow crdt-merge 0.11.0 and mergekit where they overlap, so users can
+ask for what they already know. Each strategy module's docstring says what it
+computes and which paper it follows.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,20 @@ from meshmerge.crdt.strategies.base import (
     StrategyError,
     UnknownStrategy,
 )
-from meshmerge.crdt.strategies.linear import Linear
+from meshmerge.crdt.strategies.fisher import FisherMerge
+from meshmerge.crdt.strategies.linear import Linear, NegativeMerge, TaskArithmetic
+from meshmerge.crdt.strategies.robust import (
+    CenteredClipping,
+    FoolsGold,
+    GeometricMedian,
+    Krum,
+    Median,
+    MultiKrum,
+    TrimmedMean,
+)
+from meshmerge.crdt.strategies.sparse import Breadcrumbs, BreadcrumbsTies, Dare, DareTies, Ties
+from meshmerge.crdt.strategies.spherical import Karcher, ModelStock, MultiSlerp, Slerp
+from meshmerge.crdt.strategies.unsupported import UNSUPPORTED
 
 _REGISTRY: dict[str, Strategy] = {}
 
@@ -35,5 +53,26 @@ def names() -> list[str]:
 
 
 register(Linear(), "weight_average")
+register(TaskArithmetic())
+register(NegativeMerge())
+register(Ties())
+register(Dare(), "dare_linear")
+register(DareTies())
+register(Breadcrumbs(), "model_breadcrumbs")
+register(BreadcrumbsTies())
+register(Slerp())
+register(Karcher())
+register(MultiSlerp())
+register(ModelStock())
+register(Median(), "coordinate_median")
+register(TrimmedMean())
+register(Krum())
+register(MultiKrum())
+register(GeometricMedian())
+register(CenteredClipping())
+register(FoolsGold())
+register(FisherMerge())
+for _s in UNSUPPORTED:
+    register(_s)
 
 __all__ = ["MergeInput", "Params", "Strategy", "StrategyError", "UnknownStrategy", "get", "names", "register"]

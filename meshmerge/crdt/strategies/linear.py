@@ -1,8 +1,15 @@
-"""Weighted linear averaging: out = sum_k w_k x_k / sum_k w_k.
+"""Linear strategies: weighted average, task arithmetic, task negation.
 
-Accumulates in float64 in canonical order (see ``meshmerge.cext.linear``),
-rounds once to the storage dtype. Streams each tensor in chunks so peak memory
-is the output plus a few chunks.
+* ``linear`` / ``weight_average`` — model soups / FedAvg (Wortsman et al.
+  2022; McMahan et al. 2017): ``sum_k w_k x_k / sum_k w_k``.
+* ``task_arithmetic`` — Ilharco et al. 2023, "Editing models with task
+  arithmetic": ``b + lam * sum_k w_k (x_k - b)`` (divided by ``sum w`` if
+  ``normalize``).
+* ``negative_merge`` — task negation from the same paper: ``b - lam * sum_k
+  w_k (x_k - b)``, to remove what the contributions taught.
+
+All accumulate in float64 in canonical order and round once to the storage
+dtype (16-bit inputs are widened exactly to float32 first).
 """
 
 from __future__ import annotations
@@ -14,10 +21,9 @@ import numpy as np
 import numpy.typing as npt
 
 from meshmerge.cext import weighted_sum_f32
+from meshmerge.crdt.strategies._combine import _task_chunk
+from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, task_base
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
-from meshmerge.crdt.tensors import from_f32, to_f32
-
-CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -27,14 +33,11 @@ class LinearParams(Params):
     normalize: bool = True
 
     def validate(self) -> None:
-        if not isinstance(self.normalize, bool):
-            raise StrategyError("normalize must be a boolean")
+        self._boolean("normalize")
 
 
 def normalized_weights(inp: MergeInput, normalize: bool) -> npt.NDArray[np.float64]:
-    w = inp.weight_array()
-    if not np.all(np.isfinite(w)):
-        raise StrategyError("contribution weights must be finite")
+    w = checked_weights(inp)
     if not normalize:
         return w
     total = float(w.sum())
@@ -43,23 +46,74 @@ def normalized_weights(inp: MergeInput, normalize: bool) -> npt.NDArray[np.float
     return w / total
 
 
-def weighted_average(inp: MergeInput, weights: npt.NDArray[np.float64]) -> dict[str, Any]:
+def weighted_average(inp: MergeInput, weights: npt.NDArray[np.float64], chunk: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for spec in inp.specs:
+        stream = TensorStream(inp, spec, chunk)
         flat_out = np.empty(spec.numel, dtype=np.float32)
-        flats = [np.asarray(t[spec.name]).reshape(-1) for t in inp.tensors]
-        for lo in range(0, spec.numel, CHUNK_ELEMENTS):
-            hi = min(lo + CHUNK_ELEMENTS, spec.numel)
-            chunks = [np.ascontiguousarray(to_f32(f[lo:hi], spec.dtype)) for f in flats]
-            weighted_sum_f32(chunks, weights, flat_out[lo:hi])
-        out[spec.name] = from_f32(flat_out, spec.dtype).reshape(spec.shape)
+        for lo, hi, xs, _ in stream.chunks():
+            stream.check(weighted_sum_f32(xs, weights, flat_out[lo:hi]))
+        out[spec.name] = stream.finish(flat_out)
     return out
 
 
 class Linear(Strategy):
+    """Weighted average of the contributions (any kind; LoRA factors are averaged factor-wise)."""
+
     name = "linear"
     kinds = frozenset({"weights", "delta", "lora"})
     params_type = LinearParams
 
-    def merge(self, inp: MergeInput, params: LinearParams) -> dict[str, Any]:
-        return weighted_average(inp, normalized_weights(inp, params.normalize))
+    def merge(self, inp: MergeInput, params: LinearParams, chunk: int) -> dict[str, Any]:
+        return weighted_average(inp, normalized_weights(inp, params.normalize), chunk)
+
+
+@dataclass(frozen=True)
+class TaskArithmeticParams(Params):
+    """scaling: lam, the factor on the summed task vectors; normalize: divide by sum of weights."""
+
+    scaling: float = 1.0
+    normalize: bool = False
+
+    def validate(self) -> None:
+        self._number("scaling", -1e6, 1e6)
+        self._boolean("normalize")
+
+
+def task_sum(inp: MergeInput, lam: float, normalize: bool, chunk: int, name: str) -> dict[str, Any]:
+    use_base = task_base(inp, name)
+    w = checked_weights(inp)
+    inv_den = 1.0
+    if normalize:
+        total = float(w.sum())
+        if total == 0.0:
+            raise StrategyError("total contribution weight is zero: cannot normalize")
+        inv_den = 1.0 / total
+    out: dict[str, Any] = {}
+    for spec in inp.specs:
+        stream = TensorStream(inp, spec, chunk, base=use_base)
+        flat = np.empty(spec.numel, dtype=np.float32)
+        for lo, hi, xs, b in stream.chunks():
+            stream.check(_task_chunk(xs, b, w, flat[lo:hi], lo, lam=lam, inv_den=inv_den))
+        out[spec.name] = stream.finish(flat)
+    return out
+
+
+class TaskArithmetic(Strategy):
+    """``b + scaling * sum_k w_k (x_k - b)``; for delta contributions the merged delta."""
+
+    name = "task_arithmetic"
+    params_type = TaskArithmeticParams
+
+    def merge(self, inp: MergeInput, params: TaskArithmeticParams, chunk: int) -> dict[str, Any]:
+        return task_sum(inp, params.scaling, params.normalize, chunk, self.name)
+
+
+class NegativeMerge(Strategy):
+    """Task negation: ``b - scaling * sum_k w_k (x_k - b)``."""
+
+    name = "negative_merge"
+    params_type = TaskArithmeticParams
+
+    def merge(self, inp: MergeInput, params: TaskArithmeticParams, chunk: int) -> dict[str, Any]:
+        return task_sum(inp, -params.scaling, params.normalize, chunk, self.name)

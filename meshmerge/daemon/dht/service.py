@@ -43,6 +43,7 @@ from .wire import (
     PeerClosed,
     WireError,
     encode_frame,
+    parse_addr,
     parse_peers,
     peer_entry,
 )
@@ -61,6 +62,15 @@ class _CachedStream:
         self.lock = trio.Lock()
 
         self.broken = False
+
+    async def send_only(self, msg: Message) -> None:
+        """A request that gets no reply (ADD_PROVIDER): the stream stays in step."""
+        async with self.lock:
+            try:
+                await self.stream.write(encode_frame(msg))
+            except BaseException:
+                self.broken = True
+                raise
 
     async def exchange(self, msg: Message) -> Message:
         """Write one request, read its reply. Any interruption (error or cancellation)
@@ -429,6 +439,14 @@ class KademliaDHT:
         try:
             with trio.fail_after(self.config.request_timeout):
                 if not expect_reply:
+                    idle = self._streams.get(peer)
+                    if idle is not None and not idle.broken and not idle.lock.locked():
+                        try:
+                            await idle.send_only(msg)
+                            return None
+                        except Exception as exc:
+                            log.debug("cached DHT stream to %s failed (%r); using a new one", ID(peer), exc)
+                            self._drop_stream(peer, idle)
                     stream = await self.host.new_stream(ID(peer), [KAD])
                     try:
                         await stream.write(encode_frame(msg))
@@ -634,8 +652,9 @@ class KademliaDHT:
             return None
         values = list(found.values())
         best = values[self.validator.select(key, values)]
-        with suppress(RecordRejected, StoreFull):
-            self._store_value(key, best, self._now())
+        if best != local:
+            with suppress(StoreFull):
+                self.values.put(key, best, self._now())  # validated on receipt
         stale = [p for p, v in found.items() if v != best and p != self.self_peer]
         if stale and self._nursery is not None:
             self._nursery.start_soon(self._correct, key, best, stale)
@@ -742,13 +761,7 @@ class KademliaDHT:
 
 
 def _decode_addrs(raw: list[bytes]) -> list[Multiaddr]:
-    out = []
-    for b in raw:
-        try:
-            out.append(Multiaddr(b))
-        except Exception:
-            continue
-    return out
+    return [a for a in map(parse_addr, raw) if a is not None]
 
 
 def _type_name(msg: Message) -> str:

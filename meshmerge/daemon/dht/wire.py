@@ -10,6 +10,7 @@ amount of memory and work.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
@@ -103,10 +104,22 @@ class PeerRecord:
     addrs: tuple[Multiaddr, ...]
 
 
-def parse_peers(peers: object) -> list[PeerRecord]:
+def parse_addr(raw: bytes) -> Multiaddr | None:
+    """A binary multiaddr, fully checked. py-multiaddr parses bytes lazily, so
+    garbage would otherwise enter the peerstore and fail much later."""
+    try:
+        addr = Multiaddr(raw)
+        str(addr)
+        addr.protocols()
+    except Exception:
+        return None
+    return addr
+
+
+def parse_peers(peers: Iterable[Message.Peer]) -> list[PeerRecord]:
     """Decode `closerPeers` / `providerPeers`, dropping malformed ids and addresses."""
     out: list[PeerRecord] = []
-    for i, p in enumerate(peers):  # type: ignore[attr-defined]
+    for i, p in enumerate(peers):
         if i >= MAX_PEERS_PER_MESSAGE:
             break
         try:
@@ -120,10 +133,11 @@ def parse_peers(peers: object) -> list[PeerRecord]:
         for raw in list(p.addrs)[:MAX_ADDRS_PER_PEER]:
             if len(raw) > MAX_ADDR_BYTES:
                 continue
-            try:
-                addrs.append(Multiaddr(raw))
-            except Exception:
+            addr = parse_addr(raw)
+            if addr is None:
                 log.debug("dropping malformed multiaddr from peer entry")
+            else:
+                addrs.append(addr)
         out.append(PeerRecord(bytes(p.id), tuple(addrs)))
     return out
 

@@ -19,3 +19,18 @@ def run_trio(fn: Callable[[], Awaitable[object]], timeout: float = 60.0) -> None
             await fn()
 
     trio.run(guarded)
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]],
+    *,
+    timeout: float = 10.0,
+    what: str = "condition",
+    poll: float = 0.05,
+) -> None:
+    """Poll `condition` until it is true; trio.TooSlowError naming `what` after `timeout` s."""
+    with trio.move_on_after(timeout):
+        while not await condition():
+            await trio.sleep(poll)
+        return
+    raise trio.TooSlowError(f"timed out after {timeout} s waiting for {what}")

@@ -27,15 +27,18 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import trio
+from google.protobuf.message import DecodeError, Message
 from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
 from meshmerge.testing.interop import p2pd_control_pb2 as pb
+from meshmerge.testing.interop.common import PeerInfo, PubsubMessage
 from meshmerge.testing.interop.framing import BufferedStream, FramingError, encode_uvarint
 from meshmerge.testing.interop.process import ManagedProcess, PeerProcessError
 from meshmerge.testing.interop.tools import InteropTools, locate_tools
@@ -44,6 +47,7 @@ IDENTIFY_PROTOCOL = "/ipfs/id/1.0.0"
 PING_PROTOCOL = "/ipfs/ping/1.0.0"
 PING_SIZE = 32
 _P_UNIX = 0x0190  # multicodec of /unix
+_Msg = TypeVar("_Msg", bound=Message)
 
 DEFAULT_FLAGS = (
     "-dhtServer",
@@ -57,18 +61,15 @@ DEFAULT_FLAGS = (
 )
 
 
+GO_MESH_SETTLE = 1.5
+"""Seconds to wait after subscriptions are exchanged before a *subscribed* p2pd
+publishes: it sends only to its mesh (flood publishing did not reach a known
+topic peer in our runs), and the mesh is built on its 1 s heartbeat. Publishing
+earlier lost all 10 of 10 messages in about 1 run of 4."""
+
+
 class DaemonError(RuntimeError):
     """p2pd answered a request with ERROR (message included) or broke the protocol."""
-
-
-@dataclass(frozen=True)
-class PeerInfo:
-    peer_id: ID
-    addrs: tuple[Multiaddr, ...]
-
-    @classmethod
-    def from_pb(cls, info: pb.PeerInfo) -> PeerInfo:
-        return cls(ID(info.id), tuple(Multiaddr(a) for a in info.addrs))
 
 
 @dataclass(frozen=True)
@@ -78,18 +79,11 @@ class StreamInfo:
     protocol: str
 
 
-@dataclass(frozen=True)
-class PubsubMessage:
-    """A message the go peer received on a subscription, with our receive time."""
-
-    from_peer: ID | None
-    data: bytes
-    seqno: bytes
-    topics: tuple[str, ...]
-    received_at: float = field(compare=False)
-
-
 StreamHandler = Callable[[StreamInfo, BufferedStream], Awaitable[None]]
+
+
+def _peer_info(info: pb.PeerInfo) -> PeerInfo:
+    return PeerInfo(ID(info.id), tuple(Multiaddr(a) for a in info.addrs))
 
 
 def unix_multiaddr_bytes(path: Path) -> bytes:
@@ -99,6 +93,13 @@ def unix_multiaddr_bytes(path: Path) -> bytes:
     """
     value = str(path).encode()
     return encode_uvarint(_P_UNIX) + encode_uvarint(len(value)) + value
+
+
+def _parse(cls: type[_Msg], raw: bytes, what: str) -> _Msg:
+    try:
+        return cls.FromString(raw)
+    except DecodeError as exc:
+        raise DaemonError(f"p2pd sent an undecodable {cls.__name__} for {what}: {exc}") from exc
 
 
 def _check(resp: pb.Response, what: str) -> pb.Response:
@@ -119,13 +120,13 @@ class Subscription:
         raw = await self._conn.read_frame()
         if raw is None:
             raise DaemonError(f"p2pd closed the subscription to {self.topic!r}")
-        msg = pb.PubsubMessage.FromString(raw)
+        msg = _parse(pb.PubsubMessage, raw, f"subscription {self.topic!r}")
         return PubsubMessage(
-            from_peer=ID(getattr(msg, "from")) if msg.HasField("from") else None,
+            topic=msg.topics[0] if msg.topics else self.topic,
             data=msg.data,
+            from_peer=ID(getattr(msg, "from")) if msg.HasField("from") else None,
             seqno=msg.seqno,
-            topics=tuple(msg.topics),
-            received_at=time.perf_counter(),
+            received_at=time.monotonic(),
         )
 
     def __aiter__(self) -> Subscription:
@@ -159,7 +160,7 @@ class GoPeer:
             raise DaemonError(f"p2pd broke the control protocol answering {what}: {exc}") from exc
         if raw is None:
             raise DaemonError(f"p2pd closed the control connection without answering {what}")
-        return _check(pb.Response.FromString(raw), what)
+        return _check(_parse(pb.Response, raw, what), what)
 
     async def _call(self, req: pb.Request, what: str) -> pb.Response:
         conn = await self._open()
@@ -198,7 +199,7 @@ class GoPeer:
 
     async def list_peers(self) -> list[PeerInfo]:
         resp = await self._call(pb.Request(type=pb.Request.LIST_PEERS), "LIST_PEERS")
-        return [PeerInfo.from_pb(p) for p in resp.peers]
+        return [_peer_info(p) for p in resp.peers]
 
     async def open_stream(
         self, peer_id: ID, protocols: Sequence[str], timeout: int = 10
@@ -238,7 +239,7 @@ class GoPeer:
                 raw = await conn.read_frame()
                 if raw is None:
                     return
-                si = pb.StreamInfo.FromString(raw)
+                si = _parse(pb.StreamInfo, raw, "an inbound stream")
                 await handler(StreamInfo(ID(si.peer), Multiaddr(si.addr), si.protocol), conn)
             finally:
                 await conn.aclose()
@@ -280,9 +281,7 @@ class GoPeer:
                 await stream.aclose()
         if raw is None:
             raise DaemonError(f"{peer_id} closed the identify stream without a message")
-        msg = Identify()
-        msg.ParseFromString(raw)
-        return msg
+        return _parse(Identify, raw, f"identify from {peer_id}")
 
     # --- DHT ----------------------------------------------------------------
     def _dht(self, kind: int, **fields: object) -> pb.Request:
@@ -299,7 +298,7 @@ class GoPeer:
                 raw = await conn.read_frame()
                 if raw is None:
                     raise DaemonError(f"p2pd closed the {what} answer stream before END")
-                item = pb.DHTResponse.FromString(raw)
+                item = _parse(pb.DHTResponse, raw, what)
                 if item.type == pb.DHTResponse.END:
                     return out
                 out.append(item)
@@ -321,14 +320,12 @@ class GoPeer:
 
     async def dht_find_providers(self, cid: bytes, count: int = 20, timeout: int = 30) -> list[PeerInfo]:
         req = self._dht(pb.DHTRequest.FIND_PROVIDERS, cid=cid, count=count, timeout=timeout)
-        return [
-            PeerInfo.from_pb(r.peer) for r in await self._dht_stream(req, "DHT FIND_PROVIDERS") if r.peer.id
-        ]
+        return [_peer_info(r.peer) for r in await self._dht_stream(req, "DHT FIND_PROVIDERS") if r.peer.id]
 
     async def dht_find_peer(self, peer_id: ID, timeout: int = 30) -> PeerInfo:
         req = self._dht(pb.DHTRequest.FIND_PEER, peer=peer_id.to_bytes(), timeout=timeout)
         resp = await self._call(req, f"DHT FIND_PEER {peer_id}")
-        return PeerInfo.from_pb(resp.dht.peer)
+        return _peer_info(resp.dht.peer)
 
     async def dht_get_closest_peers(self, key: bytes, timeout: int = 30) -> list[ID]:
         req = self._dht(pb.DHTRequest.GET_CLOSEST_PEERS, key=key, timeout=timeout)
@@ -365,6 +362,23 @@ class GoPeer:
             yield Subscription(topic, conn)
         finally:
             await conn.aclose()
+
+
+async def provide_when_routable(peer: GoPeer, cid: bytes, timeout: float = 10.0) -> None:
+    """PROVIDE, retried while go's routing table is still empty after a fresh connection.
+
+    p2pd answers "failed to find any peer in table" until identify has told it
+    that the remote speaks kad, a few ms to a second after CONNECT.
+    """
+    deadline = trio.current_time() + timeout
+    while True:
+        try:
+            await peer.dht_provide(cid)
+            return
+        except DaemonError as exc:
+            if "failed to find any peer" not in str(exc) or trio.current_time() > deadline:
+                raise
+        await trio.sleep(0.05)
 
 
 async def _wait_ready(peer: GoPeer, deadline: float) -> None:

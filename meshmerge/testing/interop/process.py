@@ -95,8 +95,16 @@ class ManagedProcess:
 
 
 def pipe_streams(proc: ManagedProcess) -> tuple[trio.lowlevel.FdStream, trio.lowlevel.FdStream]:
-    """trio streams (to stdin, from stdout) over duplicates of the child's pipes."""
-    assert proc.popen.stdin is not None and proc.popen.stdout is not None
-    send = trio.lowlevel.FdStream(os.dup(proc.popen.stdin.fileno()))
-    receive = trio.lowlevel.FdStream(os.dup(proc.popen.stdout.fileno()))
+    """trio streams (to stdin, from stdout) that take over the child's pipes.
+
+    The Popen file objects are closed so the trio stream holds the only write
+    end of stdin: closing it is the EOF that tells the child to stop.
+    """
+    stdin, stdout = proc.popen.stdin, proc.popen.stdout
+    assert stdin is not None and stdout is not None
+    send = trio.lowlevel.FdStream(os.dup(stdin.fileno()))
+    receive = trio.lowlevel.FdStream(os.dup(stdout.fileno()))
+    stdin.close()
+    stdout.close()
+    proc.popen.stdin = proc.popen.stdout = None
     return send, receive

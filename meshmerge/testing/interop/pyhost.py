@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import libp2p
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, ISubscriptionAPI
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.host.ping import ID as PING_PROTOCOL
@@ -24,10 +24,19 @@ from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL
 from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.peer.peerstore import PeerStoreError
+from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_V10
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIPSUB_V11
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12 as GOSSIPSUB_V12
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.tools.anyio_service.context import background_trio_service
 from libp2p.utils.varint import read_length_prefixed_protobuf
 from multiaddr import Multiaddr
+
+from meshmerge.testing.interop.common import PubsubMessage
 
 
 def new_noise_only_host() -> IHost:
@@ -40,6 +49,7 @@ def new_noise_only_host() -> IHost:
 @dataclass
 class StockPyHost:
     host: IHost
+    pubsub: Pubsub | None = None
 
     @property
     def peer_id(self) -> ID:
@@ -73,9 +83,26 @@ class StockPyHost:
             await stream.close()
         return rtts
 
-    async def identify_remote(self, peer_id: ID, timeout: float = 10.0) -> Identify:
-        """Ask `peer_id` for its Identify message over a fresh /ipfs/id/1.0.0 stream."""
+    async def identified_protocols(self, peer_id: ID, timeout: float = 10.0) -> list[str]:
+        """Protocols py-libp2p's own identify (run on connect) stored for `peer_id`; waits for it."""
         with trio.fail_after(timeout):
+            while True:
+                try:
+                    protocols = list(self.host.get_peerstore().get_protocols(peer_id))
+                except PeerStoreError:  # no data on the peer yet
+                    protocols = []
+                if protocols:
+                    return protocols
+                await trio.sleep(0.02)
+
+    async def identify_remote(self, peer_id: ID, timeout: float = 10.0) -> Identify:
+        """Ask `peer_id` for its Identify message over a fresh /ipfs/id/1.0.0 stream.
+
+        Waits for py-libp2p's automatic identify first: js-libp2p allows one
+        inbound identify stream per connection and resets a second, concurrent one.
+        """
+        with trio.fail_after(timeout):
+            await self.identified_protocols(peer_id, timeout)
             stream = await self.host.new_stream(peer_id, [IDENTIFY_PROTOCOL])
             try:
                 raw = await read_length_prefixed_protobuf(stream, use_varint_format=True)
@@ -85,11 +112,62 @@ class StockPyHost:
         msg.ParseFromString(raw)
         return msg
 
+    async def disconnect(self, peer_id: ID) -> None:
+        await self.host.disconnect(peer_id)
+
+    def topic_peers(self, topic: str) -> set[ID]:
+        """Peers py-libp2p's pubsub knows to be subscribed to `topic`."""
+        assert self.pubsub is not None, "start_stock_py_host(gossipsub=True) to use pubsub"
+        return set(self.pubsub.peer_topics.get(topic, ()))
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        assert self.pubsub is not None, "start_stock_py_host(gossipsub=True) to use pubsub"
+        await self.pubsub.publish(topic, data)
+
+    async def subscribe(self, topic: str) -> StockPySubscription:
+        assert self.pubsub is not None, "start_stock_py_host(gossipsub=True) to use pubsub"
+        return StockPySubscription(topic, await self.pubsub.subscribe(topic))
+
+
+@dataclass
+class StockPySubscription:
+    topic: str
+    api: ISubscriptionAPI
+
+    async def receive(self) -> PubsubMessage:
+        msg = await self.api.get()
+        return PubsubMessage(
+            topic=self.topic,
+            data=msg.data,
+            from_peer=ID(msg.from_id) if msg.from_id else None,
+            seqno=msg.seqno,
+            received_at=time.monotonic(),
+        )
+
+
+def new_stock_gossipsub() -> GossipSub:
+    """py-libp2p's GossipSub with only the required arguments (D=6, Dlo=4, Dhi=12), rest default.
+
+    The defaults include a 120 s heartbeat and a 10 msg/s per-topic limit.
+    """
+    return GossipSub(
+        protocols=[GOSSIPSUB_V12, GOSSIPSUB_V11, GOSSIPSUB_V10], degree=6, degree_low=4, degree_high=12
+    )
+
 
 @asynccontextmanager
-async def start_stock_py_host(host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[StockPyHost]:
-    """A stock py-libp2p host listening on TCP `host:port` for the block."""
+async def start_stock_py_host(
+    host: str = "127.0.0.1", port: int = 0, *, gossipsub: bool = False
+) -> AsyncIterator[StockPyHost]:
+    """A stock py-libp2p host listening on TCP `host:port` for the block, with stock gossipsub if asked."""
     h = new_noise_only_host()
     family = "ip6" if ":" in host else "ip4"
     async with h.run(listen_addrs=[Multiaddr(f"/{family}/{host}/tcp/{port}")]):
-        yield StockPyHost(h)
+        if not gossipsub:
+            yield StockPyHost(h)
+            return
+        router = new_stock_gossipsub()
+        pubsub = Pubsub(h, router)
+        async with background_trio_service(pubsub), background_trio_service(router):
+            await pubsub.wait_until_ready()
+            yield StockPyHost(h, pubsub)

@@ -38,7 +38,18 @@ class InteropTools:
 
     @property
     def js_peer_script(self) -> Path:
+        """The runnable copy next to node_modules (ESM resolves packages from the script's folder)."""
         return self.js_dir / "peer.mjs"
+
+    def sync_js_peer_script(self) -> None:
+        """Refresh the runnable copy from tests/interop/js/peer.mjs if that was edited since setup."""
+        source = self.root / "tests" / "interop" / "js" / "peer.mjs"
+        if source.is_file() and self.js_dir.is_dir():
+            text = source.read_bytes()
+            if not self.js_peer_script.is_file() or self.js_peer_script.read_bytes() != text:
+                tmp = self.js_peer_script.with_suffix(".tmp")
+                tmp.write_bytes(text)
+                tmp.replace(self.js_peer_script)
 
     def check(self) -> None:
         missing = [p for p in (self.p2pd, self.node, self.js_peer_script) if not p.is_file()]

@@ -1,0 +1,127 @@
+"""Streaming access to the contributions of one tensor, chunk by chunk.
+
+Strategies never materialise N full models: they walk each tensor in chunks
+of ``chunk`` elements, widening only the current chunk to float32 (float32
+inputs are used in place, so memory-mapped safetensors are read once without
+a copy). Peak memory is the float32 output of one tensor plus, for 16-bit
+inputs, N widened chunks.
+
+Also the single place that checks a contribution's tensor against its spec
+and turns a kernel's "input k has NaN/Inf" report into a StrategyError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from meshmerge.cext import bf16_to_f32, f32_to_bf16, has_nonfinite
+from meshmerge.crdt.strategies.base import MergeInput, StrategyError, Tensors
+from meshmerge.crdt.tensors import STORAGE_DTYPES, TensorSpec
+
+F32 = npt.NDArray[np.float32]
+
+
+def _flat(tensors: Tensors, spec: TensorSpec, who: str) -> npt.NDArray[Any]:
+    try:
+        arr = tensors[spec.name]
+    except KeyError:
+        raise StrategyError(f"{who} has no tensor {spec.name!r}") from None
+    arr = np.asarray(arr)
+    want = STORAGE_DTYPES[spec.dtype]
+    if arr.dtype != want:
+        raise StrategyError(
+            f"{who} tensor {spec.name!r}: dtype {arr.dtype} does not match spec {spec.dtype} ({want})"
+        )
+    if tuple(arr.shape) != tuple(spec.shape):
+        raise StrategyError(
+            f"{who} tensor {spec.name!r}: shape {tuple(arr.shape)} does not match spec {tuple(spec.shape)}"
+        )
+    return arr.reshape(-1)
+
+
+def _widen(flat: npt.NDArray[Any], dtype: str, lo: int, hi: int) -> F32:
+    part = flat[lo:hi]
+    if dtype == "F32":
+        return np.ascontiguousarray(part)
+    if dtype == "BF16":
+        out = np.empty(hi - lo, dtype=np.float32)
+        bf16_to_f32(np.ascontiguousarray(part), out.view(np.uint32))
+        return out
+    return np.ascontiguousarray(part, dtype=np.float32)
+
+
+class TensorStream:
+    """The N contributions (and optionally the base) of one tensor, in chunks."""
+
+    def __init__(self, inp: MergeInput, spec: TensorSpec, chunk: int, *, base: bool = False) -> None:
+        self.spec = spec
+        self.chunk = chunk
+        self.flats = [_flat(t, spec, f"contribution {k}") for k, t in enumerate(inp.tensors)]
+        self.base: npt.NDArray[Any] | None = None
+        if base:
+            if inp.base is None:
+                raise StrategyError("this strategy needs the base model (MergeInput.base) for weights")
+            self.base = _flat(inp.base, spec, "base model")
+
+    @property
+    def numel(self) -> int:
+        return self.spec.numel
+
+    def chunks(self) -> Iterator[tuple[int, int, list[F32], F32 | None]]:
+        """Yield ``(lo, hi, [x_k[lo:hi] as float32], base[lo:hi] or None)``."""
+        for lo in range(0, self.numel, self.chunk):
+            hi = min(lo + self.chunk, self.numel)
+            xs = [_widen(f, self.spec.dtype, lo, hi) for f in self.flats]
+            b = None
+            if self.base is not None:
+                b = _widen(self.base, self.spec.dtype, lo, hi)
+                if has_nonfinite(b):
+                    raise StrategyError(f"base model tensor {self.spec.name!r} holds NaN or Inf")
+            yield lo, hi, xs, b
+
+    def check(self, bad: int) -> None:
+        """Raise if a kernel reported a non-finite value in input ``bad``."""
+        if bad >= 0:
+            raise StrategyError(
+                f"contribution {bad} tensor {self.spec.name!r} holds NaN or Inf; "
+                "non-finite contributions cannot be merged"
+            )
+
+    def finish(self, out: F32) -> npt.NDArray[Any]:
+        """Round a float32 result to the storage dtype and give it the spec's shape."""
+        return to_storage(out, self.spec)
+
+
+def to_storage(out: F32, spec: TensorSpec) -> npt.NDArray[Any]:
+    if spec.dtype == "F32":
+        res: npt.NDArray[Any] = out
+    elif spec.dtype == "BF16":
+        res = np.empty(out.shape, dtype=np.uint16)
+        f32_to_bf16(np.ascontiguousarray(out).reshape(-1), res.reshape(-1))
+    else:
+        res = out.astype(STORAGE_DTYPES[spec.dtype])
+    return res.reshape(spec.shape)
+
+
+def task_base(inp: MergeInput, strategy: str) -> bool:
+    """Whether task vectors need the base subtracted (weights) or are given (delta)."""
+    if inp.kind == "delta":
+        return False
+    if inp.base is None:
+        raise StrategyError(
+            f"{strategy} works on task vectors: give delta contributions, or weights with the base model"
+        )
+    return True
+
+
+def checked_weights(inp: MergeInput, *, positive: bool = False) -> npt.NDArray[np.float64]:
+    w = inp.weight_array()
+    if not np.all(np.isfinite(w)):
+        raise StrategyError("contribution weights must be finite")
+    if positive and not np.all(w > 0):
+        raise StrategyError("this strategy needs every contribution weight to be > 0")
+    return w

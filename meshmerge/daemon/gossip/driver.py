@@ -1,0 +1,761 @@
+"""Trio driver that runs the sans-I/O :class:`GossipSubRouter` over py-libp2p streams.
+
+Theory of operation
+-------------------
+The router decides everything; this module only moves bytes and time.
+
+* **Streams.** As the spec says, each peer gets one long-lived *outbound*
+  stream that we write to, and we read whatever *inbound* stream the peer
+  opened to us (a newer inbound stream replaces an older one, as in
+  go-libp2p-pubsub). Inbound frames go through the codec's
+  :class:`FrameDecoder`, which refuses a frame larger than the configured
+  bound before buffering it; a peer that sends an undecodable frame gets a
+  behaviour penalty and is disconnected.
+* **Peers.** A connection notification (or the periodic reconcile against the
+  host's connection table, which catches notifications we missed) starts one
+  peer task in the service nursery. It negotiates ``/meshsub/1.2.0``,
+  ``/meshsub/1.1.0``, ``/meshsub/1.0.0`` or ``/floodsub/1.0.0``, registers the
+  peer with the router under that protocol, then writes the router's queued
+  frames (coalesced) until the stream or connection dies. A write that takes
+  longer than ``write_timeout`` drops the peer; so does a router queue overflow
+  (the router reports it through ``take_disconnects``).
+* **Validation.** The router parks every message for an asynchronous verdict;
+  ``max_validation_concurrency`` worker tasks run the topic's validator and
+  report the verdict back (REJECT costs the forwarder P4), then hand accepted
+  messages to the topic's handler. The router bounds pending validations per
+  peer and in total, so the channel between them never overflows.
+* **Time.** ``now`` is ``time.monotonic()``; the heartbeat runs every
+  ``params.heartbeat_interval``.
+
+After every event the driver *pumps* the router: wakes writers of peers with
+queued frames, schedules disconnects and (bounded) dials, and queues
+validations. Every task lives in the nursery of :meth:`GossipService.run`,
+except the readers, which py-libp2p runs inside its stream-handler tasks; we
+track their cancel scopes and cancel them on shutdown.
+
+The handler and validator receive the message *author* (the signed ``from``
+field, guaranteed by StrictSign), not the forwarding peer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import multiaddr
+import trio
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.host.basic_host import BasicHost
+from libp2p.peer.id import ID
+
+from meshmerge.daemon.gossip.params import (
+    GossipSubParams,
+    ParamsError,
+    PeerScoreParams,
+    PeerScoreThresholds,
+)
+from meshmerge.daemon.gossip.router import (
+    FLOODSUB,
+    MESHSUB_10,
+    MESHSUB_11,
+    MESHSUB_12,
+    GossipSubRouter,
+    PendingValidation,
+    Validation,
+)
+from meshmerge.daemon.identity import Identity
+from meshmerge.proto.gossipsub import CodecLimits, FrameDecoder, GossipCodecError, Message
+from meshmerge.proto.gossipsub_sign import Ed25519Identity
+
+__all__ = [
+    "GossipConfig",
+    "GossipService",
+    "Handler",
+    "Validation",
+    "Validator",
+]
+
+log = logging.getLogger("meshmerge.gossip")
+
+Validator = Callable[[bytes, bytes], Awaitable[Validation]]
+"""``(author_peer_id_bytes, data) -> verdict``; REJECT penalises the forwarder (P4)."""
+Handler = Callable[[bytes, bytes], Awaitable[None]]
+"""``(author_peer_id_bytes, data)``, called once per accepted message."""
+
+OUR_PROTOCOLS: tuple[str, ...] = (MESHSUB_12, MESHSUB_11, MESHSUB_10, FLOODSUB)
+"""Offered in preference order when we open a stream; all four are accepted inbound."""
+
+# Exceptions that mean "this stream or connection is gone": expected, logged at debug.
+_STREAM_GONE = (BaseLibp2pError, trio.BrokenResourceError, trio.ClosedResourceError, OSError, EOFError)
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    """Everything that shapes the gossip service; :meth:`validate` names the field and the rule."""
+
+    params: GossipSubParams = field(default_factory=GossipSubParams)
+    score: PeerScoreParams | None = None
+    """Peer scoring (None: no scoring, every peer scores 0). Use ``derive_score_params``."""
+    thresholds: PeerScoreThresholds = field(default_factory=PeerScoreThresholds)
+    max_validation_concurrency: int = 16
+    """Validator calls running at once (the router bounds how many wait)."""
+    direct_peers: tuple[str, ...] = ()
+    """Full ``/ip4/.../tcp/.../p2p/<id>`` addresses of peers we always forward to and redial."""
+    open_stream_timeout: float = 10.0
+    """Seconds to open and negotiate the outbound pubsub stream to a peer."""
+    write_timeout: float = 10.0
+    """A single write blocked longer than this drops the peer (it is not reading)."""
+    max_write_batch_bytes: int = 256 * 1024
+    """Queued frames are coalesced into writes of at most this many bytes (one frame may exceed it)."""
+    read_chunk_bytes: int = 64 * 1024
+    max_concurrent_dials: int = 4
+    """Dials for PX / direct peers running at once; further requests wait for the next heartbeat."""
+    dial_timeout: float = 10.0
+    publish_wait_timeout: float = 5.0
+    """publish() waits up to this long while some peer's queue is more than half full."""
+    stream_retry_limit: int = 3
+    """Consecutive failures to (re)open the outbound stream to a connected peer before giving up."""
+    shutdown_timeout: float = 2.0
+    """Seconds run() waits on cancellation for inbound-stream readers to finish."""
+    reconcile_interval_ticks: int = 5
+    """Every this many heartbeats, start peer tasks for connections whose notification we missed."""
+
+    def validate(self) -> None:
+        self.params.validate()
+        if self.score is not None:
+            self.score.validate()
+        self.thresholds.validate()
+        positive_ints = (
+            "max_validation_concurrency",
+            "max_write_batch_bytes",
+            "read_chunk_bytes",
+            "max_concurrent_dials",
+            "stream_retry_limit",
+            "reconcile_interval_ticks",
+        )
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ParamsError(f"GossipConfig.{name}: must be a positive integer, got {value!r}")
+        for name in (
+            "open_stream_timeout",
+            "write_timeout",
+            "dial_timeout",
+            "publish_wait_timeout",
+            "shutdown_timeout",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value <= 600:
+                raise ParamsError(f"GossipConfig.{name}: must be in (0, 600] seconds, got {value!r}")
+        if self.max_validation_concurrency > self.params.max_pending_validations:
+            raise ParamsError(
+                "GossipConfig.max_validation_concurrency: must not exceed "
+                "params.max_pending_validations (workers beyond it would never have work)"
+            )
+        for addr in self.direct_peers:
+            _direct_peer(addr)
+
+
+def _direct_peer(addr: str) -> tuple[ID, multiaddr.Multiaddr]:
+    try:
+        ma = multiaddr.Multiaddr(addr)
+        pid = ID.from_base58(ma.value_for_protocol("p2p"))
+        transport = ma.decapsulate(multiaddr.Multiaddr(f"/p2p/{pid.to_base58()}"))
+    except Exception as exc:
+        raise ParamsError(
+            f"GossipConfig.direct_peers: {addr!r} is not a /.../p2p/<peer-id> multiaddr ({exc})"
+        ) from exc
+    return pid, transport
+
+
+def _conn_ip(conn: INetConn) -> str | None:
+    """Remote IP of a connection (for P6 IP colocation), if the transport reveals one."""
+    getter = getattr(conn, "get_transport_addresses", None)
+    if getter is None:
+        return None
+    try:
+        addrs = getter()
+    except Exception:
+        return None
+    for ma in addrs:
+        for proto in ("ip4", "ip6"):
+            try:
+                return str(ipaddress.ip_address(ma.value_for_protocol(proto)))
+            except Exception:
+                continue
+    return None
+
+
+def _conn_outbound(conn: INetConn) -> bool:
+    direction = getattr(conn, "direction", None)
+    return getattr(direction, "name", str(direction)).upper() == "OUTBOUND"
+
+
+@dataclass
+class _Topic:
+    validator: Validator
+    handler: Handler
+
+
+@dataclass
+class _PeerState:
+    """Driver-side state of one peer task."""
+
+    peer: ID
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    ready: trio.Event = field(default_factory=trio.Event)
+    wake: trio.Event = field(default_factory=trio.Event)
+    protocol: str | None = None
+    ip: str | None = None
+
+
+class _Notifee(INotifee):
+    """Forwards connection events into the service without blocking the swarm."""
+
+    def __init__(self, service: GossipService) -> None:
+        self._service = service
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._service._notify_peer(conn.muxed_conn.peer_id)
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self._service._notify_peer(conn.muxed_conn.peer_id)
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
+
+
+@dataclass
+class DriverStats:
+    """Driver-side counters (the router keeps its own in ``router.stats``)."""
+
+    peers_added: int = 0
+    peers_removed: int = 0
+    bad_frames: int = 0
+    slow_writes: int = 0
+    disconnects: int = 0
+    dials: int = 0
+    dials_skipped: int = 0
+    validator_errors: int = 0
+    handler_errors: int = 0
+    delivered: int = 0
+
+
+class GossipService:
+    """GossipSub on a py-libp2p host, driven from one trio nursery (see the module docstring)."""
+
+    def __init__(self, host: BasicHost, identity: Identity, config: GossipConfig | None = None) -> None:
+        config = config or GossipConfig()
+        config.validate()
+        self.host = host
+        self.config = config
+        self._app_scores: dict[bytes, float] = {}
+        score = config.score
+        if score is not None:
+            score = dataclasses.replace(score, app_specific_score=self._app_score)
+        self._direct = [_direct_peer(a) for a in config.direct_peers]
+        self.router = GossipSubRouter(
+            Ed25519Identity(identity.seed),
+            params=config.params,
+            score_params=score,
+            thresholds=config.thresholds,
+            validator=self._router_validator,
+            direct_peers=[pid.to_bytes() for pid, _ in self._direct],
+            rng=random.Random(),
+            now=time.monotonic(),
+        )
+        if self.router.peer_id != host.get_id().to_bytes():
+            raise ValueError("GossipService: identity does not match the host's peer id")
+        self.stats = DriverStats()
+        self._topics: dict[str, _Topic] = {}
+        self._peers: dict[ID, _PeerState] = {}
+        self._failures: dict[ID, int] = {}
+        self._not_pubsub: set[ID] = set()
+        self._readers: dict[ID, trio.CancelScope] = {}
+        self._dialing: set[ID] = set()
+        self._dropping: set[ID] = set()
+        self._nursery: trio.Nursery | None = None
+        self._notify_send, self._notify_recv = trio.open_memory_channel[ID](1024)
+        self._val_send, self._val_recv = trio.open_memory_channel[PendingValidation](
+            config.params.max_pending_validations + 1
+        )
+        self._drained = trio.lowlevel.ParkingLot()
+        limit = config.params.max_message_size + 64 * 1024
+        self._codec_limits = CodecLimits(max_rpc_size=limit)
+        self._notifee = _Notifee(self)
+
+    # ================================================================== public API
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; ``task_status.started()`` once the stream handlers are registered."""
+        if self._nursery is not None:
+            raise RuntimeError("GossipService.run() is already running")
+        network = self.host.get_network()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for proto in OUR_PROTOCOLS:
+                    self.host.set_stream_handler(TProtocol(proto), self._handle_stream)
+                network.register_notifee(self._notifee)
+                for pid, addr in self._direct:
+                    self.host.get_peerstore().add_addrs(pid, [addr], 3600 * 24 * 365)
+                nursery.start_soon(self._peer_manager)
+                nursery.start_soon(self._heartbeat)
+                for _ in range(self.config.max_validation_concurrency):
+                    nursery.start_soon(self._validation_worker)
+                self._reconcile()
+                for pid, _ in self._direct:
+                    self._dial(pid)
+                log.info("gossip: serving %s on %s", ", ".join(OUR_PROTOCOLS), self.host.get_id().to_base58())
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            with contextlib.suppress(Exception):
+                network.remove_notifee(self._notifee)
+            for proto in OUR_PROTOCOLS:
+                with contextlib.suppress(Exception):
+                    self.host.remove_stream_handler(TProtocol(proto))
+            for scope in list(self._readers.values()):
+                scope.cancel()
+            # readers run in py-libp2p's handler tasks: wait (bounded) until they have left
+            with trio.CancelScope(shield=True), trio.move_on_after(self.config.shutdown_timeout):
+                while self._readers:
+                    await trio.sleep(0.01)
+            log.info("gossip: stopped")
+
+    def subscribe(self, topic: str, validator: Validator, handler: Handler) -> None:
+        """Join ``topic``; messages are validated by ``validator`` then given to ``handler``."""
+        self._topics[topic] = _Topic(validator, handler)
+        self.router.subscribe(topic, time.monotonic())
+        self._pump()
+
+    def unsubscribe(self, topic: str) -> None:
+        self._topics.pop(topic, None)
+        self.router.unsubscribe(topic, time.monotonic())
+        self._pump()
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Sign (StrictSign) and send ``data`` on ``topic``.
+
+        Waits (up to ``publish_wait_timeout``) while some peer's outgoing queue is more
+        than half full, so a burst of publishes slows down instead of overflowing the
+        queue of a peer that is merely a little behind.
+        """
+        with trio.move_on_after(self.config.publish_wait_timeout):
+            while self._queue_pressure():
+                await self._drained.park()
+        self.router.publish(topic, data, time.monotonic())
+        self._pump()
+        await trio.lowlevel.checkpoint()
+
+    def set_app_score(self, peer: bytes, value: float) -> None:
+        """Application-specific score (P5) for ``peer``, e.g. from the reputation layer."""
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"app score must be finite, got {value!r}")
+        if value == 0.0:
+            self._app_scores.pop(peer, None)
+        else:
+            self._app_scores[peer] = float(value)
+        if self.router.score is not None:
+            self.router.score.invalidate(peer)
+
+    def peers(self) -> list[dict[str, str | int | float | bool]]:
+        r = self.router
+        out: list[dict[str, str | int | float | bool]] = []
+        for pb, st in r.peers.items():
+            mesh = sorted(t for t, m in r.mesh.items() if pb in m)
+            out.append(
+                {
+                    "peer_id": ID(pb).to_base58(),
+                    "protocol": st.protocol,
+                    "outbound": st.outbound,
+                    "ip": ",".join(st.ips),
+                    "topics": ",".join(sorted(st.topics)),
+                    "mesh": ",".join(mesh),
+                    "direct": pb in r.direct,
+                    "score": r.peer_score(pb),
+                    "queued_bytes": r.queued_bytes(pb),
+                }
+            )
+        return out
+
+    def scores(self) -> list[dict[str, str | int | float | bool]]:
+        r = self.router
+        sc = r.score
+        out: list[dict[str, str | int | float | bool]] = []
+        for pb in r.peers:
+            row: dict[str, str | int | float | bool] = {
+                "peer_id": ID(pb).to_base58(),
+                "score": r.peer_score(pb),
+                "app_score": self._app_scores.get(pb, 0.0),
+                "behaviour_penalty": sc.behaviour_penalty(pb) if sc is not None else 0.0,
+                "graylisted": r.peer_score(pb) < r.thresholds.graylist_threshold,
+            }
+            if sc is not None:
+                for topic in sorted(self._topics):
+                    for name, value in sc.topic_counters(pb, topic).items():
+                        row[f"{topic}:{name}"] = value
+            out.append(row)
+        return out
+
+    def topics(self) -> list[dict[str, str | int | float | bool]]:
+        r = self.router
+        names = set(r.subscriptions) | set(r.fanout) | set(r.topics)
+        return [
+            {
+                "topic": t,
+                "subscribed": t in r.subscriptions,
+                "peers": len(r.topics.get(t, ())),
+                "mesh": len(r.mesh.get(t, ())),
+                "fanout": len(r.fanout.get(t, ())),
+            }
+            for t in sorted(names)
+        ]
+
+    # ================================================================== router glue
+
+    def _app_score(self, peer: bytes) -> float:
+        return self._app_scores.get(peer, 0.0)
+
+    def _router_validator(self, topic: str, msg: Message, peer: bytes) -> Validation | None:
+        # None parks the message for an asynchronous verdict from a worker.
+        return None if topic in self._topics else Validation.IGNORE
+
+    def _queue_pressure(self) -> bool:
+        p = self.config.params
+        r = self.router
+        for pb, st in r.peers.items():
+            if (
+                r.queued_bytes(pb) * 2 > p.max_peer_queue_bytes
+                or len(st.queue) * 2 > p.max_peer_queue_messages
+            ):
+                return True
+        return False
+
+    def _pump(self) -> None:
+        """Carry out what the router asked for after an event. Never blocks."""
+        r = self.router
+        for pb in r.peers_with_output():
+            st = self._peers.get(ID(pb))
+            if st is not None:
+                st.wake.set()
+        for pb in r.take_disconnects():
+            self._drop(ID(pb), "router: outgoing queue overflow (slow peer)")
+        for pb in r.take_connects():
+            self._dial(ID(pb))
+        for pv in r.take_validations():
+            try:
+                self._val_send.send_nowait(pv)
+            except trio.WouldBlock:
+                r.report_validation(pv.mid, Validation.IGNORE, time.monotonic())
+
+    def _notify_peer(self, peer: ID) -> None:
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self._notify_send.send_nowait(peer)
+
+    # ================================================================== tasks
+
+    async def _peer_manager(self) -> None:
+        async for peer in self._notify_recv:
+            self._sync_peer(peer)
+
+    def _connected(self, peer: ID) -> bool:
+        try:
+            return bool(self.host.get_network().get_connections(peer))
+        except Exception:
+            return False
+
+    def _sync_peer(self, peer: ID) -> None:
+        """Start a peer task for a connected peer, or stop it for a gone one."""
+        if peer == self.host.get_id():
+            return
+        st = self._peers.get(peer)
+        if self._connected(peer):
+            if st is None and peer not in self._not_pubsub:
+                self._start_peer(peer)
+        else:
+            self._not_pubsub.discard(peer)
+            self._failures.pop(peer, None)
+            if st is not None:
+                st.scope.cancel()
+            reader = self._readers.get(peer)
+            if reader is not None:
+                reader.cancel()
+
+    def _start_peer(self, peer: ID) -> _PeerState:
+        st = self._peers.get(peer)
+        if st is None:
+            st = self._peers[peer] = _PeerState(peer)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._peer_task, st)
+        return st
+
+    def _reconcile(self) -> None:
+        try:
+            live = list(self.host.get_network().get_connections_map())
+        except Exception:
+            return
+        for peer in live:
+            self._sync_peer(peer)
+        for peer in [p for p in self._peers if p not in live]:
+            self._sync_peer(peer)
+
+    async def _heartbeat(self) -> None:
+        interval = self.config.params.heartbeat_interval
+        deadline = trio.current_time()
+        while True:
+            deadline += interval
+            await trio.sleep_until(deadline)
+            now_trio = trio.current_time()
+            if now_trio > deadline + interval:  # we fell behind (overloaded); do not burst
+                deadline = now_trio
+            self.router.on_heartbeat(time.monotonic())
+            self._pump()
+            if self.router.heartbeat_ticks % self.config.reconcile_interval_ticks == 0:
+                self._reconcile()
+
+    async def _peer_task(self, st: _PeerState) -> None:
+        peer = st.peer
+        pb = peer.to_bytes()
+        added = False
+        stream: INetStream | None = None
+        try:
+            with st.scope:
+                with trio.move_on_after(self.config.open_stream_timeout) as cs:
+                    try:
+                        stream = await self.host.new_stream(peer, [TProtocol(p) for p in OUR_PROTOCOLS])
+                    except _STREAM_GONE as exc:
+                        if self._connected(peer):
+                            log.debug("gossip: %s does not speak pubsub (%s)", peer, exc)
+                            self._not_pubsub.add(peer)
+                        return
+                if cs.cancelled_caught or stream is None:
+                    log.info("gossip: opening a pubsub stream to %s timed out", peer)
+                    self._failures[peer] = self._failures.get(peer, 0) + 1
+                    return
+                proto = str(stream.get_protocol())
+                swarm_conns = self.host.get_network().get_connections(peer)
+                ip = _conn_ip(swarm_conns[0]) if swarm_conns else None
+                outbound = _conn_outbound(swarm_conns[0]) if swarm_conns else False
+                st.protocol, st.ip = proto, ip
+                self.router.add_peer(pb, proto, outbound, ip or (), time.monotonic())
+                added = True
+                self.stats.peers_added += 1
+                self._failures.pop(peer, None)
+                st.ready.set()
+                self._pump()
+                log.info(
+                    "gossip: peer %s joined (%s, %s)", peer, proto, "outbound" if outbound else "inbound"
+                )
+                await self._write_loop(st, stream)
+        finally:
+            if added:
+                self.router.remove_peer(pb, time.monotonic())
+                self.stats.peers_removed += 1
+                log.info("gossip: peer %s left", peer)
+            if self._peers.get(peer) is st:
+                del self._peers[peer]
+            if stream is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0), contextlib.suppress(Exception):
+                    await stream.reset()
+            self._drained.unpark_all()
+        # the connection may have outlived the stream: retry a bounded number of times
+        if self._nursery is not None and self._connected(peer) and peer not in self._not_pubsub:
+            fails = self._failures.get(peer, 0) + (0 if added else 1)
+            self._failures[peer] = fails
+            if fails <= self.config.stream_retry_limit:
+                await trio.sleep(self.config.params.heartbeat_interval)
+                if self._nursery is not None and self._connected(peer):
+                    self._sync_peer(peer)
+            else:
+                log.info("gossip: giving up on a pubsub stream to %s after %d failures", peer, fails)
+
+    async def _write_loop(self, st: _PeerState, stream: INetStream) -> None:
+        r = self.router
+        pb = st.peer.to_bytes()
+        cap = self.config.max_write_batch_bytes
+        while True:
+            st.wake = trio.Event()
+            batch: list[bytes] = []
+            size = 0
+            while size < cap:
+                frame = r.pop_frame(pb)
+                if frame is None:
+                    break
+                batch.append(frame)
+                size += len(frame)
+            if not batch:
+                if pb not in r.peers:
+                    return
+                await st.wake.wait()
+                continue
+            with trio.move_on_after(self.config.write_timeout) as cs:
+                try:
+                    await stream.write(b"".join(batch) if len(batch) > 1 else batch[0])
+                except _STREAM_GONE as exc:
+                    log.debug("gossip: writing to %s failed: %r", st.peer, exc)
+                    return
+            if cs.cancelled_caught:
+                self.stats.slow_writes += 1
+                self._drop(st.peer, f"write blocked for {self.config.write_timeout:g}s (slow peer)")
+                return
+            self._drained.unpark_all()
+
+    async def _handle_stream(self, stream: INetStream) -> None:
+        """Inbound stream handler: read frames from the peer until EOF, reset or shutdown."""
+        peer = stream.muxed_conn.peer_id
+        if self._nursery is None:
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            return
+        old = self._readers.get(peer)
+        if old is not None:
+            log.debug("gossip: new inbound stream from %s replaces the old one", peer)
+            old.cancel()
+        scope = trio.CancelScope()
+        self._readers[peer] = scope
+        try:
+            with scope:
+                self._not_pubsub.discard(peer)
+                st = self._start_peer(peer)
+                with trio.move_on_after(self.config.open_stream_timeout):
+                    await st.ready.wait()
+                if not st.ready.is_set():
+                    log.info("gossip: no outbound stream to %s came up; ignoring its inbound stream", peer)
+                    return
+                await self._read_loop(peer, stream)
+        finally:
+            if self._readers.get(peer) is scope:
+                del self._readers[peer]
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0), contextlib.suppress(Exception):
+                await stream.reset()
+
+    async def _read_loop(self, peer: ID, stream: INetStream) -> None:
+        pb = peer.to_bytes()
+        decoder = FrameDecoder(self._codec_limits)
+        chunk = self.config.read_chunk_bytes
+        r = self.router
+        while True:
+            try:
+                data = await stream.read(chunk)
+            except _STREAM_GONE as exc:
+                log.debug("gossip: inbound stream from %s ended: %r", peer, exc)
+                return
+            if not data:
+                log.debug("gossip: inbound stream from %s closed", peer)
+                return
+            try:
+                rpcs = decoder.feed(data)
+            except GossipCodecError as exc:
+                self.stats.bad_frames += 1
+                if r.score is not None and pb in r.peers:
+                    r.score.add_penalty(pb, 1)
+                self._drop(peer, f"malformed frame: {exc}")
+                return
+            now = time.monotonic()
+            for rpc in rpcs:
+                r.on_rpc(pb, rpc, now)
+            self._pump()
+
+    async def _validation_worker(self) -> None:
+        r = self.router
+        async for pv in self._val_recv:
+            topic = self._topics.get(pv.topic)
+            author = pv.message.from_peer or b""
+            data = pv.message.data or b""
+            verdict = Validation.IGNORE
+            if topic is not None:
+                try:
+                    verdict = await topic.validator(author, data)
+                    if not isinstance(verdict, Validation):
+                        raise TypeError(f"validator returned {verdict!r}, not a Validation")
+                except Exception:
+                    self.stats.validator_errors += 1
+                    log.exception("gossip: validator for %r raised; ignoring the message", pv.topic)
+                    verdict = Validation.IGNORE
+            r.report_validation(pv.mid, verdict, time.monotonic())
+            deliveries = r.take_deliveries()
+            self._pump()
+            for d in deliveries:
+                t = self._topics.get(d.topic)
+                if t is None:
+                    continue
+                self.stats.delivered += 1
+                try:
+                    await t.handler(d.author, d.data)
+                except Exception:
+                    self.stats.handler_errors += 1
+                    log.exception("gossip: handler for %r raised", d.topic)
+
+    # ================================================================== connections
+
+    def _drop(self, peer: ID, reason: str) -> None:
+        if peer in self._dropping or self._nursery is None:
+            return
+        self._dropping.add(peer)
+        self.stats.disconnects += 1
+        log.info("gossip: dropping %s: %s", peer, reason)
+        self._nursery.start_soon(self._close_peer, peer)
+
+    async def _close_peer(self, peer: ID) -> None:
+        try:
+            st = self._peers.get(peer)
+            if st is not None:
+                st.scope.cancel()
+            reader = self._readers.get(peer)
+            if reader is not None:
+                reader.cancel()
+            with trio.move_on_after(5.0):
+                try:
+                    await self.host.get_network().close_peer(peer)
+                except _STREAM_GONE as exc:
+                    log.debug("gossip: closing %s: %r", peer, exc)
+        finally:
+            self._dropping.discard(peer)
+
+    def _dial(self, peer: ID) -> None:
+        if self._nursery is None or peer == self.host.get_id() or peer in self._dialing:
+            return
+        if self._connected(peer):
+            self._sync_peer(peer)
+            return
+        if len(self._dialing) >= self.config.max_concurrent_dials:
+            self.stats.dials_skipped += 1
+            log.debug("gossip: dial to %s skipped (%d dials running)", peer, len(self._dialing))
+            return
+        addrs = self.host.get_peerstore().addrs(peer)
+        if not addrs:
+            self.stats.dials_skipped += 1
+            log.debug("gossip: no known address for %s; not dialing", peer)
+            return
+        self._dialing.add(peer)
+        self.stats.dials += 1
+        self._nursery.start_soon(self._dial_task, peer)
+
+    async def _dial_task(self, peer: ID) -> None:
+        try:
+            with trio.move_on_after(self.config.dial_timeout):
+                await self.host.get_network().dial_peer(peer)
+                self._sync_peer(peer)
+        except _STREAM_GONE as exc:
+            log.info("gossip: dialing %s failed: %s", peer, exc)
+        finally:
+            self._dialing.discard(peer)

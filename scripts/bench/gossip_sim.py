@@ -1,0 +1,199 @@
+"""GossipSub attack scenarios on the virtual-time simulator: honest delivery rate and latency.
+
+Scenarios (named after the GossipSub v1.1 hardening evaluation; definitions are ours):
+  baseline      honest nodes only
+  eclipse       every Sybil dials one victim (and a few others); victim's delivery reported
+  censorship    every Sybil dials the 10 publishers, which publish all messages
+  degradation   Sybils spread over the network, each dialling random honest nodes; never forward
+  cold_boot     like degradation, but honest nodes and Sybils boot together and the
+                whole run, boot included, is measured
+  covert_flash  Sybils forward honestly (building score) until mid-run, then all stop at once
+  attack_dawn   a wave of new honest nodes joins mid-run mostly through Sybils; new nodes' delivery
+  ip_colocation like degradation with all Sybils behind 10 IP addresses (P6)
+  degradation_unscored  degradation with peer scoring disabled (what scoring buys)
+
+Every honest router uses score parameters derived from the publish rate
+(derive_score_params), go-libp2p-pubsub defaults otherwise. Sybils are real routers
+with relaying switched off. Each message is published by a random honest node (or a
+censorship target), 1 msg/s, 200 bytes; delivery counts (message, honest node) pairs
+for messages published between the warm-up and 10 s before the end.
+
+    .venv/bin/python scripts/bench/gossip_sim.py                      # 1000 honest, 4000 Sybils, 300 s
+    .venv/bin/python scripts/bench/gossip_sim.py --honest 200 --sybils 800 --duration 120
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _table import machine, table
+
+from meshmerge.daemon.gossip.adversary import (
+    CovertFlashRouter,
+    NonForwardingRouter,
+    honest_ip,
+    sybil_ip,
+)
+from meshmerge.daemon.gossip.params import derive_score_params
+from meshmerge.daemon.gossip.router import GossipSubRouter
+from meshmerge.daemon.gossip.sim import Network, SimNode, Simulator
+from meshmerge.proto.gossipsub_sign import Ed25519Identity
+
+TOPIC = "/meshmerge/1/set/bench"
+SCENARIOS = [
+    "baseline",
+    "eclipse",
+    "censorship",
+    "degradation",
+    "cold_boot",
+    "covert_flash",
+    "attack_dawn",
+    "ip_colocation",
+    "degradation_unscored",
+]
+
+
+def run(name: str, n_honest: int, n_sybil: int, duration: float, seed: int) -> dict[str, object]:
+    rng = random.Random(seed)
+    sp, th = derive_score_params({TOPIC: 1.0})
+    if name == "degradation_unscored":
+        sp = th = None  # type: ignore[assignment]
+    if name == "baseline":
+        n_sybil = 0
+    sim = Simulator(Network(latency=(0.01, 0.1)), seed=seed)
+    t_wall = time.perf_counter()
+    cpu0 = time.process_time()
+
+    def honest_router() -> GossipSubRouter:
+        return GossipSubRouter(
+            Ed25519Identity(rng.randbytes(32)),
+            score_params=sp,
+            thresholds=th,
+            rng=random.Random(rng.random()),
+            now=sim.now,
+        )
+
+    late_joiners = n_honest // 10 if name == "attack_dawn" else 0
+    honest = [sim.add_node(honest_router(), ip=honest_ip(i)) for i in range(n_honest - late_joiners)]
+    sybil_cls: type[GossipSubRouter] = CovertFlashRouter if name == "covert_flash" else NonForwardingRouter
+    ip_of = (lambda i: sybil_ip(i, hosts=10)) if name == "ip_colocation" else sybil_ip
+    sybils: list[SimNode] = []
+    for i in range(n_sybil):
+        r = sybil_cls(
+            Ed25519Identity(rng.randbytes(32)), rng=random.Random(rng.random()), verify_signatures=False
+        )
+        if isinstance(r, CovertFlashRouter):
+            r.attack_at = duration / 2
+        sybils.append(sim.add_node(r, ip=ip_of(i), honest=False))
+
+    for n in honest:
+        for m in rng.sample(honest, min(8, len(honest))):
+            sim.connect(n, m)
+    publishers = honest
+    victim: SimNode | None = None
+    if name == "eclipse":
+        victim = honest[0]
+        for s in sybils:
+            sim.connect(s, victim)
+            for m in rng.sample(honest, 2):
+                sim.connect(s, m)
+    elif name == "censorship":
+        publishers = honest[:10]
+        for s in sybils:
+            for m in publishers:
+                sim.connect(s, m)
+    else:
+        for s in sybils:
+            for m in rng.sample(honest, min(10, len(honest))):
+                sim.connect(s, m)
+
+    start_measure = 0.0 if name == "cold_boot" else 30.0
+    for n in honest + sybils:
+        assert n.router is not None
+        n.router.subscribe(TOPIC, sim.now)
+        sim.flush_node(n)
+
+    joiners: list[SimNode] = []
+    if late_joiners:
+        t_join = duration / 3
+        start_measure = t_join
+
+        def join() -> None:
+            for i in range(late_joiners):
+                node = sim.add_node(honest_router(), ip=honest_ip(n_honest - late_joiners + i))
+                for m in rng.sample(honest, 2):
+                    sim.connect(node, m)
+                for s in rng.sample(sybils, min(8, len(sybils))):
+                    sim.connect(node, s)
+                assert node.router is not None
+                node.router.subscribe(TOPIC, sim.now)
+                sim.flush_node(node)
+                joiners.append(node)
+
+        sim.call_at(t_join, join)
+
+    for k in range(int(duration) - 1):
+        sim.call_at(
+            1.0 + k + rng.random() * 0.5,
+            lambda: sim.publish(rng.choice(publishers), TOPIC, rng.randbytes(200)),
+        )
+    setup_s = time.perf_counter() - t_wall
+    sim.run_until(duration)
+    wall = time.perf_counter() - t_wall
+    cpu = time.process_time() - cpu0
+
+    mids = [m for m, (t, _) in sim.published.items() if start_measure <= t <= duration - 10.0]
+    stats = sim.delivery_stats(mids=mids)
+    focus = "all honest"
+    if victim is not None or joiners:
+        targets = {victim.index} if victim is not None else {n.index for n in joiners}
+        got = sum(1 for m in mids for i in targets if i in sim.delivered[m])
+        want = len(mids) * len(targets)
+        focus = f"victim {got}/{want}" if victim is not None else f"late joiners {got}/{want}"
+        stats["focus_ratio"] = got / want if want else 1.0
+    return {
+        "scenario": name,
+        "honest": n_honest,
+        "sybils": n_sybil,
+        "sim_s": duration,
+        "messages": len(mids),
+        "delivery_%": 100.0 * stats["ratio"],
+        "focus": focus + (f" ({100.0 * stats['focus_ratio']:.2f}%)" if "focus_ratio" in stats else ""),
+        "p50_ms": 1000.0 * stats["p50"],
+        "p99_ms": 1000.0 * stats["p99"],
+        "frames_M": sim.frames / 1e6,
+        "setup_s": setup_s,
+        "wall_s": wall,
+        "cpu_s": cpu,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--honest", type=int, default=1000)
+    ap.add_argument("--sybils", type=int, default=4000)
+    ap.add_argument("--duration", type=float, default=300.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    args = ap.parse_args()
+    rows = []
+    for name in args.scenarios.split(","):
+        res = run(name, args.honest, args.sybils, args.duration, args.seed)
+        print(f"[gossip_sim] {res}", file=sys.stderr, flush=True)
+        rows.append(res)
+    headers = list(rows[0].keys())
+    print("## gossip\n")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"Machine: {machine()}; peak RSS {rss:.0f} MiB\n")
+    print(table(headers, [[r[h] for h in headers] for r in rows]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Merge-kernel benchmark: meshmerge strategies vs plain numpy, crdt-merge and mergekit.
+
+One run, N = 4 and N = 16 contributions of M float32 parameters (default
+25M = 100 MB each; ``--small`` uses 2.5M). For each operation it reports
+seconds and GB/s of contribution bytes read, next to the machine's memory
+bandwidth measured in the same run (numpy sum over the same N arrays = read
+roofline; numpy copy of one array, read + write bytes).
+
+mergekit runs on CPU torch in a separate virtualenv (``.bench-venv``, created
+on demand by ``scripts/bench/kernels_setup_mergekit``); its process builds the
+same inputs from the same seed and reports its own timings.
+
+    scripts/bench/run kernels            # full size (heavy: ~2 GB RAM per N=16 input set)
+    .venv/bin/python scripts/bench/kernels.py --small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _table import machine, table
+
+from meshmerge.crdt import strategies
+from meshmerge.crdt.strategies import MergeInput
+from meshmerge.crdt.tensors import TensorSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+MERGEKIT_PY = ROOT / ".bench-venv" / "bin" / "python"
+SEED = 20261123
+DENSITY = 0.2  # TIES keep fraction
+DARE_DENSITY = 0.5  # DARE keep probability
+TRIM = 0.125
+
+
+def make_data(n: int, m: int, seed: int = SEED) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Base model and n fine-tuned variants (float32), reproducible from the seed."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(m, dtype=np.float32)
+    xs = []
+    for _ in range(n):
+        d = rng.standard_normal(m, dtype=np.float32)
+        d *= np.float32(0.01)
+        d += base
+        xs.append(d)
+    return base, xs
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> float:
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# ---- plain numpy, written the way a user would (float32, chunked where it is natural) ----
+
+CHUNK = 1 << 20
+
+
+def np_linear(xs: list[np.ndarray], w: np.ndarray) -> np.ndarray:
+    out = np.empty_like(xs[0])
+    for lo in range(0, out.size, CHUNK):
+        acc = xs[0][lo : lo + CHUNK] * np.float32(w[0])
+        for k in range(1, len(xs)):
+            acc += xs[k][lo : lo + CHUNK] * np.float32(w[k])
+        out[lo : lo + CHUNK] = acc
+    return out
+
+
+def np_ties(xs: list[np.ndarray], base: np.ndarray, w: np.ndarray, density: float) -> np.ndarray:
+    m = base.size
+    r = math.ceil(density * m)
+    trimmed = []
+    for x in xs:
+        tv = x - base
+        mag = np.abs(tv)
+        thr = np.partition(mag, m - r)[m - r]
+        trimmed.append(np.where(mag >= thr, tv, np.float32(0)))
+    t = np.stack(trimmed)
+    wc = w.astype(np.float32)[:, None]
+    sign = np.sign((t * wc).sum(0))
+    agree = (np.sign(t) == sign) & (t != 0)
+    num = (t * wc * agree).sum(0)
+    den = (wc * agree).sum(0)
+    return base + np.divide(num, den, out=np.zeros_like(num), where=den != 0)
+
+
+def np_dare_ties(xs: list[np.ndarray], base: np.ndarray, w: np.ndarray, density: float) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    t = np.stack([np.where(rng.random(base.size) < density, (x - base) / np.float32(density), 0)
+                  for x in xs])
+    wc = w.astype(np.float32)[:, None]
+    sign = np.sign((t * wc).sum(0))
+    agree = (np.sign(t) == sign) & (t != 0)
+    num = (t * wc * agree).sum(0)
+    den = (wc * agree).sum(0)
+    return base + np.divide(num, den, out=np.zeros_like(num), where=den != 0)
+
+
+def np_slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
+    c = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+    th = math.acos(max(-1.0, min(1.0, c)))
+    s = math.sin(th)
+    return np.float32(math.sin((1 - t) * th) / s) * a + np.float32(math.sin(t * th) / s) * b
+
+
+def np_karcher(xs: list[np.ndarray], w: np.ndarray, steps: int = 10) -> np.ndarray:
+    norms = np.array([np.linalg.norm(x) for x in xs])
+    u = [x / np.float32(nr) for x, nr in zip(xs, norms, strict=True)]
+    m = sum(np.float32(wk) * uk for wk, uk in zip(w, u, strict=True))
+    m /= np.linalg.norm(m)
+    for _ in range(steps):
+        v = np.zeros_like(m)
+        for wk, uk in zip(w, u, strict=True):
+            c = float(np.clip(np.dot(uk, m), -1, 1))
+            th = math.acos(c)
+            f = 1.0 if th == 0 else th / math.sin(th)
+            v += np.float32(wk * f) * (uk - np.float32(c) * m)
+        vn = float(np.linalg.norm(v))
+        if vn == 0:
+            break
+        m = np.float32(math.cos(vn)) * m + np.float32(math.sin(vn) / vn) * v
+        m /= np.linalg.norm(m)
+    return np.float32(float(np.dot(w, norms))) * m
+
+
+def np_median(xs: list[np.ndarray]) -> np.ndarray:
+    out = np.empty_like(xs[0])
+    for lo in range(0, out.size, CHUNK):
+        out[lo : lo + CHUNK] = np.median(np.stack([x[lo : lo + CHUNK] for x in xs]), axis=0)
+    return out
+
+
+def np_trimmed(xs: list[np.ndarray], trim: float) -> np.ndarray:
+    k = math.floor(trim * len(xs))
+    out = np.empty_like(xs[0])
+    for lo in range(0, out.size, CHUNK):
+        s = np.sort(np.stack([x[lo : lo + CHUNK] for x in xs]), axis=0)
+        out[lo : lo + CHUNK] = s[k : len(xs) - k].mean(0)
+    return out
+
+
+# ---- crdt-merge 0.11.0 ----
+
+
+def crdt_merge_ops() -> dict[str, Callable[..., Any]] | None:
+    try:
+        from crdt_merge.model.strategies import get_strategy
+    except ImportError:
+        return None
+
+    def op(name: str, **kw: Any) -> Callable[..., Any]:
+        s = get_strategy(name)
+        return lambda xs, w, base: s.merge(list(xs), weights=list(w), base=base, **kw)
+
+    return {
+        "linear": op("weight_average"),
+        "ties": op("ties", density=DENSITY),
+        "dare": op("dare", drop_rate=1 - DARE_DENSITY),
+        "dare_ties": op("dare_ties", drop_rate=1 - DARE_DENSITY, density=1.0),
+        "slerp (pair)": op("slerp", t=0.5),
+    }
+
+
+# ---- mergekit (separate process, own venv) ----
+
+
+def run_mergekit(n: int, m: int, ops: list[str]) -> dict[str, Any]:
+    if not MERGEKIT_PY.exists():
+        return {"error": "mergekit venv missing (.bench-venv); run scripts/bench/kernels_setup_mergekit"}
+    runner = str(Path(__file__).with_name("_mergekit_runner.py"))
+    cmd = [str(MERGEKIT_PY), runner, str(n), str(m), ",".join(ops)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def ours(name: str, params: dict[str, Any]) -> Callable[[MergeInput], Any]:
+    strat = strategies.get(name)
+    return lambda inp: strat.run(inp, params)
+
+
+def bench_size(
+    n: int, m: int, peers: dict[str, Callable[..., Any]] | None, with_mergekit: bool
+) -> list[list[Any]]:
+    base, xs = make_data(n, m)
+    w = np.ones(n)
+    spec = [TensorSpec("w", "F32", (m,))]
+    inp = MergeInput([{"w": x} for x in xs], list(w), "weights", spec, bytes(32), {"w": base})
+    pair = MergeInput([{"w": x} for x in xs[:2]], [1.0, 1.0], "weights", spec, bytes(32), {"w": base})
+    nbytes = n * m * 4
+    pbytes = 2 * m * 4
+    rows: list[list[Any]] = []
+
+    t_sum = timed(lambda: [x.sum() for x in xs], 3)
+    dst = np.empty_like(xs[0])
+    t_copy = timed(lambda: np.copyto(dst, xs[0]), 3)
+    roof = nbytes / t_sum / 1e9
+    rows.append([n, "roofline: numpy sum (read)", f"{t_sum:.3f}", f"{roof:.2f}", "", "", "", ""])
+    rows.append([n, "roofline: numpy copy (read+write)", f"{t_copy:.3f}", f"{2 * m * 4 / t_copy / 1e9:.2f}",
+                 "", "", "", ""])
+
+    mk = run_mergekit(n, m, MK_OPS) if with_mergekit else {"error": "skipped (--no-peers)"}
+    cases: list[tuple[str, int, Callable[[], Any], Callable[[], Any] | None]] = [
+        ("linear", nbytes, lambda: ours("linear", {})(inp), lambda: np_linear(xs, w / n)),
+        ("task_arithmetic", nbytes, lambda: ours("task_arithmetic", {})(inp), None),
+        ("ties", nbytes, lambda: ours("ties", {"density": DENSITY})(inp),
+         lambda: np_ties(xs, base, w, DENSITY)),
+        ("dare", nbytes, lambda: ours("dare", {"density": DARE_DENSITY})(inp), None),
+        ("dare_ties", nbytes, lambda: ours("dare_ties", {"density": DARE_DENSITY})(inp),
+         lambda: np_dare_ties(xs, base, w, DARE_DENSITY)),
+        ("slerp (pair)", pbytes, lambda: ours("slerp", {"t": 0.5})(pair),
+         lambda: np_slerp(xs[0], xs[1], 0.5)),
+        ("karcher (multi)", nbytes, lambda: ours("karcher", {})(inp), lambda: np_karcher(xs, w / n)),
+        ("median", nbytes, lambda: ours("median", {})(inp), lambda: np_median(xs)),
+        ("trimmed_mean", nbytes, lambda: ours("trimmed_mean", {"trim": TRIM})(inp),
+         lambda: np_trimmed(xs, TRIM)),
+        ("geometric_median", nbytes, lambda: ours("geometric_median", {})(inp), None),
+        ("multi_krum", nbytes, lambda: ours("multi_krum", {})(inp), None),
+    ]
+    for label, nb, fn_ours, fn_np in cases:
+        t_ours = timed(fn_ours, 2)
+        g_ours = nb / t_ours / 1e9
+        t_np = timed(fn_np, 1) if fn_np is not None else None
+        t_cm = None
+        if peers is not None and label in peers:
+            sub = xs[:2] if label == "slerp (pair)" else xs
+            op = peers[label]
+            t_cm = timed(lambda op=op, sub=sub: op(sub, [1.0] * len(sub), base), 1)
+        got = mk.get(label)
+        if isinstance(got, float):
+            mk_cell = ratio_cell(got, nb, t_ours)
+        elif label not in MK_OPS:
+            mk_cell = "n/a"
+        else:
+            mk_cell = f"not run: {got if got is not None else mk.get('error', 'unknown')}"
+        rows.append([n, label, f"{t_ours:.3f}", f"{g_ours:.2f}", f"{100 * g_ours / roof:.0f}%",
+                     ratio_cell(t_np, nb, t_ours), ratio_cell(t_cm, nb, t_ours), mk_cell])
+    return rows
+
+
+def ratio_cell(t: float | None, nb: int, t_ours: float) -> str:
+    if t is None:
+        return "n/a"
+    return f"{t:.2f} s, {nb / t / 1e9:.2f} GB/s ({t / t_ours:.2g}x)"
+
+
+MK_OPS = ["linear", "ties", "dare", "dare_ties", "slerp (pair)", "karcher (multi)"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true", help="2.5M parameters per contribution instead of 25M")
+    ap.add_argument("--sizes", default="4,16", help="comma-separated N values")
+    ap.add_argument("--no-peers", action="store_true", help="skip crdt-merge and mergekit")
+    args = ap.parse_args()
+    m = 2_500_000 if args.small else 25_000_000
+    peers = None if args.no_peers else crdt_merge_ops()
+    rows: list[list[Any]] = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        rows += bench_size(n, m, peers, not args.no_peers)
+    print(f"{machine()}; M = {m:,} float32 parameters per contribution; "
+          f"TIES density {DENSITY}, DARE density {DARE_DENSITY}, trimmed mean trim {TRIM}; "
+          "ours single-threaded; mergekit with torch's default threads.\n")
+    print("GB/s = contribution bytes read / wall time (best of 2 for ours, 1 run for the others); "
+          "(Nx) = their time / our time.\n")
+    print(table(["N", "operation", "ours s", "ours GB/s", "of roofline", "numpy", "crdt-merge 0.11.0",
+                 "mergekit (CPU torch)"], rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""GossipService on real py-libp2p hosts over loopback TCP."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+
+from meshmerge.daemon.gossip.driver import GossipConfig, GossipService, Validation
+from meshmerge.daemon.gossip.params import derive_score_params
+from meshmerge.daemon.gossip.router import MESHSUB_11
+from meshmerge.daemon.host import HostConfig, running_host
+from meshmerge.daemon.identity import Identity
+from tests.daemon.gossip.netkit import GNode, gossip_nodes, mesh_ready, wait_for
+from tests.daemon.swarmkit import run
+
+TOPIC = "/meshmerge/1/set/test"
+
+
+def test_two_nodes_deliver_100_each_way() -> None:
+    async def body() -> None:
+        async with gossip_nodes(2) as (a, b):
+            a.join(TOPIC)
+            b.join(TOPIC)
+            await a.host.connect(b.info)
+            await wait_for(lambda: mesh_ready([a, b], TOPIC, 1), what="mesh")
+            for i in range(100):
+                await a.service.publish(TOPIC, b"a%d" % i)
+                await b.service.publish(TOPIC, b"b%d" % i)
+            await wait_for(
+                lambda: len(a.received[TOPIC]) == 100 and len(b.received[TOPIC]) == 100, what="deliveries"
+            )
+            assert {d for _, d in b.received[TOPIC]} == {b"a%d" % i for i in range(100)}
+            assert {d for _, d in a.received[TOPIC]} == {b"b%d" % i for i in range(100)}
+            assert all(author == a.pid for author, _ in b.received[TOPIC])
+            await trio.sleep(0.5)
+            assert len(a.received[TOPIC]) == 100  # no duplicates
+
+    run(body, timeout=60)
+
+
+def _scored_config() -> GossipConfig:
+    params, thresholds = derive_score_params(
+        {TOPIC: 10.0}, ip_whitelist=(ipaddress.ip_network("127.0.0.0/8"),)
+    )
+    return GossipConfig(score=params, thresholds=thresholds)
+
+
+async def _ring(nodes: list[GNode], chords: int) -> None:
+    n = len(nodes)
+    for i in range(n):
+        for k in range(1, chords + 1):
+            await nodes[i].host.connect(nodes[(i + k) % n].info)
+
+
+def test_ten_node_mesh_delivers_100_to_every_node() -> None:
+    async def body() -> None:
+        async with gossip_nodes(10, _scored_config()) as nodes:
+            for node in nodes:
+                node.join(TOPIC)
+            await _ring(nodes, 3)
+            await wait_for(lambda: mesh_ready(nodes, TOPIC, 4), what="mesh degree 4 everywhere")
+            for publisher in (nodes[0], nodes[5]):
+                for i in range(100):
+                    await publisher.service.publish(TOPIC, publisher.pid[-4:] + b"%d" % i)
+            want_from = {nodes[0].pid: 100, nodes[5].pid: 100}
+
+            def complete() -> bool:
+                for node in nodes:
+                    got = node.received[TOPIC]
+                    expect = sum(c for p, c in want_from.items() if p != node.pid)
+                    if len(got) < expect:
+                        return False
+                return True
+
+            await wait_for(complete, timeout=30, what="100/100 at every node")
+            await trio.sleep(1.0)
+            for node in nodes:
+                got = node.received[TOPIC]
+                expect = sum(c for p, c in want_from.items() if p != node.pid)
+                assert len(got) == expect == len(set(got)), "no loss and no duplicates"
+            for node in nodes:
+                for row in node.service.scores():
+                    assert row["score"] >= 0, row
+
+    run(body, timeout=90)
+
+
+def test_rejected_messages_cost_the_sender_p4() -> None:
+    async def body() -> None:
+        async with gossip_nodes(2, _scored_config()) as (a, b):
+            a.join(TOPIC, verdict=Validation.REJECT)
+            b.join(TOPIC)
+            await a.host.connect(b.info)
+            await wait_for(lambda: mesh_ready([a, b], TOPIC, 1), what="mesh")
+            for i in range(5):
+                await b.service.publish(TOPIC, b"bad%d" % i)
+            counters = lambda: a.service.router.score.topic_counters(b.pid, TOPIC)  # noqa: E731
+            await wait_for(lambda: counters().get("invalid_deliveries", 0) >= 5, what="P4 counted")
+            assert a.received[TOPIC] == []
+            assert a.service.router.peer_score(b.pid) < 0
+            row = next(r for r in a.service.scores() if r["peer_id"] == b.host.get_id().to_base58())
+            assert row[f"{TOPIC}:invalid_deliveries"] >= 5 and row["score"] < 0
+            # the honest direction still works and B's view of A is untouched
+            await a.service.publish(TOPIC, b"fine")
+            await wait_for(lambda: b.received[TOPIC] == [(a.pid, b"fine")], what="A -> B delivery")
+            assert b.service.router.peer_score(a.pid) >= 0
+
+    run(body, timeout=60)
+
+
+def test_app_score_hook_moves_the_score() -> None:
+    async def body() -> None:
+        async with gossip_nodes(2, _scored_config()) as (a, b):
+            await a.host.connect(b.info)
+            await wait_for(lambda: b.pid in a.service.router.peers, what="peer added")
+            a.service.set_app_score(b.pid, -250.0)
+            assert a.service.router.peer_score(b.pid) == -250.0
+            row = next(r for r in a.service.scores() if r["peer_id"] == b.host.get_id().to_base58())
+            assert row["app_score"] == -250.0
+            a.service.set_app_score(b.pid, 0.0)
+            assert a.service.router.peer_score(b.pid) == 0.0
+
+    run(body, timeout=60)
+
+
+def test_garbage_frames_drop_the_peer_and_the_node_stays_up() -> None:
+    async def body() -> None:
+        async with gossip_nodes(2) as (a, c), running_host(HostConfig(), Identity.generate()) as evil:
+            a.join(TOPIC)
+            c.join(TOPIC)
+
+            async def sink(stream: INetStream) -> None:
+                with contextlib.suppress(Exception):
+                    while await stream.read(65536):
+                        pass
+
+            evil.set_stream_handler(TProtocol(MESHSUB_11), sink)
+            await evil.connect(a.info)
+            stream = await evil.new_stream(a.host.get_id(), [TProtocol(MESHSUB_11)])
+            # a well-formed length prefix followed by bytes that are not a protobuf RPC
+            await stream.write(b"\x05\xff\xff\xff\xff\xff")
+            await wait_for(lambda: not a.host.get_network().get_connections(evil.get_id()), what="drop")
+            assert a.service.stats.bad_frames == 1
+            assert evil.get_id().to_bytes() not in a.service.router.peers
+            # an oversized frame announcement is refused before it is buffered
+            await evil.connect(a.info)
+            stream = await evil.new_stream(a.host.get_id(), [TProtocol(MESHSUB_11)])
+            await stream.write(b"\xff\xff\xff\xff\x0f")
+            await wait_for(lambda: not a.host.get_network().get_connections(evil.get_id()), what="drop 2")
+            assert a.service.stats.bad_frames == 2
+            await a.host.connect(c.info)
+            await wait_for(lambda: mesh_ready([a, c], TOPIC, 1), what="mesh")
+            await a.service.publish(TOPIC, b"still here")
+            await wait_for(lambda: c.received[TOPIC] == [(a.pid, b"still here")], what="delivery")
+
+    run(body, timeout=60)
+
+
+def test_publish_before_any_peer_is_not_replayed_later_ones_are() -> None:
+    """A message published with no peers reaches nobody (as in go-libp2p-pubsub).
+
+    Flood publishing sends only to peers known at publish time; when a peer then
+    arrives it joins the mesh, and IHAVE gossip goes to non-mesh peers only, so the
+    message is not repaired by gossip. meshmerge's anti-entropy repairs it.
+    """
+
+    async def body() -> None:
+        async with gossip_nodes(2) as (a, b):
+            a.join(TOPIC)
+            b.join(TOPIC)
+            await a.service.publish(TOPIC, b"early")
+            await a.host.connect(b.info)
+            await wait_for(lambda: mesh_ready([a, b], TOPIC, 1), what="mesh")
+            await a.service.publish(TOPIC, b"late")
+            await wait_for(lambda: (a.pid, b"late") in b.received[TOPIC], what="late delivery")
+            await trio.sleep(3 * a.service.config.params.heartbeat_interval)
+            assert b.received[TOPIC] == [(a.pid, b"late")]
+
+    run(body, timeout=60)
+
+
+def test_fanout_publish_without_subscribing() -> None:
+    async def body() -> None:
+        async with gossip_nodes(3) as (a, b, c):
+            b.join(TOPIC)
+            c.join(TOPIC)
+            await a.host.connect(b.info)
+            await a.host.connect(c.info)
+            await wait_for(
+                lambda: len(a.service.router.topics.get(TOPIC, ())) == 2, what="subscriptions seen"
+            )
+            for i in range(20):
+                await a.service.publish(TOPIC, b"f%d" % i)
+            await wait_for(
+                lambda: len(b.received[TOPIC]) == 20 and len(c.received[TOPIC]) == 20, what="fanout"
+            )
+            assert any(t["topic"] == TOPIC and not t["subscribed"] for t in a.service.topics())
+
+    run(body, timeout=60)
+
+
+def test_clean_shutdown_leaves_no_tasks() -> None:
+    async def body() -> None:
+        async with gossip_nodes(1) as (peer,):
+            peer.join(TOPIC)
+            ident = Identity.generate()
+            async with running_host(HostConfig(), ident) as host:
+                svc = GossipService(host, ident, GossipConfig())
+                box: list[bytes] = []
+
+                async def validator(author: bytes, data: bytes) -> Validation:
+                    return Validation.ACCEPT
+
+                async def handler(author: bytes, data: bytes) -> None:
+                    box.append(data)
+
+                svc.subscribe(TOPIC, validator, handler)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(svc.run)
+                    await host.connect(peer.info)
+                    await wait_for(lambda: len(svc.router.mesh.get(TOPIC, ())) == 1, what="mesh")
+                    await peer.service.publish(TOPIC, b"x")
+                    await wait_for(lambda: box == [b"x"], what="delivery")
+                    assert svc._readers and svc._peers
+                    assert len(_tasks_of(svc)) > 3  # the check below sees real tasks
+                    nursery.cancel_scope.cancel()
+                assert not svc._peers and not svc._readers and not svc.router.peers
+                await trio.sleep(0.2)
+                assert _tasks_of(svc) == []
+                # a second run on the same service works (handlers re-registered)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(svc.run)
+                    await wait_for(lambda: len(svc.router.peers) == 1, what="peer re-added after restart")
+                    nursery.cancel_scope.cancel()
+
+    run(body, timeout=60)
+
+
+def _tasks_of(svc: GossipService) -> list[str]:
+    """Live tasks running (at any await depth) a method of ``svc``, in any nursery."""
+    found: list[str] = []
+    stack = [trio.lowlevel.current_root_task()]
+    while stack:
+        task = stack.pop()
+        coro: object = task.coro
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is not None and frame.f_locals.get("self") is svc:
+                found.append(task.name)
+                break
+            coro = getattr(coro, "cr_await", None)
+        stack.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
+    return found
