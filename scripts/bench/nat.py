@@ -30,6 +30,7 @@ WAIT_S = float(os.environ.get("MM_NAT_WAIT_S", "30"))
 def attempt(topo: nsharness.Topology, relay: Agent, mode: str, i: int) -> tuple[bool, float | None]:
     port = 4100 + i
     seed = 1000 + 2 * i + {"ours": 0, "stock": 500, "stockhost": 1000}[mode]
+
     def flags(node: str) -> list[str]:
         if mode == "ours":  # the daemon's host layer with our DCUtR
             return ["--dcutr", "--host", "main", "--listen-ip", topo.nodes[node].ip]
@@ -83,9 +84,11 @@ def main() -> None:
         }[mode]
         rows.append([label, f"{len(ok)}/{len(res)}", f"{100 * rate:.0f}%", med, worst])
     print("## nat\n")
-    print(f"DCUtR between two cone-NAT peers (nftables masquerade, unsolicited SYNs dropped) "
-          f"through a public relay in network namespaces; {ATTEMPTS} attempts each, fresh processes "
-          f"per attempt, wait limit {WAIT_S:.0f} s. {machine()}.\n")
+    print(
+        f"DCUtR between two cone-NAT peers (nftables masquerade, unsolicited SYNs dropped) "
+        f"through a public relay in network namespaces; {ATTEMPTS} attempts each, fresh processes "
+        f"per attempt, wait limit {WAIT_S:.0f} s. {machine()}.\n"
+    )
     print(table(["implementation", "direct", "success", "median relayed→direct (s)", "max (s)"], rows))
     ro, mo = summary["ours"]
     for mode in ("stock", "stockhost"):

@@ -34,8 +34,16 @@ class AgentError(RuntimeError):
 class Agent:
     """Parent-side handle of a nodeagent process (started through nsharness.Topology.popen)."""
 
-    def __init__(self, topo: Any, node: str, seed: int, *, flags: Sequence[str] = (), port: int = 4001,
-                 log_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        topo: Any,
+        node: str,
+        seed: int,
+        *,
+        flags: Sequence[str] = (),
+        port: int = 4001,
+        log_dir: Path | None = None,
+    ) -> None:
         py = os.environ.get("MM_PY", str(ROOT / ".venv" / "bin" / "python"))
         self.node = node
         log_dir = log_dir or Path("/tmp")
@@ -127,8 +135,10 @@ async def _agent(args: argparse.Namespace) -> None:
         from meshmerge.daemon.host import running_host as daemon_host
         from meshmerge.daemon.identity import Identity
 
-        host_cm = daemon_host(HostConfig(listen_addrs=(f"/ip4/{args.listen_ip}/tcp/{args.port}",)),
-                              Identity(args.seed.to_bytes(32, "big")))
+        host_cm = daemon_host(
+            HostConfig(listen_addrs=(f"/ip4/{args.listen_ip}/tcp/{args.port}",)),
+            Identity(args.seed.to_bytes(32, "big")),
+        )
     else:
         host_cm = running_host(listen, kp)
     async with host_cm as host, AsyncExitStack() as stack:
@@ -202,8 +212,11 @@ async def _agent(args: argparse.Namespace) -> None:
 
                     stock = AutoNATService(host, serve=False, confirmations=len(cmd["servers"]))
                     st = await stock.check_reachability([ID.from_base58(s) for s in cmd["servers"]])
-                    names = {AutoNATStatus.UNKNOWN: "unknown", AutoNATStatus.PUBLIC: "public",
-                             AutoNATStatus.PRIVATE: "private"}
+                    names = {
+                        AutoNATStatus.UNKNOWN: "unknown",
+                        AutoNATStatus.PUBLIC: "public",
+                        AutoNATStatus.PRIVATE: "private",
+                    }
                     reply({"status": names.get(st, str(st))})
                 elif op == "serve_stock_autonat":
                     from libp2p.host.autonat.autonat import AutoNATService
@@ -249,8 +262,13 @@ async def _agent(args: argparse.Namespace) -> None:
                             await trio.sleep(0.01)
                     direct = connutil.direct_conn(host, peer) is not None
                     base = relayed_at.get(cmd["peer"], t0)
-                    reply({"direct": direct, "after_relayed_s": time.monotonic() - base,
-                           "relayed_open": connutil.relayed_conn(host, peer) is not None})
+                    reply(
+                        {
+                            "direct": direct,
+                            "after_relayed_s": time.monotonic() - base,
+                            "relayed_open": connutil.relayed_conn(host, peer) is not None,
+                        }
+                    )
                 elif op == "punch_record":
                     peer = ID.from_base58(cmd["peer"])
                     rec = punch.records.get(peer) if punch is not None else None
@@ -258,19 +276,37 @@ async def _agent(args: argparse.Namespace) -> None:
                         reply({"record": None})
                     else:
                         took = None if rec.direct_at is None else rec.direct_at - rec.relayed_at
-                        reply({"record": {"outcome": rec.outcome, "attempts": rec.attempts,
-                                          "error": rec.error, "s": took}})
+                        reply(
+                            {
+                                "record": {
+                                    "outcome": rec.outcome,
+                                    "attempts": rec.attempts,
+                                    "error": rec.error,
+                                    "s": took,
+                                }
+                            }
+                        )
                 elif op == "conns":
                     peer = ID.from_base58(cmd["peer"])
-                    reply({"conns": [{"relayed": connutil.is_relayed(c),
-                                      "addrs": [str(a) for a in c.get_transport_addresses()]}
-                                     for c in connutil.conns_to(host, peer)]})
+                    reply(
+                        {
+                            "conns": [
+                                {
+                                    "relayed": connutil.is_relayed(c),
+                                    "addrs": [str(a) for a in c.get_transport_addresses()],
+                                }
+                                for c in connutil.conns_to(host, peer)
+                            ]
+                        }
+                    )
                 elif op == "portmap":
                     from meshmerge.daemon.nat import upnp
 
-                    cfg = upnp.PortMapConfig(lease_s=cmd.get("lease_s", 3600),
-                                             use_natpmp=cmd.get("natpmp", True),
-                                             use_upnp=cmd.get("upnp", True))
+                    cfg = upnp.PortMapConfig(
+                        lease_s=cmd.get("lease_s", 3600),
+                        use_natpmp=cmd.get("natpmp", True),
+                        use_upnp=cmd.get("upnp", True),
+                    )
                     mapper = upnp.PortMapper(args.port, cfg)
                     scope = trio.CancelScope()
                     mappers[cmd.get("name", "default")] = (mapper, scope)
@@ -290,8 +326,12 @@ async def _agent(args: argparse.Namespace) -> None:
                     reply({"ok": True, "renewals": mapper.renewals})
                 elif op == "observed":
                     m = getattr(host, "_observed_addr_manager", None)
-                    reply({"observed": [str(a) for a in (m.addrs(min_observers=1) if m else [])],
-                           "public": [str(a) for a in dcutr.public_addrs(host, 8)]})
+                    reply(
+                        {
+                            "observed": [str(a) for a in (m.addrs(min_observers=1) if m else [])],
+                            "public": [str(a) for a in dcutr.public_addrs(host, 8)],
+                        }
+                    )
                 else:
                     reply({"error": f"unknown op {op}"})
             except Exception as exc:
@@ -320,8 +360,12 @@ def main() -> None:
     ap.add_argument("--autonat-server", action="store_true")
     ap.add_argument("--autonat-threshold", type=int, default=2)
     ap.add_argument("--dcutr", action="store_true")
-    ap.add_argument("--host", choices=["nat", "main"], default="nat",
-                    help="nat: meshmerge.daemon.nat.hostfactory; main: meshmerge.daemon.host")
+    ap.add_argument(
+        "--host",
+        choices=["nat", "main"],
+        default="nat",
+        help="nat: meshmerge.daemon.nat.hostfactory; main: meshmerge.daemon.host",
+    )
     ap.add_argument("--listen-ip", default="0.0.0.0")
     ap.add_argument("--mode", choices=["ours", "stock", "stockhost"], default="ours")
     args = ap.parse_args()

@@ -86,8 +86,9 @@ def ensure_tools(*, upnp: bool = False) -> None:
     wanted = {"ip": "iproute2", "nft": "nftables"}
     if upnp:
         wanted["miniupnpd"] = "miniupnpd-nftables"
-    missing = [pkg for tool, pkg in wanted.items()
-               if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists())]
+    missing = [
+        pkg for tool, pkg in wanted.items() if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists())
+    ]
     if missing:
         _apt_install(missing)
 
@@ -151,8 +152,9 @@ class Topology:
                     proc.wait(timeout=5)
         self._procs.clear()
         delete_prefix(self.prefix)
-        with contextlib.suppress(FileNotFoundError):
-            (STATE_DIR / f"{self.prefix}.json").unlink()
+        for f in [STATE_DIR / f"{self.prefix}.json", *STATE_DIR.glob(f"{self.prefix}-*")]:
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
         with contextlib.suppress(Exception):
             atexit.unregister(self.down)
 
@@ -208,8 +210,9 @@ class Topology:
         self.nodes["stun"] = node
         self._write_state()
         script = str(Path(__file__).resolve().parent / "stunserver.py")
-        self.popen("stun", ["python3", script, ip1, ip2],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.popen(
+            "stun", ["python3", script, ip1, ip2], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         return node
 
     def add_nat(self, name: str, kind: str) -> Node:
@@ -259,8 +262,9 @@ class Topology:
         rst = "tcp flags & (syn | ack) == syn reject with tcp reset" if kind == "rst" else ""
         stun_ips = ", ".join(f"{PUBLIC_NET}.{h}" for h in STUN_HOSTS)
         # the UPnP router's own STUN self-check (miniupnpd) must hear answers from the second address
-        stun = (f'iifname "wan0" ip saddr {{ {stun_ips} }} udp sport 3478-3479 accept'
-                if kind == "upnp" else "")
+        stun = (
+            f'iifname "wan0" ip saddr {{ {stun_ips} }} udp sport 3478-3479 accept' if kind == "upnp" else ""
+        )
         ruleset = f"""
 table ip mmnat {{
   chain postrouting {{
@@ -309,8 +313,12 @@ table ip mmnat {{
             "deny 0-65535 0.0.0.0/0 0-65535\n"
         )
         pid = STATE_DIR / f"{self.prefix}-{name}-miniupnpd.pid"
-        return self.popen(f"{name}g", ["miniupnpd", "-d", "-f", str(conf), "-P", str(pid)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return self.popen(
+            f"{name}g",
+            ["miniupnpd", "-d", "-f", str(conf), "-P", str(pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
     # ---- running things inside ------------------------------------------
     def exec(self, node: str, argv: Sequence[str], *, check: bool = True) -> str:
@@ -389,6 +397,10 @@ def cleanup_stale() -> list[str]:
                 f.unlink(missing_ok=True)
             except PermissionError:
                 live_prefixes.add(f.stem)
+    if STATE_DIR.exists():  # miniupnpd configs and pid files of dead topologies
+        for f in STATE_DIR.glob(f"{NS_PREFIX}*-*"):
+            if f.name.split("-", 1)[0] not in live_prefixes:
+                f.unlink(missing_ok=True)
     for ns in list_namespaces():
         if ns.startswith(NS_PREFIX) and ns.split("-", 1)[0] not in live_prefixes:
             _kill_ns_pids(ns)

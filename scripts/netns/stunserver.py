@@ -41,9 +41,9 @@ def answer(data: bytes, peer: tuple[str, int], other: tuple[str, int]) -> tuple[
     flags = 0
     pos = 20
     while pos + 4 <= 20 + length:
-        atype, alen = struct.unpack("!HH", data[pos:pos + 4])
+        atype, alen = struct.unpack("!HH", data[pos : pos + 4])
         if atype == CHANGE_REQUEST and alen == 4:
-            flags = struct.unpack("!I", data[pos + 4:pos + 8])[0]
+            flags = struct.unpack("!I", data[pos + 4 : pos + 8])[0]
         pos += 4 + alen + (-alen % 4)
     attrs = _addr_attr(MAPPED, peer[0], peer[1], False)
     if cookie == MAGIC:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 
 import multiaddr
@@ -76,8 +76,13 @@ class AutoNATConfig:
     unknown_probe_interval_s: float = 15.0
 
     def validate(self) -> None:
-        for name in ("dial_timeout_s", "request_timeout_s", "result_ttl_s", "probe_interval_s",
-                     "unknown_probe_interval_s"):
+        for name in (
+            "dial_timeout_s",
+            "request_timeout_s",
+            "result_ttl_s",
+            "probe_interval_s",
+            "unknown_probe_interval_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"AutoNATConfig.{name} must be > 0")
         if self.peer_min_interval_s < 0:
@@ -286,10 +291,27 @@ class AutoNATClient:
         """``fn(new_status)`` runs synchronously on every reachability change."""
         self._listeners.append(fn)
 
+    async def watch(self, fn: Callable[[Reachability], Awaitable[None]]) -> None:
+        """Await ``fn(status)`` after each change, e.g. ``DHT.set_mode`` (server when PUBLIC).
+
+        Runs until cancelled; if several changes land before ``fn`` returns,
+        only the latest status is delivered.
+        """
+        delivered = Reachability.UNKNOWN
+        while True:
+            if self.status is not delivered:
+                delivered = self.status
+                await fn(delivered)
+                continue
+            await self.changed.wait()
+
     def _our_addrs(self) -> list[bytes]:
         """Public candidates (observed and predicted) first, then what the host advertises."""
-        own = [a.decapsulate(multiaddr.Multiaddr(f"/p2p/{self.host.get_id()}"))
-               for a in self.host.get_addrs() if not is_circuit_addr(a)]
+        own = [
+            a.decapsulate(multiaddr.Multiaddr(f"/p2p/{self.host.get_id()}"))
+            for a in self.host.get_addrs()
+            if not is_circuit_addr(a)
+        ]
         out: list[bytes] = []
         for a in [*public_addrs(self.host, 8), *own]:
             if a.to_bytes() not in out:
@@ -324,8 +346,9 @@ class AutoNATClient:
             return True
         if status == Message.E_DIAL_ERROR:
             return False
-        raise AutoNATError(f"server answered {Message.ResponseStatus.Name(status)}: "
-                           f"{resp.dialResponse.statusText}")
+        raise AutoNATError(
+            f"server answered {Message.ResponseStatus.Name(status)}: {resp.dialResponse.statusText}"
+        )
 
     def record(self, server: ID, reachable: bool) -> None:
         new = self.tracker.record(server, reachable, trio.current_time())
@@ -368,6 +391,9 @@ class AutoNATClient:
             servers = self.candidate_servers()
             if servers:
                 await self.check(servers[: 2 * self.config.threshold])
-            interval = (self.config.unknown_probe_interval_s if self.status is Reachability.UNKNOWN
-                        else self.config.probe_interval_s)
+            interval = (
+                self.config.unknown_probe_interval_s
+                if self.status is Reachability.UNKNOWN
+                else self.config.probe_interval_s
+            )
             await trio.sleep(interval)

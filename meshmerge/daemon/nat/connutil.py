@@ -85,8 +85,7 @@ def public_addrs(host: IHost, limit: int) -> list[multiaddr.Multiaddr]:
     """Our publicly dialable TCP candidates: public listen addresses, observed
     addresses, and each observed IP with our listen port (NATs that keep the
     source port map the listen port to itself)."""
-    listen_ports = sorted({ep[1] for a in host.get_transport_addrs()
-                           if (ep := tcp_endpoint(a)) is not None})
+    listen_ports = sorted({ep[1] for a in host.get_transport_addrs() if (ep := tcp_endpoint(a)) is not None})
     candidates: list[tuple[str, int]] = []
     for a in host.get_transport_addrs():
         ep = tcp_endpoint(a)

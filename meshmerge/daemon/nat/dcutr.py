@@ -58,6 +58,7 @@ class DCUtRConfig:
     max_concurrent: hole punches in flight at once.
     close_relayed_after_s: close the relayed connection this long after a
         direct one exists (None keeps it until the relay cuts it).
+    max_records: per-peer upgrade timelines kept for inspection (oldest dropped).
     """
 
     attempt_deadline_s: float = 4.0
@@ -68,13 +69,14 @@ class DCUtRConfig:
     max_sync_delay_s: float = 0.5
     max_concurrent: int = 16
     close_relayed_after_s: float | None = 2.0
+    max_records: int = 1024
 
     def validate(self) -> None:
         if not 0.5 <= self.attempt_deadline_s <= 60:
             raise ValueError("DCUtRConfig.attempt_deadline_s must be in [0.5, 60]")
         if not 1 <= self.max_attempts <= 5:
             raise ValueError("DCUtRConfig.max_attempts must be in [1, 5]")
-        for name in ("max_addrs", "max_msg_bytes", "max_concurrent"):
+        for name in ("max_addrs", "max_msg_bytes", "max_concurrent", "max_records"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DCUtRConfig.{name} must be >= 1")
         if self.retry_pause_s < 0 or self.max_sync_delay_s < 0:
@@ -127,7 +129,10 @@ class DCUtRService:
     # ---- triggering -------------------------------------------------------
     def _on_relayed(self, conn: INetConn, inbound: bool) -> None:
         peer = conn.muxed_conn.peer_id
+        self.records.pop(peer, None)
         self.records[peer] = PunchRecord(peer, time.monotonic())
+        while len(self.records) > self.config.max_records:  # oldest first (insertion order)
+            del self.records[next(iter(self.records))]
         if not inbound or peer in self._busy:
             return  # the inbound side (spec: A) initiates
         try:
@@ -178,6 +183,8 @@ class DCUtRService:
                 last = f"attempt {attempt + 1} hit the {self.config.attempt_deadline_s} s deadline"
             except DCUtRError as exc:
                 last = str(exc)
+            except Exception as exc:  # stream/muxer errors from the peer or the relay
+                last = f"attempt {attempt + 1} failed: {exc!r}"
             if (c := direct_conn(self.host, peer)) is not None:
                 return self._done(rec, c)
             await trio.sleep(self.config.retry_pause_s)

@@ -13,9 +13,11 @@ What we change relative to stock py-libp2p 0.8.1 (each shown by a test):
   ``RelayServiceConfig`` values (2 min, 128 KiB per circuit, like go-libp2p);
 - the stock listener tags inbound relayed connections with its *own* id as
   the relay id (``/p2p/<self>/p2p-circuit/...``); we use the relay's id;
-- stock has no reservation refresh tied to the expiry the relay granted on
-  the client we use; ``RelayClient.keep_reservation`` refreshes before expiry
-  and reports failures.
+- the stock client side lives in ``CircuitV2Transport`` (relay discovery,
+  selection, performance tracking) and its circuit addresses are filtered
+  out by the swarm's dialer anyway; ``RelayClient`` is a small explicit
+  client: reserve, refresh at a fraction of the granted lifetime (retrying
+  until the reservation would expire), dial through a named relay.
 """
 
 from __future__ import annotations
@@ -139,8 +141,9 @@ def _tag_relayed(conn: INetConn, ma: multiaddr.Multiaddr) -> None:
 class _Protocol(CircuitV2Protocol):
     """Stock hop/stop protocol with the relay-id fix and a relayed-connection hook."""
 
-    def __init__(self, host: IHost, limits: RelayLimits, allow_hop: bool,
-                 on_inbound: Callable[[INetConn], None]) -> None:
+    def __init__(
+        self, host: IHost, limits: RelayLimits, allow_hop: bool, on_inbound: Callable[[INetConn], None]
+    ) -> None:
         super().__init__(host, limits, allow_hop=allow_hop)
         self._on_inbound = on_inbound
 
@@ -152,8 +155,9 @@ class _Protocol(CircuitV2Protocol):
         except Exception as exc:
             await stream.reset()
             raise ConnectionError(f"STOP from relay {relay} names an invalid peer: {exc}") from exc
-        raw = RawConnection(stream=stream, initiator=False, connection_type=ConnectionType.RELAYED,
-                            addresses=[ma])
+        raw = RawConnection(
+            stream=stream, initiator=False, connection_type=ConnectionType.RELAYED, addresses=[ma]
+        )
         try:
             muxed = await self.host.upgrade_inbound_connection(raw, ma)
         except Exception as exc:
@@ -267,9 +271,7 @@ class RelayClient:
         remaining = info.expire - now
         return max(self.config.min_refresh_s, remaining * self.config.refresh_fraction)
 
-    async def keep_reservation(
-        self, relay: ID, *, task_status: Any = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    async def keep_reservation(self, relay: ID, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Reserve, report the first grant via ``task_status``, then refresh before expiry forever.
 
         Raises RelayError if the first reservation fails or a reservation
@@ -313,10 +315,12 @@ class RelayClient:
                 await write_delimited_msg(stream, req)
                 resp = await read_delimited_msg(stream, HopMessage)
                 if resp.type != HopMessage.STATUS or resp.status != Status.OK:
-                    raise RelayError(f"relay {relay} refused to connect us to {peer}",
-                                     _status_name(resp.status))
-                raw = RawConnection(stream=stream, initiator=True, connection_type=ConnectionType.RELAYED,
-                                    addresses=[ma])
+                    raise RelayError(
+                        f"relay {relay} refused to connect us to {peer}", _status_name(resp.status)
+                    )
+                raw = RawConnection(
+                    stream=stream, initiator=True, connection_type=ConnectionType.RELAYED, addresses=[ma]
+                )
                 conn = await self.host.upgrade_outbound_connection(raw, peer)
             except RelayError:
                 await stream.reset()

@@ -190,7 +190,7 @@ def _dechunk(body: bytes) -> bytes:
         size = int(body[pos:line_end].split(b";")[0] or b"0", 16)
         if size == 0:
             break
-        out += body[line_end + 2: line_end + 2 + size]
+        out += body[line_end + 2 : line_end + 2 + size]
         pos = line_end + 2 + size + 2
     return out
 
@@ -230,16 +230,26 @@ def default_gateway(route_table: str) -> str | None:
 
 
 # ---------------------------------------------------------------- I/O
-async def _http(url: str, *, method: str = "GET", body: bytes = b"", headers: dict[str, str] | None = None,
-                timeout: float = 5.0) -> tuple[int, bytes, str]:
+async def _http(
+    url: str,
+    *,
+    method: str = "GET",
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    timeout: float = 5.0,
+) -> tuple[int, bytes, str]:
     """Tiny HTTP/1.1 client: returns (status, body, our local IP on that connection)."""
     u = urllib.parse.urlsplit(url)
     if u.scheme != "http" or not u.hostname:
         raise PortMapError(f"unsupported URL {url!r}")
     port = u.port or 80
     path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-    hdrs = {"Host": f"{u.hostname}:{port}", "Connection": "close", "Content-Length": str(len(body)),
-            **(headers or {})}
+    hdrs = {
+        "Host": f"{u.hostname}:{port}",
+        "Connection": "close",
+        "Content-Length": str(len(body)),
+        **(headers or {}),
+    }
     req = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n"
     with trio.fail_after(timeout):
         stream = await trio.open_tcp_stream(u.hostname, port)
@@ -289,7 +299,9 @@ class UPnPClient:
 
     async def call(self, action: str, args: list[tuple[str, str]]) -> dict[str, str]:
         status, body, local_ip = await _http(
-            self.control_url, method="POST", body=soap_body(self.service, action, args),
+            self.control_url,
+            method="POST",
+            body=soap_body(self.service, action, args),
             headers={"Content-Type": 'text/xml; charset="utf-8"', "SOAPAction": f'"{self.service}#{action}"'},
             timeout=self.timeout,
         )
@@ -302,15 +314,25 @@ class UPnPClient:
     async def add(
         self, external_port: int, internal_ip: str, internal_port: int, lease_s: int, desc: str
     ) -> None:
-        await self.call("AddPortMapping", [
-            ("NewRemoteHost", ""), ("NewExternalPort", str(external_port)), ("NewProtocol", "TCP"),
-            ("NewInternalPort", str(internal_port)), ("NewInternalClient", internal_ip), ("NewEnabled", "1"),
-            ("NewPortMappingDescription", desc), ("NewLeaseDuration", str(lease_s)),
-        ])
+        await self.call(
+            "AddPortMapping",
+            [
+                ("NewRemoteHost", ""),
+                ("NewExternalPort", str(external_port)),
+                ("NewProtocol", "TCP"),
+                ("NewInternalPort", str(internal_port)),
+                ("NewInternalClient", internal_ip),
+                ("NewEnabled", "1"),
+                ("NewPortMappingDescription", desc),
+                ("NewLeaseDuration", str(lease_s)),
+            ],
+        )
 
     async def delete(self, external_port: int) -> None:
-        await self.call("DeletePortMapping", [
-            ("NewRemoteHost", ""), ("NewExternalPort", str(external_port)), ("NewProtocol", "TCP")])
+        await self.call(
+            "DeletePortMapping",
+            [("NewRemoteHost", ""), ("NewExternalPort", str(external_port)), ("NewProtocol", "TCP")],
+        )
 
 
 async def _natpmp(gateway: str, payload: bytes, op: int, timeout: float) -> tuple[int, ...]:
@@ -344,8 +366,9 @@ class PortMapper:
         ext_port = self.internal_port
         for _ in range(3):
             try:
-                await client.add(ext_port, lan_ip, self.internal_port, self.config.lease_s,
-                                 self.config.description)
+                await client.add(
+                    ext_port, lan_ip, self.internal_port, self.config.lease_s, self.config.description
+                )
                 break
             except PortMapError as exc:
                 if "718" not in str(exc):  # ConflictInMappingEntry: try another external port
@@ -385,8 +408,13 @@ class PortMapper:
             while True:
                 await trio.sleep(self.mapping.lease_s * cfg.renew_fraction)
                 if client is not None:
-                    await client.add(self.mapping.external_port, self.mapping.internal_ip, self.internal_port,
-                                     cfg.lease_s, cfg.description)
+                    await client.add(
+                        self.mapping.external_port,
+                        self.mapping.internal_ip,
+                        self.internal_port,
+                        cfg.lease_s,
+                        cfg.description,
+                    )
                 else:
                     assert gateway is not None
                     self.mapping = await self._map_natpmp(gateway, self.mapping.external_port)
@@ -397,8 +425,9 @@ class PortMapper:
                     if client is not None:
                         await client.delete(self.mapping.external_port)
                     elif gateway is not None:
-                        await _natpmp(gateway, natpmp_map_request(self.internal_port, 0, 0), 2,
-                                      cfg.request_timeout_s)
+                        await _natpmp(
+                            gateway, natpmp_map_request(self.internal_port, 0, 0), 2, cfg.request_timeout_s
+                        )
                 except (PortMapError, OSError) as exc:
                     log.warning("upnp: could not remove mapping: %s", exc)
                 self.mapping = None
@@ -407,7 +436,8 @@ class PortMapper:
         t = self.config.request_timeout_s
         (ip_int,) = await _natpmp(gateway, natpmp_external_request(), 0, t)
         internal, external, lifetime = await _natpmp(
-            gateway, natpmp_map_request(self.internal_port, external_port, self.config.lease_s), 2, t)
+            gateway, natpmp_map_request(self.internal_port, external_port, self.config.lease_s), 2, t
+        )
         if internal != self.internal_port or lifetime == 0:
             raise PortMapError("NAT-PMP gateway mapped something else")
         return Mapping("natpmp", str(ipaddress.IPv4Address(ip_int)), external, "", internal, lifetime)

@@ -134,3 +134,39 @@ def test_our_server_dials_back_on_a_fresh_connection() -> None:
 
 def test_server_rejects_garbage_and_rate_limits() -> None:
     trio.run(_body_server_rejects_garbage_and_rate_limits)
+
+
+async def _body_client_run_loop_reports_public_after_threshold() -> None:
+    cfg = AutoNATConfig(threshold=2, peer_min_interval_s=0, unknown_probe_interval_s=0.5)
+    async with (
+        running_host(LOOP) as s1,
+        running_host(LOOP) as s2,
+        AutoNATServer(s1, cfg).running(),
+        AutoNATServer(s2, cfg).running(),
+        running_host(LOOP) as me,
+    ):
+        for s in (s1, s2):
+            await me.connect(info_from_p2p_addr(s.get_addrs()[0]))
+        client = AutoNATClient(me, cfg)
+        seen: list[Reachability] = []
+        client.add_listener(seen.append)
+        modes: list[str] = []
+
+        async def set_mode(status: Reachability) -> None:  # what the DHT hook looks like
+            await trio.sleep(0)
+            modes.append("server" if status is Reachability.PUBLIC else "client")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.run)
+            nursery.start_soon(client.watch, set_mode)
+            with trio.fail_after(15):
+                while not modes:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert seen == [Reachability.PUBLIC]
+        assert modes == ["server"]
+        assert set(client.tracker.votes()) == {s1.get_id(), s2.get_id()}
+
+
+def test_client_run_loop_reports_public_after_threshold() -> None:
+    trio.run(_body_client_run_loop_reports_public_after_threshold)

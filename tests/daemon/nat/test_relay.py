@@ -95,8 +95,11 @@ async def _body_stock_listener_tags_its_own_id_as_relay() -> None:
             await RelayClient(target, RelayService(target)).reserve(relay.get_id())
             await RelayClient(dialer, d_svc).dial(target.get_id(), relay.get_id())
             with trio.fail_after(5):
-                while not [c for c in conns_to(target, dialer.get_id())
-                           if c.get_connection_type() == ConnectionType.RELAYED]:
+                while not [
+                    c
+                    for c in conns_to(target, dialer.get_id())
+                    if c.get_connection_type() == ConnectionType.RELAYED
+                ]:
                     await trio.sleep(0.05)
             c = conns_to(target, dialer.get_id())[0]
             assert [str(a) for a in c.get_transport_addresses()] == [
@@ -151,3 +154,33 @@ def test_circuit_byte_limit_cuts_the_circuit() -> None:
 
 def test_reserve_at_non_relay_fails_cleanly() -> None:
     trio.run(_body_reserve_at_non_relay_fails_cleanly)
+
+
+async def _body_circuit_duration_limit_cuts_the_circuit() -> None:
+    hop = RelayServiceConfig(circuit_duration_s=1)
+    async with running_host(LOOP) as relay, running_host(LOOP) as target, running_host(LOOP) as dialer:
+        r_svc, t_svc, d_svc = RelayService(relay, hop), RelayService(target), RelayService(dialer)
+        target.set_stream_handler(ECHO, _echo)
+        async with r_svc.running(), t_svc.running(), d_svc.running():
+            await _connect(target, relay)
+            await _connect(dialer, relay)
+            await RelayClient(target, t_svc).reserve(relay.get_id())
+            await RelayClient(dialer, d_svc).dial(target.get_id(), relay.get_id())
+            s = await dialer.new_stream(target.get_id(), [ECHO])
+            t0 = trio.current_time()
+            cut_after = None
+            with trio.move_on_after(8):
+                try:
+                    while True:
+                        await s.write(b"tick")
+                        with trio.fail_after(2):
+                            assert await s.read(100) == b"tick"
+                        await trio.sleep(0.2)
+                except Exception:
+                    cut_after = trio.current_time() - t0
+            assert cut_after is not None, "circuit outlived its duration limit"
+            assert cut_after < 1 + 3  # limit plus slack for the relay noticing
+
+
+def test_circuit_duration_limit_cuts_the_circuit() -> None:
+    trio.run(_body_circuit_duration_limit_cuts_the_circuit)

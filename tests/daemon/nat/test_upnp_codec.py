@@ -42,14 +42,18 @@ def test_description_and_soap() -> None:
         parse_description(b"<not xml", "http://198.51.100.17/")
     body = soap_body(st, "AddPortMapping", [("NewPortMappingDescription", "a<b")])
     assert b"a&lt;b" in body
-    ok = (b'<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body>'
-          b'<u:GetExternalIPAddressResponse xmlns:u="x"><NewExternalIPAddress>203.0.113.9'
-          b"</NewExternalIPAddress></u:GetExternalIPAddressResponse></s:Body></s:Envelope>")
+    ok = (
+        b'<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body>'
+        b'<u:GetExternalIPAddressResponse xmlns:u="x"><NewExternalIPAddress>203.0.113.9'
+        b"</NewExternalIPAddress></u:GetExternalIPAddressResponse></s:Body></s:Envelope>"
+    )
     assert parse_soap(200, ok) == {"NewExternalIPAddress": "203.0.113.9"}
-    fault = (b'<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body><s:Fault><detail>'
-             b'<UPnPError xmlns="urn:schemas-upnp-org:control-1-0"><errorCode>718</errorCode>'
-             b"<errorDescription>ConflictInMappingEntry</errorDescription></UPnPError></detail></s:Fault>"
-             b"</s:Body></s:Envelope>")
+    fault = (
+        b'<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body><s:Fault><detail>'
+        b'<UPnPError xmlns="urn:schemas-upnp-org:control-1-0"><errorCode>718</errorCode>'
+        b"<errorDescription>ConflictInMappingEntry</errorDescription></UPnPError></detail></s:Fault>"
+        b"</s:Body></s:Envelope>"
+    )
     with pytest.raises(PortMapError, match="718"):
         parse_soap(500, fault)
 
@@ -73,8 +77,9 @@ def test_natpmp_codec() -> None:
 
 
 def test_default_gateway_from_proc_route() -> None:
-    table = ("Iface\tDestination\tGateway \tFlags\n"
-             "eth0\t00000000\t116433C6\t0003\n")  # 198.51.100.17 little-endian
+    table = (
+        "Iface\tDestination\tGateway \tFlags\neth0\t00000000\t116433C6\t0003\n"  # 198.51.100.17 little-endian
+    )
     assert default_gateway(table) == "198.51.100.17"
     assert default_gateway("Iface\tDestination\tGateway\n") is None
 
