@@ -74,8 +74,8 @@ class NetworkSection:
     dht_mode: str = "server"
 
     def validate(self) -> None:
-        if self.dht_mode not in ("server", "client"):
-            raise ConfigError(f"[network] dht_mode must be server or client, got {self.dht_mode!r}")
+        if self.dht_mode not in ("auto", "server", "client"):
+            raise ConfigError(f"[network] dht_mode must be auto, server or client, got {self.dht_mode!r}")
         for addr in (*self.listen, *self.bootstrap, *self.announce):
             if not isinstance(addr, str) or not addr.startswith("/"):
                 raise ConfigError(f"[network] {addr!r} is not a multiaddr (it must start with '/')")

@@ -1,7 +1,11 @@
 """Compose the network services under the daemon's nursery.
 
-host (TCP, Noise, Yamux, identify, ping, limits) → Kademlia DHT → GossipSub →
-sync (announcements, anti-entropy, blob fetch) → bootstrap dials. Each
+host (TCP, Noise, Yamux, identify, ping, limits) → relay (STOP; HOP if
+enabled) and AutoNAT server → Kademlia DHT → NAT traversal (AutoNAT client
+verdicts switch the DHT mode when dht_mode = "auto" and take a relay
+reservation when private; DCUtR upgrades relayed connections; UPnP/NAT-PMP
+port mapping if enabled) → GossipSub → sync (announcements, anti-entropy,
+blob fetch) → bootstrap dials. Each
 service owns its config, tasks and metrics; this module only wires them and
 exposes their views over RPC (`meshmerge peers/scores/topics/dht`).
 """
@@ -18,6 +22,16 @@ from meshmerge.daemon.dht.service import DHTConfig, DHTMode, KademliaDHT
 from meshmerge.daemon.host import HostConfig, peer_info, running_host
 from meshmerge.daemon.identity import Identity
 from meshmerge.daemon.limits import ConnectionLimits
+from meshmerge.daemon.nat.autonat import AutoNATClient, AutoNATServer, Reachability
+from meshmerge.daemon.nat.dcutr import DCUtRService
+from meshmerge.daemon.nat.relay import (
+    HOP_PROTOCOL_ID,
+    RelayClient,
+    RelayError,
+    RelayService,
+    RelayServiceConfig,
+)
+from meshmerge.daemon.nat.upnp import PortMapError, PortMapper
 from meshmerge.daemon.node import Node
 from meshmerge.daemon.rpc import Call, RpcServer
 from meshmerge.daemon.sync import SyncService
@@ -45,9 +59,26 @@ async def start_network(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    async with running_host(host_config(config), identity) as host, trio.open_nursery() as nursery:
-        dht = KademliaDHT(host, DHTConfig(mode=DHTMode(config.network.dht_mode)))
+    net = config.network
+    relay = RelayService_(net.enable_relay_service)
+    async with (
+        running_host(host_config(config), identity) as host,
+        relay.bind(host).running(),
+        AutoNATServer(host).running(),
+        trio.open_nursery() as nursery,
+    ):
+        initial = DHTMode.CLIENT if net.dht_mode == "auto" else DHTMode(net.dht_mode)
+        dht = KademliaDHT(host, DHTConfig(mode=initial))
         await nursery.start(dht.run)
+        nat = NatTraversal(
+            host, relay.service, dht, auto_dht=net.dht_mode == "auto", relay_client=net.enable_relay_client
+        )
+        nursery.start_soon(nat.run)
+        if net.enable_relay_client:
+            await nursery.start(DCUtRService(host, relay.service).run)
+        if net.enable_upnp:
+            nursery.start_soon(_port_map, host)
+        node.extra_status.append(nat.status)
         gossip = await _start_gossip(host, identity, nursery)
         sync = SyncService(node, host, config.sync, gossip=gossip, dht=dht)
         await nursery.start(sync.run)
@@ -62,6 +93,79 @@ async def start_network(
         log.info("network up: %s", ", ".join(addrs))
         task_status.started()
         await trio.sleep_forever()
+
+
+class RelayService_:
+    """Holds the relay service, created once the host exists (STOP always, HOP if enabled)."""
+
+    def __init__(self, hop: bool) -> None:
+        self.hop = hop
+        self.service: RelayService | None = None
+
+    def bind(self, host: Any) -> RelayService:
+        self.service = RelayService(host, RelayServiceConfig() if self.hop else None)
+        return self.service
+
+
+class NatTraversal:
+    """AutoNAT verdicts drive the DHT mode and, when private, a relay reservation."""
+
+    def __init__(
+        self, host: Any, relay: RelayService | None, dht: KademliaDHT, *, auto_dht: bool, relay_client: bool
+    ) -> None:
+        self.host = host
+        self.autonat = AutoNATClient(host)
+        self.relay = RelayClient(host, relay) if relay is not None and relay_client else None
+        self.dht = dht
+        self.auto_dht = auto_dht
+        self.reserved: str | None = None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "reachability": self.autonat.status.value,
+            "relay_reservation": self.reserved,
+            "circuit_addrs": [str(a) for a in self.relay.circuit_addrs()] if self.relay else [],
+        }
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.autonat.run)
+            await self.autonat.watch(lambda r: self._on_reachability(r, nursery))
+
+    async def _on_reachability(self, reachability: Reachability, nursery: trio.Nursery) -> None:
+        log.info("AutoNAT: we are %s", reachability.value)
+        if self.auto_dht and reachability is not Reachability.UNKNOWN:
+            await self.dht.set_mode(DHTMode.SERVER if reachability is Reachability.PUBLIC else DHTMode.CLIENT)
+        if reachability is Reachability.PRIVATE and self.relay is not None and self.reserved is None:
+            nursery.start_soon(self._reserve)
+
+    async def _reserve(self) -> None:
+        """Hold a reservation at the first connected peer that offers relay HOP."""
+        assert self.relay is not None
+        store = self.host.get_peerstore()
+        for peer in self.host.get_connected_peers():
+            try:
+                if HOP_PROTOCOL_ID not in (store.get_protocols(peer) or []):
+                    continue
+            except Exception:
+                continue
+            self.reserved = str(peer)
+            try:
+                await self.relay.keep_reservation(peer)
+            except RelayError as exc:
+                log.warning("relay reservation at %s lost: %s", peer, exc)
+            self.reserved = None
+        log.info("no relay available among %d connected peers", len(self.host.get_connected_peers()))
+
+
+async def _port_map(host: Any) -> None:
+    port = next((int(a.value_for_protocol("tcp")) for a in host.get_addrs() if "/tcp/" in str(a)), None)
+    if port is None:
+        return
+    try:
+        await PortMapper(port).run()
+    except PortMapError as exc:
+        log.warning("UPnP/NAT-PMP port mapping unavailable: %s", exc)
 
 
 async def _start_gossip(host: Any, identity: Identity, nursery: trio.Nursery) -> Any:
