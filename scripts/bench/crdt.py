@@ -18,7 +18,6 @@ Run: scripts/bench/run crdt   (or .venv/bin/python scripts/bench/crdt.py --sizes
 from __future__ import annotations
 
 import argparse
-import hashlib
 import statistics
 import sys
 import time
@@ -27,17 +26,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _fixtures
 from _table import machine, table
 
-from meshmerge.crdt import MergeState, Signer
-from meshmerge.crdt.signing import DOMAIN_HEADER
+from meshmerge.crdt import MergeState
 from meshmerge.proto.cbor import encode
 from meshmerge.proto.messages import (
-    ContributionHeader,
     SetSchema,
     SignedHeader,
     StateMessage,
-    TensorEntry,
     loads_state,
 )
 
@@ -46,25 +43,11 @@ SAMPLES = 200
 
 
 def make_schema() -> SetSchema:
-    return SetSchema(
-        "bench/set", "weights", tuple(TensorEntry(f"t{i:02d}", "F32", (8, 8)) for i in range(TENSORS))
-    )
+    return _fixtures.make_schema("bench/set", TENSORS)
 
 
 def make_headers(schema: SetSchema, n: int, authors: int = 50) -> list[SignedHeader]:
-    signers = [Signer(hashlib.sha256(b"bench-%d" % a).digest()) for a in range(authors)]
-    out = []
-    for i in range(n):
-        signer = signers[i % authors]
-        entries = tuple(
-            TensorEntry(
-                t.name, t.dtype, t.shape, 256, hashlib.sha256(b"%d/%s" % (i, t.name.encode())).digest()
-            )
-            for t in schema.tensors
-        )
-        header = ContributionHeader(schema.id, signer.peer_id, i // authors, 1, "weights", entries)
-        out.append(SignedHeader(header, signer.sign(DOMAIN_HEADER, header.encoded)))
-    return out
+    return _fixtures.make_headers(schema, n, authors, key_prefix=b"bench")
 
 
 def median_us(samples: list[float]) -> float:

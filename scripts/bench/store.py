@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _fixtures
 from _table import machine, table
 
 from meshmerge.crdt import MergeState, Signer
-from meshmerge.crdt.signing import DOMAIN_HEADER
 from meshmerge.crdt.tensorfile import dumps as st_dumps
 from meshmerge.daemon.store import Store
 from meshmerge.daemon.store.blobs import verify
@@ -53,25 +53,11 @@ TENSORS = 16
 
 
 def make_schema() -> SetSchema:
-    return SetSchema(
-        "bench/store", "weights", tuple(TensorEntry(f"t{i:02d}", "F32", (8, 8)) for i in range(TENSORS))
-    )
+    return _fixtures.make_schema("bench/store", TENSORS)
 
 
 def make_headers(schema: SetSchema, n: int, authors: int = 50) -> list[SignedHeader]:
-    signers = [Signer(hashlib.sha256(b"bench-store-%d" % a).digest()) for a in range(authors)]
-    out = []
-    for i in range(n):
-        signer = signers[i % authors]
-        entries = tuple(
-            TensorEntry(
-                t.name, t.dtype, t.shape, 256, hashlib.sha256(b"%d/%s" % (i, t.name.encode())).digest()
-            )
-            for t in schema.tensors
-        )
-        header = ContributionHeader(schema.id, signer.peer_id, i // authors, 1, "weights", entries)
-        out.append(SignedHeader(header, signer.sign(DOMAIN_HEADER, header.encoded)))
-    return out
+    return _fixtures.make_headers(schema, n, authors, key_prefix=b"bench-store")
 
 
 def pct(samples: list[float], q: float) -> float:
