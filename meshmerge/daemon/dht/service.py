@@ -295,13 +295,18 @@ class KademliaDHT:
             suffix = f" ({swallowed} similar suppressed)" if swallowed else ""
             log.warning(msg + suffix, *args)
 
+    def _seen(self, peer: bytes) -> None:
+        """`peer` proved it speaks the DHT: add it, or refresh it (IPs only needed when new)."""
+        ips = [] if peer in self.routing else self._peer_ips(peer)
+        self.routing.add(peer, ips, self._now())
+
     def _maybe_add_requester(self, peer: bytes) -> None:
         try:
             protocols = self.host.get_peerstore().get_protocols(ID(peer))
         except Exception:
             return
         if PROTOCOL_ID in protocols:
-            self.routing.add(peer, self._peer_ips(peer), self._now())
+            self._seen(peer)
 
     # ------------------------------------------------------------------ inbound
     async def _handle_stream(self, stream: Any) -> None:
@@ -540,7 +545,7 @@ class KademliaDHT:
             else:
                 assert reply is not None
                 closer = self._absorb(reply)
-                self.routing.add(peer, self._peer_ips(peer), self._now())
+                self._seen(peer)
                 if on_reply is not None:
                     await on_reply(peer, reply, lookup)
                 lookup.on_success(peer, closer)
@@ -579,7 +584,7 @@ class KademliaDHT:
                 return
             assert reply is not None
             self._absorb(reply)
-            self.routing.add(raw, self._peer_ips(raw), self._now())
+            self._seen(raw)
 
         async with trio.open_nursery() as nursery:
             for info in peers:
