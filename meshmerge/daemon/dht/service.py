@@ -51,6 +51,7 @@ from .wire import (
 log = logging.getLogger("meshmerge.dht")
 KAD = TProtocol(PROTOCOL_ID)
 MAX_CACHED_STREAMS = 128
+MAX_LEARNED = 10_000
 
 
 class _CachedStream:
@@ -207,6 +208,7 @@ class KademliaDHT:
         self._nursery: trio.Nursery | None = None
         self._streams: dict[bytes, _CachedStream] = {}
         self._closing: list[Any] = []
+        self._learned: dict[bytes, tuple[Multiaddr, ...]] = {}
         self.stats: dict[str, int] = {"inbound_reset_busy": 0, "inbound_bad": 0, "inbound_requests": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -278,6 +280,12 @@ class KademliaDHT:
     def _learn_addrs(self, peer: bytes, addrs: Sequence[Multiaddr]) -> None:
         if peer == self.self_peer or not addrs:
             return
+        fresh = tuple(addrs)
+        if self._learned.get(peer) == fresh:
+            return  # replies repeat the same peers; the peerstore already has these
+        if len(self._learned) >= MAX_LEARNED:
+            self._learned.clear()
+        self._learned[peer] = fresh
         self.host.get_peerstore().add_addrs(ID(peer), list(addrs), 0)
 
     def _connected(self, peer: bytes) -> bool:
