@@ -199,10 +199,16 @@ async def bench_js() -> dict[str, float]:
     out: dict[str, float] = {}
     async with start_js_peer(tools) as a, start_js_peer(tools) as b, start_js_peer(tools) as c:
         dials = []
+        failed = 0
         for _ in range(ROUNDS):
-            dials.append(await a.dial(b.p2p_addrs[0]))  # timed inside node
+            try:
+                dials.append(await a.dial(b.p2p_addrs[0]))  # timed inside node
+            except Exception:  # seen under load: ECONNRESET on a js->js redial
+                failed += 1
             await a.hang_up(b.peer_id)
-            await trio.sleep(0.05)
+            await trio.sleep(0.1)
+        if failed:
+            print(f"<!-- js: {failed}/{ROUNDS} js->js dials failed and are not in the median -->")
         await a.dial(b.p2p_addrs[0])
         await c.dial(b.p2p_addrs[0])
         out["dial"], out["ping"] = ms(dials), ms(await a.ping(b.peer_id, count=ROUNDS))
