@@ -19,7 +19,7 @@ from meshmerge.daemon.dht.wire import PROTOCOL_ID as KAD
 from meshmerge.daemon.host import HostConfig, running_host
 from meshmerge.daemon.identity import Identity
 from meshmerge.testing.interop import run_trio
-from meshmerge.testing.interop.gopeer import GoPeer, start_go_peer
+from meshmerge.testing.interop.gopeer import DaemonError, GoPeer, start_go_peer
 from meshmerge.testing.interop.tools import InteropTools
 
 pytestmark = pytest.mark.interop
@@ -32,28 +32,25 @@ def raw_cid(data: bytes) -> bytes:
 async def _identify_from(host, peer_id) -> Identify:  # type: ignore[no-untyped-def]
     """Ask `peer_id` for its identify message on a stream of our own.
 
-    js allows one inbound identify stream per connection and resets a second;
-    our host's automatic identify may still hold it, so retry briefly.
+    js allows one inbound identify stream per connection and resets (or closes
+    empty) a second one; our host's automatic identify may still hold it, so retry.
     """
-    for attempt in range(20):
+    for _ in range(40):
+        data = b""
         try:
             stream = await host.new_stream(peer_id, [IDENTIFY_ID])
-            break
+            with trio.fail_after(10):
+                while True:
+                    chunk = await stream.read(65536)
+                    if not chunk:
+                        break
+                    data += chunk
         except Exception:
-            if attempt == 19:
-                raise
-            await trio.sleep(0.1)
-    data = b""
-    with trio.fail_after(10):
-        while True:
-            try:
-                chunk = await stream.read(65536)
-            except Exception:
-                break
-            if not chunk:
-                break
-            data += chunk
-    await stream.close()
+            pass
+        if data:
+            break
+        await trio.sleep(0.1)
+    assert data, f"{peer_id} never sent an identify message"
     # varint length prefix, then the message
     n = shift = pos = 0
     while True:
@@ -72,8 +69,11 @@ async def _wait_go_sees_kad(go: GoPeer, peer_id) -> None:  # type: ignore[no-unt
     """go adds us to its routing table once identify showed our kad protocol."""
     with trio.fail_after(15):
         while True:
-            if peer_id in await go.dht_get_closest_peers(b"any-key", timeout=5):
-                return
+            try:
+                if peer_id in await go.dht_get_closest_peers(b"any-key", timeout=5):
+                    return
+            except DaemonError:
+                pass  # "failed to find any peer in table" until identify has run
             await trio.sleep(0.2)
 
 
