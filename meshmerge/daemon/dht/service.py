@@ -207,7 +207,7 @@ class KademliaDHT:
         self._provided: dict[bytes, None] = {}
         self._nursery: trio.Nursery | None = None
         self._streams: dict[bytes, _CachedStream] = {}
-        self._closing: list[Any] = []
+        self._closing: list[tuple[Any, bool]] = []  # (stream, out of step?)
         self._learned: dict[bytes, tuple[Multiaddr, ...]] = {}
         self.stats: dict[str, int] = {"inbound_reset_busy": 0, "inbound_bad": 0, "inbound_requests": 0}
 
@@ -486,7 +486,7 @@ class KademliaDHT:
                 try:
                     reply = await fresh.exchange(msg)
                 except BaseException:
-                    self._closing.append(stream)
+                    self._closing.append((stream, True))
                     raise
                 await self._keep_stream(peer, fresh)
                 return reply
@@ -512,11 +512,13 @@ class KademliaDHT:
     def _drop_stream(self, peer: bytes, entry: _CachedStream) -> None:
         if self._streams.get(peer) is entry:
             del self._streams[peer]
-        self._closing.append(entry.stream)
+        self._closing.append((entry.stream, entry.broken))
 
     async def _close_dropped(self) -> None:
+        """Close idle streams we no longer keep normally; reset the out-of-step ones."""
         while self._closing:
-            await _reset(self._closing.pop())
+            stream, broken = self._closing.pop()
+            await (_reset(stream) if broken else _close(stream))
 
     def _absorb(self, reply: Message) -> list[bytes]:
         closer = []
