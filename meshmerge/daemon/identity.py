@@ -114,6 +114,7 @@ def save(identity: Identity, path: Path) -> None:
     """Write atomically: temp file (0600) in the same dir, fsync, rename, fsync dir."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # left over from a crash of an earlier process with our pid
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         os.fchmod(fd, 0o600)

@@ -65,7 +65,23 @@ def test_selector_prefers_highest_seq_deterministically() -> None:
 
 def test_routing_table_ip_group_diversity() -> None:
     me = Identity.generate().peer_id.to_bytes()
-    table = RoutingTable(me, k=20, max_per_group_per_bucket=2, max_per_group_table=3, exempt_loopback=False)
+    # the per-bucket cap: peers that share a bucket (same common prefix length with us)
+    bucket_cap = RoutingTable(
+        me, k=20, max_per_group_per_bucket=2, max_per_group_table=99, exempt_loopback=False
+    )
+    same: list[bytes] = []
+    while len(same) < 4:
+        p = Identity.generate().peer_id.to_bytes()
+        if (kad_id(p) ^ kad_id(me)).bit_length() == 256:  # bucket 0
+            same.append(p)
+    assert [bucket_cap.add(p, [f"192.0.2.{i + 1}"], 0.0) for i, p in enumerate(same)] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    # the per-table cap
+    table = RoutingTable(me, k=20, max_per_group_per_bucket=20, max_per_group_table=3, exempt_loopback=False)
     peers = [Identity.generate().peer_id.to_bytes() for _ in range(10)]
     added = [table.add(p, [f"192.0.2.{i + 1}"], now=0.0) for i, p in enumerate(peers)]
     assert sum(added) == 3  # one /24 gets at most 3 slots in the whole table

@@ -51,6 +51,7 @@ from .wire import (
 log = logging.getLogger("meshmerge.dht")
 KAD = TProtocol(PROTOCOL_ID)
 MAX_CACHED_STREAMS = 128
+MAX_LEARNED = 10_000
 
 
 class _CachedStream:
@@ -206,7 +207,8 @@ class KademliaDHT:
         self._provided: dict[bytes, None] = {}
         self._nursery: trio.Nursery | None = None
         self._streams: dict[bytes, _CachedStream] = {}
-        self._closing: list[Any] = []
+        self._closing: list[tuple[Any, bool]] = []  # (stream, out of step?)
+        self._learned: dict[bytes, tuple[Multiaddr, ...]] = {}
         self.stats: dict[str, int] = {"inbound_reset_busy": 0, "inbound_bad": 0, "inbound_requests": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -278,6 +280,12 @@ class KademliaDHT:
     def _learn_addrs(self, peer: bytes, addrs: Sequence[Multiaddr]) -> None:
         if peer == self.self_peer or not addrs:
             return
+        fresh = tuple(addrs)
+        if self._learned.get(peer) == fresh:
+            return  # replies repeat the same peers; the peerstore already has these
+        if len(self._learned) >= MAX_LEARNED:
+            self._learned.clear()
+        self._learned[peer] = fresh
         self.host.get_peerstore().add_addrs(ID(peer), list(addrs), 0)
 
     def _connected(self, peer: bytes) -> bool:
@@ -295,13 +303,18 @@ class KademliaDHT:
             suffix = f" ({swallowed} similar suppressed)" if swallowed else ""
             log.warning(msg + suffix, *args)
 
+    def _seen(self, peer: bytes) -> None:
+        """`peer` proved it speaks the DHT: add it, or refresh it (IPs only needed when new)."""
+        ips = [] if peer in self.routing else self._peer_ips(peer)
+        self.routing.add(peer, ips, self._now())
+
     def _maybe_add_requester(self, peer: bytes) -> None:
         try:
             protocols = self.host.get_peerstore().get_protocols(ID(peer))
         except Exception:
             return
         if PROTOCOL_ID in protocols:
-            self.routing.add(peer, self._peer_ips(peer), self._now())
+            self._seen(peer)
 
     # ------------------------------------------------------------------ inbound
     async def _handle_stream(self, stream: Any) -> None:
@@ -473,7 +486,7 @@ class KademliaDHT:
                 try:
                     reply = await fresh.exchange(msg)
                 except BaseException:
-                    self._closing.append(stream)
+                    self._closing.append((stream, True))
                     raise
                 await self._keep_stream(peer, fresh)
                 return reply
@@ -499,11 +512,13 @@ class KademliaDHT:
     def _drop_stream(self, peer: bytes, entry: _CachedStream) -> None:
         if self._streams.get(peer) is entry:
             del self._streams[peer]
-        self._closing.append(entry.stream)
+        self._closing.append((entry.stream, entry.broken))
 
     async def _close_dropped(self) -> None:
+        """Close idle streams we no longer keep normally; reset the out-of-step ones."""
         while self._closing:
-            await _reset(self._closing.pop())
+            stream, broken = self._closing.pop()
+            await (_reset(stream) if broken else _close(stream))
 
     def _absorb(self, reply: Message) -> list[bytes]:
         closer = []
@@ -540,7 +555,7 @@ class KademliaDHT:
             else:
                 assert reply is not None
                 closer = self._absorb(reply)
-                self.routing.add(peer, self._peer_ips(peer), self._now())
+                self._seen(peer)
                 if on_reply is not None:
                     await on_reply(peer, reply, lookup)
                 lookup.on_success(peer, closer)
@@ -579,7 +594,7 @@ class KademliaDHT:
                 return
             assert reply is not None
             self._absorb(reply)
-            self.routing.add(raw, self._peer_ips(raw), self._now())
+            self._seen(raw)
 
         async with trio.open_nursery() as nursery:
             for info in peers:
@@ -638,7 +653,8 @@ class KademliaDHT:
             try:
                 if bytes(reply.record.key) not in (b"", key):
                     raise RecordRejected("record key differs from the requested key")
-                self.validator.validate(key, value)
+                if value not in found.values():  # identical bytes were verified already
+                    self.validator.validate(key, value)
             except RecordRejected as exc:
                 log.debug("GET_VALUE: invalid record from %s: %s", ID(peer), exc)
                 return
