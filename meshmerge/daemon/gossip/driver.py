@@ -33,6 +33,11 @@ validations. Every task lives in the nursery of :meth:`GossipService.run`,
 except the readers, which py-libp2p runs inside its stream-handler tasks; we
 track their cancel scopes and cancel them on shutdown.
 
+Publishing with no topic peers sends the message nowhere, as in
+go-libp2p-pubsub: flood publishing targets the peers known at publish time, and
+peers that arrive later join the mesh, while IHAVE gossip goes only to non-mesh
+peers. Nothing replays it; meshmerge's anti-entropy repairs such gaps.
+
 The handler and validator receive the message *author* (the signed ``from``
 field, guaranteed by StrictSign), not the forwarding peer.
 """
@@ -176,6 +181,10 @@ def _direct_peer(addr: str) -> tuple[ID, multiaddr.Multiaddr]:
     return pid, transport
 
 
+def _no_app_score(peer: bytes) -> float:
+    return 0.0
+
+
 def _conn_ip(conn: INetConn) -> str | None:
     """Remote IP of a connection (for P6 IP colocation), if the transport reveals one."""
     getter = getattr(conn, "get_transport_addresses", None)
@@ -267,8 +276,10 @@ class GossipService:
         self.host = host
         self.config = config
         self._app_scores: dict[bytes, float] = {}
+        self._base_app_score: Callable[[bytes], float] = _no_app_score
         score = config.score
         if score is not None:
+            self._base_app_score = score.app_specific_score
             score = dataclasses.replace(score, app_specific_score=self._app_score)
         self._direct = [_direct_peer(a) for a in config.direct_peers]
         self.router = GossipSubRouter(
@@ -367,7 +378,11 @@ class GossipService:
         await trio.lowlevel.checkpoint()
 
     def set_app_score(self, peer: bytes, value: float) -> None:
-        """Application-specific score (P5) for ``peer``, e.g. from the reputation layer."""
+        """Application-specific score (P5) for ``peer``, e.g. from the reputation layer.
+
+        Added to ``config.score.app_specific_score(peer)`` if the config supplies one; weighted by
+        ``app_specific_weight`` (0 in a default PeerScoreParams, so set it to make P5 count).
+        """
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"app score must be finite, got {value!r}")
         if value == 0.0:
@@ -433,7 +448,7 @@ class GossipService:
     # ================================================================== router glue
 
     def _app_score(self, peer: bytes) -> float:
-        return self._app_scores.get(peer, 0.0)
+        return self._base_app_score(peer) + self._app_scores.get(peer, 0.0)
 
     def _router_validator(self, topic: str, msg: Message, peer: bytes) -> Validation | None:
         # None parks the message for an asynchronous verdict from a worker.

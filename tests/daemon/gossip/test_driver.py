@@ -10,10 +10,11 @@ from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
 from meshmerge.daemon.gossip.driver import GossipConfig, GossipService, Validation
-from meshmerge.daemon.gossip.params import derive_score_params
+from meshmerge.daemon.gossip.params import GossipSubParams, derive_score_params
 from meshmerge.daemon.gossip.router import MESHSUB_11
 from meshmerge.daemon.host import HostConfig, running_host
 from meshmerge.daemon.identity import Identity
+from meshmerge.proto.gossipsub import RPC, SubOpts, encode_frame
 from tests.daemon.gossip.netkit import GNode, gossip_nodes, mesh_ready, wait_for
 from tests.daemon.swarmkit import run
 
@@ -255,3 +256,42 @@ def _tasks_of(svc: GossipService) -> list[str]:
             coro = getattr(coro, "cr_await", None)
         stack.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
     return found
+
+
+def test_a_peer_that_stops_reading_is_dropped() -> None:
+    """A subscriber that never reads fills its yamux window, then our queue: we drop it."""
+    params = GossipSubParams(max_peer_queue_messages=8)
+    config = GossipConfig(params=params, write_timeout=1.0, publish_wait_timeout=0.05)
+
+    async def body() -> None:
+        async with gossip_nodes(2, config) as (a, c), running_host(HostConfig(), Identity.generate()) as evil:
+            a.join(TOPIC)
+            c.join(TOPIC)
+            stalled = trio.Event()
+
+            async def never_read(stream: INetStream) -> None:
+                await stalled.wait()
+
+            evil.set_stream_handler(TProtocol(MESHSUB_11), never_read)
+            await evil.connect(a.info)
+            stream = await evil.new_stream(a.host.get_id(), [TProtocol(MESHSUB_11)])
+            await stream.write(encode_frame(RPC(subscriptions=[SubOpts(True, TOPIC)])))
+            await a.host.connect(c.info)
+            evil_pid = evil.get_id().to_bytes()
+            await wait_for(lambda: evil_pid in a.service.router.topics.get(TOPIC, ()), what="evil subscribed")
+            await wait_for(lambda: mesh_ready([a, c], TOPIC, 1), what="mesh with the honest peer")
+            payload = b"x" * 4096
+            with trio.move_on_after(20):
+                i = 0
+                while a.host.get_network().get_connections(evil.get_id()):
+                    await a.service.publish(TOPIC, payload + b"%d" % i)
+                    i += 1
+                    if i % 16 == 0:
+                        await trio.sleep(0.01)
+            assert not a.host.get_network().get_connections(evil.get_id()), "slow peer was not dropped"
+            assert a.service.stats.disconnects >= 1
+            assert evil_pid not in a.service.router.peers
+            await wait_for(lambda: len(c.received[TOPIC]) == i, timeout=30, what="honest peer got everything")
+            stalled.set()
+
+    run(body, timeout=90)
