@@ -52,6 +52,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import multiaddr
 import trio
@@ -314,7 +315,7 @@ class GossipService:
 
     # ================================================================== public API
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ``task_status.started()`` once the stream handlers are registered."""
         if self._nursery is not None:
             raise RuntimeError("GossipService.run() is already running")
