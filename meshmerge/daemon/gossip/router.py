@@ -116,6 +116,7 @@ Validator = Callable[[str, Message, bytes], "Validation | None"]
 class _Peer:
     __slots__ = (
         "dontwant",
+        "gossipsub",
         "iasked",
         "idontwant_count",
         "ihave_count",
@@ -126,6 +127,8 @@ class _Peer:
         "queue",
         "queue_bytes",
         "topics",
+        "v11",
+        "v12",
     )
 
     def __init__(self, protocol: str, outbound: bool, ips: tuple[str, ...]) -> None:
@@ -140,18 +143,9 @@ class _Peer:
         self.iasked = 0
         self.idontwant_count = 0
         self.dontwant: dict[bytes, int] = {}  # mid -> heartbeat tick after which it is forgotten
-
-    @property
-    def gossipsub(self) -> bool:
-        return self.protocol != FLOODSUB
-
-    @property
-    def v11(self) -> bool:
-        return self.protocol in (MESHSUB_11, MESHSUB_12)
-
-    @property
-    def v12(self) -> bool:
-        return self.protocol == MESHSUB_12
+        self.gossipsub = protocol != FLOODSUB
+        self.v11 = protocol in (MESHSUB_11, MESHSUB_12)
+        self.v12 = protocol == MESHSUB_12
 
 
 @dataclass(slots=True)
@@ -288,11 +282,9 @@ class GossipSubRouter:
         backoff = self.params.unsubscribe_backoff if unsubscribe else self.params.prune_backoff
         px: list[PeerInfo] = []
         if do_px and self.params.do_px:
-            cands = [
-                p
-                for p in self.topics.get(topic, ())
-                if p != peer and p in self.peers and self.peer_score(p) >= 0
-            ]
+            cands = sorted(
+                p for p in self.topics.get(topic, ()) if p != peer and p in self.peers and self.peer_score(p) >= 0
+            )
             self.rng.shuffle(cands)
             px = [PeerInfo(peer_id=p) for p in cands[: self.params.prune_peers]]
         return ControlPrune(topic=topic, peers=px, backoff=int(backoff))
@@ -315,11 +307,14 @@ class GossipSubRouter:
         self._ctl(peer).prune.append(self._make_prune(peer, topic, do_px, unsubscribe, now))
 
     def _candidates(self, topic: str, exclude: set[bytes], pred: Callable[[bytes], bool]) -> list[bytes]:
-        out = [
+        peers = self.peers
+        direct = self.direct
+        # sorted first so a seeded rng gives the same choice in every process (bytes hashing is salted)
+        out = sorted(
             p
             for p in self.topics.get(topic, ())
-            if p not in exclude and p not in self.direct and self.peers[p].gossipsub and pred(p)
-        ]
+            if p not in exclude and p not in direct and peers[p].gossipsub and pred(p)
+        )
         self.rng.shuffle(out)
         return out
 
@@ -407,7 +402,7 @@ class GossipSubRouter:
         self.mesh[topic] = mesh
         fan = self.fanout.pop(topic, set())
         self.fanout_lastpub.pop(topic, None)
-        for p in fan:
+        for p in sorted(fan):
             if (
                 len(mesh) < self.params.d
                 and p in self.peers
@@ -429,7 +424,7 @@ class GossipSubRouter:
         self.subscriptions.discard(topic)
         for peer in self.peers:
             self._rpc(peer).subscriptions.append(SubOpts(False, topic))
-        for p in list(self.mesh.get(topic, ())):
+        for p in sorted(self.mesh.get(topic, ())):
             self._prune(p, topic, now, unsubscribe=True)
         self.mesh.pop(topic, None)
         self._flush()
@@ -479,7 +474,7 @@ class GossipSubRouter:
                 mesh = fan or set()
             to |= mesh
         author = msg.from_peer
-        for q in to:
+        for q in sorted(to):
             if q in (source, author):
                 continue
             st = self.peers.get(q)
@@ -773,7 +768,7 @@ class GossipSubRouter:
         gossip_ids = self.mcache.gossip_ids_by_topic()
 
         for topic, mesh in self.mesh.items():
-            for q in [q for q in mesh if score(q) < 0]:
+            for q in sorted(q for q in mesh if score(q) < 0):
                 self._prune(q, topic, now, do_px=False)
             backoff = self.backoff.get(topic, {})
 
@@ -786,7 +781,7 @@ class GossipSubRouter:
                 ]:
                     self._graft(q, topic, now)
             if len(mesh) > p.d_hi:
-                plst = list(mesh)
+                plst = sorted(mesh)
                 self.rng.shuffle(plst)
                 plst.sort(key=score, reverse=True)
                 rest = plst[p.d_score :]
@@ -814,7 +809,7 @@ class GossipSubRouter:
                     for q in cands[: p.d_out - outbound]:
                         self._graft(q, topic, now)
             if tick % p.opportunistic_graft_ticks == 0 and len(mesh) > 1:
-                ranked = sorted(mesh, key=score)
+                ranked = sorted(sorted(mesh), key=score)
                 median = score(ranked[len(ranked) // 2])
                 if median < th.opportunistic_graft_threshold:
                     above = {q for q in self.topics.get(topic, ()) if score(q) > median}
