@@ -7,12 +7,13 @@ What is measured, per ordered pair (dialer -> listener), each pair on fresh peer
   go: CONNECT over the control socket; js: node.dial inside node; py: host.connect.
 - ping: median RTT of 20 pings from the dialer. go and py reuse one ping
   stream; js opens one stream per ping (its ping service has no reuse).
-- gossip (one row per direction, on the connection of the pair where the
-  sender's kind dials): 100 messages published back to back after both sides
-  see each other's subscription plus a 1.5 s settle (one heartbeat for go and
-  js); delivered count within 10 s, p50/p99 latency from publish call to
-  receipt (receipt timed in node for js, at the driver for go and py; all on
-  CLOCK_MONOTONIC).
+- gossip (rows per direction, on the connections go->go, go->js, py->go,
+  py->js): 100 messages on a fresh topic after both sides see each other's
+  subscription plus a 1.5 s settle (one heartbeat for go and js), published
+  back to back ("burst": shows queueing in the receiver) and one every 10 ms
+  ("paced": per-message latency); delivered count within 10 s, p50/p99
+  latency from the publish call to receipt (timed in node for js, where the
+  driver reads it for go and py; all CLOCK_MONOTONIC).
 
 Stock py-libp2p is `new_host` with Noise only and its GossipSub with only the
 required degree arguments, so it shows py-libp2p's defaults.
@@ -22,15 +23,14 @@ Run: scripts/bench/run interop_baseline   (sizes: INTEROP_BENCH_DIALS, _PINGS, _
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -38,11 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _table import machine, table
 
 from meshmerge.testing.interop import wait_until
+from meshmerge.testing.interop.anypeer import AnyPeer, Kind, start_peer
 from meshmerge.testing.interop.common import PubsubMessage
-from meshmerge.testing.interop.gopeer import GoPeer, start_go_peer
-from meshmerge.testing.interop.jspeer import JsPeer, start_js_peer
-from meshmerge.testing.interop.pyhost import StockPyHost, start_stock_py_host
-from meshmerge.testing.interop.tools import InteropTools, ensure_tools
+from meshmerge.testing.interop.tools import ensure_tools
 
 DIALS = int(os.environ.get("INTEROP_BENCH_DIALS", "5"))
 PINGS = int(os.environ.get("INTEROP_BENCH_PINGS", "20"))
@@ -52,73 +50,10 @@ DELIVERY_WAIT = 10.0
 TOPIC = "meshmerge-interop-bench"
 
 
-@dataclass
-class Peer:
-    """One peer of any kind behind the same few operations."""
-
-    kind: str
-    impl: Any
-
-    @property
-    def peer_id(self) -> Any:
-        return self.impl.peer_id
-
-    async def dial(self, other: Peer) -> float:
-        if isinstance(self.impl, GoPeer):
-            t0 = time.perf_counter()
-            await self.impl.connect(other.peer_id, other.impl.addrs)
-            return time.perf_counter() - t0
-        if isinstance(self.impl, JsPeer):
-            return await self.impl.dial(other.impl.p2p_addrs[0])
-        assert isinstance(self.impl, StockPyHost)
-        return await self.impl.connect(other.peer_id, other.impl.addrs)
-
-    async def connected_to(self, other: Peer) -> bool:
-        if isinstance(self.impl, GoPeer):
-            return other.peer_id in [p.peer_id for p in await self.impl.list_peers()]
-        if isinstance(self.impl, JsPeer):
-            return other.peer_id in await self.impl.connected_peers()
-        return other.peer_id in self.impl.host.get_connected_peers()
-
-    async def ping(self, other: Peer, count: int) -> list[float]:
-        return list(await self.impl.ping(other.peer_id, count=count))
-
-    async def sees_subscriber(self, other: Peer) -> bool:
-        if isinstance(self.impl, GoPeer):
-            return other.peer_id in await self.impl.pubsub_list_peers(TOPIC)
-        if isinstance(self.impl, JsPeer):
-            return other.peer_id in await self.impl.topic_peers(TOPIC)
-        return other.peer_id in self.impl.topic_peers(TOPIC)
-
-    async def publish(self, data: bytes) -> None:
-        if isinstance(self.impl, GoPeer):
-            await self.impl.pubsub_publish(TOPIC, data)
-        else:
-            await self.impl.publish(TOPIC, data)
-
-
 @asynccontextmanager
-async def start_peer(kind: str, tools: InteropTools) -> AsyncIterator[Peer]:
-    if kind == "go":
-        async with start_go_peer(tools) as go:
-            yield Peer(kind, go)
-    elif kind == "js":
-        async with start_js_peer(tools) as js:
-            yield Peer(kind, js)
-    else:
-        async with start_stock_py_host(gossipsub=True) as py:
-            yield Peer(kind, py)
-
-
-@asynccontextmanager
-async def subscription(peer: Peer) -> AsyncIterator[Callable[[], Awaitable[PubsubMessage]]]:
-    """A receive function for TOPIC on `peer`, subscribed for the block."""
-    if isinstance(peer.impl, GoPeer):
-        async with peer.impl.subscribe(TOPIC) as sub:
-            yield sub.receive
-    else:
-        sub = await peer.impl.subscribe(TOPIC)
-        yield sub.receive
+async def subscription(peer: AnyPeer, topic: str) -> AsyncIterator[Callable[[], Awaitable[PubsubMessage]]]:
+    async with peer.subscription(topic) as receive:
+        yield receive
 
 
 def ms(seconds: float) -> float:
@@ -130,16 +65,22 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def measure_ping(dialer: Peer, listener: Peer) -> float:
+async def measure_ping(dialer: AnyPeer, listener: AnyPeer) -> float:
     await wait_until(lambda: listener.connected_to(dialer), timeout=10, what="listener sees the connection")
     await trio.sleep(0.3)  # let identify finish before pinging
     return ms(statistics.median(await dialer.ping(listener, PINGS)))
 
 
-async def measure_gossip(sender: Peer, receiver: Peer) -> dict[str, float]:
-    async with subscription(receiver) as receive, subscription(sender):
-        await wait_until(lambda: sender.sees_subscriber(receiver), timeout=15, what="sender sees subscriber")
-        await wait_until(lambda: receiver.sees_subscriber(sender), timeout=15, what="receiver sees sender")
+async def measure_gossip(sender: AnyPeer, receiver: AnyPeer, gap: float) -> dict[str, float]:
+    """Publish MESSAGES from sender, `gap` seconds apart (0: back to back), on a fresh topic."""
+    topic = f"{TOPIC}-{sender.kind}-{receiver.kind}-{gap}"
+    async with subscription(receiver, topic) as receive, subscription(sender, topic):
+        await wait_until(
+            lambda: sender.sees_subscriber(receiver, topic), timeout=15, what="sender sees subscriber"
+        )
+        await wait_until(
+            lambda: receiver.sees_subscriber(sender, topic), timeout=15, what="receiver sees sender"
+        )
         await trio.sleep(SETTLE)
         sent_at: dict[bytes, float] = {}
         latencies: list[float] = []
@@ -155,7 +96,9 @@ async def measure_gossip(sender: Peer, receiver: Peer) -> dict[str, float]:
             for i in range(MESSAGES):
                 payload = b"bench %s->%s %05d" % (sender.kind.encode(), receiver.kind.encode(), i)
                 sent_at[payload] = time.monotonic()
-                await sender.publish(payload)
+                await sender.publish(topic, payload)
+                if gap:
+                    await trio.sleep(gap)
             with trio.move_on_after(DELIVERY_WAIT):
                 while len(latencies) < MESSAGES:
                     await trio.sleep(0.01)
@@ -167,8 +110,17 @@ async def measure_gossip(sender: Peer, receiver: Peer) -> dict[str, float]:
     }
 
 
-PAIRS = [("go", "js"), ("js", "go"), ("py", "go"), ("go", "py"), ("py", "js"), ("js", "py")]
-GOSSIP_PAIRS = {("go", "js"), ("py", "go"), ("py", "js")}  # gossip both ways on these connections
+PAIRS: list[tuple[Kind, Kind]] = [
+    ("go", "go"),
+    ("go", "js"),
+    ("js", "go"),
+    ("py", "go"),
+    ("go", "py"),
+    ("py", "js"),
+    ("js", "py"),
+]
+GOSSIP_PAIRS = {("go", "go"), ("go", "js"), ("py", "go"), ("py", "js")}  # gossip both ways on these
+GAPS = {"burst": 0.0, "paced 10 ms": 0.01}
 
 
 async def main() -> None:
@@ -194,18 +146,20 @@ async def main() -> None:
             shown = [round(d, 1) for d in dials]
             print(f"# {a_kind} -> {b_kind}: dials {shown} ms, ping {ping:.2f} ms", file=sys.stderr)
             if (a_kind, b_kind) in GOSSIP_PAIRS:
-                for sender, receiver in ((a, b), (b, a)):
+                directions = ((a, b),) if a_kind == b_kind else ((a, b), (b, a))
+                for (sender, receiver), (mode, gap) in itertools.product(directions, GAPS.items()):
                     with trio.fail_after(120):
-                        g = await measure_gossip(sender, receiver)
+                        g = await measure_gossip(sender, receiver, gap)
                     gossip_rows.append(
                         [
                             f"{sender.kind} -> {receiver.kind}",
+                            mode,
                             f"{g['delivered']}/{MESSAGES}",
                             g["p50"],
                             g["p99"],
                         ]
                     )
-                    print(f"# gossip {sender.kind} -> {receiver.kind}: {g}", file=sys.stderr)
+                    print(f"# gossip {sender.kind} -> {receiver.kind} {mode}: {g}", file=sys.stderr)
 
     print(
         f"## interop baseline\n\nMachine: {machine()}; loopback TCP, Noise, yamux. "
@@ -217,11 +171,16 @@ async def main() -> None:
         )
     )
     print()
-    print(table(["gossip sender -> receiver", "delivered", "p50 latency ms", "p99 latency ms"], gossip_rows))
-    go_js = next(r for r in dial_rows if r[0] == "go -> js")
+    headers = ["gossip sender -> receiver", "publishing", "delivered", "p50 latency ms", "p99 latency ms"]
+    print(table(headers, gossip_rows))
+    go_go = next(r for r in dial_rows if r[0] == "go -> go")
     py_rows = [r for r in dial_rows if str(r[0]).startswith("py ->")]
-    ratios = ", ".join(f"{r[0]}: {float(r[2]) / float(go_js[2]):.1f}x" for r in py_rows)  # type: ignore[arg-type]
-    print(f"\nLater-dial time of stock py-libp2p relative to go -> js in this run: {ratios}.")
+    ratios = ", ".join(f"{r[0]}: {_ratio(r[2], go_go[2])}" for r in py_rows)
+    print(f"\nLater-dial time of stock py-libp2p relative to go -> go in this run: {ratios}.")
+
+
+def _ratio(a: object, b: object) -> str:
+    return f"{float(str(a)) / float(str(b)):.1f}x"
 
 
 if __name__ == "__main__":

@@ -12,15 +12,17 @@ import trio
 from libp2p.peer.id import ID
 
 from meshmerge.testing.interop import run_trio, wait_until
-from meshmerge.testing.interop.common import PubsubMessage, raw_cid
+from meshmerge.testing.interop.common import PubsubMessage, pk_record, raw_cid
 from meshmerge.testing.interop.gopeer import (
     GO_MESH_SETTLE,
+    DaemonError,
     GoPeer,
     Subscription,
     provide_when_routable,
     start_go_peer,
 )
 from meshmerge.testing.interop.jspeer import JsPeer, JsPeerError, JsSubscription, start_js_peer
+from meshmerge.testing.interop.pyhost import start_stock_py_host
 from meshmerge.testing.interop.tools import InteropTools
 
 pytestmark = pytest.mark.interop
@@ -106,6 +108,8 @@ def test_go_js_gossip_100_messages_each_way(interop_tools: InteropTools) -> None
                 assert sorted(m.data for m in got) == sorted(sent), f"go received {len(got)}/{N_MESSAGES}"
                 assert js.dropped_messages == 0
                 assert await js.score(go.peer_id) >= 0
+                stats = (await js.score_stats())[go.peer_id.to_base58()]
+                assert stats["connected"] and stats["behaviourPenalty"] == 0
 
     run_trio(body, timeout=90)
 
@@ -135,6 +139,43 @@ def test_go_js_dht_provide_find_both_ways(interop_tools: InteropTools) -> None:
     run_trio(body, timeout=90)
 
 
+def test_go_js_dht_put_get_pk_records_both_ways(interop_tools: InteropTools) -> None:
+    """Value records cross between go and js via the `/pk/` namespace (go accepts only /pk/ and /ipns/)."""
+
+    async def body() -> None:
+        async with start_go_peer(interop_tools) as go, start_js_peer(interop_tools) as js:
+            await _connect(go, js, "js_dials_go")
+            await wait_until(
+                lambda: _js_routing_table_nonempty(js), what="js routing table holds the go peer"
+            )
+
+            key, value = pk_record()
+            await _go_put_when_routable(go, key, value)
+            assert await js.dht_get(key, timeout=20) == value
+
+            key, value = pk_record()
+            await js.dht_put(key, value)
+            assert await go.dht_get_value(key) == value
+
+            key, value = pk_record()
+            with pytest.raises(DaemonError, match="public key does not match"):
+                await go.dht_put_value(key, value[:-1] + bytes([value[-1] ^ 1]))
+
+    run_trio(body, timeout=90)
+
+
+async def _go_put_when_routable(go: GoPeer, key: bytes, value: bytes, timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                await go.dht_put_value(key, value)
+                return
+            except DaemonError as exc:
+                if "failed to find any peer" not in str(exc):
+                    raise
+            await trio.sleep(0.05)
+
+
 async def _js_routing_table_nonempty(js: JsPeer) -> bool:
     return await js.dht_routing_table_size() > 0
 
@@ -158,3 +199,23 @@ def test_js_meshmerge_namespace_put_get_and_validator(interop_tools: InteropTool
                 await b.dht_get(b"/meshmerge/empty", timeout=2)
 
     run_trio(body, timeout=90)
+
+
+def test_ipv6_loopback_go_js_and_stock_py(interop_tools: InteropTools) -> None:
+    """All three kinds listen and dial on ::1 as well."""
+
+    async def body() -> None:
+        async with (
+            start_go_peer(interop_tools, host="::1") as go,
+            start_js_peer(interop_tools, host="::1") as js,
+            start_stock_py_host(host="::1") as py,
+        ):
+            assert all(str(a).startswith("/ip6/::1/tcp/") for a in [*go.addrs, *js.addrs, *py.addrs])
+            await js.dial(go.p2p_addrs[0])
+            await py.connect(go.peer_id, go.addrs)
+            await py.connect(js.peer_id, js.addrs)
+            assert len(await go.ping(js.peer_id, count=2)) == 2
+            assert len(await py.ping(go.peer_id, count=2)) == 2
+            assert len(await py.ping(js.peer_id, count=2)) == 2
+
+    run_trio(body, timeout=60)

@@ -99,6 +99,7 @@ def test_stock_py_libp2p_host_and_go_identify_and_ping(interop_tools: InteropToo
             else:
                 await go.connect(py.peer_id, py.addrs)
 
+            assert "/ipfs/kad/1.0.0" in await py.identified_protocols(go.peer_id)  # py's own identify
             go_seen_by_py = await py.identify_remote(go.peer_id)
             assert "/ipfs/kad/1.0.0" in go_seen_by_py.protocols
             assert "/meshsub/1.1.0" in go_seen_by_py.protocols

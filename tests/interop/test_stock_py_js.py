@@ -26,6 +26,7 @@ def test_stock_py_libp2p_host_and_js_identify_and_ping(interop_tools: InteropToo
                 await js.dial(py.p2p_addrs[0])
             await wait_until(lambda: _js_connected(js, py), what="js lists the py connection")
 
+            assert "/ipfs/kad/1.0.0" in await py.identified_protocols(js.peer_id)  # py's own identify
             js_seen_by_py = await py.identify_remote(js.peer_id)
             assert "/meshsub/1.2.0" in js_seen_by_py.protocols
             assert js_seen_by_py.agent_version.startswith("js-libp2p/")

@@ -29,8 +29,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import trio
+from google.protobuf.message import DecodeError, Message
 from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
@@ -45,6 +47,7 @@ IDENTIFY_PROTOCOL = "/ipfs/id/1.0.0"
 PING_PROTOCOL = "/ipfs/ping/1.0.0"
 PING_SIZE = 32
 _P_UNIX = 0x0190  # multicodec of /unix
+_Msg = TypeVar("_Msg", bound=Message)
 
 DEFAULT_FLAGS = (
     "-dhtServer",
@@ -92,6 +95,13 @@ def unix_multiaddr_bytes(path: Path) -> bytes:
     return encode_uvarint(_P_UNIX) + encode_uvarint(len(value)) + value
 
 
+def _parse(cls: type[_Msg], raw: bytes, what: str) -> _Msg:
+    try:
+        return cls.FromString(raw)
+    except DecodeError as exc:
+        raise DaemonError(f"p2pd sent an undecodable {cls.__name__} for {what}: {exc}") from exc
+
+
 def _check(resp: pb.Response, what: str) -> pb.Response:
     if resp.type != pb.Response.OK:
         raise DaemonError(f"p2pd refused {what}: {resp.error.msg or '<no message>'}")
@@ -110,7 +120,7 @@ class Subscription:
         raw = await self._conn.read_frame()
         if raw is None:
             raise DaemonError(f"p2pd closed the subscription to {self.topic!r}")
-        msg = pb.PubsubMessage.FromString(raw)
+        msg = _parse(pb.PubsubMessage, raw, f"subscription {self.topic!r}")
         return PubsubMessage(
             topic=msg.topics[0] if msg.topics else self.topic,
             data=msg.data,
@@ -150,7 +160,7 @@ class GoPeer:
             raise DaemonError(f"p2pd broke the control protocol answering {what}: {exc}") from exc
         if raw is None:
             raise DaemonError(f"p2pd closed the control connection without answering {what}")
-        return _check(pb.Response.FromString(raw), what)
+        return _check(_parse(pb.Response, raw, what), what)
 
     async def _call(self, req: pb.Request, what: str) -> pb.Response:
         conn = await self._open()
@@ -229,7 +239,7 @@ class GoPeer:
                 raw = await conn.read_frame()
                 if raw is None:
                     return
-                si = pb.StreamInfo.FromString(raw)
+                si = _parse(pb.StreamInfo, raw, "an inbound stream")
                 await handler(StreamInfo(ID(si.peer), Multiaddr(si.addr), si.protocol), conn)
             finally:
                 await conn.aclose()
@@ -271,9 +281,7 @@ class GoPeer:
                 await stream.aclose()
         if raw is None:
             raise DaemonError(f"{peer_id} closed the identify stream without a message")
-        msg = Identify()
-        msg.ParseFromString(raw)
-        return msg
+        return _parse(Identify, raw, f"identify from {peer_id}")
 
     # --- DHT ----------------------------------------------------------------
     def _dht(self, kind: int, **fields: object) -> pb.Request:
@@ -290,7 +298,7 @@ class GoPeer:
                 raw = await conn.read_frame()
                 if raw is None:
                     raise DaemonError(f"p2pd closed the {what} answer stream before END")
-                item = pb.DHTResponse.FromString(raw)
+                item = _parse(pb.DHTResponse, raw, what)
                 if item.type == pb.DHTResponse.END:
                     return out
                 out.append(item)

@@ -234,6 +234,11 @@ class JsPeer:
         res = await self._call_within("dhtFindPeer", timeout, peer=peer_id.to_base58())
         return PeerInfo(ID.from_base58(res["peer"]), tuple(_strip_p2p(a) for a in res["addrs"]))
 
+    async def dht_closest_peers(self, key: bytes, timeout: float = 30.0) -> list[PeerInfo]:
+        """Peers a js GET_CLOSEST_PEERS query ends with (its FINAL_PEER events)."""
+        res = await self._call_within("dhtClosestPeers", timeout, key=_b64(key))
+        return [PeerInfo(ID.from_base58(p["peer"]), tuple(_strip_p2p(a) for a in p["addrs"])) for p in res]
+
     async def dht_routing_table_size(self) -> int:
         return int((await self.call("routingTable"))["size"])
 
@@ -263,6 +268,10 @@ class JsPeer:
     async def score(self, peer_id: ID) -> float:
         """js gossipsub's current score for `peer_id`."""
         return float(await self.call("score", peer=peer_id.to_base58()))
+
+    async def score_stats(self) -> dict[str, Any]:
+        """js gossipsub's per-peer score components (`dumpPeerScoreStats`), keyed by peer id text."""
+        return dict(await self.call("scoreStats"))
 
 
 @asynccontextmanager

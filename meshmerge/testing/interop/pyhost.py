@@ -24,6 +24,7 @@ from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL
 from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.peer.peerstore import PeerStoreError
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_V10
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIPSUB_V11
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12 as GOSSIPSUB_V12
@@ -82,9 +83,26 @@ class StockPyHost:
             await stream.close()
         return rtts
 
-    async def identify_remote(self, peer_id: ID, timeout: float = 10.0) -> Identify:
-        """Ask `peer_id` for its Identify message over a fresh /ipfs/id/1.0.0 stream."""
+    async def identified_protocols(self, peer_id: ID, timeout: float = 10.0) -> list[str]:
+        """Protocols py-libp2p's own identify (run on connect) stored for `peer_id`; waits for it."""
         with trio.fail_after(timeout):
+            while True:
+                try:
+                    protocols = list(self.host.get_peerstore().get_protocols(peer_id))
+                except PeerStoreError:  # no data on the peer yet
+                    protocols = []
+                if protocols:
+                    return protocols
+                await trio.sleep(0.02)
+
+    async def identify_remote(self, peer_id: ID, timeout: float = 10.0) -> Identify:
+        """Ask `peer_id` for its Identify message over a fresh /ipfs/id/1.0.0 stream.
+
+        Waits for py-libp2p's automatic identify first: js-libp2p allows one
+        inbound identify stream per connection and resets a second, concurrent one.
+        """
+        with trio.fail_after(timeout):
+            await self.identified_protocols(peer_id, timeout)
             stream = await self.host.new_stream(peer_id, [IDENTIFY_PROTOCOL])
             try:
                 raw = await read_length_prefixed_protobuf(stream, use_varint_format=True)

@@ -100,7 +100,18 @@ node.services.pubsub.addEventListener('message', (evt) => {
   })
 })
 
-const target = (args) => args.addr != null ? multiaddr(args.addr) : peerIdFromString(args.peer)
+// Argument checks, so a bad request gets an error reply rather than odd behaviour.
+function str (args, name) {
+  const v = args[name]
+  if (typeof v !== 'string' || v === '') throw new TypeError(`argument ${name} must be a non-empty string`)
+  return v
+}
+function bytes (args, name) {
+  const v = args[name]
+  if (typeof v !== 'string') throw new TypeError(`argument ${name} must be base64 text`)
+  return unb64(v)
+}
+const target = (args) => args.addr != null ? multiaddr(str(args, 'addr')) : peerIdFromString(str(args, 'peer'))
 const peerOut = (p) => ({ peer: p.id.toString(), addrs: p.multiaddrs.map(String) })
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 const withTimeout = (ms) => ({ signal: AbortSignal.timeout(ms ?? 30000) })
@@ -146,7 +157,7 @@ const ops = {
   // What identify (run by js on connect) learned about a remote peer.
   async peerInfo (args) {
     const deadline = Date.now() + (args.timeoutMs ?? 10000)
-    const id = peerIdFromString(args.peer)
+    const id = peerIdFromString(str(args, 'peer'))
     for (;;) {
       let peer = null
       try { peer = await node.peerStore.get(id) } catch {}
@@ -164,7 +175,7 @@ const ops = {
   },
 
   async dhtPut (args) {
-    await node.contentRouting.put(unb64(args.key), unb64(args.value), withTimeout(args.timeoutMs))
+    await node.contentRouting.put(bytes(args, 'key'), bytes(args, 'value'), withTimeout(args.timeoutMs))
     return null
   },
 
@@ -175,7 +186,7 @@ const ops = {
     let lastError = null
     while (Date.now() < deadline) {
       try {
-        const value = await node.contentRouting.get(unb64(args.key), { signal: AbortSignal.timeout(Math.max(100, deadline - Date.now())) })
+        const value = await node.contentRouting.get(bytes(args, 'key'), { signal: AbortSignal.timeout(Math.max(100, deadline - Date.now())) })
         return b64(value)
       } catch (err) {
         lastError = err
@@ -186,7 +197,7 @@ const ops = {
   },
 
   async dhtProvide (args) {
-    await node.contentRouting.provide(CID.decode(unb64(args.cid)), withTimeout(args.timeoutMs))
+    await node.contentRouting.provide(CID.decode(bytes(args, 'cid')), withTimeout(args.timeoutMs))
     return null
   },
 
@@ -194,7 +205,7 @@ const ops = {
     const out = []
     const opts = withTimeout(args.timeoutMs)
     try {
-      for await (const p of node.contentRouting.findProviders(CID.decode(unb64(args.cid)), opts)) {
+      for await (const p of node.contentRouting.findProviders(CID.decode(bytes(args, 'cid')), opts)) {
         out.push(peerOut(p))
         if (out.length >= (args.count ?? 20)) break
       }
@@ -205,7 +216,7 @@ const ops = {
   },
 
   async dhtFindPeer (args) {
-    return peerOut(await node.peerRouting.findPeer(peerIdFromString(args.peer), withTimeout(args.timeoutMs)))
+    return peerOut(await node.peerRouting.findPeer(peerIdFromString(str(args, 'peer')), withTimeout(args.timeoutMs)))
   },
 
   routingTable () {
@@ -214,30 +225,44 @@ const ops = {
   },
 
   subscribe (args) {
-    node.services.pubsub.subscribe(args.topic)
+    node.services.pubsub.subscribe(str(args, 'topic'))
     return null
   },
 
   unsubscribe (args) {
-    node.services.pubsub.unsubscribe(args.topic)
+    node.services.pubsub.unsubscribe(str(args, 'topic'))
     return null
   },
 
   async publish (args) {
-    const res = await node.services.pubsub.publish(args.topic, unb64(args.data))
+    const res = await node.services.pubsub.publish(str(args, 'topic'), bytes(args, 'data'))
     return { recipients: res.recipients.map(String) }
   },
 
   topicPeers (args) {
-    return node.services.pubsub.getSubscribers(args.topic).map(String)
+    return node.services.pubsub.getSubscribers(str(args, 'topic')).map(String)
   },
 
   meshPeers (args) {
-    return node.services.pubsub.getMeshPeers(args.topic)
+    return node.services.pubsub.getMeshPeers(str(args, 'topic'))
   },
 
   score (args) {
-    return node.services.pubsub.getScore(args.peer)
+    return node.services.pubsub.getScore(str(args, 'peer'))
+  },
+
+  // Per-peer score components (topic counters, behaviour penalty, IP colocation).
+  scoreStats () {
+    return JSON.parse(JSON.stringify(node.services.pubsub.dumpPeerScoreStats(), (key, value) =>
+      value instanceof Map ? Object.fromEntries(value) : (typeof value === 'bigint' ? value.toString() : value)))
+  },
+
+  async dhtClosestPeers (args) {
+    const out = []
+    for await (const event of node.services.dht.getClosestPeers(bytes(args, 'key'), withTimeout(args.timeoutMs))) {
+      if (event.name === 'FINAL_PEER') out.push(peerOut(event.peer))
+    }
+    return out
   }
 }
 
