@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -79,6 +79,9 @@ class HostConfig:
     """Seconds for one address's TCP connect + Noise + Yamux."""
     negotiate_timeout: int = 5
     """Seconds for multistream-select on a new stream."""
+    handshake_timeout: float = 10.0
+    """Seconds for a new connection's security + muxer upgrade, either direction; a
+    silent inbound connection is dropped after this (it holds a pending slot meanwhile)."""
     enable_mdns: bool = False
 
     def validate(self) -> None:
@@ -94,6 +97,10 @@ class HostConfig:
             raise ConfigError(f"dial_stagger: must be in (0, 5] seconds, got {self.dial_stagger!r}")
         if not 0 < self.dial_timeout <= 120:
             raise ConfigError(f"dial_timeout: must be in (0, 120] seconds, got {self.dial_timeout!r}")
+        if not 0 < self.handshake_timeout <= 120:
+            raise ConfigError(
+                f"handshake_timeout: must be in (0, 120] seconds, got {self.handshake_timeout!r}"
+            )
         if not 1 <= self.negotiate_timeout <= 60:
             raise ConfigError(
                 f"negotiate_timeout: must be in [1, 60] seconds, got {self.negotiate_timeout!r}"
@@ -123,6 +130,8 @@ def build_host(config: HostConfig, identity: Identity) -> BasicHost:
         high_watermark=lim.max_connections,
         max_connections_per_peer=lim.max_connections_per_peer,
         dial_timeout=config.dial_timeout,
+        inbound_upgrade_timeout=config.handshake_timeout,
+        outbound_upgrade_timeout=config.handshake_timeout,
     )
     swarm = MeshSwarm(
         peer_id,
@@ -164,8 +173,3 @@ def peer_info(addr: str | multiaddr.Multiaddr) -> PeerInfo:
         raise ConfigError(
             f"peer address {str(addr)!r} is not a valid /…/p2p/<peer-id> multiaddr ({exc})"
         ) from exc
-
-
-def full_addrs(host: BasicHost) -> Sequence[multiaddr.Multiaddr]:
-    """The host's listen addresses with `/p2p/<id>` appended (get_addrs already does)."""
-    return list(host.get_addrs())

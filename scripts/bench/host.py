@@ -8,8 +8,10 @@ Measured (medians):
 - DHT get: a record fetched by a node that does not hold it locally, on an N-node swarm;
 - DHT provide: announce a CID to the k closest peers (lookup included).
 The go column drives p2pd through its control socket (CONNECT, DHT requests), so it
-includes one unix-socket round trip per operation; its DHT runs on a 3-node swarm
-(go's DHT only stores /pk and /ipns records, so "get" is measured as find-providers).
+includes one unix-socket round trip per operation. The js column drives js-libp2p
+over JSON lines; its dial time is measured inside node, its ping opens one stream
+per ping. go and js DHT figures come from a 3-node swarm of their own (go's DHT
+stores only /pk and /ipns values, so "find providers" is the comparable lookup).
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ async def bench_ours() -> dict[str, float]:
         dials, pings = await dial_and_ping(a, b)
     out["dial"], out["ping"] = ms(dials), ms(pings)
     async with dht_swarm(NODES) as nodes:
-        gets, provides, puts = [], [], []
+        gets, provides, puts, get_cpu = [], [], [], []
         for i in range(ROUNDS):
             w = nodes[i % NODES]
             key = meshmerge_key(w.identity.public_key, b"bench/%d" % i)
@@ -105,14 +107,16 @@ async def bench_ours() -> dict[str, float]:
             puts.append(time.perf_counter() - t0)
             r = nodes[(i + NODES // 2) % NODES]
             r.dht.values._items.pop(key, None)  # measure a network get, not a local hit
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             got = await r.dht.get_value(key)
             gets.append(time.perf_counter() - t0)
+            get_cpu.append(time.process_time() - c0)
             assert got == value
             t0 = time.perf_counter()
             await nodes[(i + 3) % NODES].dht.provide(cid(i))
             provides.append(time.perf_counter() - t0)
     out["get"], out["provide"], out["put"] = ms(gets), ms(provides), ms(puts)
+    out["get_cpu"] = ms(get_cpu)
     return out
 
 
@@ -137,7 +141,7 @@ async def bench_stock() -> dict[str, float]:
             await dhts[0].add_peer(hosts[i].get_id())
         for d in dhts:
             await d.refresh_routing_table()
-        gets, provides, puts = [], [], []
+        gets, provides, puts, get_cpu = [], [], [], []
         for i in range(ROUNDS):
             key = f"/bench/{i}"
             t0 = time.perf_counter()
@@ -145,13 +149,15 @@ async def bench_stock() -> dict[str, float]:
             puts.append(time.perf_counter() - t0)
             r = dhts[(i + NODES // 2) % NODES]
             r.value_store.store.pop(key.encode(), None)  # stock would return a local copy at once
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             await r.get_value(key)
             gets.append(time.perf_counter() - t0)
+            get_cpu.append(time.process_time() - c0)
             t0 = time.perf_counter()
             await dhts[(i + 3) % NODES].provide(cid(i).hex())
             provides.append(time.perf_counter() - t0)
     out["get"], out["provide"], out["put"] = ms(gets), ms(provides), ms(puts)
+    out["get_cpu"] = ms(get_cpu)
     return out
 
 
@@ -185,6 +191,42 @@ async def bench_go() -> dict[str, float]:
     return out
 
 
+async def bench_js() -> dict[str, float]:
+    from meshmerge.testing.interop.jspeer import start_js_peer
+    from meshmerge.testing.interop.tools import locate_tools
+
+    tools = locate_tools()
+    out: dict[str, float] = {}
+    async with start_js_peer(tools) as a, start_js_peer(tools) as b, start_js_peer(tools) as c:
+        dials = []
+        failed = 0
+        for _ in range(ROUNDS):
+            try:
+                dials.append(await a.dial(b.p2p_addrs[0]))  # timed inside node
+            except Exception:  # seen under load: ECONNRESET on a js->js redial
+                failed += 1
+            await a.hang_up(b.peer_id)
+            await trio.sleep(0.1)
+        if failed:
+            print(f"<!-- js: {failed}/{ROUNDS} js->js dials failed and are not in the median -->")
+        await a.dial(b.p2p_addrs[0])
+        await c.dial(b.p2p_addrs[0])
+        out["dial"], out["ping"] = ms(dials), ms(await a.ping(b.peer_id, count=ROUNDS))
+        with trio.fail_after(15):
+            while await a.dht_routing_table_size() == 0 or await c.dht_routing_table_size() == 0:
+                await trio.sleep(0.1)
+        provides, finds = [], []
+        for i in range(ROUNDS):
+            t0 = time.perf_counter()
+            await a.dht_provide(cid(3000 + i))
+            provides.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await c.dht_find_providers(cid(3000 + i), count=1)
+            finds.append(time.perf_counter() - t0)
+        out["provide"], out["find_providers"] = ms(provides), ms(finds)
+    return out
+
+
 async def ours_find_providers() -> float:
     async with dht_swarm(NODES) as nodes:
         finds = []
@@ -204,11 +246,14 @@ def main() -> None:
     ours = trio.run(bench_ours)
     ours["find_providers"] = trio.run(ours_find_providers)
     stock = trio.run(bench_stock)
-    try:
-        go = trio.run(bench_go)
-    except Exception as exc:  # the go peer is optional for a dev run; say so in the table
-        print(f"<!-- go peer unavailable: {exc!r} -->")
-        go = {}
+    peers: dict[str, dict[str, float]] = {}
+    for name, fn in (("go", bench_go), ("js", bench_js)):
+        try:
+            peers[name] = trio.run(fn)
+        except Exception as exc:  # optional for a dev run; the table says n/a
+            print(f"<!-- {name} peer unavailable: {exc!r} -->")
+            peers[name] = {}
+    go, js = peers["go"], peers["js"]
 
     def cell(d: dict[str, float], k: str) -> object:
         return d.get(k, "n/a")
@@ -221,16 +266,38 @@ def main() -> None:
         "dial": "dial (ms)",
         "ping": "ping RTT (ms)",
         "get": f"DHT get, {NODES} nodes (ms)",
+        "get_cpu": "DHT get: CPU of the whole swarm process (ms)",
         "put": f"DHT put, {NODES} nodes (ms)",
         "provide": "DHT provide (ms)",
         "find_providers": "DHT find providers (ms)",
     }
     for k, label in labels.items():
-        rows.append([label, cell(ours, k), cell(stock, k), cell(go, k), ratio(stock, k), ratio(go, k)])
-    print(f"host/DHT on loopback, {machine()}, {ROUNDS} rounds, medians\n")
+        rows.append(
+            [
+                label,
+                cell(ours, k),
+                cell(stock, k),
+                cell(go, k),
+                cell(js, k),
+                ratio(stock, k),
+                ratio(go, k),
+                ratio(js, k),
+            ]
+        )
+    load = os.getloadavg()[0]
+    print(f"host/DHT on loopback, {machine()}, {ROUNDS} rounds, medians, load average {load:.1f}\n")
     print(
         table(
-            ["metric", "meshmerge", "stock py-libp2p 0.8.1", "go-libp2p (p2pd)", "ours/stock", "ours/go"],
+            [
+                "metric",
+                "meshmerge",
+                "stock py-libp2p 0.8.1",
+                "go-libp2p (p2pd)",
+                "js-libp2p 3",
+                "ours/stock",
+                "ours/go",
+                "ours/js",
+            ],
             rows,
         )
     )

@@ -65,7 +65,23 @@ def test_selector_prefers_highest_seq_deterministically() -> None:
 
 def test_routing_table_ip_group_diversity() -> None:
     me = Identity.generate().peer_id.to_bytes()
-    table = RoutingTable(me, k=20, max_per_group_per_bucket=2, max_per_group_table=3, exempt_loopback=False)
+    # the per-bucket cap: peers that share a bucket (same common prefix length with us)
+    bucket_cap = RoutingTable(
+        me, k=20, max_per_group_per_bucket=2, max_per_group_table=99, exempt_loopback=False
+    )
+    same: list[bytes] = []
+    while len(same) < 4:
+        p = Identity.generate().peer_id.to_bytes()
+        if (kad_id(p) ^ kad_id(me)).bit_length() == 256:  # bucket 0
+            same.append(p)
+    assert [bucket_cap.add(p, [f"192.0.2.{i + 1}"], 0.0) for i, p in enumerate(same)] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    # the per-table cap
+    table = RoutingTable(me, k=20, max_per_group_per_bucket=20, max_per_group_table=3, exempt_loopback=False)
     peers = [Identity.generate().peer_id.to_bytes() for _ in range(10)]
     added = [table.add(p, [f"192.0.2.{i + 1}"], now=0.0) for i, p in enumerate(peers)]
     assert sum(added) == 3  # one /24 gets at most 3 slots in the whole table
@@ -164,3 +180,27 @@ def test_dht_config_validation() -> None:
         DHTConfig(request_timeout=float("nan")).validate()
     with pytest.raises(ValueError, match=r"dht\.max_message_bytes: must exceed"):
         DHTConfig(max_message_bytes=4096, max_value_bytes=8192).validate()
+
+
+def test_parse_peers_drops_malformed_entries_and_caps_counts() -> None:
+    from libp2p.kad_dht.pb.kademlia_pb2 import Message
+    from multiaddr import Multiaddr
+
+    from meshmerge.daemon.dht.wire import MAX_ADDRS_PER_PEER, MAX_PEERS_PER_MESSAGE, parse_peers
+
+    good = Identity.generate().peer_id.to_bytes()
+    msg = Message(type=Message.FIND_NODE)
+    entry = msg.closerPeers.add()
+    entry.id = good
+    entry.addrs.extend([b"\xff\xfe garbage", Multiaddr("/ip4/127.0.0.1/tcp/4001").to_bytes(), b"\x04" * 400])
+    entry.addrs.extend([Multiaddr(f"/ip4/127.0.0.1/tcp/{5000 + i}").to_bytes() for i in range(40)])
+    bad = msg.closerPeers.add()
+    bad.id = b""
+    for _ in range(100):
+        msg.closerPeers.add().id = Identity.generate().peer_id.to_bytes()
+    parsed = parse_peers(msg.closerPeers)
+    assert parsed[0].peer == good
+    assert str(parsed[0].addrs[0]) == "/ip4/127.0.0.1/tcp/4001"
+    assert len(parsed[0].addrs) <= MAX_ADDRS_PER_PEER
+    assert all(p.peer for p in parsed)
+    assert len(parsed) <= MAX_PEERS_PER_MESSAGE

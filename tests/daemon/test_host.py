@@ -298,3 +298,32 @@ def test_stock_close_is_serial_100ms_per_connection_ours_is_concurrent() -> None
     run(body, 90)
     assert times["stock"] >= 1.0, times  # 10 connections x 100 ms sleep, one after another
     assert times["ours"] < 0.8, times
+
+
+def test_silent_inbound_connection_is_dropped_after_handshake_timeout() -> None:
+    async def body() -> None:
+        cfg = HostConfig(handshake_timeout=1.0)
+        async with (
+            running_host(cfg, Identity.generate()) as server,
+            running_host(HostConfig(), Identity.generate()) as client,
+        ):
+            port = int(server.get_transport_addrs()[0].value_for_protocol("tcp"))
+            socks = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(5)]
+            with trio.fail_after(5):
+                while server.get_network().limiter.pending_count < 5:
+                    await trio.sleep(0.02)
+            with trio.fail_after(8):
+                for sock in socks:
+                    while True:
+                        try:
+                            if await sock.receive_some(4096) == b"":
+                                break
+                        except trio.BrokenResourceError:
+                            break
+                while server.get_network().limiter.pending_count:
+                    await trio.sleep(0.05)
+            for sock in socks:
+                await sock.aclose()
+            await client.connect(info_of(server))
+
+    run(body, 60)

@@ -30,7 +30,19 @@ def raw_cid(data: bytes) -> bytes:
 
 
 async def _identify_from(host, peer_id) -> Identify:  # type: ignore[no-untyped-def]
-    stream = await host.new_stream(peer_id, [IDENTIFY_ID])
+    """Ask `peer_id` for its identify message on a stream of our own.
+
+    js allows one inbound identify stream per connection and resets a second;
+    our host's automatic identify may still hold it, so retry briefly.
+    """
+    for attempt in range(20):
+        try:
+            stream = await host.new_stream(peer_id, [IDENTIFY_ID])
+            break
+        except Exception:
+            if attempt == 19:
+                raise
+            await trio.sleep(0.1)
     data = b""
     with trio.fail_after(10):
         while True:

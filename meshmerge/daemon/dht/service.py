@@ -43,6 +43,7 @@ from .wire import (
     PeerClosed,
     WireError,
     encode_frame,
+    parse_addr,
     parse_peers,
     peer_entry,
 )
@@ -50,6 +51,7 @@ from .wire import (
 log = logging.getLogger("meshmerge.dht")
 KAD = TProtocol(PROTOCOL_ID)
 MAX_CACHED_STREAMS = 128
+MAX_LEARNED = 10_000
 
 
 class _CachedStream:
@@ -61,6 +63,15 @@ class _CachedStream:
         self.lock = trio.Lock()
 
         self.broken = False
+
+    async def send_only(self, msg: Message) -> None:
+        """A request that gets no reply (ADD_PROVIDER): the stream stays in step."""
+        async with self.lock:
+            try:
+                await self.stream.write(encode_frame(msg))
+            except BaseException:
+                self.broken = True
+                raise
 
     async def exchange(self, msg: Message) -> Message:
         """Write one request, read its reply. Any interruption (error or cancellation)
@@ -197,6 +208,7 @@ class KademliaDHT:
         self._nursery: trio.Nursery | None = None
         self._streams: dict[bytes, _CachedStream] = {}
         self._closing: list[Any] = []
+        self._learned: dict[bytes, tuple[Multiaddr, ...]] = {}
         self.stats: dict[str, int] = {"inbound_reset_busy": 0, "inbound_bad": 0, "inbound_requests": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -268,6 +280,12 @@ class KademliaDHT:
     def _learn_addrs(self, peer: bytes, addrs: Sequence[Multiaddr]) -> None:
         if peer == self.self_peer or not addrs:
             return
+        fresh = tuple(addrs)
+        if self._learned.get(peer) == fresh:
+            return  # replies repeat the same peers; the peerstore already has these
+        if len(self._learned) >= MAX_LEARNED:
+            self._learned.clear()
+        self._learned[peer] = fresh
         self.host.get_peerstore().add_addrs(ID(peer), list(addrs), 0)
 
     def _connected(self, peer: bytes) -> bool:
@@ -285,13 +303,18 @@ class KademliaDHT:
             suffix = f" ({swallowed} similar suppressed)" if swallowed else ""
             log.warning(msg + suffix, *args)
 
+    def _seen(self, peer: bytes) -> None:
+        """`peer` proved it speaks the DHT: add it, or refresh it (IPs only needed when new)."""
+        ips = [] if peer in self.routing else self._peer_ips(peer)
+        self.routing.add(peer, ips, self._now())
+
     def _maybe_add_requester(self, peer: bytes) -> None:
         try:
             protocols = self.host.get_peerstore().get_protocols(ID(peer))
         except Exception:
             return
         if PROTOCOL_ID in protocols:
-            self.routing.add(peer, self._peer_ips(peer), self._now())
+            self._seen(peer)
 
     # ------------------------------------------------------------------ inbound
     async def _handle_stream(self, stream: Any) -> None:
@@ -429,6 +452,14 @@ class KademliaDHT:
         try:
             with trio.fail_after(self.config.request_timeout):
                 if not expect_reply:
+                    idle = self._streams.get(peer)
+                    if idle is not None and not idle.broken and not idle.lock.locked():
+                        try:
+                            await idle.send_only(msg)
+                            return None
+                        except Exception as exc:
+                            log.debug("cached DHT stream to %s failed (%r); using a new one", ID(peer), exc)
+                            self._drop_stream(peer, idle)
                     stream = await self.host.new_stream(ID(peer), [KAD])
                     try:
                         await stream.write(encode_frame(msg))
@@ -522,7 +553,7 @@ class KademliaDHT:
             else:
                 assert reply is not None
                 closer = self._absorb(reply)
-                self.routing.add(peer, self._peer_ips(peer), self._now())
+                self._seen(peer)
                 if on_reply is not None:
                     await on_reply(peer, reply, lookup)
                 lookup.on_success(peer, closer)
@@ -561,7 +592,7 @@ class KademliaDHT:
                 return
             assert reply is not None
             self._absorb(reply)
-            self.routing.add(raw, self._peer_ips(raw), self._now())
+            self._seen(raw)
 
         async with trio.open_nursery() as nursery:
             for info in peers:
@@ -620,7 +651,8 @@ class KademliaDHT:
             try:
                 if bytes(reply.record.key) not in (b"", key):
                     raise RecordRejected("record key differs from the requested key")
-                self.validator.validate(key, value)
+                if value not in found.values():  # identical bytes were verified already
+                    self.validator.validate(key, value)
             except RecordRejected as exc:
                 log.debug("GET_VALUE: invalid record from %s: %s", ID(peer), exc)
                 return
@@ -634,8 +666,9 @@ class KademliaDHT:
             return None
         values = list(found.values())
         best = values[self.validator.select(key, values)]
-        with suppress(RecordRejected, StoreFull):
-            self._store_value(key, best, self._now())
+        if best != local:
+            with suppress(StoreFull):
+                self.values.put(key, best, self._now())  # validated on receipt
         stale = [p for p, v in found.items() if v != best and p != self.self_peer]
         if stale and self._nursery is not None:
             self._nursery.start_soon(self._correct, key, best, stale)
@@ -742,13 +775,7 @@ class KademliaDHT:
 
 
 def _decode_addrs(raw: list[bytes]) -> list[Multiaddr]:
-    out = []
-    for b in raw:
-        try:
-            out.append(Multiaddr(b))
-        except Exception:
-            continue
-    return out
+    return [a for a in map(parse_addr, raw) if a is not None]
 
 
 def _type_name(msg: Message) -> str:
