@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 
 import trio
 from libp2p.abc import INetStream
@@ -39,6 +40,14 @@ def test_two_nodes_deliver_100_each_way() -> None:
             assert all(author == a.pid for author, _ in b.received[TOPIC])
             await trio.sleep(0.5)
             assert len(a.received[TOPIC]) == 100  # no duplicates
+            for rows in (a.service.peers(), a.service.scores(), a.service.topics()):
+                assert rows and json.loads(json.dumps(rows)) == rows
+                assert all(type(v) in (str, int, float, bool) for row in rows for v in row.values())
+            (peer,) = a.service.peers()
+            assert peer["peer_id"] == b.host.get_id().to_base58() and peer["mesh"] == TOPIC
+            assert a.service.topics() == [
+                {"topic": TOPIC, "subscribed": True, "peers": 1, "mesh": 1, "fanout": 0}
+            ]
 
     run(body, timeout=60)
 
@@ -295,3 +304,30 @@ def test_a_peer_that_stops_reading_is_dropped() -> None:
             stalled.set()
 
     run(body, timeout=90)
+
+
+def test_direct_peers_are_dialed_and_always_forwarded_to() -> None:
+    async def body() -> None:
+        ia, ib = Identity.generate(), Identity.generate()
+        async with (
+            running_host(HostConfig(), ia) as ha,
+            running_host(HostConfig(), ib) as hb,
+            trio.open_nursery() as nursery,
+        ):
+            b_addr = str(hb.get_addrs()[0])
+            a = GNode(ia, ha, GossipService(ha, ia, GossipConfig(direct_peers=(b_addr,))))
+            b = GNode(ib, hb, GossipService(hb, ib, GossipConfig()))
+            a.join(TOPIC)
+            b.join(TOPIC)
+            await nursery.start(b.service.run)
+            await nursery.start(a.service.run)  # dials b by itself
+            await wait_for(lambda: b.pid in a.service.router.topics.get(TOPIC, ()), what="direct peer up")
+            assert b.pid not in a.service.router.mesh.get(TOPIC, set())  # direct peers stay out of the mesh
+            assert any(p["direct"] for p in a.service.peers())
+            await a.service.publish(TOPIC, b"direct")
+            await wait_for(
+                lambda: b.received[TOPIC] == [(a.pid, b"direct")], what="delivery to a direct peer"
+            )
+            nursery.cancel_scope.cancel()
+
+    run(body, timeout=60)
