@@ -99,8 +99,14 @@ Handler = Callable[[bytes, bytes], Awaitable[None]]
 OUR_PROTOCOLS: tuple[str, ...] = (MESHSUB_12, MESHSUB_11, MESHSUB_10, FLOODSUB)
 """Offered in preference order when we open a stream; all four are accepted inbound."""
 
-# Exceptions that mean "this stream or connection is gone": expected, logged at debug.
+# Exceptions that mean "this stream or connection is gone": expected, logged at debug. Anything
+# else py-libp2p raises from a stream or dial is logged at info and handled the same way: one
+# peer's broken stream must never take the service down.
 _STREAM_GONE = (BaseLibp2pError, trio.BrokenResourceError, trio.ClosedResourceError, OSError, EOFError)
+
+
+def _level(exc: Exception) -> int:
+    return logging.DEBUG if isinstance(exc, _STREAM_GONE) else logging.INFO
 
 
 @dataclass(frozen=True)
@@ -302,7 +308,7 @@ class GossipService:
         self._not_pubsub: set[ID] = set()
         self._readers: dict[ID, trio.CancelScope] = {}
         self._dialing: set[ID] = set()
-        self._dropping: set[ID] = set()
+        self._dropping: dict[ID, bool] = {}  # peer -> asked to drop again while closing
         self._nursery: trio.Nursery | None = None
         self._notify_send, self._notify_recv = trio.open_memory_channel[ID](1024)
         self._val_send, self._val_recv = trio.open_memory_channel[PendingValidation](
@@ -558,9 +564,9 @@ class GossipService:
                 with trio.move_on_after(self.config.open_stream_timeout) as cs:
                     try:
                         stream = await self.host.new_stream(peer, [TProtocol(p) for p in OUR_PROTOCOLS])
-                    except _STREAM_GONE as exc:
+                    except Exception as exc:
                         if self._connected(peer):
-                            log.debug("gossip: %s does not speak pubsub (%s)", peer, exc)
+                            log.log(_level(exc), "gossip: %s does not speak pubsub (%r)", peer, exc)
                             self._not_pubsub.add(peer)
                         return
                 if cs.cancelled_caught or stream is None:
@@ -568,6 +574,9 @@ class GossipService:
                     self._failures[peer] = self._failures.get(peer, 0) + 1
                     return
                 proto = str(stream.get_protocol())
+                if proto not in OUR_PROTOCOLS:  # py-libp2p did not record what it negotiated
+                    log.info("gossip: stream to %s negotiated %r; not a pubsub stream", peer, proto)
+                    return
                 swarm_conns = self.host.get_network().get_connections(peer)
                 ip = _conn_ip(swarm_conns[0]) if swarm_conns else None
                 outbound = _conn_outbound(swarm_conns[0]) if swarm_conns else False
@@ -626,8 +635,8 @@ class GossipService:
             with trio.move_on_after(self.config.write_timeout) as cs:
                 try:
                     await stream.write(b"".join(batch) if len(batch) > 1 else batch[0])
-                except _STREAM_GONE as exc:
-                    log.debug("gossip: writing to %s failed: %r", st.peer, exc)
+                except Exception as exc:
+                    log.log(_level(exc), "gossip: writing to %s failed: %r", st.peer, exc)
                     return
             if cs.cancelled_caught:
                 self.stats.slow_writes += 1
@@ -672,8 +681,8 @@ class GossipService:
         while True:
             try:
                 data = await stream.read(chunk)
-            except _STREAM_GONE as exc:
-                log.debug("gossip: inbound stream from %s ended: %r", peer, exc)
+            except Exception as exc:
+                log.log(_level(exc), "gossip: inbound stream from %s ended: %r", peer, exc)
                 return
             if not data:
                 log.debug("gossip: inbound stream from %s closed", peer)
@@ -724,28 +733,42 @@ class GossipService:
     # ================================================================== connections
 
     def _drop(self, peer: ID, reason: str) -> None:
-        if peer in self._dropping or self._nursery is None:
+        if self._nursery is None:
             return
-        self._dropping.add(peer)
         self.stats.disconnects += 1
+        if peer in self._dropping:
+            log.debug("gossip: dropping %s again: %s", peer, reason)
+            self._dropping[peer] = True  # closing already; close again whatever appeared meanwhile
+            return
         log.info("gossip: dropping %s: %s", peer, reason)
+        self._dropping[peer] = False
         self._nursery.start_soon(self._close_peer, peer)
 
     async def _close_peer(self, peer: ID) -> None:
+        """Close the peer's connections one by one.
+
+        Not ``swarm.close_peer``: it finishes by dropping the peer's whole entry from the
+        connection map, so a connection the peer opened meanwhile is forgotten, not closed.
+        """
         try:
-            st = self._peers.get(peer)
-            if st is not None:
-                st.scope.cancel()
-            reader = self._readers.get(peer)
-            if reader is not None:
-                reader.cancel()
-            with trio.move_on_after(5.0):
-                try:
-                    await self.host.get_network().close_peer(peer)
-                except _STREAM_GONE as exc:
-                    log.debug("gossip: closing %s: %r", peer, exc)
+            while True:
+                st = self._peers.get(peer)
+                if st is not None:
+                    st.scope.cancel()
+                reader = self._readers.get(peer)
+                if reader is not None:
+                    reader.cancel()
+                with trio.move_on_after(5.0):
+                    for conn in list(self.host.get_network().get_connections(peer)):
+                        try:
+                            await conn.close()
+                        except Exception as exc:
+                            log.log(_level(exc), "gossip: closing %s: %r", peer, exc)
+                if not self._dropping.get(peer):
+                    return
+                self._dropping[peer] = False
         finally:
-            self._dropping.discard(peer)
+            self._dropping.pop(peer, None)
 
     def _dial(self, peer: ID) -> None:
         if self._nursery is None or peer == self.host.get_id() or peer in self._dialing:
@@ -771,7 +794,7 @@ class GossipService:
             with trio.move_on_after(self.config.dial_timeout):
                 await self.host.get_network().dial_peer(peer)
                 self._sync_peer(peer)
-        except _STREAM_GONE as exc:
-            log.info("gossip: dialing %s failed: %s", peer, exc)
+        except Exception as exc:
+            log.info("gossip: dialing %s failed: %r", peer, exc)
         finally:
             self._dialing.discard(peer)
