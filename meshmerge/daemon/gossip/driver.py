@@ -96,6 +96,8 @@ Validator = Callable[[bytes, bytes], Awaitable[Validation]]
 Handler = Callable[[bytes, bytes], Awaitable[None]]
 """``(author_peer_id_bytes, data)``, called once per accepted message."""
 
+STABLE_SESSION_HEARTBEATS = 10
+
 OUR_PROTOCOLS: tuple[str, ...] = (MESHSUB_12, MESHSUB_11, MESHSUB_10, FLOODSUB)
 """Offered in preference order when we open a stream; all four are accepted inbound."""
 
@@ -558,6 +560,7 @@ class GossipService:
         peer = st.peer
         pb = peer.to_bytes()
         added = False
+        joined = 0.0
         stream: INetStream | None = None
         try:
             with st.scope:
@@ -571,7 +574,6 @@ class GossipService:
                         return
                 if cs.cancelled_caught or stream is None:
                     log.info("gossip: opening a pubsub stream to %s timed out", peer)
-                    self._failures[peer] = self._failures.get(peer, 0) + 1
                     return
                 proto = str(stream.get_protocol())
                 if proto not in OUR_PROTOCOLS:  # py-libp2p did not record what it negotiated
@@ -583,8 +585,8 @@ class GossipService:
                 st.protocol, st.ip = proto, ip
                 self.router.add_peer(pb, proto, outbound, ip or (), time.monotonic())
                 added = True
+                joined = time.monotonic()
                 self.stats.peers_added += 1
-                self._failures.pop(peer, None)
                 st.ready.set()
                 self._pump()
                 log.info(
@@ -604,7 +606,11 @@ class GossipService:
             self._drained.unpark_all()
         # the connection may have outlived the stream: retry a bounded number of times
         if self._nursery is not None and self._connected(peer) and peer not in self._not_pubsub:
-            fails = self._failures.get(peer, 0) + (0 if added else 1)
+            # a session shorter than STABLE_SESSION_HEARTBEATS counts as a failure, so a remote that
+            # resets every stream we open is not re-dialled (and logged) every heartbeat forever
+            stable = self.config.params.heartbeat_interval * STABLE_SESSION_HEARTBEATS
+            lasted = added and time.monotonic() - joined >= stable
+            fails = 0 if lasted else self._failures.get(peer, 0) + 1
             self._failures[peer] = fails
             if fails <= self.config.stream_retry_limit:
                 await trio.sleep(self.config.params.heartbeat_interval)
