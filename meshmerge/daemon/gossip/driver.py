@@ -592,7 +592,10 @@ class GossipService:
                 log.info(
                     "gossip: peer %s joined (%s, %s)", peer, proto, "outbound" if outbound else "inbound"
                 )
-                await self._write_loop(st, stream)
+                async with trio.open_nursery() as session:
+                    session.start_soon(self._watch_outbound, st, stream, session.cancel_scope)
+                    await self._write_loop(st, stream)
+                    session.cancel_scope.cancel()
         finally:
             if added:
                 self.router.remove_peer(pb, time.monotonic())
@@ -618,6 +621,20 @@ class GossipService:
                     self._sync_peer(peer)
             else:
                 log.info("gossip: giving up on a pubsub stream to %s after %d failures", peer, fails)
+                self._not_pubsub.add(peer)  # until it reconnects or opens a pubsub stream to us
+
+    async def _watch_outbound(self, st: _PeerState, stream: INetStream, session: trio.CancelScope) -> None:
+        """End the session when the remote closes or resets our outbound stream.
+
+        The remote never writes on it, so any read result (EOF, reset, data) means it is gone;
+        without this an idle writer would only notice at its next write.
+        """
+        try:
+            data = await stream.read(1)
+            log.debug("gossip: %s %s our outbound stream", st.peer, "wrote on" if data else "closed")
+        except Exception as exc:
+            log.log(_level(exc), "gossip: outbound stream to %s ended: %r", st.peer, exc)
+        session.cancel()
 
     async def _write_loop(self, st: _PeerState, stream: INetStream) -> None:
         r = self.router

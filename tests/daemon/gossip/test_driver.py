@@ -331,3 +331,27 @@ def test_direct_peers_are_dialed_and_always_forwarded_to() -> None:
             nursery.cancel_scope.cancel()
 
     run(body, timeout=60)
+
+
+def test_a_peer_that_resets_our_stream_is_retried_a_bounded_number_of_times() -> None:
+    config = GossipConfig(stream_retry_limit=2)
+
+    async def body() -> None:
+        async with gossip_nodes(1, config) as (a,), running_host(HostConfig(), Identity.generate()) as evil:
+            a.join(TOPIC)
+            opened: list[float] = []
+
+            async def reset_it(stream: INetStream) -> None:
+                opened.append(trio.current_time())
+                await trio.sleep(0.3)  # after the opener's negotiation: an idle stream that dies
+                await stream.reset()
+
+            evil.set_stream_handler(TProtocol(MESHSUB_11), reset_it)
+            await evil.connect(a.info)
+            await wait_for(lambda: len(opened) >= 3, timeout=15, what="reopened after resets")
+            await trio.sleep(3 * a.service.config.params.heartbeat_interval)
+            assert len(opened) == 3  # first try + stream_retry_limit retries, then it gives up
+            assert a.host.get_network().get_connections(evil.get_id())  # the connection itself is left alone
+            assert evil.get_id().to_bytes() not in a.service.router.peers
+
+    run(body, timeout=60)
