@@ -282,9 +282,8 @@ class GossipSubRouter:
         backoff = self.params.unsubscribe_backoff if unsubscribe else self.params.prune_backoff
         px: list[PeerInfo] = []
         if do_px and self.params.do_px:
-            cands = sorted(
-                p for p in self.topics.get(topic, ()) if p != peer and p in self.peers and self.peer_score(p) >= 0
-            )
+            members = self.topics.get(topic, ())
+            cands = sorted(p for p in members if p != peer and p in self.peers and self.peer_score(p) >= 0)
             self.rng.shuffle(cands)
             px = [PeerInfo(peer_id=p) for p in cands[: self.params.prune_peers]]
         return ControlPrune(topic=topic, peers=px, backoff=int(backoff))
