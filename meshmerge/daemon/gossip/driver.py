@@ -7,7 +7,10 @@ The router decides everything; this module only moves bytes and time.
 * **Streams.** As the spec says, each peer gets one long-lived *outbound*
   stream that we write to, and we read whatever *inbound* stream the peer
   opened to us (a newer inbound stream replaces an older one, as in
-  go-libp2p-pubsub). Inbound frames go through the codec's
+  go-libp2p-pubsub). We also read from our outbound stream, on which the remote
+  never writes, to notice at once when the remote closes or resets it; a
+  connection whose stream keeps dying is retried ``stream_retry_limit`` times,
+  then left alone until it reconnects. Inbound frames go through the codec's
   :class:`FrameDecoder`, which refuses a frame larger than the configured
   bound before buffering it; a peer that sends an undecodable frame gets a
   behaviour penalty and is disconnected.
@@ -19,6 +22,11 @@ The router decides everything; this module only moves bytes and time.
   frames (coalesced) until the stream or connection dies. A write that takes
   longer than ``write_timeout`` drops the peer; so does a router queue overflow
   (the router reports it through ``take_disconnects``).
+* **Dials.** Peers the router asks for (PX, direct peers) are dialled at most
+  ``max_concurrent_dials`` at a time, and only if the peerstore knows an
+  address: the router hands over peer ids only, so the signed peer records a
+  PX entry may carry are not used yet. Direct peers come with addresses from
+  ``GossipConfig.direct_peers`` and are dialled at start.
 * **Validation.** The router parks every message for an asynchronous verdict;
   ``max_validation_concurrency`` worker tasks run the topic's validator and
   report the verdict back (REJECT costs the forwarder P4), then hand accepted
