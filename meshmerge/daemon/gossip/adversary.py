@@ -104,7 +104,8 @@ def build_swarm(
         )
         sybils.append(sim.add_node(r, ip=sybil_ips(i), honest=False))
     for n in honest:
-        for m in rng.sample(honest, min(honest_degree, n_honest)):
+        others = [m for m in honest if m is not n]
+        for m in rng.sample(others, min(honest_degree, len(others))):
             sim.connect(n, m)
     for s in sybils:
         pool = [honest[i] for i in honest_targets_for_sybils] if honest_targets_for_sybils else honest

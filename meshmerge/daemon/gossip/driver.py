@@ -7,7 +7,10 @@ The router decides everything; this module only moves bytes and time.
 * **Streams.** As the spec says, each peer gets one long-lived *outbound*
   stream that we write to, and we read whatever *inbound* stream the peer
   opened to us (a newer inbound stream replaces an older one, as in
-  go-libp2p-pubsub). Inbound frames go through the codec's
+  go-libp2p-pubsub). We also read from our outbound stream, on which the remote
+  never writes, to notice at once when the remote closes or resets it; a
+  connection whose stream keeps dying is retried ``stream_retry_limit`` times,
+  then left alone until it reconnects. Inbound frames go through the codec's
   :class:`FrameDecoder`, which refuses a frame larger than the configured
   bound before buffering it; a peer that sends an undecodable frame gets a
   behaviour penalty and is disconnected.
@@ -19,6 +22,11 @@ The router decides everything; this module only moves bytes and time.
   frames (coalesced) until the stream or connection dies. A write that takes
   longer than ``write_timeout`` drops the peer; so does a router queue overflow
   (the router reports it through ``take_disconnects``).
+* **Dials.** Peers the router asks for (PX, direct peers) are dialled at most
+  ``max_concurrent_dials`` at a time, and only if the peerstore knows an
+  address: the router hands over peer ids only, so the signed peer records a
+  PX entry may carry are not used yet. Direct peers come with addresses from
+  ``GossipConfig.direct_peers`` and are dialled at start.
 * **Validation.** The router parks every message for an asynchronous verdict;
   ``max_validation_concurrency`` worker tasks run the topic's validator and
   report the verdict back (REJECT costs the forwarder P4), then hand accepted
@@ -32,6 +40,11 @@ queued frames, schedules disconnects and (bounded) dials, and queues
 validations. Every task lives in the nursery of :meth:`GossipService.run`,
 except the readers, which py-libp2p runs inside its stream-handler tasks; we
 track their cancel scopes and cancel them on shutdown.
+
+Publishing with no topic peers sends the message nowhere, as in
+go-libp2p-pubsub: flood publishing targets the peers known at publish time, and
+peers that arrive later join the mesh, while IHAVE gossip goes only to non-mesh
+peers. Nothing replays it; meshmerge's anti-entropy repairs such gaps.
 
 The handler and validator receive the message *author* (the signed ``from``
 field, guaranteed by StrictSign), not the forwarding peer.
@@ -47,6 +60,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import multiaddr
 import trio
@@ -90,11 +104,19 @@ Validator = Callable[[bytes, bytes], Awaitable[Validation]]
 Handler = Callable[[bytes, bytes], Awaitable[None]]
 """``(author_peer_id_bytes, data)``, called once per accepted message."""
 
+STABLE_SESSION_HEARTBEATS = 10
+
 OUR_PROTOCOLS: tuple[str, ...] = (MESHSUB_12, MESHSUB_11, MESHSUB_10, FLOODSUB)
 """Offered in preference order when we open a stream; all four are accepted inbound."""
 
-# Exceptions that mean "this stream or connection is gone": expected, logged at debug.
+# Exceptions that mean "this stream or connection is gone": expected, logged at debug. Anything
+# else py-libp2p raises from a stream or dial is logged at info and handled the same way: one
+# peer's broken stream must never take the service down.
 _STREAM_GONE = (BaseLibp2pError, trio.BrokenResourceError, trio.ClosedResourceError, OSError, EOFError)
+
+
+def _level(exc: Exception) -> int:
+    return logging.DEBUG if isinstance(exc, _STREAM_GONE) else logging.INFO
 
 
 @dataclass(frozen=True)
@@ -174,6 +196,10 @@ def _direct_peer(addr: str) -> tuple[ID, multiaddr.Multiaddr]:
             f"GossipConfig.direct_peers: {addr!r} is not a /.../p2p/<peer-id> multiaddr ({exc})"
         ) from exc
     return pid, transport
+
+
+def _no_app_score(peer: bytes) -> float:
+    return 0.0
 
 
 def _conn_ip(conn: INetConn) -> str | None:
@@ -267,8 +293,10 @@ class GossipService:
         self.host = host
         self.config = config
         self._app_scores: dict[bytes, float] = {}
+        self._base_app_score: Callable[[bytes], float] = _no_app_score
         score = config.score
         if score is not None:
+            self._base_app_score = score.app_specific_score
             score = dataclasses.replace(score, app_specific_score=self._app_score)
         self._direct = [_direct_peer(a) for a in config.direct_peers]
         self.router = GossipSubRouter(
@@ -290,7 +318,7 @@ class GossipService:
         self._not_pubsub: set[ID] = set()
         self._readers: dict[ID, trio.CancelScope] = {}
         self._dialing: set[ID] = set()
-        self._dropping: set[ID] = set()
+        self._dropping: dict[ID, bool] = {}  # peer -> asked to drop again while closing
         self._nursery: trio.Nursery | None = None
         self._notify_send, self._notify_recv = trio.open_memory_channel[ID](1024)
         self._val_send, self._val_recv = trio.open_memory_channel[PendingValidation](
@@ -303,7 +331,7 @@ class GossipService:
 
     # ================================================================== public API
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ``task_status.started()`` once the stream handlers are registered."""
         if self._nursery is not None:
             raise RuntimeError("GossipService.run() is already running")
@@ -367,7 +395,11 @@ class GossipService:
         await trio.lowlevel.checkpoint()
 
     def set_app_score(self, peer: bytes, value: float) -> None:
-        """Application-specific score (P5) for ``peer``, e.g. from the reputation layer."""
+        """Application-specific score (P5) for ``peer``, e.g. from the reputation layer.
+
+        Added to ``config.score.app_specific_score(peer)`` if the config supplies one; weighted by
+        ``app_specific_weight`` (0 in a default PeerScoreParams, so set it to make P5 count).
+        """
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"app score must be finite, got {value!r}")
         if value == 0.0:
@@ -433,7 +465,7 @@ class GossipService:
     # ================================================================== router glue
 
     def _app_score(self, peer: bytes) -> float:
-        return self._app_scores.get(peer, 0.0)
+        return self._base_app_score(peer) + self._app_scores.get(peer, 0.0)
 
     def _router_validator(self, topic: str, msg: Message, peer: bytes) -> Validation | None:
         # None parks the message for an asynchronous verdict from a worker.
@@ -536,36 +568,42 @@ class GossipService:
         peer = st.peer
         pb = peer.to_bytes()
         added = False
+        joined = 0.0
         stream: INetStream | None = None
         try:
             with st.scope:
                 with trio.move_on_after(self.config.open_stream_timeout) as cs:
                     try:
                         stream = await self.host.new_stream(peer, [TProtocol(p) for p in OUR_PROTOCOLS])
-                    except _STREAM_GONE as exc:
+                    except Exception as exc:
                         if self._connected(peer):
-                            log.debug("gossip: %s does not speak pubsub (%s)", peer, exc)
+                            log.log(_level(exc), "gossip: %s does not speak pubsub (%r)", peer, exc)
                             self._not_pubsub.add(peer)
                         return
                 if cs.cancelled_caught or stream is None:
                     log.info("gossip: opening a pubsub stream to %s timed out", peer)
-                    self._failures[peer] = self._failures.get(peer, 0) + 1
                     return
                 proto = str(stream.get_protocol())
+                if proto not in OUR_PROTOCOLS:  # py-libp2p did not record what it negotiated
+                    log.info("gossip: stream to %s negotiated %r; not a pubsub stream", peer, proto)
+                    return
                 swarm_conns = self.host.get_network().get_connections(peer)
                 ip = _conn_ip(swarm_conns[0]) if swarm_conns else None
                 outbound = _conn_outbound(swarm_conns[0]) if swarm_conns else False
                 st.protocol, st.ip = proto, ip
                 self.router.add_peer(pb, proto, outbound, ip or (), time.monotonic())
                 added = True
+                joined = time.monotonic()
                 self.stats.peers_added += 1
-                self._failures.pop(peer, None)
                 st.ready.set()
                 self._pump()
                 log.info(
                     "gossip: peer %s joined (%s, %s)", peer, proto, "outbound" if outbound else "inbound"
                 )
-                await self._write_loop(st, stream)
+                async with trio.open_nursery() as session:
+                    session.start_soon(self._watch_outbound, st, stream, session.cancel_scope)
+                    await self._write_loop(st, stream)
+                    session.cancel_scope.cancel()
         finally:
             if added:
                 self.router.remove_peer(pb, time.monotonic())
@@ -579,7 +617,11 @@ class GossipService:
             self._drained.unpark_all()
         # the connection may have outlived the stream: retry a bounded number of times
         if self._nursery is not None and self._connected(peer) and peer not in self._not_pubsub:
-            fails = self._failures.get(peer, 0) + (0 if added else 1)
+            # a session shorter than STABLE_SESSION_HEARTBEATS counts as a failure, so a remote that
+            # resets every stream we open is not re-dialled (and logged) every heartbeat forever
+            stable = self.config.params.heartbeat_interval * STABLE_SESSION_HEARTBEATS
+            lasted = added and time.monotonic() - joined >= stable
+            fails = 0 if lasted else self._failures.get(peer, 0) + 1
             self._failures[peer] = fails
             if fails <= self.config.stream_retry_limit:
                 await trio.sleep(self.config.params.heartbeat_interval)
@@ -587,6 +629,20 @@ class GossipService:
                     self._sync_peer(peer)
             else:
                 log.info("gossip: giving up on a pubsub stream to %s after %d failures", peer, fails)
+                self._not_pubsub.add(peer)  # until it reconnects or opens a pubsub stream to us
+
+    async def _watch_outbound(self, st: _PeerState, stream: INetStream, session: trio.CancelScope) -> None:
+        """End the session when the remote closes or resets our outbound stream.
+
+        The remote never writes on it, so any read result (EOF, reset, data) means it is gone;
+        without this an idle writer would only notice at its next write.
+        """
+        try:
+            data = await stream.read(1)
+            log.debug("gossip: %s %s our outbound stream", st.peer, "wrote on" if data else "closed")
+        except Exception as exc:
+            log.log(_level(exc), "gossip: outbound stream to %s ended: %r", st.peer, exc)
+        session.cancel()
 
     async def _write_loop(self, st: _PeerState, stream: INetStream) -> None:
         r = self.router
@@ -610,8 +666,8 @@ class GossipService:
             with trio.move_on_after(self.config.write_timeout) as cs:
                 try:
                     await stream.write(b"".join(batch) if len(batch) > 1 else batch[0])
-                except _STREAM_GONE as exc:
-                    log.debug("gossip: writing to %s failed: %r", st.peer, exc)
+                except Exception as exc:
+                    log.log(_level(exc), "gossip: writing to %s failed: %r", st.peer, exc)
                     return
             if cs.cancelled_caught:
                 self.stats.slow_writes += 1
@@ -656,8 +712,8 @@ class GossipService:
         while True:
             try:
                 data = await stream.read(chunk)
-            except _STREAM_GONE as exc:
-                log.debug("gossip: inbound stream from %s ended: %r", peer, exc)
+            except Exception as exc:
+                log.log(_level(exc), "gossip: inbound stream from %s ended: %r", peer, exc)
                 return
             if not data:
                 log.debug("gossip: inbound stream from %s closed", peer)
@@ -708,28 +764,42 @@ class GossipService:
     # ================================================================== connections
 
     def _drop(self, peer: ID, reason: str) -> None:
-        if peer in self._dropping or self._nursery is None:
+        if self._nursery is None:
             return
-        self._dropping.add(peer)
         self.stats.disconnects += 1
+        if peer in self._dropping:
+            log.debug("gossip: dropping %s again: %s", peer, reason)
+            self._dropping[peer] = True  # closing already; close again whatever appeared meanwhile
+            return
         log.info("gossip: dropping %s: %s", peer, reason)
+        self._dropping[peer] = False
         self._nursery.start_soon(self._close_peer, peer)
 
     async def _close_peer(self, peer: ID) -> None:
+        """Close the peer's connections one by one.
+
+        Not ``swarm.close_peer``: it finishes by dropping the peer's whole entry from the
+        connection map, so a connection the peer opened meanwhile is forgotten, not closed.
+        """
         try:
-            st = self._peers.get(peer)
-            if st is not None:
-                st.scope.cancel()
-            reader = self._readers.get(peer)
-            if reader is not None:
-                reader.cancel()
-            with trio.move_on_after(5.0):
-                try:
-                    await self.host.get_network().close_peer(peer)
-                except _STREAM_GONE as exc:
-                    log.debug("gossip: closing %s: %r", peer, exc)
+            while True:
+                st = self._peers.get(peer)
+                if st is not None:
+                    st.scope.cancel()
+                reader = self._readers.get(peer)
+                if reader is not None:
+                    reader.cancel()
+                with trio.move_on_after(5.0):
+                    for conn in list(self.host.get_network().get_connections(peer)):
+                        try:
+                            await conn.close()
+                        except Exception as exc:
+                            log.log(_level(exc), "gossip: closing %s: %r", peer, exc)
+                if not self._dropping.get(peer):
+                    return
+                self._dropping[peer] = False
         finally:
-            self._dropping.discard(peer)
+            self._dropping.pop(peer, None)
 
     def _dial(self, peer: ID) -> None:
         if self._nursery is None or peer == self.host.get_id() or peer in self._dialing:
@@ -755,7 +825,7 @@ class GossipService:
             with trio.move_on_after(self.config.dial_timeout):
                 await self.host.get_network().dial_peer(peer)
                 self._sync_peer(peer)
-        except _STREAM_GONE as exc:
-            log.info("gossip: dialing %s failed: %s", peer, exc)
+        except Exception as exc:
+            log.info("gossip: dialing %s failed: %r", peer, exc)
         finally:
             self._dialing.discard(peer)

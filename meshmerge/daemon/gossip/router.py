@@ -282,11 +282,8 @@ class GossipSubRouter:
         backoff = self.params.unsubscribe_backoff if unsubscribe else self.params.prune_backoff
         px: list[PeerInfo] = []
         if do_px and self.params.do_px:
-            cands = [
-                p
-                for p in self.topics.get(topic, ())
-                if p != peer and p in self.peers and self.peer_score(p) >= 0
-            ]
+            members = self.topics.get(topic, ())
+            cands = sorted(p for p in members if p != peer and p in self.peers and self.peer_score(p) >= 0)
             self.rng.shuffle(cands)
             px = [PeerInfo(peer_id=p) for p in cands[: self.params.prune_peers]]
         return ControlPrune(topic=topic, peers=px, backoff=int(backoff))
@@ -311,11 +308,12 @@ class GossipSubRouter:
     def _candidates(self, topic: str, exclude: set[bytes], pred: Callable[[bytes], bool]) -> list[bytes]:
         peers = self.peers
         direct = self.direct
-        out = [
+        # sorted first so a seeded rng gives the same choice in every process (bytes hashing is salted)
+        out = sorted(
             p
             for p in self.topics.get(topic, ())
             if p not in exclude and p not in direct and peers[p].gossipsub and pred(p)
-        ]
+        )
         self.rng.shuffle(out)
         return out
 
@@ -403,7 +401,7 @@ class GossipSubRouter:
         self.mesh[topic] = mesh
         fan = self.fanout.pop(topic, set())
         self.fanout_lastpub.pop(topic, None)
-        for p in fan:
+        for p in sorted(fan):
             if (
                 len(mesh) < self.params.d
                 and p in self.peers
@@ -425,7 +423,7 @@ class GossipSubRouter:
         self.subscriptions.discard(topic)
         for peer in self.peers:
             self._rpc(peer).subscriptions.append(SubOpts(False, topic))
-        for p in list(self.mesh.get(topic, ())):
+        for p in sorted(self.mesh.get(topic, ())):
             self._prune(p, topic, now, unsubscribe=True)
         self.mesh.pop(topic, None)
         self._flush()
@@ -475,7 +473,7 @@ class GossipSubRouter:
                 mesh = fan or set()
             to |= mesh
         author = msg.from_peer
-        for q in to:
+        for q in sorted(to):
             if q in (source, author):
                 continue
             st = self.peers.get(q)
@@ -769,7 +767,7 @@ class GossipSubRouter:
         gossip_ids = self.mcache.gossip_ids_by_topic()
 
         for topic, mesh in self.mesh.items():
-            for q in [q for q in mesh if score(q) < 0]:
+            for q in sorted(q for q in mesh if score(q) < 0):
                 self._prune(q, topic, now, do_px=False)
             backoff = self.backoff.get(topic, {})
 
@@ -782,7 +780,7 @@ class GossipSubRouter:
                 ]:
                     self._graft(q, topic, now)
             if len(mesh) > p.d_hi:
-                plst = list(mesh)
+                plst = sorted(mesh)
                 self.rng.shuffle(plst)
                 plst.sort(key=score, reverse=True)
                 rest = plst[p.d_score :]
@@ -810,7 +808,7 @@ class GossipSubRouter:
                     for q in cands[: p.d_out - outbound]:
                         self._graft(q, topic, now)
             if tick % p.opportunistic_graft_ticks == 0 and len(mesh) > 1:
-                ranked = sorted(mesh, key=score)
+                ranked = sorted(sorted(mesh), key=score)
                 median = score(ranked[len(ranked) // 2])
                 if median < th.opportunistic_graft_threshold:
                     above = {q for q in self.topics.get(topic, ()) if score(q) > median}

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 
 import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
 from meshmerge.daemon.gossip.driver import GossipConfig, GossipService, Validation
-from meshmerge.daemon.gossip.params import derive_score_params
+from meshmerge.daemon.gossip.params import GossipSubParams, derive_score_params
 from meshmerge.daemon.gossip.router import MESHSUB_11
 from meshmerge.daemon.host import HostConfig, running_host
 from meshmerge.daemon.identity import Identity
+from meshmerge.proto.gossipsub import RPC, SubOpts, encode_frame
 from tests.daemon.gossip.netkit import GNode, gossip_nodes, mesh_ready, wait_for
 from tests.daemon.swarmkit import run
 
@@ -38,6 +40,14 @@ def test_two_nodes_deliver_100_each_way() -> None:
             assert all(author == a.pid for author, _ in b.received[TOPIC])
             await trio.sleep(0.5)
             assert len(a.received[TOPIC]) == 100  # no duplicates
+            for rows in (a.service.peers(), a.service.scores(), a.service.topics()):
+                assert rows and json.loads(json.dumps(rows)) == rows
+                assert all(type(v) in (str, int, float, bool) for row in rows for v in row.values())
+            (peer,) = a.service.peers()
+            assert peer["peer_id"] == b.host.get_id().to_base58() and peer["mesh"] == TOPIC
+            assert a.service.topics() == [
+                {"topic": TOPIC, "subscribed": True, "peers": 1, "mesh": 1, "fanout": 0}
+            ]
 
     run(body, timeout=60)
 
@@ -255,3 +265,93 @@ def _tasks_of(svc: GossipService) -> list[str]:
             coro = getattr(coro, "cr_await", None)
         stack.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
     return found
+
+
+def test_a_peer_that_stops_reading_is_dropped() -> None:
+    """A subscriber that never reads fills its yamux window, then our queue: we drop it."""
+    params = GossipSubParams(max_peer_queue_messages=8)
+    config = GossipConfig(params=params, write_timeout=1.0, publish_wait_timeout=0.05)
+
+    async def body() -> None:
+        async with gossip_nodes(2, config) as (a, c), running_host(HostConfig(), Identity.generate()) as evil:
+            a.join(TOPIC)
+            c.join(TOPIC)
+            stalled = trio.Event()
+
+            async def never_read(stream: INetStream) -> None:
+                await stalled.wait()
+
+            evil.set_stream_handler(TProtocol(MESHSUB_11), never_read)
+            await evil.connect(a.info)
+            stream = await evil.new_stream(a.host.get_id(), [TProtocol(MESHSUB_11)])
+            await stream.write(encode_frame(RPC(subscriptions=[SubOpts(True, TOPIC)])))
+            await a.host.connect(c.info)
+            evil_pid = evil.get_id().to_bytes()
+            await wait_for(lambda: evil_pid in a.service.router.topics.get(TOPIC, ()), what="evil subscribed")
+            await wait_for(lambda: mesh_ready([a, c], TOPIC, 1), what="mesh with the honest peer")
+            payload = b"x" * 4096
+            with trio.move_on_after(20):
+                i = 0
+                while a.host.get_network().get_connections(evil.get_id()):
+                    await a.service.publish(TOPIC, payload + b"%d" % i)
+                    i += 1
+                    if i % 16 == 0:
+                        await trio.sleep(0.01)
+            assert not a.host.get_network().get_connections(evil.get_id()), "slow peer was not dropped"
+            assert a.service.stats.disconnects >= 1
+            assert evil_pid not in a.service.router.peers
+            await wait_for(lambda: len(c.received[TOPIC]) == i, timeout=30, what="honest peer got everything")
+            stalled.set()
+
+    run(body, timeout=90)
+
+
+def test_direct_peers_are_dialed_and_always_forwarded_to() -> None:
+    async def body() -> None:
+        ia, ib = Identity.generate(), Identity.generate()
+        async with (
+            running_host(HostConfig(), ia) as ha,
+            running_host(HostConfig(), ib) as hb,
+            trio.open_nursery() as nursery,
+        ):
+            b_addr = str(hb.get_addrs()[0])
+            a = GNode(ia, ha, GossipService(ha, ia, GossipConfig(direct_peers=(b_addr,))))
+            b = GNode(ib, hb, GossipService(hb, ib, GossipConfig()))
+            a.join(TOPIC)
+            b.join(TOPIC)
+            await nursery.start(b.service.run)
+            await nursery.start(a.service.run)  # dials b by itself
+            await wait_for(lambda: b.pid in a.service.router.topics.get(TOPIC, ()), what="direct peer up")
+            assert b.pid not in a.service.router.mesh.get(TOPIC, set())  # direct peers stay out of the mesh
+            assert any(p["direct"] for p in a.service.peers())
+            await a.service.publish(TOPIC, b"direct")
+            await wait_for(
+                lambda: b.received[TOPIC] == [(a.pid, b"direct")], what="delivery to a direct peer"
+            )
+            nursery.cancel_scope.cancel()
+
+    run(body, timeout=60)
+
+
+def test_a_peer_that_resets_our_stream_is_retried_a_bounded_number_of_times() -> None:
+    config = GossipConfig(stream_retry_limit=2)
+
+    async def body() -> None:
+        async with gossip_nodes(1, config) as (a,), running_host(HostConfig(), Identity.generate()) as evil:
+            a.join(TOPIC)
+            opened: list[float] = []
+
+            async def reset_it(stream: INetStream) -> None:
+                opened.append(trio.current_time())
+                await trio.sleep(0.3)  # after the opener's negotiation: an idle stream that dies
+                await stream.reset()
+
+            evil.set_stream_handler(TProtocol(MESHSUB_11), reset_it)
+            await evil.connect(a.info)
+            await wait_for(lambda: len(opened) >= 3, timeout=15, what="reopened after resets")
+            await trio.sleep(3 * a.service.config.params.heartbeat_interval)
+            assert len(opened) == 3  # first try + stream_retry_limit retries, then it gives up
+            assert a.host.get_network().get_connections(evil.get_id())  # the connection itself is left alone
+            assert evil.get_id().to_bytes() not in a.service.router.peers
+
+    run(body, timeout=60)
