@@ -199,16 +199,12 @@ cdef class _Ptrs:
 def mag_hist_hi(list xs, object base, cnp.uint64_t[:, ::1] hist):
     """Add the counts of ``bits(|x_k - b|_f32) >> 15`` to ``hist[k]`` (shape (N, 65536)).
 
-    Counts go to a local uint32 table first (half the cache footprint of
-    uint64; a call covers fewer than 2^32 elements) and are added to ``hist``
-    at the end. Returns the index of the first input with NaN/Inf, or -1.
+    Returns the index of the first input with NaN/Inf, or -1.
     """
     cdef Py_ssize_t nk = len(xs)
     if nk == 0:
         return -1
     cdef Py_ssize_t n = (<cnp.ndarray>xs[0]).size
-    if n >= 0xFFFFFFFF:
-        raise ValueError("chunk too large for 32-bit counts")
     cdef _Ptrs ptrs = _Ptrs(xs, n)
     cdef const float* b = optional_f32(base, n)
     cdef Py_ssize_t k, i
@@ -218,33 +214,23 @@ def mag_hist_hi(list xs, object base, cnp.uint64_t[:, ::1] hist):
     cdef int bad = -1
     if hist.shape[0] != nk or hist.shape[1] != HI_BINS:
         raise ValueError("hist must have shape (N, 65536)")
-    cdef uint32_t* local = <uint32_t*>calloc(HI_BINS, sizeof(uint32_t))
-    cdef cnp.uint64_t* hk
-    if local == NULL:
-        raise MemoryError()
-    try:
-        with nogil:
-            for k in range(nk):
-                p = ptrs.p[k]
-                f = 0
-                if b == NULL:
-                    for i in range(n):
-                        f = f | nonfinite_bits(p[i])
-                        local[(f32_bits(p[i]) & 0x7FFFFFFFu) >> 15] += 1
-                else:
-                    for i in range(n):
-                        a = <float>fabs(<double>p[i] - <double>b[i])
-                        f = f | nonfinite_bits(p[i])
-                        local[f32_bits(a) >> 15] += 1
-                if (f & NONFINITE) and bad < 0:
-                    bad = k
-                hk = &hist[k, 0]
-                for i in range(HI_BINS):
-                    hk[i] += local[i]
-                    local[i] = 0
-        return bad
-    finally:
-        free(local)
+    with nogil:
+        for k in range(nk):
+            p = ptrs.p[k]
+            f = 0
+            if b == NULL:
+                for i in range(n):
+                    a = fabs(p[i])
+                    f = f | nonfinite_bits(a)
+                    hist[k, f32_bits(a) >> 15] += 1
+            else:
+                for i in range(n):
+                    a = <float>fabs(<double>p[i] - <double>b[i])
+                    f = f | nonfinite_bits(p[i])
+                    hist[k, f32_bits(a) >> 15] += 1
+            if (f & NONFINITE) and bad < 0:
+                bad = k
+    return bad
 
 
 def mag_hist_lo(list xs, object base, const uint32_t[:, ::1] target, cnp.uint64_t[:, :, ::1] hist):
