@@ -14,6 +14,7 @@ from meshmerge.crdt.strategies.base import (
     StrategyError,
     UnknownStrategy,
 )
+from meshmerge.crdt.strategies.elementwise import Della, DellaLinear, Emr, Nearswap, Passthrough
 from meshmerge.crdt.strategies.fisher import FisherMerge
 from meshmerge.crdt.strategies.linear import Linear, NegativeMerge, TaskArithmetic
 from meshmerge.crdt.strategies.robust import (
@@ -72,6 +73,11 @@ register(GeometricMedian())
 register(CenteredClipping())
 register(FoolsGold())
 register(FisherMerge())
+register(Emr())
+register(Della())
+register(DellaLinear())
+register(Nearswap())
+register(Passthrough())
 for _s in UNSUPPORTED:
     register(_s)
 

@@ -29,6 +29,9 @@ RUNNABLE: dict[str, dict[str, Any]] = {
     "geometric_median": {},
     "centered_clipping": {},
     "foolsgold": {},
+    "emr": {},
+    "della": {"density": 0.5, "epsilon": 0.2},
+    "della_linear": {"density": 0.5, "epsilon": 0.2},
 }
 
 # name -> params under which N identical contributions must give the contribution back
@@ -50,6 +53,7 @@ IDENTITY: dict[str, dict[str, Any]] = {
     "multi_krum": {},
     "geometric_median": {},
     "centered_clipping": {},
+    "emr": {},
 }
 
 # Symmetric strategies whose float64 accumulation is exact on quantised inputs with equal

@@ -355,3 +355,77 @@ def test_fisher_merge_exact() -> None:
             fs += f * inp.weights[k]
         assert out[s.name].tobytes() == (num / den).astype(np.float32).tobytes()
         assert out[s.name + ".fisher"].tobytes() == (fs / total).astype(np.float32).tobytes()
+
+
+def test_emr_elect_exact() -> None:
+    inp = make_input(4)
+    out = run("emr", inp, {"scaling": 0.9})
+    for spec in inp.specs:
+        b, ts = deltas(inp, spec)
+        total = np.zeros(spec.numel)
+        for t in ts:
+            total = total + t
+        sign = np.sign(total)
+        mag = np.zeros(spec.numel)
+        for t in ts:
+            mag = np.maximum(mag, np.where(t * sign > 0, np.abs(t), 0.0))
+        assert out[spec.name].tobytes() == storage(b + 0.9 * (sign * mag), spec).tobytes()
+
+
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+def test_della_keeps_large_entries_more_often_and_matches_reference(name: str) -> None:
+    from meshmerge.cext import drop_lanes
+
+    inp = make_input(3)
+    density, eps = 0.5, 0.3
+    out = run(name, inp, {"density": density, "epsilon": eps})
+    w = np.array(inp.weights)
+    kept_big = kept_small = 0
+    for spec in inp.specs:
+        b, ts = deltas(inp, spec)
+        cols = spec.shape[-1]
+        vals = []
+        for k, t in enumerate(ts):
+            rows = t.reshape(-1, cols)
+            ranks = np.argsort(np.argsort(np.abs(rows), axis=1, kind="stable"), axis=1, kind="stable")
+            p = np.clip(density + eps * (ranks * (2.0 / (cols - 1)) - 1.0), 0, 1).reshape(-1)
+            lanes = np.empty(spec.numel, np.uint16)
+            drop_lanes(stream_key(inp.seed, spec.name, k), 0, lanes)
+            thr = np.round(p * 65536.0)
+            keep = lanes < thr
+            kept_big += int(keep[ranks.reshape(-1) >= cols // 2].sum())
+            kept_small += int(keep[ranks.reshape(-1) < cols // 2].sum())
+            vals.append(np.where(keep, t / (thr / 65536.0), 0.0))
+        if name == "della":
+            s = np.zeros(spec.numel)
+            for k, v in enumerate(vals):
+                s = s + w[k] * v
+            num = np.zeros(spec.numel)
+            den = np.zeros(spec.numel)
+            for k, v in enumerate(vals):
+                agree = ((v > 0) & (s > 0)) | ((v < 0) & (s < 0))
+                num = num + np.where(agree, w[k] * v, 0.0)
+                den = den + np.where(agree, w[k], 0.0)
+            merged = num / np.where(den == 0, 1.0, den)
+        else:
+            num = np.zeros(spec.numel)
+            for k, v in enumerate(vals):
+                num = num + w[k] * v
+            merged = num * (1.0 / w.sum())
+        assert out[spec.name].tobytes() == storage(b + 1.0 * merged, spec).tobytes()
+    assert kept_big > kept_small * 1.3
+
+
+def test_nearswap_and_passthrough() -> None:
+    one = make_input(1)
+    out = run("nearswap", one, {"t": 0.01})
+    for spec in one.specs:
+        b, (t,) = deltas(one, spec)
+        x = t + b
+        wgt = np.where(t == 0, 1.0, np.minimum(1.0, 0.01 / np.where(t == 0, 1.0, np.abs(t))))
+        assert out[spec.name].tobytes() == storage(wgt * x + (1.0 - wgt) * b, spec).tobytes()
+    same = run("passthrough", one)
+    for spec in one.specs:
+        assert same[spec.name].tobytes() == one.tensors[0][spec.name].tobytes()
+    with pytest.raises(Exception, match="exactly one contribution"):
+        run("passthrough", make_input(2))
