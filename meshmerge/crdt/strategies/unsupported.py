@@ -23,7 +23,7 @@ class Unsupported(Strategy):
 
 
 def unsupported(name: str, reason: str) -> Unsupported:
-    cls = type(f"Unsupported_{name}", (Unsupported,), {"name": name, "reason": reason})
+    cls: type[Unsupported] = type(f"Unsupported_{name}", (Unsupported,), {"name": name, "reason": reason})
     return cls()
 
 
