@@ -26,6 +26,7 @@ from meshmerge.crdt.strategies.robust import (
     MultiKrum,
     TrimmedMean,
 )
+from meshmerge.crdt.strategies.search import EvolutionaryMerge, GeneticMerge
 from meshmerge.crdt.strategies.sparse import Breadcrumbs, BreadcrumbsTies, Dare, DareTies, Ties
 from meshmerge.crdt.strategies.spherical import Karcher, ModelStock, MultiSlerp, Slerp
 from meshmerge.crdt.strategies.unsupported import UNSUPPORTED
@@ -78,6 +79,8 @@ register(Della())
 register(DellaLinear())
 register(Nearswap())
 register(Passthrough())
+register(EvolutionaryMerge())
+register(GeneticMerge())
 for _s in UNSUPPORTED:
     register(_s)
 

@@ -32,6 +32,8 @@ RUNNABLE: dict[str, dict[str, Any]] = {
     "emr": {},
     "della": {"density": 0.5, "epsilon": 0.2},
     "della_linear": {"density": 0.5, "epsilon": 0.2},
+    "evolutionary_merge": {"generations": 10},
+    "genetic_merge": {"generations": 10},
 }
 
 # name -> params under which N identical contributions must give the contribution back
@@ -54,6 +56,8 @@ IDENTITY: dict[str, dict[str, Any]] = {
     "geometric_median": {},
     "centered_clipping": {},
     "emr": {},
+    "evolutionary_merge": {},
+    "genetic_merge": {},
 }
 
 # Symmetric strategies whose float64 accumulation is exact on quantised inputs with equal
