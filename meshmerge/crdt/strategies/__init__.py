@@ -14,7 +14,15 @@ from meshmerge.crdt.strategies.base import (
     StrategyError,
     UnknownStrategy,
 )
-from meshmerge.crdt.strategies.elementwise import Della, DellaLinear, Emr, Nearswap, Passthrough
+from meshmerge.crdt.strategies.elementwise import (
+    Della,
+    DellaLinear,
+    Emr,
+    LedMerge,
+    Nearswap,
+    Passthrough,
+    SafeMerge,
+)
 from meshmerge.crdt.strategies.fisher import FisherMerge
 from meshmerge.crdt.strategies.linear import Linear, NegativeMerge, TaskArithmetic
 from meshmerge.crdt.strategies.robust import (
@@ -79,6 +87,8 @@ register(Della())
 register(DellaLinear())
 register(Nearswap())
 register(Passthrough())
+register(LedMerge())
+register(SafeMerge())
 register(EvolutionaryMerge())
 register(GeneticMerge())
 for _s in UNSUPPORTED:

@@ -219,3 +219,82 @@ class Passthrough(Strategy):
                     stream.check(0)
             out[spec.name] = np.array(stream.flats[0]).reshape(spec.shape)
         return out
+
+
+class LedMerge(Strategy):
+    """Per element, the contribution value closest to the weighted mean (crdt-merge's
+    ``led_merge``, "layer-wise evaluation-driven" best-source selection without an
+    evaluator): a coordinate-wise medoid that never invents a value. Ties go to the
+    smaller value, so the choice does not depend on arrival order."""
+
+    name = "led_merge"
+    kinds = frozenset({"weights", "delta"})
+
+    def merge(self, inp: MergeInput, params: Params, chunk: int) -> dict[str, Any]:
+        w = checked_weights(inp, positive=True)
+        wn = w / float(w.sum())
+        out: dict[str, Any] = {}
+        for spec in inp.specs:
+            flat = np.empty(spec.numel, dtype=np.float32)
+            for lo, hi, xs, _b in _task_chunks(inp, spec, chunk, False):
+                mean = np.zeros(hi - lo)
+                for k, x in enumerate(xs):
+                    mean = mean + wn[k] * x
+                best = xs[0].copy()
+                dist = np.abs(best - mean)
+                for x in xs[1:]:
+                    d = np.abs(x - mean)
+                    better = (d < dist) | ((d == dist) & (x < best))
+                    best = np.where(better, x, best)
+                    dist = np.where(better, d, dist)
+                flat[lo:hi] = best
+            out[spec.name] = to_storage(flat, spec)
+        return out
+
+
+@dataclass(frozen=True)
+class SafeMergeParams(Params):
+    """fraction: share of each tensor's entries (highest variance across contributions) that
+    keep the base model's value."""
+
+    fraction: float = 0.1
+
+    def validate(self) -> None:
+        self._number("fraction", 0.0, 1.0)
+
+
+class SafeMerge(Strategy):
+    """crdt-merge's ``safe_merge`` idea: entries where the contributions disagree most
+    (highest weighted variance of the task values, the top ``fraction`` per tensor; ties at
+    the threshold all count; zero variance never does) are treated as safety-critical and
+    keep the base value; the rest is the weighted average. The variance threshold is an
+    exact order statistic (numpy partition), which holds one float64 variance per element
+    of the tensor in memory."""
+
+    name = "safe_merge"
+    params_type = SafeMergeParams
+
+    def merge(self, inp: MergeInput, params: SafeMergeParams, chunk: int) -> dict[str, Any]:
+        use_base = task_base(inp, self.name)
+        w = checked_weights(inp, positive=True)
+        wn = w / float(w.sum())
+        out: dict[str, Any] = {}
+        for spec in inp.specs:
+            mean = np.zeros(spec.numel)
+            var = np.zeros(spec.numel)
+            base = np.zeros(spec.numel)
+            for lo, hi, ts, b in _task_chunks(inp, spec, chunk, use_base):
+                m = np.zeros(hi - lo)
+                for k, t in enumerate(ts):
+                    m = m + wn[k] * t
+                v = np.zeros(hi - lo)
+                for k, t in enumerate(ts):
+                    v = v + wn[k] * ((t - m) * (t - m))
+                mean[lo:hi], var[lo:hi], base[lo:hi] = m, v, b
+            frozen = math.ceil(params.fraction * spec.numel)
+            if frozen > 0:
+                thr = np.partition(var, spec.numel - frozen)[spec.numel - frozen]
+                # Entries without any disagreement are never frozen.
+                mean = np.where((var >= thr) & (var > 0.0), 0.0, mean)
+            out[spec.name] = to_storage((base + mean).astype(np.float32), spec)
+        return out

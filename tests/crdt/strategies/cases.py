@@ -34,6 +34,8 @@ RUNNABLE: dict[str, dict[str, Any]] = {
     "della_linear": {"density": 0.5, "epsilon": 0.2},
     "evolutionary_merge": {"generations": 10},
     "genetic_merge": {"generations": 10},
+    "led_merge": {},
+    "safe_merge": {"fraction": 0.2},
 }
 
 # name -> params under which N identical contributions must give the contribution back
@@ -58,6 +60,8 @@ IDENTITY: dict[str, dict[str, Any]] = {
     "emr": {},
     "evolutionary_merge": {},
     "genetic_merge": {},
+    "led_merge": {},
+    "safe_merge": {},
 }
 
 # Symmetric strategies whose float64 accumulation is exact on quantised inputs with equal

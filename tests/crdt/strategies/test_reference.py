@@ -429,3 +429,39 @@ def test_nearswap_and_passthrough() -> None:
         assert same[spec.name].tobytes() == one.tensors[0][spec.name].tobytes()
     with pytest.raises(Exception, match="exactly one contribution"):
         run("passthrough", make_input(2))
+
+
+def test_led_merge_exact() -> None:
+    inp = make_input(5)
+    out = run("led_merge", inp)
+    w = np.array(inp.weights) / sum(inp.weights)
+    for spec in inp.specs:
+        xs = [f32(t[spec.name], spec.dtype) for t in inp.tensors]
+        mean = np.zeros(spec.numel)
+        for k, x in enumerate(xs):
+            mean = mean + w[k] * x
+        stack = np.stack(xs)
+        d = np.abs(stack - mean)
+        # closest to the mean; among equals the smallest value
+        order = np.lexsort((stack, d), axis=0)[0]
+        ref = stack[order, np.arange(spec.numel)]
+        assert out[spec.name].tobytes() == storage(ref, spec).tobytes()
+
+
+def test_safe_merge_freezes_the_most_disputed_entries() -> None:
+    inp = make_input(4)
+    out = run("safe_merge", inp, {"fraction": 0.25})
+    w = np.array(inp.weights) / sum(inp.weights)
+    for spec in inp.specs:
+        b, ts = deltas(inp, spec)
+        m = np.zeros(spec.numel)
+        for k, t in enumerate(ts):
+            m = m + w[k] * t
+        v = np.zeros(spec.numel)
+        for k, t in enumerate(ts):
+            v = v + w[k] * ((t - m) * (t - m))
+        thr = np.sort(v)[::-1][math.ceil(0.25 * spec.numel) - 1]
+        ref = b + np.where((v >= thr) & (v > 0), 0.0, m)
+        assert out[spec.name].tobytes() == storage(ref, spec).tobytes()
+        frozen = out[spec.name].reshape(-1) == inp.base[spec.name].reshape(-1)
+        assert frozen.mean() >= 0.25
