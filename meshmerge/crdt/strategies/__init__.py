@@ -34,6 +34,7 @@ from meshmerge.crdt.strategies.robust import (
     MultiKrum,
     TrimmedMean,
 )
+from meshmerge.crdt.strategies.scope import WeightScopeAlignment
 from meshmerge.crdt.strategies.search import EvolutionaryMerge, GeneticMerge
 from meshmerge.crdt.strategies.sparse import Breadcrumbs, BreadcrumbsTies, Dare, DareTies, Ties
 from meshmerge.crdt.strategies.spherical import Karcher, ModelStock, MultiSlerp, Slerp
@@ -89,6 +90,7 @@ register(Nearswap())
 register(Passthrough())
 register(LedMerge())
 register(SafeMerge())
+register(WeightScopeAlignment())
 register(EvolutionaryMerge())
 register(GeneticMerge())
 for _s in UNSUPPORTED:

@@ -36,6 +36,7 @@ RUNNABLE: dict[str, dict[str, Any]] = {
     "genetic_merge": {"generations": 10},
     "led_merge": {},
     "safe_merge": {"fraction": 0.2},
+    "weight_scope_alignment": {},
 }
 
 # name -> params under which N identical contributions must give the contribution back
@@ -62,6 +63,7 @@ IDENTITY: dict[str, dict[str, Any]] = {
     "genetic_merge": {},
     "led_merge": {},
     "safe_merge": {},
+    "weight_scope_alignment": {},
 }
 
 # Symmetric strategies whose float64 accumulation is exact on quantised inputs with equal

@@ -465,3 +465,20 @@ def test_safe_merge_freezes_the_most_disputed_entries() -> None:
         assert out[spec.name].tobytes() == storage(ref, spec).tobytes()
         frozen = out[spec.name].reshape(-1) == inp.base[spec.name].reshape(-1)
         assert frozen.mean() >= 0.25
+
+
+def test_weight_scope_alignment_matches_reference() -> None:
+    inp = make_input(3, kind="delta")
+    # different scales per contribution
+    for k, t in enumerate(inp.tensors):
+        for name in list(t):
+            t[name] = (t[name] * np.float32(1 + 2 * k) + np.float32(0.1 * k)).astype(np.float32)
+    out = run("weight_scope_alignment", inp)
+    w = np.array(inp.weights) / sum(inp.weights)
+    for spec in inp.specs:
+        xs = [f32(t[spec.name], spec.dtype) for t in inp.tensors]
+        mus = np.array([x.mean() for x in xs])
+        sds = np.array([x.std() for x in xs])
+        mu, sd = (w * mus).sum(), (w * sds).sum()
+        ref = sum(w[k] * ((xs[k] - mus[k]) * sd / sds[k] + mu) for k in range(3))
+        np.testing.assert_allclose(out[spec.name].reshape(-1), ref, rtol=1e-5, atol=1e-6)
