@@ -22,6 +22,7 @@ from meshmerge.crdt.strategies.elementwise import (
     Nearswap,
     Passthrough,
     SafeMerge,
+    Sce,
 )
 from meshmerge.crdt.strategies.fisher import FisherMerge
 from meshmerge.crdt.strategies.linear import Linear, NegativeMerge, TaskArithmetic
@@ -71,7 +72,7 @@ register(Dare(), "dare_linear")
 register(DareTies())
 register(Breadcrumbs(), "model_breadcrumbs")
 register(BreadcrumbsTies())
-register(Slerp())
+register(Slerp(), "nuslerp")
 register(Karcher())
 register(MultiSlerp())
 register(ModelStock())
@@ -90,6 +91,7 @@ register(Nearswap())
 register(Passthrough())
 register(LedMerge())
 register(SafeMerge())
+register(Sce())
 register(WeightScopeAlignment())
 register(EvolutionaryMerge())
 register(GeneticMerge())

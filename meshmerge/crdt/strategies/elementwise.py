@@ -298,3 +298,67 @@ class SafeMerge(Strategy):
                 mean = np.where((var >= thr) & (var > 0.0), 0.0, mean)
             out[spec.name] = to_storage((base + mean).astype(np.float32), spec)
         return out
+
+
+@dataclass(frozen=True)
+class SceParams(Params):
+    """select_topk: fraction of entries (highest variance across contributions) that are merged."""
+
+    select_topk: float = 1.0
+
+    def validate(self) -> None:
+        self._number("select_topk", 0.0, 1.0, lo_open=True)
+
+
+class Sce(Strategy):
+    """SCE (Wan et al. 2024, FuseChat: "Select, Calculate, Erase"), per tensor: select the
+    ``select_topk`` fraction of entries with the highest (unweighted) variance of the task
+    values across contributions (ties at the threshold all count); calculate each
+    contribution's coefficient as its share of the squared task values on the selected
+    entries; erase entries whose sign disagrees with the sign of the coefficient-weighted
+    sum; output ``b + sum c_k t_k / sum c_k`` over the agreeing selected entries. The
+    variance threshold holds one float64 per element of the tensor in memory."""
+
+    name = "sce"
+    params_type = SceParams
+    min_inputs = 2
+
+    def merge(self, inp: MergeInput, params: SceParams, chunk: int) -> dict[str, Any]:
+        use_base = task_base(inp, self.name)
+        n = len(inp.tensors)
+        out: dict[str, Any] = {}
+        for spec in inp.specs:
+            var = np.zeros(spec.numel)
+            for lo, hi, ts, _b in _task_chunks(inp, spec, chunk, use_base):
+                m = np.zeros(hi - lo)
+                for t in ts:
+                    m = m + t
+                m = m * (1.0 / n)
+                v = np.zeros(hi - lo)
+                for t in ts:
+                    v = v + (t - m) * (t - m)
+                var[lo:hi] = v
+            keep = math.ceil(params.select_topk * spec.numel)
+            thr = np.partition(var, spec.numel - keep)[spec.numel - keep] if 0 < keep < spec.numel else -1.0
+            energy = [0.0] * n
+            for lo, hi, ts, _b in _task_chunks(inp, spec, chunk, use_base):
+                sel = var[lo:hi] >= thr
+                for k, t in enumerate(ts):
+                    energy[k] = math.fsum([energy[k], math.fsum(np.where(sel, t * t, 0.0).tolist())])
+            total = math.fsum(energy)
+            c = [e / total if total > 0.0 else 1.0 / n for e in energy]
+            flat = np.empty(spec.numel, dtype=np.float32)
+            for lo, hi, ts, b in _task_chunks(inp, spec, chunk, use_base):
+                sel = var[lo:hi] >= thr
+                s = np.zeros(hi - lo)
+                for k, t in enumerate(ts):
+                    s = s + c[k] * t
+                num = np.zeros(hi - lo)
+                den = np.zeros(hi - lo)
+                for k, t in enumerate(ts):
+                    agree = sel & (((t > 0) & (s > 0)) | ((t < 0) & (s < 0)))
+                    num = num + np.where(agree, c[k] * t, 0.0)
+                    den = den + np.where(agree, c[k], 0.0)
+                flat[lo:hi] = b + num / np.where(den == 0.0, 1.0, den)
+            out[spec.name] = to_storage(flat, spec)
+        return out

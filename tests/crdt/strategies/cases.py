@@ -37,6 +37,8 @@ RUNNABLE: dict[str, dict[str, Any]] = {
     "led_merge": {},
     "safe_merge": {"fraction": 0.2},
     "weight_scope_alignment": {},
+    "sce": {"select_topk": 0.5},
+    "nuslerp": {},
 }
 
 # name -> params under which N identical contributions must give the contribution back
@@ -64,6 +66,8 @@ IDENTITY: dict[str, dict[str, Any]] = {
     "led_merge": {},
     "safe_merge": {},
     "weight_scope_alignment": {},
+    "sce": {"select_topk": 0.5},
+    "nuslerp": {},
 }
 
 # Symmetric strategies whose float64 accumulation is exact on quantised inputs with equal

@@ -482,3 +482,32 @@ def test_weight_scope_alignment_matches_reference() -> None:
         mu, sd = (w * mus).sum(), (w * sds).sum()
         ref = sum(w[k] * ((xs[k] - mus[k]) * sd / sds[k] + mu) for k in range(3))
         np.testing.assert_allclose(out[spec.name].reshape(-1), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sce_exact() -> None:
+    inp = make_input(4)
+    out = run("sce", inp, {"select_topk": 0.3})
+    for spec in inp.specs:
+        b, ts = deltas(inp, spec)
+        m = np.zeros(spec.numel)
+        for t in ts:
+            m = m + t
+        m = m * (1.0 / 4)
+        v = np.zeros(spec.numel)
+        for t in ts:
+            v = v + (t - m) * (t - m)
+        thr = np.sort(v)[::-1][math.ceil(0.3 * spec.numel) - 1]
+        sel = v >= thr
+        energy = np.array([math.fsum((t[sel] ** 2).tolist()) for t in ts])
+        c = energy / math.fsum(energy.tolist())
+        s = np.zeros(spec.numel)
+        for k, t in enumerate(ts):
+            s = s + c[k] * t
+        num = np.zeros(spec.numel)
+        den = np.zeros(spec.numel)
+        for k, t in enumerate(ts):
+            agree = sel & (((t > 0) & (s > 0)) | ((t < 0) & (s < 0)))
+            num = num + np.where(agree, c[k] * t, 0.0)
+            den = den + np.where(agree, c[k], 0.0)
+        ref = b + num / np.where(den == 0, 1.0, den)
+        assert out[spec.name].tobytes() == storage(ref, spec).tobytes()
