@@ -1,8 +1,9 @@
 # cython: language_level=3
 """Coordinate-wise robust aggregators: median and trimmed mean.
 
-Per element the N values are sorted (insertion sort; N is the number of
-contributions, small) and reduced in sorted order in float64, so the result
+Per element the N values are sorted (odd-even transposition sort, vectorised
+across a block of elements; N is the number of contributions, small) and
+reduced in sorted order in float64, so the result
 depends only on the multiset of values: any arrival order gives the same
 bytes. Contributor weights are not used (they are self-declared, so a
 Byzantine contributor could inflate them); every contribution is one vote.
@@ -15,11 +16,89 @@ Byzantine contributor could inflate them); every contribution is one vote.
 
 cimport numpy as cnp
 from libc.stdint cimport uint32_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 
-from meshmerge.cext._common cimport NONFINITE, gather_f32, nonfinite_bits
+from meshmerge.cext._common cimport NONFINITE, gather_f32
 
 cnp.import_array()
+
+cdef extern from *:
+    """
+    #include <string.h>
+    #include <stdint.h>
+    #ifndef MM_CLONES
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    #define MM_CLONES __attribute__((target_clones("avx2", "default")))
+    #else
+    #define MM_CLONES
+    #endif
+    #endif
+    #define MM_SORT_BLOCK 256
+    /* Odd-even transposition sort of the N values of every element of a block,
+       stored contributor-major (buf[k * BLOCK + j]), so each compare-exchange
+       runs across 256 elements at once (vectorises). N rounds sort N values.
+       Compare-exchange keeps equal values in place, so the sorted sequence is
+       the same multiset ordering as any stable sort. */
+    MM_CLONES static uint32_t mm_sorted_reduce(const float *const *p, Py_ssize_t nk, Py_ssize_t n,
+                                               int mode, Py_ssize_t trim, float *out, float *buf,
+                                               uint32_t *flags)
+    {
+        for (Py_ssize_t i0 = 0; i0 < n; i0 += MM_SORT_BLOCK) {
+            Py_ssize_t m = n - i0 < MM_SORT_BLOCK ? n - i0 : MM_SORT_BLOCK;
+            for (Py_ssize_t k = 0; k < nk; k++) {
+                const float *x = p[k] + i0;
+                float *row = buf + k * MM_SORT_BLOCK;
+                uint32_t f = 0;
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    uint32_t bits;
+                    memcpy(&bits, &x[j], 4);
+                    f |= (bits & 0x7F800000u) + 0x00800000u;
+                    row[j] = x[j];
+                }
+                flags[k] |= f;
+            }
+            for (Py_ssize_t r = 0; r < nk; r++) {
+                for (Py_ssize_t k = r & 1; k + 1 < nk; k += 2) {
+                    /* Bitwise select on the float bit patterns: no branches, so it vectorises
+                       without -fno-trapping-math. */
+                    uint32_t *a = (uint32_t *)(buf + k * MM_SORT_BLOCK), *b = a + MM_SORT_BLOCK;
+                    for (Py_ssize_t j = 0; j < m; j++) {
+                        uint32_t ub = a[j], vb = b[j];
+                        float u, v;
+                        memcpy(&u, &ub, 4);
+                        memcpy(&v, &vb, 4);
+                        uint32_t msk = (uint32_t)0 - (uint32_t)(v < u);
+                        a[j] = (vb & msk) | (ub & ~msk);
+                        b[j] = (ub & msk) | (vb & ~msk);
+                    }
+                }
+            }
+            if (mode == 0) {
+                if (nk & 1) {
+                    const float *mid = buf + (nk / 2) * MM_SORT_BLOCK;
+                    for (Py_ssize_t j = 0; j < m; j++) out[i0 + j] = mid[j];
+                } else {
+                    const float *lo = buf + (nk / 2 - 1) * MM_SORT_BLOCK, *hi = lo + MM_SORT_BLOCK;
+                    for (Py_ssize_t j = 0; j < m; j++)
+                        out[i0 + j] = (float)(((double)lo[j] + (double)hi[j]) * 0.5);
+                }
+            } else {
+                double acc[MM_SORT_BLOCK];
+                for (Py_ssize_t j = 0; j < m; j++) acc[j] = 0.0;
+                for (Py_ssize_t r = trim; r < nk - trim; r++) {
+                    const float *row = buf + r * MM_SORT_BLOCK;
+                    for (Py_ssize_t j = 0; j < m; j++) acc[j] = acc[j] + (double)row[j];
+                }
+                const double cnt = (double)(nk - 2 * trim);
+                for (Py_ssize_t j = 0; j < m; j++) out[i0 + j] = (float)(acc[j] / cnt);
+            }
+        }
+        return 0;
+    }
+    """
+    unsigned int mm_sorted_reduce(const float** p, Py_ssize_t nk, Py_ssize_t n, int mode, Py_ssize_t trim,
+                                  float* out, float* buf, unsigned int* flags) nogil
+
 
 cdef enum:
     BLOCK = 256
@@ -31,58 +110,26 @@ def sorted_reduce(list xs, int mode, Py_ssize_t trim, float[::1] out):
     cdef Py_ssize_t n = out.shape[0]
     if nk == 0:
         raise ValueError("no inputs")
+    if mode not in (0, 1):
+        raise ValueError("mode must be 0 (median) or 1 (trimmed mean)")
     if mode == 1 and not 0 <= 2 * trim < nk:
         raise ValueError("trim must leave at least one value")
     cdef const float** ptrs = <const float**>malloc(nk * sizeof(float*))
     cdef float* buf = <float*>malloc(nk * BLOCK * sizeof(float))
-    cdef float* v = <float*>malloc(nk * sizeof(float))
-    cdef uint32_t* flags = <uint32_t*>malloc(nk * sizeof(uint32_t))
-    cdef Py_ssize_t k, j, q, r, i0, m
-    cdef float x
-    cdef double acc
-    cdef uint32_t f
+    cdef uint32_t* flags = <uint32_t*>calloc(nk, sizeof(uint32_t))
+    cdef Py_ssize_t k
     cdef int bad = -1
-    cdef const float* p
-    if ptrs == NULL or buf == NULL or v == NULL or flags == NULL:
-        free(ptrs); free(buf); free(v); free(flags)
+    if ptrs == NULL or buf == NULL or flags == NULL:
+        free(ptrs); free(buf); free(flags)
         raise MemoryError()
     try:
         gather_f32(xs, n, ptrs)
-        with nogil:
-            for k in range(nk):
-                flags[k] = 0
-            i0 = 0
-            while i0 < n:
-                m = min(<Py_ssize_t>BLOCK, n - i0)
-                for k in range(nk):
-                    p = ptrs[k] + i0
-                    f = 0
-                    for j in range(m):
-                        buf[j * nk + k] = p[j]
-                        f = f | nonfinite_bits(p[j])
-                    flags[k] = flags[k] | f
-                for j in range(m):
-                    for k in range(nk):
-                        x = buf[j * nk + k]
-                        q = k
-                        while q > 0 and v[q - 1] > x:
-                            v[q] = v[q - 1]
-                            q -= 1
-                        v[q] = x
-                    if mode == 0:
-                        if nk & 1:
-                            out[i0 + j] = v[nk // 2]
-                        else:
-                            out[i0 + j] = <float>((<double>v[nk // 2 - 1] + <double>v[nk // 2]) * 0.5)
-                    else:
-                        acc = 0.0
-                        for r in range(trim, nk - trim):
-                            acc = acc + <double>v[r]
-                        out[i0 + j] = <float>(acc / <double>(nk - 2 * trim))
-                i0 += m
-            for k in range(nk):
-                if (flags[k] & NONFINITE) and bad < 0:
-                    bad = k
+        if n:
+            with nogil:
+                mm_sorted_reduce(ptrs, nk, n, mode, trim, &out[0], buf, flags)
+        for k in range(nk):
+            if (flags[k] & NONFINITE) and bad < 0:
+                bad = k
         return bad
     finally:
-        free(ptrs); free(buf); free(v); free(flags)
+        free(ptrs); free(buf); free(flags)

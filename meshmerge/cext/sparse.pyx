@@ -45,6 +45,136 @@ from meshmerge.cext._common cimport (
 
 cnp.import_array()
 
+cdef extern from *:
+    """
+    #include <math.h>
+    #include <string.h>
+    #include <stdint.h>
+    #ifndef MM_CLONES
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    #define MM_CLONES __attribute__((target_clones("avx2", "default")))
+    #else
+    #define MM_CLONES
+    #endif
+    #endif
+    #define MM_SPARSE_BLOCK 128
+
+    static inline uint64_t mm_splitmix64_at(uint64_t key, uint64_t index) {
+        uint64_t z = key + (index + 1) * 0x9E3779B97F4A7C15ULL;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        return z ^ (z >> 31);
+    }
+
+    static inline uint32_t mm_nonfinite_bits(float x) {
+        uint32_t b;
+        memcpy(&b, &x, 4);
+        return (b & 0x7F800000u) + 0x00800000u;
+    }
+
+    /* See the module docstring for the definition; every loop is per element
+       with k in ascending order, so vector width changes no result. */
+    MM_CLONES static void mm_sparse_merge(
+        const float *const *p, const float *b, const double *w, const float *lo, const float *hi,
+        const uint64_t *keys, uint64_t drop_thr, double rescale, int consensus, int disjoint,
+        double inv_den, double lam, uint64_t start, Py_ssize_t nk, Py_ssize_t n,
+        float *out, uint32_t *flags, double *vals)
+    {
+        double s[MM_SPARSE_BLOCK], num[MM_SPARSE_BLOCK], den[MM_SPARSE_BLOCK], bb[MM_SPARSE_BLOCK];
+        for (Py_ssize_t i0 = 0; i0 < n; i0 += MM_SPARSE_BLOCK) {
+            Py_ssize_t m = n - i0 < MM_SPARSE_BLOCK ? n - i0 : MM_SPARSE_BLOCK;
+            for (Py_ssize_t j = 0; j < m; j++) {
+                bb[j] = b == NULL ? 0.0 : (double)b[i0 + j];
+                s[j] = 0.0; num[j] = 0.0; den[j] = 0.0;
+            }
+            for (Py_ssize_t k = 0; k < nk; k++) {
+                const float *x = p[k] + i0;
+                double *vk = vals + k * MM_SPARSE_BLOCK;
+                const float lok = lo[k], hik = hi[k];
+                const double wk = w[k];
+                uint32_t f = 0;
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    f |= mm_nonfinite_bits(x[j]);
+                    double t = (double)x[j] - bb[j];
+                    float a = (float)fabs(t);
+                    vk[j] = (t * rescale) * (double)((a >= lok) & (a < hik));
+                }
+                flags[k] |= f;
+                if (keys != NULL) {
+                    const uint64_t key = keys[k];
+                    const uint64_t pos = start + (uint64_t)i0;
+                    /* Keep multipliers (1.0 / 0.0) from the 16-bit lanes, then one
+                       vectorisable multiply. Integer compares in int32 (u < 2^16). */
+                    double keep[MM_SPARSE_BLOCK];
+                    const int32_t thr = (int32_t)drop_thr;
+                    if ((pos & 3) == 0) {
+                        Py_ssize_t nd = m >> 2;
+                        for (Py_ssize_t d = 0; d < nd; d++) {
+                            uint64_t z = mm_splitmix64_at(key, (pos >> 2) + (uint64_t)d);
+                            keep[4 * d] = (double)((int32_t)(z & 0xFFFFu) >= thr);
+                            keep[4 * d + 1] = (double)((int32_t)((z >> 16) & 0xFFFFu) >= thr);
+                            keep[4 * d + 2] = (double)((int32_t)((z >> 32) & 0xFFFFu) >= thr);
+                            keep[4 * d + 3] = (double)((int32_t)(z >> 48) >= thr);
+                        }
+                        for (Py_ssize_t j = 4 * nd; j < m; j++) {
+                            uint64_t gi = pos + (uint64_t)j;
+                            uint64_t z = mm_splitmix64_at(key, gi >> 2);
+                            keep[j] = (double)((int32_t)((z >> ((gi & 3) << 4)) & 0xFFFFu) >= thr);
+                        }
+                    } else {
+                        for (Py_ssize_t j = 0; j < m; j++) {
+                            uint64_t gi = pos + (uint64_t)j;
+                            uint64_t z = mm_splitmix64_at(key, gi >> 2);
+                            keep[j] = (double)((int32_t)((z >> ((gi & 3) << 4)) & 0xFFFFu) >= thr);
+                        }
+                    }
+                    for (Py_ssize_t j = 0; j < m; j++) vk[j] = vk[j] * keep[j];
+                }
+                if (consensus == 1) {
+                    for (Py_ssize_t j = 0; j < m; j++) s[j] = s[j] + wk * vk[j];
+                } else if (consensus == 2) {
+                    for (Py_ssize_t j = 0; j < m; j++)
+                        s[j] = s[j] + (double)((vk[j] > 0.0) - (vk[j] < 0.0));
+                }
+            }
+            for (Py_ssize_t k = 0; k < nk; k++) {
+                const double *vk = vals + k * MM_SPARSE_BLOCK;
+                const double wk = w[k];
+                if (consensus == 0 && !disjoint) {
+                    for (Py_ssize_t j = 0; j < m; j++) num[j] = num[j] + wk * vk[j];
+                } else if (consensus == 0) {
+                    for (Py_ssize_t j = 0; j < m; j++) {
+                        num[j] = num[j] + wk * vk[j];
+                        den[j] = den[j] + wk * (double)(vk[j] != 0.0);
+                    }
+                } else {
+                    for (Py_ssize_t j = 0; j < m; j++) {
+                        double v = vk[j];
+                        double g = (double)(((v > 0.0) & (s[j] > 0.0)) | ((v < 0.0) & (s[j] < 0.0)));
+                        num[j] = num[j] + (wk * v) * g;
+                        den[j] = den[j] + wk * g;
+                    }
+                }
+            }
+            if (disjoint) {
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    double e = num[j] / (den[j] + (double)(den[j] == 0.0));
+                    out[i0 + j] = (float)(bb[j] + lam * e);
+                }
+            } else {
+                for (Py_ssize_t j = 0; j < m; j++)
+                    out[i0 + j] = (float)(bb[j] + lam * (num[j] * inv_den));
+            }
+        }
+    }
+    """
+    void mm_sparse_merge(
+        const float** p, const float* b, const double* w, const float* lo, const float* hi,
+        const uint64_t* keys, uint64_t drop_thr, double rescale, int consensus, int disjoint,
+        double inv_den, double lam, uint64_t start, Py_ssize_t nk, Py_ssize_t n,
+        float* out, uint32_t* flags, double* vals) nogil
+
+
 cdef enum:
     BLOCK = 128
     HI_BINS = 65536
@@ -69,16 +199,12 @@ cdef class _Ptrs:
 def mag_hist_hi(list xs, object base, cnp.uint64_t[:, ::1] hist):
     """Add the counts of ``bits(|x_k - b|_f32) >> 15`` to ``hist[k]`` (shape (N, 65536)).
 
-    Counts go to a local uint32 table first (half the cache footprint of
-    uint64; a call covers fewer than 2^32 elements) and are added to ``hist``
-    at the end. Returns the index of the first input with NaN/Inf, or -1.
+    Returns the index of the first input with NaN/Inf, or -1.
     """
     cdef Py_ssize_t nk = len(xs)
     if nk == 0:
         return -1
     cdef Py_ssize_t n = (<cnp.ndarray>xs[0]).size
-    if n >= 0xFFFFFFFF:
-        raise ValueError("chunk too large for 32-bit counts")
     cdef _Ptrs ptrs = _Ptrs(xs, n)
     cdef const float* b = optional_f32(base, n)
     cdef Py_ssize_t k, i
@@ -88,33 +214,23 @@ def mag_hist_hi(list xs, object base, cnp.uint64_t[:, ::1] hist):
     cdef int bad = -1
     if hist.shape[0] != nk or hist.shape[1] != HI_BINS:
         raise ValueError("hist must have shape (N, 65536)")
-    cdef uint32_t* local = <uint32_t*>calloc(HI_BINS, sizeof(uint32_t))
-    cdef cnp.uint64_t* hk
-    if local == NULL:
-        raise MemoryError()
-    try:
-        with nogil:
-            for k in range(nk):
-                p = ptrs.p[k]
-                f = 0
-                if b == NULL:
-                    for i in range(n):
-                        f = f | nonfinite_bits(p[i])
-                        local[(f32_bits(p[i]) & 0x7FFFFFFFu) >> 15] += 1
-                else:
-                    for i in range(n):
-                        a = <float>fabs(<double>p[i] - <double>b[i])
-                        f = f | nonfinite_bits(p[i])
-                        local[f32_bits(a) >> 15] += 1
-                if (f & NONFINITE) and bad < 0:
-                    bad = k
-                hk = &hist[k, 0]
-                for i in range(HI_BINS):
-                    hk[i] += local[i]
-                    local[i] = 0
-        return bad
-    finally:
-        free(local)
+    with nogil:
+        for k in range(nk):
+            p = ptrs.p[k]
+            f = 0
+            if b == NULL:
+                for i in range(n):
+                    a = fabs(p[i])
+                    f = f | nonfinite_bits(a)
+                    hist[k, f32_bits(a) >> 15] += 1
+            else:
+                for i in range(n):
+                    a = <float>fabs(<double>p[i] - <double>b[i])
+                    f = f | nonfinite_bits(p[i])
+                    hist[k, f32_bits(a) >> 15] += 1
+            if (f & NONFINITE) and bad < 0:
+                bad = k
+    return bad
 
 
 def mag_hist_lo(list xs, object base, const uint32_t[:, ::1] target, cnp.uint64_t[:, :, ::1] hist):
@@ -197,90 +313,22 @@ def sparse_merge(
     if nk == 0:
         raise ValueError("no inputs")
     cdef double* vals = <double*>malloc(nk * BLOCK * sizeof(double))
-    cdef uint32_t* flags = <uint32_t*>malloc(nk * sizeof(uint32_t))
-    cdef double s[BLOCK]
-    cdef double num[BLOCK]
-    cdef double den[BLOCK]
-    cdef double bb[BLOCK]
-    cdef Py_ssize_t k, j, i0, m
-    cdef const float* p
-    cdef double t, v, e, wk
-    cdef double* vk
-    cdef uint64_t key, pos, gi, z = 0, u
-    cdef double g
-    cdef float a, lok, hik
-    cdef uint32_t f
+    cdef uint32_t* flags = <uint32_t*>calloc(nk, sizeof(uint32_t))
+    cdef Py_ssize_t k
     cdef int bad = -1
     if vals == NULL or flags == NULL:
         free(vals); free(flags)
         raise MemoryError()
     try:
-        with nogil:
-            for k in range(nk):
-                flags[k] = 0
-            i0 = 0
-            while i0 < n:
-                m = min(<Py_ssize_t>BLOCK, n - i0)
-                for j in range(m):
-                    bb[j] = 0.0 if b == NULL else <double>b[i0 + j]
-                    s[j] = 0.0
-                    num[j] = 0.0
-                    den[j] = 0.0
-                # Phase 1: kept (trimmed, dropped, rescaled) task values and the sign tally.
-                # Each loop is branch-free per element so the compiler can vectorise it.
-                for k in range(nk):
-                    p = ptrs.p[k] + i0
-                    vk = vals + k * BLOCK
-                    lok = lo[k]
-                    hik = hi[k]
-                    wk = w[k]
-                    f = 0
-                    for j in range(m):
-                        f = f | nonfinite_bits(p[j])
-                        t = <double>p[j] - bb[j]
-                        a = <float>fabs(t)
-                        vk[j] = (t * rescale) * <double>((a >= lok) & (a < hik))
-                    flags[k] = flags[k] | f
-                    if kp != NULL:
-                        key = kp[k]
-                        pos = start + <uint64_t>i0
-                        for j in range(m):
-                            gi = pos + <uint64_t>j
-                            if j == 0 or (gi & 3) == 0:
-                                z = splitmix64_at(key, gi >> 2)
-                            u = (z >> ((gi & 3) << 4)) & 0xFFFF
-                            vk[j] = vk[j] * <double>(u >= drop_thr)
-                    if consensus == 1:
-                        for j in range(m):
-                            s[j] = s[j] + wk * vk[j]
-                    elif consensus == 2:
-                        for j in range(m):
-                            s[j] = s[j] + <double>((vk[j] > 0.0) - (vk[j] < 0.0))
-                # Phase 2: sums over the entries that agree with the elected sign.
-                for k in range(nk):
-                    vk = vals + k * BLOCK
-                    wk = w[k]
-                    if consensus == 0:
-                        for j in range(m):
-                            num[j] = num[j] + wk * vk[j]
-                            den[j] = den[j] + wk * <double>(vk[j] != 0.0)
-                    else:
-                        for j in range(m):
-                            v = vk[j]
-                            g = <double>(((v > 0.0) & (s[j] > 0.0)) | ((v < 0.0) & (s[j] < 0.0)))
-                            num[j] = num[j] + (wk * v) * g
-                            den[j] = den[j] + wk * g
-                if disjoint:
-                    for j in range(m):
-                        e = num[j] / (den[j] + <double>(den[j] == 0.0))
-                        out[i0 + j] = <float>(bb[j] + lam * e)
-                else:
-                    for j in range(m):
-                        out[i0 + j] = <float>(bb[j] + lam * (num[j] * inv_den))
-                i0 += m
-            for k in range(nk):
-                if (flags[k] & NONFINITE) and bad < 0:
-                    bad = k
+        if n:
+            with nogil:
+                mm_sparse_merge(
+                    ptrs.p, b, &w[0], &lo[0], &hi[0], kp, drop_thr, rescale, consensus, disjoint,
+                    inv_den, lam, start, nk, n, &out[0], flags, vals,
+                )
+        for k in range(nk):
+            if (flags[k] & NONFINITE) and bad < 0:
+                bad = k
         return bad
     finally:
         free(vals)

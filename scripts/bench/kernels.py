@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -260,6 +261,56 @@ def ratio_cell(t: float | None, nb: int, t_ours: float) -> str:
     return f"{t:.2f} s, {nb / t / 1e9:.2f} GB/s ({t / t_ours:.2g}x)"
 
 
+def anon_rss() -> int:
+    """Resident anonymous memory of this process in bytes (inputs here are anonymous too)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_extra_rss(fn: Callable[[], Any]) -> int:
+    """Peak anonymous RSS above the level before ``fn`` (sampled every 2 ms), in bytes."""
+    import threading
+
+    before = anon_rss()
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, anon_rss())
+            time.sleep(0.002)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    try:
+        result = fn()
+        peak = max(peak, anon_rss())
+    finally:
+        done.set()
+        th.join()
+    del result
+    return peak - before
+
+
+def rss_table(n: int, m: int) -> str:
+    base, xs = make_data(n, m)
+    spec = [TensorSpec("w", "F32", (m,))]
+    inp = MergeInput([{"w": x} for x in xs], [1.0] * n, "weights", spec, bytes(32), {"w": base})
+    rows = []
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("linear", {}), ("ties", {"density": DENSITY}), ("dare_ties", {"density": DARE_DENSITY}),
+        ("karcher", {}), ("median", {}), ("trimmed_mean", {"trim": TRIM}), ("geometric_median", {}),
+    ]
+    for name, params in cases:
+        extra = peak_extra_rss(lambda name=name, params=params: strategies.get(name).run(inp, params))
+        rows.append([n, name, f"{extra / 1e6:.0f}", f"{m * 4 / 1e6:.0f}", f"{extra / (m * 4):.2f}"])
+    return table(["N", "strategy", "peak extra RSS MB", "output MB", "extra / output"], rows)
+
+
 MK_OPS = ["linear", "ties", "dare", "dare_ties", "slerp (pair)", "karcher (multi)"]
 
 
@@ -268,8 +319,17 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="2.5M parameters per contribution instead of 25M")
     ap.add_argument("--sizes", default="4,16", help="comma-separated N values")
     ap.add_argument("--no-peers", action="store_true", help="skip crdt-merge and mergekit")
+    ap.add_argument("--rss", action="store_true", help="only measure peak extra memory of our strategies")
     args = ap.parse_args()
     m = 2_500_000 if args.small else 25_000_000
+    if args.rss:
+        if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+            # Large blocks via mmap so freed memory leaves RSS and each run is measured alone.
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+            os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        for n in (int(s) for s in args.sizes.split(",")):
+            print(rss_table(n, m) + "\n")
+        return
     peers = None if args.no_peers else crdt_merge_ops()
     rows: list[list[Any]] = []
     for n in (int(s) for s in args.sizes.split(",")):

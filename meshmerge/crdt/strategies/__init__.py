@@ -14,6 +14,16 @@ from meshmerge.crdt.strategies.base import (
     StrategyError,
     UnknownStrategy,
 )
+from meshmerge.crdt.strategies.elementwise import (
+    Della,
+    DellaLinear,
+    Emr,
+    LedMerge,
+    Nearswap,
+    Passthrough,
+    SafeMerge,
+    Sce,
+)
 from meshmerge.crdt.strategies.fisher import FisherMerge
 from meshmerge.crdt.strategies.linear import Linear, NegativeMerge, TaskArithmetic
 from meshmerge.crdt.strategies.robust import (
@@ -25,6 +35,8 @@ from meshmerge.crdt.strategies.robust import (
     MultiKrum,
     TrimmedMean,
 )
+from meshmerge.crdt.strategies.scope import WeightScopeAlignment
+from meshmerge.crdt.strategies.search import EvolutionaryMerge, GeneticMerge
 from meshmerge.crdt.strategies.sparse import Breadcrumbs, BreadcrumbsTies, Dare, DareTies, Ties
 from meshmerge.crdt.strategies.spherical import Karcher, ModelStock, MultiSlerp, Slerp
 from meshmerge.crdt.strategies.unsupported import UNSUPPORTED
@@ -60,7 +72,7 @@ register(Dare(), "dare_linear")
 register(DareTies())
 register(Breadcrumbs(), "model_breadcrumbs")
 register(BreadcrumbsTies())
-register(Slerp())
+register(Slerp(), "nuslerp")
 register(Karcher())
 register(MultiSlerp())
 register(ModelStock())
@@ -72,6 +84,17 @@ register(GeometricMedian())
 register(CenteredClipping())
 register(FoolsGold())
 register(FisherMerge())
+register(Emr())
+register(Della())
+register(DellaLinear())
+register(Nearswap())
+register(Passthrough())
+register(LedMerge())
+register(SafeMerge())
+register(Sce())
+register(WeightScopeAlignment())
+register(EvolutionaryMerge())
+register(GeneticMerge())
 for _s in UNSUPPORTED:
     register(_s)
 

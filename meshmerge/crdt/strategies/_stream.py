@@ -6,6 +6,11 @@ inputs are used in place, so memory-mapped safetensors are read once without
 a copy). Peak memory is the float32 output of one tensor plus, for 16-bit
 inputs, N widened chunks.
 
+Precision: F32, F16 and BF16 inputs widen exactly to float32; kernels
+accumulate in float64 and round once to float32, then to the storage dtype
+(round to nearest even). F64 tensors are accepted but narrowed to float32
+first, so they are merged at float32 precision.
+
 Also the single place that checks a contribution's tensor against its spec
 and turns a kernel's "input k has NaN/Inf" report into a StrategyError.
 """

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -154,7 +154,7 @@ class KarcherParams(Params):
 
 class Karcher(Strategy):
     name = "karcher"
-    params_type = KarcherParams
+    params_type: ClassVar[type[Params]] = KarcherParams
     default_steps: int | None = None
 
     def merge(self, inp: MergeInput, params: KarcherParams, chunk: int) -> dict[str, Any]:

@@ -4,7 +4,8 @@ They are registered under their usual names so that asking for one gives a
 clear explanation instead of an "unknown strategy" error or a silent
 substitute. A merge here is a pure function of the signed contributions, so a
 method that needs data, activations or gradient steps at merge time cannot
-run as defined.
+run as defined; SVD-based methods wait for a deterministic SVD kernel; one
+name has no definition precise enough to implement.
 """
 
 from __future__ import annotations
@@ -23,11 +24,28 @@ class Unsupported(Strategy):
 
 
 def unsupported(name: str, reason: str) -> Unsupported:
-    cls = type(f"Unsupported_{name}", (Unsupported,), {"name": name, "reason": reason})
+    cls: type[Unsupported] = type(f"Unsupported_{name}", (Unsupported,), {"name": name, "reason": reason})
     return cls()
 
 
+_SVD = (
+    "it needs singular value decompositions, and LAPACK/BLAS SVDs differ in the last bits between "
+    "builds and CPUs, which would break byte-identical merges across replicas; meshmerge has no "
+    "deterministic SVD kernel yet"
+)
+
 UNSUPPORTED = [
+    unsupported("star", "STAR (spectral truncation and rescale, Lee et al. 2025): " + _SVD),
+    unsupported(
+        "svd_knot_tying", "KnOTS (Stoica et al. 2025) aligns LoRA updates in a joint SVD basis: " + _SVD
+    ),
+    unsupported("dual_projection", "dual-projection merging projects updates onto SVD subspaces: " + _SVD),
+    unsupported(
+        "split_unlearn_merge",
+        "its only available description (crdt-merge: split parameters by magnitude, unlearn a targeted "
+        "fraction, merge the rest) does not define what is unlearned, so there is no honest definition "
+        "to implement; use negative_merge for task negation",
+    ),
     unsupported(
         "regression_mean",
         "RegMean (Jin et al. 2023) solves a least-squares problem with the Gram matrices of each "

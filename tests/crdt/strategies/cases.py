@@ -29,6 +29,16 @@ RUNNABLE: dict[str, dict[str, Any]] = {
     "geometric_median": {},
     "centered_clipping": {},
     "foolsgold": {},
+    "emr": {},
+    "della": {"density": 0.5, "epsilon": 0.2},
+    "della_linear": {"density": 0.5, "epsilon": 0.2},
+    "evolutionary_merge": {"generations": 10},
+    "genetic_merge": {"generations": 10},
+    "led_merge": {},
+    "safe_merge": {"fraction": 0.2},
+    "weight_scope_alignment": {},
+    "sce": {"select_topk": 0.5},
+    "nuslerp": {},
 }
 
 # name -> params under which N identical contributions must give the contribution back
@@ -50,6 +60,14 @@ IDENTITY: dict[str, dict[str, Any]] = {
     "multi_krum": {},
     "geometric_median": {},
     "centered_clipping": {},
+    "emr": {},
+    "evolutionary_merge": {},
+    "genetic_merge": {},
+    "led_merge": {},
+    "safe_merge": {},
+    "weight_scope_alignment": {},
+    "sce": {"select_topk": 0.5},
+    "nuslerp": {},
 }
 
 # Symmetric strategies whose float64 accumulation is exact on quantised inputs with equal

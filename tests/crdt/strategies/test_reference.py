@@ -355,3 +355,159 @@ def test_fisher_merge_exact() -> None:
             fs += f * inp.weights[k]
         assert out[s.name].tobytes() == (num / den).astype(np.float32).tobytes()
         assert out[s.name + ".fisher"].tobytes() == (fs / total).astype(np.float32).tobytes()
+
+
+def test_emr_elect_exact() -> None:
+    inp = make_input(4)
+    out = run("emr", inp, {"scaling": 0.9})
+    for spec in inp.specs:
+        b, ts = deltas(inp, spec)
+        total = np.zeros(spec.numel)
+        for t in ts:
+            total = total + t
+        sign = np.sign(total)
+        mag = np.zeros(spec.numel)
+        for t in ts:
+            mag = np.maximum(mag, np.where(t * sign > 0, np.abs(t), 0.0))
+        assert out[spec.name].tobytes() == storage(b + 0.9 * (sign * mag), spec).tobytes()
+
+
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+def test_della_keeps_large_entries_more_often_and_matches_reference(name: str) -> None:
+    from meshmerge.cext import drop_lanes
+
+    inp = make_input(3)
+    density, eps = 0.5, 0.3
+    out = run(name, inp, {"density": density, "epsilon": eps})
+    w = np.array(inp.weights)
+    kept_big = kept_small = 0
+    for spec in inp.specs:
+        b, ts = deltas(inp, spec)
+        cols = spec.shape[-1]
+        vals = []
+        for k, t in enumerate(ts):
+            rows = t.reshape(-1, cols)
+            ranks = np.argsort(np.argsort(np.abs(rows), axis=1, kind="stable"), axis=1, kind="stable")
+            p = np.clip(density + eps * (ranks * (2.0 / (cols - 1)) - 1.0), 0, 1).reshape(-1)
+            lanes = np.empty(spec.numel, np.uint16)
+            drop_lanes(stream_key(inp.seed, spec.name, k), 0, lanes)
+            thr = np.round(p * 65536.0)
+            keep = lanes < thr
+            kept_big += int(keep[ranks.reshape(-1) >= cols // 2].sum())
+            kept_small += int(keep[ranks.reshape(-1) < cols // 2].sum())
+            vals.append(np.where(keep, t / (thr / 65536.0), 0.0))
+        if name == "della":
+            s = np.zeros(spec.numel)
+            for k, v in enumerate(vals):
+                s = s + w[k] * v
+            num = np.zeros(spec.numel)
+            den = np.zeros(spec.numel)
+            for k, v in enumerate(vals):
+                agree = ((v > 0) & (s > 0)) | ((v < 0) & (s < 0))
+                num = num + np.where(agree, w[k] * v, 0.0)
+                den = den + np.where(agree, w[k], 0.0)
+            merged = num / np.where(den == 0, 1.0, den)
+        else:
+            num = np.zeros(spec.numel)
+            for k, v in enumerate(vals):
+                num = num + w[k] * v
+            merged = num * (1.0 / w.sum())
+        assert out[spec.name].tobytes() == storage(b + 1.0 * merged, spec).tobytes()
+    assert kept_big > kept_small * 1.3
+
+
+def test_nearswap_and_passthrough() -> None:
+    one = make_input(1)
+    out = run("nearswap", one, {"t": 0.01})
+    for spec in one.specs:
+        b, (t,) = deltas(one, spec)
+        x = t + b
+        wgt = np.where(t == 0, 1.0, np.minimum(1.0, 0.01 / np.where(t == 0, 1.0, np.abs(t))))
+        assert out[spec.name].tobytes() == storage(wgt * x + (1.0 - wgt) * b, spec).tobytes()
+    same = run("passthrough", one)
+    for spec in one.specs:
+        assert same[spec.name].tobytes() == one.tensors[0][spec.name].tobytes()
+    with pytest.raises(Exception, match="exactly one contribution"):
+        run("passthrough", make_input(2))
+
+
+def test_led_merge_exact() -> None:
+    inp = make_input(5)
+    out = run("led_merge", inp)
+    w = np.array(inp.weights) / sum(inp.weights)
+    for spec in inp.specs:
+        xs = [f32(t[spec.name], spec.dtype) for t in inp.tensors]
+        mean = np.zeros(spec.numel)
+        for k, x in enumerate(xs):
+            mean = mean + w[k] * x
+        stack = np.stack(xs)
+        d = np.abs(stack - mean)
+        # closest to the mean; among equals the smallest value
+        order = np.lexsort((stack, d), axis=0)[0]
+        ref = stack[order, np.arange(spec.numel)]
+        assert out[spec.name].tobytes() == storage(ref, spec).tobytes()
+
+
+def test_safe_merge_freezes_the_most_disputed_entries() -> None:
+    inp = make_input(4)
+    out = run("safe_merge", inp, {"fraction": 0.25})
+    w = np.array(inp.weights) / sum(inp.weights)
+    for spec in inp.specs:
+        b, ts = deltas(inp, spec)
+        m = np.zeros(spec.numel)
+        for k, t in enumerate(ts):
+            m = m + w[k] * t
+        v = np.zeros(spec.numel)
+        for k, t in enumerate(ts):
+            v = v + w[k] * ((t - m) * (t - m))
+        thr = np.sort(v)[::-1][math.ceil(0.25 * spec.numel) - 1]
+        ref = b + np.where((v >= thr) & (v > 0), 0.0, m)
+        assert out[spec.name].tobytes() == storage(ref, spec).tobytes()
+        frozen = out[spec.name].reshape(-1) == inp.base[spec.name].reshape(-1)
+        assert frozen.mean() >= 0.25
+
+
+def test_weight_scope_alignment_matches_reference() -> None:
+    inp = make_input(3, kind="delta")
+    # different scales per contribution
+    for k, t in enumerate(inp.tensors):
+        for name in list(t):
+            t[name] = (t[name] * np.float32(1 + 2 * k) + np.float32(0.1 * k)).astype(np.float32)
+    out = run("weight_scope_alignment", inp)
+    w = np.array(inp.weights) / sum(inp.weights)
+    for spec in inp.specs:
+        xs = [f32(t[spec.name], spec.dtype) for t in inp.tensors]
+        mus = np.array([x.mean() for x in xs])
+        sds = np.array([x.std() for x in xs])
+        mu, sd = (w * mus).sum(), (w * sds).sum()
+        ref = sum(w[k] * ((xs[k] - mus[k]) * sd / sds[k] + mu) for k in range(3))
+        np.testing.assert_allclose(out[spec.name].reshape(-1), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sce_exact() -> None:
+    inp = make_input(4)
+    out = run("sce", inp, {"select_topk": 0.3})
+    for spec in inp.specs:
+        b, ts = deltas(inp, spec)
+        m = np.zeros(spec.numel)
+        for t in ts:
+            m = m + t
+        m = m * (1.0 / 4)
+        v = np.zeros(spec.numel)
+        for t in ts:
+            v = v + (t - m) * (t - m)
+        thr = np.sort(v)[::-1][math.ceil(0.3 * spec.numel) - 1]
+        sel = v >= thr
+        energy = np.array([math.fsum((t[sel] ** 2).tolist()) for t in ts])
+        c = energy / math.fsum(energy.tolist())
+        s = np.zeros(spec.numel)
+        for k, t in enumerate(ts):
+            s = s + c[k] * t
+        num = np.zeros(spec.numel)
+        den = np.zeros(spec.numel)
+        for k, t in enumerate(ts):
+            agree = sel & (((t > 0) & (s > 0)) | ((t < 0) & (s < 0)))
+            num = num + np.where(agree, c[k] * t, 0.0)
+            den = den + np.where(agree, c[k], 0.0)
+        ref = b + num / np.where(den == 0, 1.0, den)
+        assert out[spec.name].tobytes() == storage(ref, spec).tobytes()

@@ -1,0 +1,364 @@
+"""Elementwise strategies written with numpy: EMR elect, DELLA, nearswap, passthrough.
+
+numpy elementwise ``+ - * /``, ``abs``, ``maximum``, comparisons and stable
+sorts are exactly rounded / exact, and every sum here runs over contributors
+in canonical order, so the bytes are the same on every replica and for every
+chunk size. These are less traffic-critical than the Cython kernels.
+
+* ``emr`` — the task-independent "elect" step of EMR-Merging (Huang et al.
+  2024, "EMR-Merging: Tuning-Free High-Performance Model Merging"): sign of
+  ``sum_k t_k``; magnitude ``max |t_k|`` over the entries with that sign;
+  ``out = b + scaling * sign * magnitude``. EMR's per-task masks and rescalers
+  need the task identity at inference time and are not produced.
+* ``della`` / ``della_linear`` — DELLA-Merging (Deep, Bhardwaj, Zeng 2024),
+  MagPrune: within each row (last axis) entries are ranked by ``|t|``; the
+  entry of rank r (0 = smallest) of n is kept with probability
+  ``density + epsilon * (2 r / (n - 1) - 1)`` (so larger entries are kept more
+  often) and rescaled by the inverse of that probability; then TIES' sign
+  election and disjoint mean (``della``) or the weighted sum (``della_linear``).
+  Draws: 16-bit lanes of the same counter-based PRNG as DARE; keep iff
+  ``lane < round(p * 65536)``.
+* ``nearswap`` — mergekit's nearswap: one contribution x and the base b,
+  ``w = clip(t / |b - x|, 0, 1)`` (1 where they are equal) and
+  ``out = w x + (1 - w) b``: take x where it is near the base.
+* ``passthrough`` — exactly one contribution, returned unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from meshmerge.cext import drop_lanes, stream_key
+from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, task_base, to_storage
+from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
+from meshmerge.crdt.tensors import TensorSpec
+
+F64 = npt.NDArray[np.float64]
+
+
+def _task_chunks(inp: MergeInput, spec: TensorSpec, chunk: int, use_base: bool) -> Any:
+    """Yield (lo, hi, [t_k float64], b float64 or 0.0) with finiteness checked."""
+    stream = TensorStream(inp, spec, chunk, base=use_base)
+    for lo, hi, xs, b in stream.chunks():
+        for k, x in enumerate(xs):
+            if not np.all(np.isfinite(x)):
+                stream.check(k)
+        bb: F64 | float = b.astype(np.float64) if b is not None else 0.0
+        yield lo, hi, [x.astype(np.float64) - bb for x in xs], bb
+
+
+@dataclass(frozen=True)
+class EmrParams(Params):
+    """scaling: factor on the elected task vector."""
+
+    scaling: float = 1.0
+
+    def validate(self) -> None:
+        self._number("scaling", -1e6, 1e6)
+
+
+class Emr(Strategy):
+    name = "emr"
+    params_type = EmrParams
+
+    def merge(self, inp: MergeInput, params: EmrParams, chunk: int) -> dict[str, Any]:
+        use_base = task_base(inp, self.name)
+        out: dict[str, Any] = {}
+        for spec in inp.specs:
+            flat = np.empty(spec.numel, dtype=np.float32)
+            for lo, hi, ts, b in _task_chunks(inp, spec, chunk, use_base):
+                total = np.zeros(hi - lo)
+                for t in ts:
+                    total = total + t
+                sign = np.sign(total)
+                mag = np.zeros(hi - lo)
+                for t in ts:
+                    mag = np.maximum(mag, np.where(t * sign > 0, np.abs(t), 0.0))
+                flat[lo:hi] = b + params.scaling * (sign * mag)
+            out[spec.name] = to_storage(flat, spec)
+        return out
+
+
+@dataclass(frozen=True)
+class DellaParams(Params):
+    """density: mean keep probability; epsilon: spread of keep probabilities across ranks;
+    scaling: lam; majority_sign: 'total' or 'count' (della only)."""
+
+    density: float = 0.5
+    epsilon: float = 0.1
+    scaling: float = 1.0
+    majority_sign: str = "total"
+
+    def validate(self) -> None:
+        self._number("density", 0.0, 1.0, lo_open=True)
+        self._number("epsilon", 0.0, 1.0)
+        if self.density - self.epsilon <= 0.0 or self.density + self.epsilon > 1.0:
+            raise StrategyError(
+                "density - epsilon must be > 0 and density + epsilon <= 1, "
+                f"got {self.density}, {self.epsilon}"
+            )
+        self._number("scaling", -1e6, 1e6)
+        self._choice("majority_sign", ("total", "count"))
+
+
+def della_keep(t: F64, rows: int, density: float, epsilon: float) -> F64:
+    """Keep probability of each entry from its magnitude rank within its row."""
+    cols = t.size // rows if rows else 0
+    mags = np.abs(t).reshape(rows, cols)
+    order = np.argsort(mags, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(cols)[None, :].repeat(rows, 0), axis=1)
+    if cols == 1:
+        return np.full(t.size, density)
+    frac = ranks.astype(np.float64) * (2.0 / (cols - 1)) - 1.0
+    return np.clip(density + epsilon * frac, 0.0, 1.0).reshape(-1)
+
+
+class Della(Strategy):
+    name = "della"
+    params_type = DellaParams
+    consensus = True
+
+    def merge(self, inp: MergeInput, params: DellaParams, chunk: int) -> dict[str, Any]:
+        use_base = task_base(inp, self.name)
+        w = checked_weights(inp, positive=True)
+        total_w = math.fsum(float(x) for x in w)
+        out: dict[str, Any] = {}
+        for spec in inp.specs:
+            cols = spec.shape[-1] if spec.shape else 1
+            # Ranks are per row (last axis), so chunks hold whole rows.
+            step = max(1, chunk // cols) * cols if cols else chunk
+            flat = np.zeros(spec.numel, dtype=np.float32)
+            for lo, hi, ts, b in _task_chunks(inp, spec, step, use_base):
+                rows = (hi - lo) // cols
+                vals = []
+                for k, t in enumerate(ts):
+                    p = della_keep(t, rows, params.density, params.epsilon)
+                    lanes = np.empty(hi - lo, dtype=np.uint16)
+                    drop_lanes(stream_key(inp.seed, spec.name, k), lo, lanes)
+                    thr = np.round(p * 65536.0)
+                    keep = lanes.astype(np.float64) < thr
+                    vals.append(np.where(keep, t / np.where(thr > 0, thr / 65536.0, 1.0), 0.0))
+                n = hi - lo
+                if self.consensus:
+                    s = np.zeros(n)
+                    for k, v in enumerate(vals):
+                        s = s + (w[k] * v if params.majority_sign == "total" else np.sign(v))
+                    num = np.zeros(n)
+                    den = np.zeros(n)
+                    for k, v in enumerate(vals):
+                        agree = ((v > 0) & (s > 0)) | ((v < 0) & (s < 0))
+                        num = num + np.where(agree, w[k] * v, 0.0)
+                        den = den + np.where(agree, w[k], 0.0)
+                    merged = num / np.where(den == 0.0, 1.0, den)
+                else:
+                    num = np.zeros(n)
+                    for k, v in enumerate(vals):
+                        num = num + w[k] * v
+                    merged = num * (1.0 / total_w)
+                flat[lo:hi] = b + params.scaling * merged
+            out[spec.name] = to_storage(flat, spec)
+        return out
+
+
+class DellaLinear(Della):
+    name = "della_linear"
+    consensus = False
+
+
+@dataclass(frozen=True)
+class NearswapParams(Params):
+    """t: distance scale; entries closer to the base than t are taken from the contribution."""
+
+    t: float = 1e-3
+
+    def validate(self) -> None:
+        self._number("t", 0.0, 1e30, lo_open=True)
+
+
+class Nearswap(Strategy):
+    name = "nearswap"
+    params_type = NearswapParams
+    kinds = frozenset({"weights"})
+
+    def merge(self, inp: MergeInput, params: NearswapParams, chunk: int) -> dict[str, Any]:
+        if len(inp.tensors) != 1:
+            raise StrategyError(
+                f"nearswap takes exactly one contribution and the base, got {len(inp.tensors)}"
+            )
+        task_base(inp, self.name)
+        out: dict[str, Any] = {}
+        for spec in inp.specs:
+            flat = np.empty(spec.numel, dtype=np.float32)
+            for lo, hi, ts, b in _task_chunks(inp, spec, chunk, True):
+                dist = np.abs(ts[0])
+                wgt = np.where(dist == 0.0, 1.0, np.minimum(1.0, params.t / np.where(dist == 0.0, 1.0, dist)))
+                x = ts[0] + b
+                flat[lo:hi] = wgt * x + (1.0 - wgt) * b
+            out[spec.name] = to_storage(flat, spec)
+        return out
+
+
+class Passthrough(Strategy):
+    name = "passthrough"
+    kinds = frozenset({"weights", "delta", "lora"})
+
+    def merge(self, inp: MergeInput, params: Params, chunk: int) -> dict[str, Any]:
+        if len(inp.tensors) != 1:
+            raise StrategyError(f"passthrough takes exactly one contribution, got {len(inp.tensors)}")
+        out: dict[str, Any] = {}
+        for spec in inp.specs:
+            stream = TensorStream(inp, spec, chunk)
+            for _lo, _hi, xs, _ in stream.chunks():
+                if not np.all(np.isfinite(xs[0])):
+                    stream.check(0)
+            out[spec.name] = np.array(stream.flats[0]).reshape(spec.shape)
+        return out
+
+
+class LedMerge(Strategy):
+    """Per element, the contribution value closest to the weighted mean (crdt-merge's
+    ``led_merge``, "layer-wise evaluation-driven" best-source selection without an
+    evaluator): a coordinate-wise medoid that never invents a value. Ties go to the
+    smaller value, so the choice does not depend on arrival order."""
+
+    name = "led_merge"
+    kinds = frozenset({"weights", "delta"})
+
+    def merge(self, inp: MergeInput, params: Params, chunk: int) -> dict[str, Any]:
+        w = checked_weights(inp, positive=True)
+        wn = w / float(w.sum())
+        out: dict[str, Any] = {}
+        for spec in inp.specs:
+            flat = np.empty(spec.numel, dtype=np.float32)
+            for lo, hi, xs, _b in _task_chunks(inp, spec, chunk, False):
+                mean = np.zeros(hi - lo)
+                for k, x in enumerate(xs):
+                    mean = mean + wn[k] * x
+                best = xs[0].copy()
+                dist = np.abs(best - mean)
+                for x in xs[1:]:
+                    d = np.abs(x - mean)
+                    better = (d < dist) | ((d == dist) & (x < best))
+                    best = np.where(better, x, best)
+                    dist = np.where(better, d, dist)
+                flat[lo:hi] = best
+            out[spec.name] = to_storage(flat, spec)
+        return out
+
+
+@dataclass(frozen=True)
+class SafeMergeParams(Params):
+    """fraction: share of each tensor's entries (highest variance across contributions) that
+    keep the base model's value."""
+
+    fraction: float = 0.1
+
+    def validate(self) -> None:
+        self._number("fraction", 0.0, 1.0)
+
+
+class SafeMerge(Strategy):
+    """crdt-merge's ``safe_merge`` idea: entries where the contributions disagree most
+    (highest weighted variance of the task values, the top ``fraction`` per tensor; ties at
+    the threshold all count; zero variance never does) are treated as safety-critical and
+    keep the base value; the rest is the weighted average. The variance threshold is an
+    exact order statistic (numpy partition), which holds one float64 variance per element
+    of the tensor in memory."""
+
+    name = "safe_merge"
+    params_type = SafeMergeParams
+
+    def merge(self, inp: MergeInput, params: SafeMergeParams, chunk: int) -> dict[str, Any]:
+        use_base = task_base(inp, self.name)
+        w = checked_weights(inp, positive=True)
+        wn = w / float(w.sum())
+        out: dict[str, Any] = {}
+        for spec in inp.specs:
+            mean = np.zeros(spec.numel)
+            var = np.zeros(spec.numel)
+            base = np.zeros(spec.numel)
+            for lo, hi, ts, b in _task_chunks(inp, spec, chunk, use_base):
+                m = np.zeros(hi - lo)
+                for k, t in enumerate(ts):
+                    m = m + wn[k] * t
+                v = np.zeros(hi - lo)
+                for k, t in enumerate(ts):
+                    v = v + wn[k] * ((t - m) * (t - m))
+                mean[lo:hi], var[lo:hi], base[lo:hi] = m, v, b
+            frozen = math.ceil(params.fraction * spec.numel)
+            if frozen > 0:
+                thr = np.partition(var, spec.numel - frozen)[spec.numel - frozen]
+                # Entries without any disagreement are never frozen.
+                mean = np.where((var >= thr) & (var > 0.0), 0.0, mean)
+            out[spec.name] = to_storage((base + mean).astype(np.float32), spec)
+        return out
+
+
+@dataclass(frozen=True)
+class SceParams(Params):
+    """select_topk: fraction of entries (highest variance across contributions) that are merged."""
+
+    select_topk: float = 1.0
+
+    def validate(self) -> None:
+        self._number("select_topk", 0.0, 1.0, lo_open=True)
+
+
+class Sce(Strategy):
+    """SCE (Wan et al. 2024, FuseChat: "Select, Calculate, Erase"), per tensor: select the
+    ``select_topk`` fraction of entries with the highest (unweighted) variance of the task
+    values across contributions (ties at the threshold all count); calculate each
+    contribution's coefficient as its share of the squared task values on the selected
+    entries; erase entries whose sign disagrees with the sign of the coefficient-weighted
+    sum; output ``b + sum c_k t_k / sum c_k`` over the agreeing selected entries. The
+    variance threshold holds one float64 per element of the tensor in memory."""
+
+    name = "sce"
+    params_type = SceParams
+    min_inputs = 2
+
+    def merge(self, inp: MergeInput, params: SceParams, chunk: int) -> dict[str, Any]:
+        use_base = task_base(inp, self.name)
+        n = len(inp.tensors)
+        out: dict[str, Any] = {}
+        for spec in inp.specs:
+            var = np.zeros(spec.numel)
+            for lo, hi, ts, _b in _task_chunks(inp, spec, chunk, use_base):
+                m = np.zeros(hi - lo)
+                for t in ts:
+                    m = m + t
+                m = m * (1.0 / n)
+                v = np.zeros(hi - lo)
+                for t in ts:
+                    v = v + (t - m) * (t - m)
+                var[lo:hi] = v
+            keep = math.ceil(params.select_topk * spec.numel)
+            thr = np.partition(var, spec.numel - keep)[spec.numel - keep] if 0 < keep < spec.numel else -1.0
+            energy = [0.0] * n
+            for lo, hi, ts, _b in _task_chunks(inp, spec, chunk, use_base):
+                sel = var[lo:hi] >= thr
+                for k, t in enumerate(ts):
+                    energy[k] = math.fsum([energy[k], math.fsum(np.where(sel, t * t, 0.0).tolist())])
+            total = math.fsum(energy)
+            c = [e / total if total > 0.0 else 1.0 / n for e in energy]
+            flat = np.empty(spec.numel, dtype=np.float32)
+            for lo, hi, ts, b in _task_chunks(inp, spec, chunk, use_base):
+                sel = var[lo:hi] >= thr
+                s = np.zeros(hi - lo)
+                for k, t in enumerate(ts):
+                    s = s + c[k] * t
+                num = np.zeros(hi - lo)
+                den = np.zeros(hi - lo)
+                for k, t in enumerate(ts):
+                    agree = sel & (((t > 0) & (s > 0)) | ((t < 0) & (s < 0)))
+                    num = num + np.where(agree, c[k] * t, 0.0)
+                    den = den + np.where(agree, c[k], 0.0)
+                flat[lo:hi] = b + num / np.where(den == 0.0, 1.0, den)
+            out[spec.name] = to_storage(flat, spec)
+        return out
