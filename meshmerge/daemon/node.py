@@ -21,8 +21,15 @@ from typing import Any
 import trio
 
 from meshmerge import __version__
-from meshmerge.crdt import Incomplete, MergeState, MergeStateError, SchemaMismatch, Signer, digest_of_tensors
-from meshmerge.crdt import tensorfile
+from meshmerge.crdt import (
+    Incomplete,
+    MergeState,
+    MergeStateError,
+    SchemaMismatch,
+    Signer,
+    digest_of_tensors,
+    tensorfile,
+)
 from meshmerge.crdt.strategies import StrategyError
 from meshmerge.daemon.store import Store
 from meshmerge.proto import cid as cids
