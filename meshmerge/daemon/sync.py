@@ -159,6 +159,16 @@ class SyncService:
             return
         self._subscribed.add(set_id)
         self.gossip.subscribe(topic_for(set_id), self._validate_announcement, self._on_announcement)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._nudge_anti_entropy)
+
+    async def _nudge_anti_entropy(self) -> None:
+        """Gossip does not replay history to new subscribers: whatever was announced on a
+        topic before our subscription reached the mesh is only repaired by anti-entropy,
+        so run a round now and another once our subscription has propagated."""
+        for delay in (0.0, 2.0):
+            await trio.sleep(delay)
+            self._wake_sync.set()
 
     async def _validate_announcement(self, sender: bytes, data: bytes) -> Any:
         from meshmerge.daemon.gossip.driver import Validation
@@ -206,8 +216,9 @@ class SyncService:
                     self._bad(peer, f"anti-entropy: {type(exc).__name__}: {exc}")
             self.stats.rounds += 1
             with trio.move_on_after(self.config.anti_entropy_interval * random.uniform(0.8, 1.2)):
-                while set(self._connected_peers()) == self._known_peers:
+                while set(self._connected_peers()) == self._known_peers and not self._wake_sync.is_set():
                     await trio.sleep(0.2)
+            self._wake_sync = trio.Event()
 
     async def sync_with(self, peer: ID) -> int:
         """Pull every set whose root differs from the peer's; returns how many were pulled."""
