@@ -27,7 +27,7 @@ from meshmerge.crdt import strategies
 from meshmerge.crdt.orset import Changes, ORSet
 from meshmerge.crdt.signing import DOMAIN_HEADER, DOMAIN_REMOVAL, Signer, verify
 from meshmerge.crdt.strategies.base import MergeInput
-from meshmerge.crdt.tensors import STORAGE_DTYPES, TensorSpec
+from meshmerge.crdt.tensors import STORAGE_DTYPES, TensorSpec, little_endian
 from meshmerge.proto.messages import (
     ContributionHeader,
     Equivocation,
@@ -85,10 +85,11 @@ def manifest_of(tensors: Tensors, dtypes: Mapping[str, str]) -> tuple[TensorEntr
     """Manifest entries (sorted by name) with sha-256 of each tensor's raw little-endian bytes."""
     entries = []
     for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
-        raw = array.astype(array.dtype.newbyteorder("<"), copy=False).data
+        array = little_endian(tensors[name])
         entries.append(
-            TensorEntry(name, dtypes[name], tuple(array.shape), array.nbytes, hashlib.sha256(raw).digest())
+            TensorEntry(
+                name, dtypes[name], tuple(array.shape), array.nbytes, hashlib.sha256(array.data).digest()
+            )
         )
     return tuple(entries)
 
@@ -107,8 +108,7 @@ def verify_manifest(manifest: tuple[TensorEntry, ...], tensors: Tensors) -> None
             raise TensorMismatch(
                 f"tensor {entry.name!r}: {array.dtype}{list(array.shape)} is not the manifest's"
             )
-        raw = array.astype(array.dtype.newbyteorder("<"), copy=False).data
-        if hashlib.sha256(raw).digest() != entry.sha256:
+        if hashlib.sha256(little_endian(array).data).digest() != entry.sha256:
             raise TensorMismatch(f"tensor {entry.name!r}: sha-256 of its bytes does not match the manifest")
 
 
@@ -352,5 +352,5 @@ def digest_of_tensors(tensors: Mapping[str, npt.NDArray[Any]]) -> str:
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name])
         h.update(name.encode() + b"\x00" + str(array.dtype).encode() + str(array.shape).encode())
-        h.update(array.astype(array.dtype.newbyteorder("<"), copy=False).data)
+        h.update(little_endian(array).data)
     return h.hexdigest()

@@ -22,7 +22,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from meshmerge.crdt.tensors import STORAGE_DTYPES
+from meshmerge.crdt.tensors import STORAGE_DTYPES, little_endian
 
 MAX_HEADER_BYTES: Final = 16 * 1024 * 1024
 MAX_TENSORS: Final = 65_536
@@ -48,7 +48,7 @@ def dumps(
         dtype = dtypes[name]
         if array.dtype != STORAGE_DTYPES[dtype]:
             raise TensorFileError(f"tensor {name!r}: array dtype {array.dtype} is not storage for {dtype}")
-        raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        raw = little_endian(array).tobytes()
         header[name] = {
             "dtype": dtype,
             "shape": list(array.shape),

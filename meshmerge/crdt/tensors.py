@@ -7,8 +7,9 @@ pattern and widened to float32 exactly (bf16 is the top half of an f32).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -47,14 +48,17 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
         return self.numel * STORAGE_DTYPES[self.dtype].itemsize
+
+
+def little_endian(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """The array as contiguous little-endian storage: the byte order manifests hash and files hold."""
+    array = np.ascontiguousarray(array)
+    return array.astype(array.dtype.newbyteorder("<"), copy=False)
 
 
 def dtype_name(array: npt.NDArray[np.generic], *, bf16: bool = False) -> str:

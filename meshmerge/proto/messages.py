@@ -13,6 +13,7 @@ job (it owns the keys and the domain separation).
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -168,10 +169,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def to_obj(self, with_digest: bool = True) -> dict[str, Any]:
         obj: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
