@@ -178,15 +178,19 @@ class Node:
             await trio.to_thread.run_sync(self.store.snapshot, set_id, full)
             log.info("snapshot of %s written", handle.state.schema.name)
 
-    async def apply_remote(self, set_id: bytes, ops: StateMessage) -> Any:
-        """Join operations from a peer; returns the ApplyReport (rejections feed peer scores)."""
+    async def apply_remote(self, set_id: bytes, ops: StateMessage, *, verified: bool = False) -> Any:
+        """Join operations from a peer; returns the ApplyReport (rejections feed peer scores).
+
+        ``verified=True`` only for bytes whose signatures were just checked (the gossip
+        validator accepted exactly this message), so they are not checked twice.
+        """
         handle = self._sets.get(set_id)
         if handle is None:
             if ops.schema is None:
                 return None
             handle = await self.ensure_set(ops.schema)
         async with handle.lock:
-            report = handle.state.apply(ops)
+            report = handle.state.apply(ops, trusted=verified)
             if report.new_ops is not None:
                 await trio.to_thread.run_sync(self.store.append, set_id, report.new_ops)
                 await self._maybe_snapshot(handle)
@@ -236,6 +240,9 @@ class Node:
         return summary, data
 
     # -- views -----------------------------------------------------------------------
+
+    def summaries(self) -> list[dict[str, Any]]:
+        return [self.set_summary(handle) for handle in self._sets.values()]
 
     def set_summary(self, handle: SetHandle) -> dict[str, Any]:
         state = handle.state

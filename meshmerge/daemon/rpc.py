@@ -223,7 +223,7 @@ class RpcServer:
         return {"id": cids.to_text(set_id), "name": schema.name}
 
     async def _sets_list(self, call: Call) -> Any:
-        return [self.node.set_summary(self.node.resolve_set(cids.to_text(s))) for s in self.node.set_ids()]
+        return self.node.summaries()
 
     async def _sets_show(self, call: Call) -> Any:
         handle = self.node.resolve_set(call.param("set", str))
