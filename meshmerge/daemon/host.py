@@ -4,7 +4,8 @@ Why not `libp2p.new_host()`: without `sec_opt` it offers Noise, TLS, secio *and*
 `/plaintext/2.0.0`, so a plaintext dialer gets an unauthenticated, unencrypted
 session; it also builds the stock `Swarm` (250 ms per dial, loose limits).
 We assemble the same parts ourselves: TCP, Noise only, Yamux only, our
-`MeshSwarm`, and py-libp2p's `BasicHost` for identify (+push, with signed peer
+`MeshSwarm`, and py-libp2p's `BasicHost` (as `AdvertisingHost`, which adds relay circuit
+addresses to what it advertises) for identify (+push, with signed peer
 records) and ping. mDNS stays off unless the config enables it.
 
 Use::
@@ -25,7 +26,6 @@ import multiaddr
 import trio
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
 from libp2p.custom_types import TProtocol
-from libp2p.host.basic_host import BasicHost
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.peer.peerstore import PeerStore
@@ -36,6 +36,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp.tcp import TCP
 from libp2p.transport.upgrader import TransportUpgrader
 
+from .advertise import AdvertisingHost
 from .identity import Identity
 from .limits import ConnectionLimits
 from .swarm import MeshSwarm
@@ -107,7 +108,7 @@ class HostConfig:
             )
 
 
-def build_host(config: HostConfig, identity: Identity) -> BasicHost:
+def build_host(config: HostConfig, identity: Identity) -> AdvertisingHost:
     """Assemble (but do not start) a host: TCP, Noise only, Yamux only, our swarm."""
     config.validate()
     key_pair = identity.key_pair()
@@ -143,7 +144,7 @@ def build_host(config: HostConfig, identity: Identity) -> BasicHost:
         limits=lim,
         dial_stagger=config.dial_stagger,
     )
-    host = BasicHost(
+    host = AdvertisingHost(
         network=swarm, enable_mDNS=config.enable_mdns, negotiate_timeout=config.negotiate_timeout
     )
     swarm.set_stream_handler(swarm.wrap_stream_handler(swarm.common_stream_handler))
@@ -151,7 +152,7 @@ def build_host(config: HostConfig, identity: Identity) -> BasicHost:
 
 
 @asynccontextmanager
-async def running_host(config: HostConfig, identity: Identity) -> AsyncIterator[BasicHost]:
+async def running_host(config: HostConfig, identity: Identity) -> AsyncIterator[AdvertisingHost]:
     """Start the host listening on the configured addresses; stop it on exit."""
     host = build_host(config, identity)
     addrs = [parse_listen_addr(a) for a in config.listen_addrs]

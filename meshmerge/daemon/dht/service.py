@@ -30,6 +30,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
+from ..advertise import strip_peer_suffix
 from ..limits import LogThrottle
 from ..swarm import remote_ip
 from .keys import kad_id, provider_key
@@ -295,7 +296,8 @@ class KademliaDHT:
         return [peer_entry(p, self._addrs(p), self._connected(p)) for p in peers]
 
     def _own_addrs(self) -> list[Multiaddr]:
-        return list(self.host.get_transport_addrs())
+        """What the host advertises (relay circuit addresses included), without /p2p/<self>."""
+        return [strip_peer_suffix(a) for a in self.host.get_addrs()] or list(self.host.get_transport_addrs())
 
     def _log_throttled(self, key: str, msg: str, *args: object) -> None:
         ok, swallowed = self._throttle.should_log(key, self._now())
@@ -388,6 +390,15 @@ class KademliaDHT:
         reply = Message(type=req.type, key=key)
         if req.type == Message.FIND_NODE:
             target = kad_id(key)
+            # Like go-libp2p: a peer we are connected to (or we ourselves) is named with its
+            # addresses even when it is no DHT server, so peers behind NAT that hold a relay
+            # reservation here can be found by find-peer (their circuit addresses included).
+            if key == self.self_peer:
+                reply.closerPeers.append(peer_entry(key, self._own_addrs(), True))
+            elif key != sender and self._connected(key) and key not in self.routing:
+                addrs = self._addrs(key)
+                if addrs:
+                    reply.closerPeers.append(peer_entry(key, addrs, True))
             reply.closerPeers.extend(self._entries(self.routing.closest(target, self.config.k)))
         elif req.type == Message.GET_VALUE:
             if not key:

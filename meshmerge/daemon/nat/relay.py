@@ -42,6 +42,7 @@ from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
 
+from ..advertise import notify_addrs_changed
 from .connutil import conns_to, is_circuit_addr
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,9 @@ class RelayClient:
         self.config.validate()
         self.reservations: dict[ID, ReservationInfo] = {}
         self.refreshes = 0
+        add_provider = getattr(host, "add_addr_provider", None)
+        if add_provider is not None:  # AdvertisingHost: our circuit addresses join get_addrs()
+            add_provider(self.circuit_addrs)
 
     async def reserve(self, relay: ID) -> ReservationInfo:
         """One RESERVE exchange; the relay must already be connected."""
@@ -275,23 +279,30 @@ class RelayClient:
         """Reserve, report the first grant via ``task_status``, then refresh before expiry forever.
 
         Raises RelayError if the first reservation fails or a reservation
-        expires without a successful refresh.
+        expires without a successful refresh. While it is held, its circuit
+        addresses are advertised (``circuit_addrs``); connected peers are told
+        by identify push when it is granted and when it ends, however it ends.
         """
         info = await self.reserve(relay)
-        task_status.started(info)
-        while True:
-            await trio.sleep(self.next_refresh_in(info, time.time()))
+        try:
+            await notify_addrs_changed(self.host)
+            task_status.started(info)
             while True:
-                try:
-                    info = await self.reserve(relay)
-                    self.refreshes += 1
-                    break
-                except RelayError as exc:
-                    if time.time() + self.config.retry_s >= info.expire:
-                        self.reservations.pop(relay, None)
-                        raise RelayError(f"reservation at {relay} expired: {exc}") from exc
-                    log.warning("relay: refresh at %s failed (%s); retrying", relay, exc)
-                    await trio.sleep(self.config.retry_s)
+                await trio.sleep(self.next_refresh_in(info, time.time()))
+                while True:
+                    try:
+                        info = await self.reserve(relay)
+                        self.refreshes += 1
+                        break
+                    except RelayError as exc:
+                        if time.time() + self.config.retry_s >= info.expire:
+                            raise RelayError(f"reservation at {relay} expired: {exc}") from exc
+                        log.warning("relay: refresh at %s failed (%s); retrying", relay, exc)
+                        await trio.sleep(self.config.retry_s)
+        finally:
+            self.reservations.pop(relay, None)
+            with trio.CancelScope(shield=True), trio.move_on_after(self.config.request_timeout_s):
+                await notify_addrs_changed(self.host)
 
     def circuit_addrs(self) -> list[multiaddr.Multiaddr]:
         """Addresses at which we are reachable through our live reservations."""
