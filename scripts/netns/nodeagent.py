@@ -168,6 +168,8 @@ async def _agent(args: argparse.Namespace) -> None:
         client = relay.RelayClient(host, svc)
         nat_client = autonat.AutoNATClient(host, autonat.AutoNATConfig(threshold=args.autonat_threshold))
         mappers: dict[str, Any] = {}
+        held: dict[Any, Any] = {}  # relay id -> cancel scope of the task holding the reservation
+        dht: Any = None
         buf = b""
         while True:
             while b"\n" not in buf:
@@ -224,8 +226,66 @@ async def _agent(args: argparse.Namespace) -> None:
                     AutoNATService(host)
                     reply({"ok": True})
                 elif op == "reserve":
-                    info = await nursery.start(client.keep_reservation, ID.from_base58(cmd["relay"]))
+                    rid = ID.from_base58(cmd["relay"])
+                    if rid not in held:
+                        held[rid] = trio.CancelScope()
+
+                        async def hold(*, task_status: Any, r: Any = rid, sc: Any = held[rid]) -> None:
+                            with sc:
+                                await client.keep_reservation(r, task_status=task_status)
+
+                        await nursery.start(hold)
+                    info = client.reservations[rid]
                     reply({"expire": info.expire, "circuit": [str(a) for a in client.circuit_addrs()]})
+                elif op == "unreserve":
+                    held.pop(ID.from_base58(cmd["relay"])).cancel()
+                    with trio.fail_after(10):
+                        while ID.from_base58(cmd["relay"]) in client.reservations:
+                            await trio.sleep(0.02)
+                    reply({"ok": True})
+                elif op == "addrs":
+                    reply({"addrs": [str(a) for a in host.get_addrs()]})
+                elif op == "peer_addrs":
+                    known = host.get_peerstore().addrs(ID.from_base58(cmd["peer"]))
+                    reply({"addrs": [str(a) for a in known]})
+                elif op == "dht":
+                    from meshmerge.daemon.dht.service import DHTConfig, DHTMode, KademliaDHT
+
+                    dht = KademliaDHT(host, DHTConfig(mode=DHTMode(cmd.get("mode", "client"))))
+                    await nursery.start(dht.run)
+                    if cmd.get("bootstrap"):
+                        infos = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in cmd["bootstrap"]]
+                        for bi in infos:
+                            with trio.fail_after(10):
+                                await host.connect(bi)
+                        await dht.bootstrap(infos)
+                    reply({"ok": True})
+                elif op == "find_peer":
+                    assert dht is not None, "start the DHT first"
+                    with trio.fail_after(cmd.get("timeout", 20)):
+                        found = await dht.find_peer(ID.from_base58(cmd["peer"]))
+                    reply({"addrs": [str(a) for a in found.addrs] if found else []})
+                elif op == "dial_addrs":
+                    from libp2p.peer.peerinfo import PeerInfo
+
+                    from meshmerge.daemon.nat import circuit
+
+                    t0 = time.monotonic()
+                    target = PeerInfo(
+                        ID.from_base58(cmd["peer"]), [multiaddr.Multiaddr(a) for a in cmd["addrs"]]
+                    )
+                    conn = await circuit.connect(host, client, target)
+                    reply(
+                        {
+                            "relayed": connutil.is_relayed(conn),
+                            "addrs": [str(a) for a in conn.get_transport_addresses()],
+                            "s": time.monotonic() - t0,
+                        }
+                    )
+                elif op == "disconnect":
+                    with trio.fail_after(10):
+                        await host.disconnect(ID.from_base58(cmd["peer"]))
+                    reply({"ok": True})
                 elif op == "dial_relay":
                     t0 = time.monotonic()
                     conn = await client.dial(ID.from_base58(cmd["peer"]), ID.from_base58(cmd["relay"]))

@@ -174,7 +174,9 @@ async def _body_no_address() -> None:
             await connect(host, RelayClient(host, svc), PeerInfo(other, []))
         bad = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/1/p2p/{RELAY_ID}/p2p-circuit/p2p/{other}")
         with pytest.raises(CircuitDialError, match=f"via {RELAY_ID}"):
-            await connect(host, RelayClient(host, svc), PeerInfo(other, [bad]), CircuitDialConfig(timeout_s=5))
+            await connect(
+                host, RelayClient(host, svc), PeerInfo(other, [bad]), CircuitDialConfig(timeout_s=5)
+            )
 
 
 def test_circuit_dial_fails_cleanly() -> None:

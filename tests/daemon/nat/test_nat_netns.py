@@ -179,3 +179,40 @@ def test_port_mapping_makes_a_natted_peer_publicly_reachable(net: Net, proto: st
     stop = home.call("portmap_stop", timeout=20)
     assert stop["renewals"] >= 1
     assert "dnat" not in _upnp_rules(net)  # removed on shutdown
+
+
+def test_circuit_address_is_advertised_found_by_find_peer_and_dialed(net: Net) -> None:
+    """A peer behind symmetric NAT reserves at the relay; its circuit address reaches the relay by
+    identify push, a third NATed peer finds it by DHT find-peer (the relay answers FIND_NODE for
+    the connected peer) and dials the circuit address it got, with no relay named by the test."""
+    relay, target, finder = net.a["relay"], net.a["syma"], net.a["coneb"]
+    relay.call("dht", mode="server")
+    target.call("dht", mode="client", bootstrap=[net.addr("relay")])
+    target.call("reserve", relay=relay.id)
+    expected = f"/p2p/{relay.id}/p2p-circuit/p2p/{target.id}"
+    advertised = [a for a in target.call("addrs")["addrs"] if "p2p-circuit" in a]
+    assert advertised and all(a.endswith(expected) for a in advertised), advertised
+    deadline = time.monotonic() + 10
+    while not any("p2p-circuit" in a for a in relay.call("peer_addrs", peer=target.id)["addrs"]):
+        assert time.monotonic() < deadline, "identify push never reached the relay"
+        time.sleep(0.05)
+
+    finder.call("disconnect", peer=target.id)
+    finder.call("dht", mode="client", bootstrap=[net.addr("relay")])
+    found = finder.call("find_peer", peer=target.id)["addrs"]
+    circuits = [a for a in found if "p2p-circuit" in a]
+    assert circuits, found
+    # the public (203.0.113.0/24) relay address is among them: dialable from behind any NAT
+    public_relay = f"/ip4/{net.topo.nodes['relay'].ip}/tcp/4001{expected}"
+    assert public_relay in circuits, circuits
+    target.call("serve_echo")
+    d = finder.call("dial_addrs", peer=target.id, addrs=found, timeout=30)
+    assert d["relayed"] is True and d["addrs"] == [f"/p2p/{relay.id}/p2p-circuit/p2p/{target.id}"]
+    assert finder.call("echo", peer=target.id, data="found, not told")["data"] == "found, not told"
+
+    target.call("unreserve", relay=relay.id)
+    assert not [a for a in target.call("addrs")["addrs"] if "p2p-circuit" in a]
+    deadline = time.monotonic() + 10
+    while any("p2p-circuit" in a for a in relay.call("peer_addrs", peer=target.id)["addrs"]):
+        assert time.monotonic() < deadline, "the relay still lists the withdrawn circuit address"
+        time.sleep(0.05)
