@@ -68,7 +68,8 @@ async def start_network(
         trio.open_nursery() as nursery,
     ):
         initial = DHTMode.CLIENT if net.dht_mode == "auto" else DHTMode(net.dht_mode)
-        dht = KademliaDHT(host, DHTConfig(mode=initial))
+        dht_config = DHTConfig(mode=initial, persist_path=config.node.data_dir / "dht" / "records")
+        dht = KademliaDHT(host, dht_config)
         await nursery.start(dht.run)
         nat = NatTraversal(
             host, relay.service, dht, auto_dht=net.dht_mode == "auto", relay_client=net.enable_relay_client
@@ -87,6 +88,9 @@ async def start_network(
             lambda: {"listen": addrs, "connected_peers": len(host.get_network().connections)}
         )
         node.extra_status.append(sync.status)
+        node.extra_status.append(
+            lambda: {"dht_values": len(dht.values), "dht_provider_keys": len(dht.providers)}
+        )
         _register_views(rpc, host, dht, gossip)
         if config.network.bootstrap:
             nursery.start_soon(_bootstrap, host, dht, config.network.bootstrap)
@@ -207,7 +211,12 @@ def _register_views(rpc: RpcServer, host: Any, dht: KademliaDHT, gossip: Any) ->
         return out
 
     async def dht_view(call: Call) -> Any:
-        return {"mode": dht.mode.value if hasattr(dht, "mode") else "?", "routing_table": len(dht.routing)}
+        return {
+            "mode": dht.mode.value if hasattr(dht, "mode") else "?",
+            "routing_table": len(dht.routing),
+            "values": len(dht.values),
+            "provider_keys": len(dht.providers),
+        }
 
     rpc.register("peers", peers)
     rpc.register("dht", dht_view)

@@ -10,6 +10,7 @@ and write the rules as small state machines (`routing`, `lookup`, `store`,
 `records`) that tests drive without sockets, plus one trio driver (`service`).
 """
 
+from . import persist
 from .records import (
     MeshmergeRecordValidator,
     NamespacedValidator,
@@ -31,5 +32,6 @@ __all__ = [
     "SignedRecord",
     "Validator",
     "meshmerge_key",
+    "persist",
     "running_dht",
 ]

@@ -17,10 +17,12 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -32,7 +34,9 @@ from multiaddr import Multiaddr
 
 from ..advertise import strip_peer_suffix
 from ..limits import LogThrottle
+from ..store.atomic import remove_tmp_files
 from ..swarm import remote_ip
+from . import persist
 from .keys import kad_id, provider_key
 from .lookup import Lookup
 from .records import MeshmergeRecordValidator, NamespacedValidator, RecordRejected, Validator
@@ -136,6 +140,12 @@ class DHTConfig:
     max_per_group_table: int = 6
     diversity_exempt_loopback: bool = True
     extra_validators: tuple[tuple[bytes, Validator], ...] = field(default=())
+    persist_path: Path | None = None
+    """File that keeps stored values and provider records across restarts (None: memory only)."""
+    persist_interval: float = 300.0
+    """Seconds between saves while records changed; also saved on shutdown."""
+    persist_max_bytes: int = 32 * 1024 * 1024
+    """Largest file written or loaded; bigger files are refused on load (start empty, logged)."""
 
     def validate(self) -> None:
         ints = {
@@ -153,6 +163,7 @@ class DHTConfig:
             "max_providers_per_key": (1, 1024),
             "max_per_group_per_bucket": (1, 64),
             "max_per_group_table": (1, 10_000),
+            "persist_max_bytes": (4096, 1 << 32),
         }
         for name, (lo, hi) in ints.items():
             v = getattr(self, name)
@@ -166,12 +177,15 @@ class DHTConfig:
             "provider_ttl",
             "reprovide_interval",
             "refresh_interval",
+            "persist_interval",
         ):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
                 raise ValueError(f"dht.{name}: must be a positive number of seconds, got {v!r}")
         if self.max_value_bytes + self.max_key_bytes + 1024 > self.max_message_bytes:
             raise ValueError("dht.max_message_bytes: must exceed max_value_bytes + max_key_bytes + 1024")
+        if self.persist_path is not None and not isinstance(self.persist_path, Path):
+            raise ValueError(f"dht.persist_path: must be a pathlib.Path or None, got {self.persist_path!r}")
         if not isinstance(self.mode, DHTMode):
             raise ValueError(f"dht.mode: must be DHTMode.SERVER or DHTMode.CLIENT, got {self.mode!r}")
 
@@ -211,14 +225,19 @@ class KademliaDHT:
         self._closing: list[tuple[Any, bool]] = []  # (stream, out of step?)
         self._learned: dict[bytes, tuple[Multiaddr, ...]] = {}
         self.stats: dict[str, int] = {"inbound_reset_busy": 0, "inbound_bad": 0, "inbound_requests": 0}
+        self._dirty = False  # stored records changed since the last save
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        if self.config.persist_path is not None:
+            self.restore_records(await trio.to_thread.run_sync(self.read_records))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self._apply_mode(self.mode)
             nursery.start_soon(self._refresh_loop)
             nursery.start_soon(self._reprovide_loop)
+            if self.config.persist_path is not None:
+                nursery.start_soon(self._persist_loop)
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -229,6 +248,83 @@ class KademliaDHT:
                     self._drop_stream(peer, entry)
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     await self._close_dropped()
+                if self.config.persist_path is not None and self._dirty:
+                    # on shutdown: synchronously, nothing else is left to run
+                    self.write_records(self.encode_records())
+
+    # ------------------------------------------------------------------ persistence
+    def read_records(self) -> persist.Snapshot | None:
+        """Read and check the snapshot file (no trio calls: runs in a worker thread)."""
+        path = self.config.persist_path
+        assert path is not None
+        if path.parent.is_dir():
+            remove_tmp_files(path.parent)
+        return persist.read(path, time.time(), self.config.persist_max_bytes)
+
+    def restore_records(self, snap: persist.Snapshot | None) -> tuple[int, int]:
+        """Put persisted values (re-validated) and providers back; returns (values, providers)."""
+        if snap is None:
+            return 0, 0
+        now = self._now()
+        refused = snap.dropped_invalid
+        values = providers = 0
+        for key, value, remaining in snap.values:
+            try:
+                self.validator.validate(key, value)
+                self.values.restore(key, value, now, remaining)
+                values += 1
+            except (RecordRejected, StoreFull) as exc:
+                refused += 1
+                log.debug("persisted DHT value dropped: %s", exc)
+        for key, peer, addrs, remaining in snap.providers:
+            try:
+                ID(peer).to_base58()  # must be a multihash peer id
+                self.providers.restore(key, peer, addrs, now, remaining)
+                providers += 1
+            except Exception as exc:
+                refused += 1
+                log.debug("persisted DHT provider dropped: %r", exc)
+        log.info(
+            "DHT records loaded from %s: %d values, %d providers (%d expired, %d refused)",
+            self.config.persist_path,
+            values,
+            providers,
+            snap.dropped_expired,
+            refused,
+        )
+        return values, providers
+
+    def encode_records(self) -> bytes:
+        """The live values and providers as file bytes (bounded by persist_max_bytes)."""
+        now = self._now()
+        snap = persist.Snapshot(values=self.values.live(now), providers=self.providers.live(now))
+        data, left_out = persist.encode(snap, time.time(), self.config.persist_max_bytes)
+        self._dirty = False  # changes from here on mark it dirty again
+        if left_out:
+            log.warning(
+                "DHT records: %d left out of %s (persist_max_bytes=%d)",
+                left_out,
+                self.config.persist_path,
+                self.config.persist_max_bytes,
+            )
+        return data
+
+    def write_records(self, data: bytes) -> bool:
+        """Replace the file atomically (no trio calls: may run in a worker thread)."""
+        path = self.config.persist_path
+        assert path is not None
+        try:
+            persist.write(path, data)
+            return True
+        except OSError as exc:
+            log.error("DHT records not saved to %s: %s", path, exc)
+            return False
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.persist_interval)
+            if self._dirty and not await trio.to_thread.run_sync(self.write_records, self.encode_records()):
+                self._dirty = True
 
     def _apply_mode(self, mode: DHTMode) -> None:
         if mode is DHTMode.SERVER:
@@ -426,6 +522,7 @@ class KademliaDHT:
                     continue  # a peer may only announce itself
                 self._learn_addrs(record.peer, record.addrs)
                 self.providers.add(key, record.peer, [a.to_bytes() for a in record.addrs], now)
+                self._dirty = True
             return None
         elif req.type == Message.GET_PROVIDERS:
             if not key:
@@ -450,6 +547,7 @@ class KademliaDHT:
             if best == 0:
                 raise RecordRejected("an existing record for this key is newer (selector kept it)")
         self.values.put(key, value, now)
+        self._dirty = True
 
     # ------------------------------------------------------------------ outbound
     async def _request(self, peer: bytes, msg: Message, expect_reply: bool = True) -> Message | None:
@@ -682,6 +780,7 @@ class KademliaDHT:
         if best != local:
             with suppress(StoreFull):
                 self.values.put(key, best, self._now())  # validated on receipt
+                self._dirty = True
         stale = [p for p, v in found.items() if v != best and p != self.self_peer]
         if stale and self._nursery is not None:
             self._nursery.start_soon(self._correct, key, best, stale)
@@ -702,6 +801,7 @@ class KademliaDHT:
         key = provider_key(cid)
         self.providers.add(key, self.self_peer, [a.to_bytes() for a in self._own_addrs()], self._now())
         self._provided[key] = None
+        self._dirty = True
         return await self._announce(key)
 
     async def _announce(self, key: bytes) -> int:

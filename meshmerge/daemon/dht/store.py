@@ -69,6 +69,15 @@ class ValueStore:
     def nbytes(self) -> int:
         return self._bytes
 
+    def live(self, now: float) -> list[tuple[bytes, bytes, float]]:
+        """(key, value, remaining seconds) of every unexpired record, for persisting."""
+        return [(k, v.value, v.expires - now) for k, v in self._items.items() if v.expires > now]
+
+    def restore(self, key: bytes, value: bytes, now: float, remaining: float) -> None:
+        """Put a persisted record back with the lifetime it had left (capped at ttl)."""
+        self.put(key, value, now)
+        self._items[key].expires = now + min(remaining, self.ttl)
+
 
 @dataclass
 class Provider:
@@ -121,3 +130,17 @@ class ProviderStore:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def live(self, now: float) -> list[tuple[bytes, bytes, list[bytes], float]]:
+        """(key, peer, addrs, remaining seconds) of every unexpired provider, for persisting."""
+        return [
+            (key, p.peer, list(p.addrs), p.expires - now)
+            for key, providers in self._items.items()
+            for p in providers.values()
+            if p.expires > now
+        ]
+
+    def restore(self, key: bytes, peer: bytes, addrs: list[bytes], now: float, remaining: float) -> None:
+        """Add a persisted provider back with the lifetime it had left (capped at ttl)."""
+        self.add(key, peer, addrs, now)
+        self._items[key][peer].expires = now + min(remaining, self.ttl)
