@@ -108,7 +108,7 @@ async def _agent(args: argparse.Namespace) -> None:
     from libp2p.peer.id import ID
     from libp2p.peer.peerinfo import info_from_p2p_addr
 
-    from meshmerge.daemon.nat import autonat, connutil, dcutr, relay
+    from meshmerge.daemon.nat import autonat, autonat2, connutil, dcutr, relay
     from meshmerge.daemon.nat.hostfactory import key_pair, running_host
 
     kp = key_pair(args.seed.to_bytes(32, "big"))
@@ -158,6 +158,12 @@ async def _agent(args: argparse.Namespace) -> None:
         if args.autonat_server:
             nat_server = autonat.AutoNATServer(host, autonat.AutoNATConfig(peer_min_interval_s=0))
             await stack.enter_async_context(nat_server.running())
+            # 2 s: NAT routers here drop unsolicited SYNs, and the LAN answers in microseconds
+            nat2_server = autonat2.AutoNATv2Server(host, autonat2.AutoNATv2Config(dial_timeout_s=2))
+            await stack.enter_async_context(nat2_server.running())
+        nat2_client = autonat2.AutoNATv2Client(
+            host, autonat2.AutoNATv2Config(threshold=args.autonat_threshold)
+        )
         nursery = await stack.enter_async_context(trio.open_nursery())
         punch = None
         if args.mode == "ours":
@@ -209,6 +215,15 @@ async def _agent(args: argparse.Namespace) -> None:
                         for s in servers:
                             probes.start_soon(probe_one, s)
                     reply({"status": nat_client.status.value, "results": results})
+                elif op == "autonat2":
+                    servers = [ID.from_base58(s) for s in cmd["servers"]]
+                    if cmd.get("addrs"):
+                        check = [multiaddr.Multiaddr(a) for a in cmd["addrs"]]
+                    else:
+                        check = connutil.public_addrs(host, 8)
+                    with trio.fail_after(cmd.get("timeout", 50)):
+                        verdicts = await nat2_client.check_each(servers, check)
+                    reply({"status": {a: r.value for a, r in verdicts.items()}})
                 elif op == "autonat_stock":
                     from libp2p.host.autonat.autonat import AutoNATService, AutoNATStatus
 

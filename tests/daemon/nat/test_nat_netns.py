@@ -89,6 +89,22 @@ def test_autonat_classifies_public_cone_symmetric_and_double_nat(net: Net) -> No
     assert got == expected
 
 
+def test_autonat_v2_classifies_each_address(net: Net) -> None:
+    """Per address, through real kernels: the public peer's listen address is reachable and a
+    closed port on the same IP is not; every public candidate of the NATed peers (observed
+    address, observed IP with the listen port) is unreachable."""
+    servers = [net.a["relay"].id, net.a["srv"].id]
+    pub_ip = net.topo.nodes["pub"].ip
+    listen, closed = f"/ip4/{pub_ip}/tcp/4001", f"/ip4/{pub_ip}/tcp/4999"
+    got = net.a["pub"].call("autonat2", servers=servers, addrs=[listen, closed], timeout=60)["status"]
+    assert got == {listen: "public", closed: "private"}
+    for name in ("conea", "syma", "dbl"):
+        got = net.a[name].call("autonat2", servers=servers, timeout=60)["status"]
+        assert got and set(got.values()) == {"private"}, (name, got)
+        router_ip = net.topo.nodes[name].public_ip
+        assert any(f"/ip4/{router_ip}/tcp/" in a for a in got), (name, got)
+
+
 def test_stock_autonat_server_calls_a_cone_nat_peer_reachable(net: Net) -> None:
     """Shortfall of py-libp2p 0.8.1 through a real NAT: its dial-back reuses the connection."""
     net.a["pub"].call("serve_stock_autonat")
