@@ -1,7 +1,7 @@
 """Compose the network services under the daemon's nursery.
 
 host (TCP, Noise, Yamux, identify, ping, limits) → relay (STOP; HOP if
-enabled) and AutoNAT server → Kademlia DHT → NAT traversal (AutoNAT client
+enabled) and AutoNAT v1 + v2 servers → Kademlia DHT → NAT traversal (AutoNAT client
 verdicts switch the DHT mode when dht_mode = "auto" and take a relay
 reservation when private; DCUtR upgrades relayed connections; UPnP/NAT-PMP
 port mapping if enabled) → GossipSub → sync (announcements, anti-entropy,
@@ -23,6 +23,7 @@ from meshmerge.daemon.host import HostConfig, peer_info, running_host
 from meshmerge.daemon.identity import Identity
 from meshmerge.daemon.limits import ConnectionLimits
 from meshmerge.daemon.nat.autonat import AutoNATClient, AutoNATServer, Reachability
+from meshmerge.daemon.nat.autonat2 import AutoNATv2Client, AutoNATv2Server
 from meshmerge.daemon.nat.dcutr import DCUtRService
 from meshmerge.daemon.nat.relay import (
     HOP_PROTOCOL_ID,
@@ -65,6 +66,7 @@ async def start_network(
         running_host(host_config(config), identity) as host,
         relay.bind(host).running(),
         AutoNATServer(host).running(),
+        AutoNATv2Server(host).running(),
         trio.open_nursery() as nursery,
     ):
         initial = DHTMode.CLIENT if net.dht_mode == "auto" else DHTMode(net.dht_mode)
@@ -112,13 +114,18 @@ class RelayService_:
 
 
 class NatTraversal:
-    """AutoNAT verdicts drive the DHT mode and, when private, a relay reservation."""
+    """AutoNAT verdicts drive the DHT mode and, when private, a relay reservation.
+
+    v1 (whole-node verdict) drives those decisions; v2 classifies each public
+    address candidate and is reported in the status (``address_reachability``).
+    """
 
     def __init__(
         self, host: Any, relay: RelayService | None, dht: KademliaDHT, *, auto_dht: bool, relay_client: bool
     ) -> None:
         self.host = host
         self.autonat = AutoNATClient(host)
+        self.autonat2 = AutoNATv2Client(host)
         self.relay = RelayClient(host, relay) if relay is not None and relay_client else None
         self.dht = dht
         self.auto_dht = auto_dht
@@ -127,6 +134,7 @@ class NatTraversal:
     def status(self) -> dict[str, Any]:
         return {
             "reachability": self.autonat.status.value,
+            "address_reachability": {a: r.value for a, r in self.autonat2.status().items()},
             "relay_reservation": self.reserved,
             "circuit_addrs": [str(a) for a in self.relay.circuit_addrs()] if self.relay else [],
         }
@@ -134,6 +142,7 @@ class NatTraversal:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.autonat.run)
+            nursery.start_soon(self.autonat2.run)
             await self.autonat.watch(lambda r: self._on_reachability(r, nursery))
 
     async def _on_reachability(self, reachability: Reachability, nursery: trio.Nursery) -> None:

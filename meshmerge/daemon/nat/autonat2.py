@@ -30,7 +30,7 @@ from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_byt
 from . import autonat2_wire as wire
 from .autonat import Reachability
 from .autonat2_core import AddressReachability, AutoNATv2Config, NonceBook, Refusal, ServerPolicy
-from .connutil import conn_of_stream, is_relayed
+from .connutil import conn_of_stream, is_relayed, public_addrs
 from .hostfactory import key_pair, make_host
 
 DIAL_REQUEST = TProtocol("/libp2p/autonat/2/dial-request")
@@ -322,3 +322,28 @@ class AutoNATv2Client:
             log.debug("autonat2: %s", e)
         now = trio.current_time()
         return {str(a): self.tracker.evaluate(str(a), now) for a in addrs}
+
+    def candidate_servers(self) -> list[ID]:
+        """Connected peers that announced the v2 dial-request protocol."""
+        out = []
+        store = self.host.get_peerstore()
+        for p in self.host.get_connected_peers():
+            try:
+                if DIAL_REQUEST in (store.get_protocols(p) or []):
+                    out.append(p)
+            except Exception:
+                continue
+        return out
+
+    async def run(self) -> None:
+        """Check our public address candidates with connected servers, forever."""
+        while True:
+            servers = self.candidate_servers()[: 2 * self.config.threshold]
+            candidates = public_addrs(self.host, 8)
+            verdicts: dict[str, Reachability] = {}
+            if servers and candidates:
+                verdicts = await self.check_each(servers, candidates)
+            unknown = not verdicts or Reachability.UNKNOWN in verdicts.values()
+            await trio.sleep(
+                self.config.unknown_probe_interval_s if unknown else self.config.probe_interval_s
+            )

@@ -56,6 +56,8 @@ class AutoNATv2Config:
     threshold: distinct servers that must agree before an address is classified.
     result_ttl_s: a server's verdict on an address counts for this long.
     max_tracked_addrs: addresses the client keeps verdicts for (oldest dropped first).
+    probe_interval_s: client re-check period once every candidate address is classified.
+    unknown_probe_interval_s: client re-check period while some candidate is still unknown.
     """
 
     dial_data_bytes: int = 40_000
@@ -69,13 +71,22 @@ class AutoNATv2Config:
     threshold: int = 3
     result_ttl_s: float = 1800.0
     max_tracked_addrs: int = 64
+    probe_interval_s: float = 900.0
+    unknown_probe_interval_s: float = 30.0
 
     def validate(self) -> None:
         if not 1 <= self.dial_data_bytes <= 1_000_000:
             raise ValueError("AutoNATv2Config.dial_data_bytes must be in [1, 1000000] (spec: 30k-100k)")
         if not 0 <= self.max_dial_data_bytes <= 1_000_000:
             raise ValueError("AutoNATv2Config.max_dial_data_bytes must be in [0, 1000000]")
-        for name in ("dial_timeout_s", "request_timeout_s", "result_ttl_s", "peer_window_s"):
+        for name in (
+            "dial_timeout_s",
+            "request_timeout_s",
+            "result_ttl_s",
+            "peer_window_s",
+            "probe_interval_s",
+            "unknown_probe_interval_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"AutoNATv2Config.{name} must be > 0 seconds")
         for name in ("max_concurrent", "threshold", "max_tracked_addrs", "max_requests_per_peer"):
