@@ -3,9 +3,10 @@ keeps it out of meshmerge's host (README "QUIC"; issue 5).
 
 Works: connect, streams both ways on a live connection, 20 concurrent streams, ping,
 identify. Broken: when the dialer closes a QUIC connection, the listener does not notice —
-its QUIC listener drops the connection from its own registry on ConnectionTerminated but
-never closes the swarm connection — so the listener's next stream to that peer goes to the
-dead connection and fails instead of dialing a fresh one. The same sequence over TCP works.
+a second later its swarm still lists the connection as open — so the listener's next stream
+to that peer goes to the dead connection and fails instead of dialing a fresh one. The same
+sequence over TCP works. (Where the close gets lost inside py-libp2p's QUIC listener/connection
+event handling was not established.)
 If a py-libp2p upgrade fixes this, ``test_listener_side_stream_after_dialer_closed_*``
 fails on the QUIC case and QUIC can be reconsidered.
 """
@@ -97,6 +98,8 @@ def test_listener_side_stream_after_dialer_closed_the_connection(listen: str) ->
                 await trio.sleep(0.3)
                 await a.disconnect(b.get_id())
                 await trio.sleep(1.0)  # plenty on loopback for the close to arrive
+                stale = [c for c in b.get_network().get_connections(a.get_id()) if not c.is_closed]
+                outcome.append(f"{len(stale)} open")
                 try:
                     with trio.fail_after(10):
                         got = await _exchange(b, a, b"again")
@@ -106,6 +109,6 @@ def test_listener_side_stream_after_dialer_closed_the_connection(listen: str) ->
 
     trio.run(body)
     if listen == TCP:
-        assert outcome == ["ok"]
+        assert outcome == ["0 open", "ok"]
     else:
-        assert outcome == ["StreamFailure"], outcome  # the shortfall; see the module docstring
+        assert outcome == ["1 open", "StreamFailure"], outcome  # the shortfall; see the docstring
