@@ -231,9 +231,7 @@ class RelayClient:
         self.config.validate()
         self.reservations: dict[ID, ReservationInfo] = {}
         self.refreshes = 0
-        add_provider = getattr(host, "add_addr_provider", None)
-        if add_provider is not None:  # AdvertisingHost: our circuit addresses join get_addrs()
-            add_provider(self.circuit_addrs)
+        self._advertising = False
 
     async def reserve(self, relay: ID) -> ReservationInfo:
         """One RESERVE exchange; the relay must already be connected."""
@@ -285,6 +283,7 @@ class RelayClient:
         """
         info = await self.reserve(relay)
         try:
+            self._advertise(True)
             await notify_addrs_changed(self.host)
             task_status.started(info)
             while True:
@@ -301,8 +300,19 @@ class RelayClient:
                         await trio.sleep(self.config.retry_s)
         finally:
             self.reservations.pop(relay, None)
+            if not self.reservations:
+                self._advertise(False)
             with trio.CancelScope(shield=True), trio.move_on_after(self.config.request_timeout_s):
                 await notify_addrs_changed(self.host)
+
+    def _advertise(self, on: bool) -> None:
+        """Make ``circuit_addrs`` part of the host's advertised addresses (AdvertisingHost only)."""
+        if on == self._advertising:
+            return
+        method = getattr(self.host, "add_addr_provider" if on else "remove_addr_provider", None)
+        if method is not None:
+            method(self.circuit_addrs)
+            self._advertising = on
 
     def circuit_addrs(self) -> list[multiaddr.Multiaddr]:
         """Addresses at which we are reachable through our live reservations."""

@@ -181,3 +181,27 @@ async def _body_no_address() -> None:
 
 def test_circuit_dial_fails_cleanly() -> None:
     trio.run(_body_no_address)
+
+
+def test_address_providers_are_capped_and_a_broken_one_is_skipped() -> None:
+    from meshmerge.daemon.advertise import MAX_PROVIDED_ADDRS
+    from meshmerge.daemon.host import build_host
+
+    host = build_host(HostConfig(), Identity.generate())
+    me = str(host.get_id())
+    circuit = multiaddr.Multiaddr(f"/ip4/203.0.113.10/tcp/4001/p2p/{RELAY_ID}/p2p-circuit")
+
+    def broken() -> list[multiaddr.Multiaddr]:
+        raise RuntimeError("boom")
+
+    def many() -> list[multiaddr.Multiaddr]:
+        return [multiaddr.Multiaddr(f"/ip4/203.0.113.{i}/tcp/1") for i in range(100)]
+
+    host.add_addr_provider(broken)
+    host.add_addr_provider(lambda: [circuit])
+    host.add_addr_provider(many)
+    out = [str(a) for a in host.get_addrs()]
+    assert out[0] == f"{circuit}/p2p/{me}"
+    assert len(out) == MAX_PROVIDED_ADDRS
+    host.remove_addr_provider(many)
+    assert [str(a) for a in host.get_addrs()] == [f"{circuit}/p2p/{me}"]
