@@ -162,28 +162,27 @@ class AutoNATv2Server:
     async def _dial_back(self, peer: ID, addr: multiaddr.Multiaddr, nonce: int) -> wire.DialStatus:
         assert self._dialer is not None
         network = self._dialer.get_network()
-        connected = False
+        # a deadline before the connection means unreachable, after it: nonce not delivered
+        status = wire.DialStatus.E_DIAL_ERROR
         try:
             with trio.move_on_after(self.config.dial_timeout_s):
                 try:
                     await network.dial_addr(addr, peer)
-                    connected = True
                 except Exception as exc:
                     log.debug("autonat2: dial-back to %s at %s failed: %r", peer, addr, exc)
                     return wire.DialStatus.E_DIAL_ERROR
+                status = wire.DialStatus.E_DIAL_BACK_ERROR
+                stream = await self._dialer.new_stream(peer, [DIAL_BACK])
                 try:
-                    stream = await self._dialer.new_stream(peer, [DIAL_BACK])
-                    try:
-                        await _send(stream, wire.encode_dial_back(wire.DialBack(nonce)))
-                        wire.decode_dial_back_response(await _recv(stream))
-                    finally:
-                        await _close(stream)
-                except Exception as exc:
-                    log.debug("autonat2: nonce to %s at %s not delivered: %r", peer, addr, exc)
-                    return wire.DialStatus.E_DIAL_BACK_ERROR
-                return wire.DialStatus.OK
-            # deadline: before the connection = unreachable, after it = nonce not delivered
-            return wire.DialStatus.E_DIAL_BACK_ERROR if connected else wire.DialStatus.E_DIAL_ERROR
+                    await _send(stream, wire.encode_dial_back(wire.DialBack(nonce)))
+                    wire.decode_dial_back_response(await _recv(stream))
+                finally:
+                    await _close(stream)
+                status = wire.DialStatus.OK
+            return status
+        except Exception as exc:
+            log.debug("autonat2: nonce to %s at %s not delivered: %r", peer, addr, exc)
+            return wire.DialStatus.E_DIAL_BACK_ERROR
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await network.close_peer(peer)
@@ -209,7 +208,7 @@ class AutoNATv2Client:
                 msg = wire.decode_dial_back(await _recv(stream))
                 local = ""
                 with suppress(Exception):
-                    local = str(stream.muxed_conn.get_transport_addresses()[0])  # type: ignore[attr-defined]
+                    local = str(stream.muxed_conn.get_transport_addresses()[0])
                 if not self.nonces.dial_back(msg.nonce, local):
                     self.unknown_nonces += 1
                     await _reset(stream)
