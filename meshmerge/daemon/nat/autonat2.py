@@ -37,6 +37,8 @@ DIAL_REQUEST = TProtocol("/libp2p/autonat/2/dial-request")
 DIAL_BACK = TProtocol("/libp2p/autonat/2/dial-back")
 MAX_MSG_BYTES = 8192
 """Largest message on either stream (a DialRequest of 64 addresses, or one 4 KiB data chunk)."""
+MIN_DATA_CHUNK = 512
+"""Dial data must come in chunks averaging at least this many bytes (ours are 4096)."""
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +154,15 @@ class AutoNATv2Server:
     async def _collect_data(self, stream: INetStream, idx: int, num_bytes: int) -> None:
         """Ask for ``num_bytes`` of padding and read it (raises if the client sends anything else)."""
         await _send(stream, wire.encode(wire.DialDataRequest(idx, num_bytes)))
-        got = 0
+        got = messages = 0
+        max_messages = num_bytes // MIN_DATA_CHUNK + 1  # a flood of empty chunks is no payment
         while got < num_bytes:
             msg = wire.decode(await _recv(stream))
             if not isinstance(msg, wire.DialDataResponse):
                 raise wire.WireError("expected DialDataResponse")
+            messages += 1
+            if messages > max_messages:
+                raise wire.WireError(f"dial data in chunks below {MIN_DATA_CHUNK} bytes")
             got += len(msg.data)
 
     async def _dial_back(self, peer: ID, addr: multiaddr.Multiaddr, nonce: int) -> wire.DialStatus:

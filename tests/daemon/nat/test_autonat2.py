@@ -86,6 +86,36 @@ def test_per_address_verdicts_and_dial_data_on_loopback() -> None:
     trio.run(_body_verdicts)
 
 
+async def _body_tiny_chunks() -> None:
+    cfg = HostConfig(listen_addrs=("/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.2/tcp/0"))
+    async with running_host(LOOP) as srv_host, daemon_host(cfg, Identity.generate()) as cli_host:
+        server = AutoNATv2Server(srv_host, AutoNATv2Config(allow_private=True, dial_data_bytes=4096))
+        async with server.running():
+            await cli_host.connect(info_from_p2p_addr(srv_host.get_addrs()[0]))
+            s = await cli_host.new_stream(srv_host.get_id(), [DIAL_REQUEST])
+            far = _listen(cli_host, "127.0.0.2").to_bytes()
+            await s.write(encode_varint_prefixed(wire.encode(wire.DialRequest((far,), 99))))
+            with trio.fail_after(10):
+                ask = wire.decode(await _recv_one(s))
+                assert ask == wire.DialDataRequest(0, 4096)
+                tiny = encode_varint_prefixed(wire.encode(wire.DialDataResponse(b"x")))
+                with contextlib.suppress(Exception):  # the server resets the stream part-way
+                    for _ in range(100):
+                        await s.write(tiny)
+                await _until(lambda: server.stats["bad"] == 1)
+            assert server.stats["served"] == 0  # nothing was dialed for crumbs
+
+
+async def _recv_one(stream) -> bytes:  # type: ignore[no-untyped-def]
+    from libp2p.utils.varint import read_varint_prefixed_bytes_limited
+
+    return bytes(await read_varint_prefixed_bytes_limited(stream, 8192))
+
+
+def test_dial_data_in_crumbs_is_refused() -> None:
+    trio.run(_body_tiny_chunks)
+
+
 async def _body_refusals() -> None:
     cfg = HostConfig(listen_addrs=("/ip4/127.0.0.1/tcp/0",))
     async with running_host(LOOP) as srv_host, daemon_host(cfg, Identity.generate()) as cli_host:
