@@ -184,12 +184,17 @@ def test_port_mapping_makes_a_natted_peer_publicly_reachable(net: Net, proto: st
     dialer = net.a["srv"]
     public_ip = net.topo.nodes["home"].public_ip
     assert "dnat" not in _upnp_rules(net)
+    mapped = f"/ip4/{public_ip}/tcp/4001"
+    before = home.call("autonat2", servers=servers, addrs=[mapped], timeout=60)["status"]
+    assert before == {mapped: "private"}
     m = home.call("portmap", lease_s=4, upnp=proto == "upnp", timeout=30)["mapping"]
     assert m["protocol"] == proto and m["external_ip"] == public_ip and m["external_port"] == 4001
     assert "dport 4001 dnat" in _upnp_rules(net)
     # a public peer dials the router's public address and reaches the peer behind it
     dialer.call("connect", addr=f"/ip4/{public_ip}/tcp/4001/p2p/{home.id}")
     assert home.call("autonat", servers=servers, timeout=60)["status"] == "public"
+    after = home.call("autonat2", servers=servers, addrs=[mapped], timeout=60)["status"]
+    assert after == {mapped: "public"}  # AutoNAT v2: the same address, now mapped
 
     time.sleep(2.5)  # lease 4 s, renewed at half the lease
     stop = home.call("portmap_stop", timeout=20)
