@@ -1,4 +1,4 @@
-"""Advertised addresses: listen/observed addresses plus what services add (relay circuits).
+"""Advertised addresses (listen/observed plus relay circuits) and dialing circuit addresses.
 
 Why a subclass: py-libp2p 0.8.1's ``BasicHost.get_addrs`` makes every address
 end in ``/p2p/<self>`` by cutting at the *first* ``/p2p/`` component, so a
@@ -20,11 +20,15 @@ provider's answer changes (a reservation is granted or ends), its owner calls
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import multiaddr
 import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
 from libp2p.host.basic_host import BasicHost
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 from multiaddr.protocols import P_P2P
 
 log = logging.getLogger("meshmerge.advertise")
@@ -38,10 +42,23 @@ MAX_PROVIDED_ADDRS = 32
 PUSH_TIMEOUT_S = 10.0
 
 
+CircuitDialer = Callable[[PeerInfo], Awaitable[object]]
+"""Connects to a peer given addresses that include relay circuits (nat.circuit.connect)."""
+
+
 class AdvertisingHost(BasicHost):
-    """``BasicHost`` whose advertised addresses include those of registered providers."""
+    """``BasicHost`` whose advertised addresses include those of registered providers, and
+    which can reach peers known only by circuit addresses once a circuit dialer is set.
+
+    Our swarm (like stock py-libp2p's) skips ``/p2p-circuit`` addresses. With
+    ``set_circuit_dialer``, ``connect`` and ``new_stream`` to a peer we are not
+    connected to go through that dialer whenever the peer's known addresses
+    include a circuit, so sync, gossip and the DHT reach NATed peers found in
+    the DHT without knowing about relays.
+    """
 
     _addr_providers: list[AddrProvider]
+    _circuit_dialer: CircuitDialer | None = None
 
     def add_addr_provider(self, provider: AddrProvider) -> None:
         if not hasattr(self, "_addr_providers"):
@@ -75,6 +92,34 @@ class AdvertisingHost(BasicHost):
         base = super().get_addrs()
         seen = {str(a) for a in base}
         return base + [a for a in self.provided_addrs() if str(a) not in seen]
+
+    def set_circuit_dialer(self, dialer: CircuitDialer | None) -> None:
+        self._circuit_dialer = dialer
+
+    def _connected(self, peer: ID) -> bool:
+        return any(not getattr(c, "is_closed", False) for c in self.get_network().get_connections(peer))
+
+    async def _via_circuit(self, info: PeerInfo) -> None:
+        """Let the circuit dialer connect when ``info`` names a circuit and we are not connected."""
+        dialer = self._circuit_dialer
+        if dialer is None or self._connected(info.peer_id):
+            return
+        if any(p.name == "p2p-circuit" for a in info.addrs for p in a.protocols()):
+            await dialer(info)
+
+    async def connect(self, peer_info: PeerInfo) -> None:
+        await self._via_circuit(peer_info)
+        if not self._connected(peer_info.peer_id):
+            await super().connect(peer_info)
+
+    async def new_stream(self, peer_id: ID, protocol_ids: Sequence[TProtocol]) -> INetStream:
+        if self._circuit_dialer is not None and not self._connected(peer_id):
+            try:
+                known = list(self.get_peerstore().addrs(peer_id))
+            except Exception:
+                known = []
+            await self._via_circuit(PeerInfo(peer_id, known))
+        return await super().new_stream(peer_id, protocol_ids)
 
     async def addrs_changed(self) -> None:
         """Tell connected peers our new addresses (identify push), bounded in time."""

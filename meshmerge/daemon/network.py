@@ -22,6 +22,7 @@ from meshmerge.daemon.dht.service import DHTConfig, DHTMode, KademliaDHT
 from meshmerge.daemon.host import HostConfig, peer_info, running_host
 from meshmerge.daemon.identity import Identity
 from meshmerge.daemon.limits import ConnectionLimits
+from meshmerge.daemon.nat import circuit
 from meshmerge.daemon.nat.autonat import AutoNATClient, AutoNATServer, Reachability
 from meshmerge.daemon.nat.autonat2 import AutoNATv2Client, AutoNATv2Server
 from meshmerge.daemon.nat.dcutr import DCUtRService
@@ -127,6 +128,9 @@ class NatTraversal:
         self.autonat = AutoNATClient(host)
         self.autonat2 = AutoNATv2Client(host)
         self.relay = RelayClient(host, relay) if relay is not None and relay_client else None
+        if self.relay is not None and hasattr(host, "set_circuit_dialer"):
+            relays = self.relay
+            host.set_circuit_dialer(lambda info: circuit.connect(host, relays, info))
         self.dht = dht
         self.auto_dht = auto_dht
         self.reserved: str | None = None

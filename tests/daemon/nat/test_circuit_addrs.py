@@ -205,3 +205,48 @@ def test_address_providers_are_capped_and_a_broken_one_is_skipped() -> None:
     assert len(out) == MAX_PROVIDED_ADDRS
     host.remove_addr_provider(many)
     assert [str(a) for a in host.get_addrs()] == [f"{circuit}/p2p/{me}"]
+
+
+async def _body_host_dials_circuits() -> None:
+    cfg = HostConfig(listen_addrs=("/ip4/127.0.0.1/tcp/0",))
+    async with (
+        running_host(LOOP) as relay,
+        daemon_host(cfg, Identity.generate()) as target,
+        daemon_host(cfg, Identity.generate()) as other,
+    ):
+        r_svc, t_svc, o_svc = (
+            RelayService(relay, RelayServiceConfig()),
+            RelayService(target),
+            RelayService(other),
+        )
+        target.set_stream_handler(ECHO, _echo)
+        async with r_svc.running(), t_svc.running(), o_svc.running(), trio.open_nursery() as nursery:
+            relay_info = info_from_p2p_addr(relay.get_addrs()[0])
+            await target.connect(relay_info)
+            await nursery.start(RelayClient(target, t_svc).keep_reservation, relay.get_id())
+            tid = target.get_id()
+            circuit = [a for a in target.get_addrs() if is_circuit_addr(a)]
+            assert circuit
+            other.get_peerstore().add_addrs(tid, circuit, 600)  # all it knows: the circuit address
+            with pytest.raises(Exception):  # noqa: B017 - our swarm alone cannot dial circuits
+                with trio.fail_after(10):
+                    await other.new_stream(tid, [ECHO])
+            relays = RelayClient(other, o_svc)
+            other.set_circuit_dialer(lambda info: connect(other, relays, info))
+            with trio.fail_after(15):
+                s = await other.new_stream(tid, [ECHO])  # dials the relay named in the address
+            await s.write(b"via the circuit")
+            with trio.fail_after(5):
+                assert await s.read(100) == b"via the circuit"
+            await s.close()
+            conns = other.get_network().get_connections(tid)
+            assert conns and all(is_relayed(c) for c in conns)
+            await other.disconnect(tid)
+            with trio.fail_after(15):
+                await other.connect(PeerInfo(tid, circuit))
+            assert other.get_network().get_connections(tid)
+            nursery.cancel_scope.cancel()
+
+
+def test_host_with_a_circuit_dialer_reaches_a_peer_known_only_by_its_circuit_address() -> None:
+    trio.run(_body_host_dials_circuits)
