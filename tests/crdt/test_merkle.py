@@ -34,7 +34,9 @@ def test_empty_root_and_leaf_node_separation() -> None:
 
 @given(
     st.lists(
-        st.tuples(st.sampled_from(["ins", "del", "root"]), st.integers(0, 2**16), st.binary(min_size=1, max_size=8)),
+        st.tuples(
+            st.sampled_from(["ins", "del", "root"]), st.integers(0, 2**16), st.binary(min_size=1, max_size=8)
+        ),
         max_size=120,
     )
 )
