@@ -35,6 +35,7 @@ from libp2p.peer.id import ID
 
 from meshmerge.daemon.config import SyncSection
 from meshmerge.daemon.node import Node
+from meshmerge.daemon.store import QuotaExceeded
 from meshmerge.proto import cid as cids
 from meshmerge.proto.cbor import CodecError, Limits, decode, encode
 from meshmerge.proto.messages import StateMessage
@@ -49,6 +50,8 @@ MAX_CONTROL_FRAME: Final = 1 << 20
 MAX_STATE_FRAME: Final = 256 << 20
 PEERS_PER_ROUND: Final = 3
 REQUEST_TIMEOUT: Final = 30.0
+#: Seconds before a fetch refused by the blob quota is tried again (a collection may free room).
+QUOTA_RETRY: Final = 30.0
 
 
 class SyncError(Exception):
@@ -92,6 +95,8 @@ class SyncStats:
     states_pulled: int = 0
     blobs_fetched: int = 0
     blob_bytes: int = 0
+    #: fetches put off because the blob quota was full
+    quota_refusals: int = 0
     bad_peers: dict[str, int] = field(default_factory=dict)
 
 
@@ -137,6 +142,7 @@ class SyncService:
             "states_pulled": self.stats.states_pulled,
             "blobs_fetched": self.stats.blobs_fetched,
             "blobs_wanted": len(self._wanted),
+            "blob_quota_refusals": self.stats.quota_refusals,
         }
 
     # -- reacting to the node ---------------------------------------------------------
@@ -320,6 +326,7 @@ class SyncService:
                 if header is None or self.node.store.has_blob(c):
                     self._wanted.discard(c)
                     return
+                retry = 5.0
                 for peer in await self._candidates(header):
                     try:
                         with trio.fail_after(self.config.fetch_timeout):
@@ -328,9 +335,14 @@ class SyncService:
                                 self._failed_until.pop(c, None)
                                 await self._provide(c)
                                 return
+                    except QuotaExceeded as exc:  # our disk budget, not the peer's fault
+                        self.stats.quota_refusals += 1
+                        log.warning("not fetching tensors of %s: %s", cids.to_text(c)[:24], exc)
+                        retry = QUOTA_RETRY
+                        break
                     except (SyncError, trio.TooSlowError, OSError, Exception) as exc:
                         log.info("fetch of %s from %s failed: %s", cids.to_text(c)[:20], peer, exc)
-                self._failed_until[c] = trio.current_time() + 5.0
+                self._failed_until[c] = trio.current_time() + retry
             finally:
                 self._fetching.discard(c)
                 self._wake_fetcher.set()

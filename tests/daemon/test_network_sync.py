@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,11 @@ import numpy as np
 import trio
 
 from meshmerge.crdt import tensorfile
-from meshmerge.daemon.config import Config, dev_config
+from meshmerge.daemon.config import Config, StoreSection, dev_config
 from meshmerge.daemon.main import run
 from meshmerge.daemon.network import start_network
 from meshmerge.daemon.node import Node
+from meshmerge.daemon.store import StoreLimits
 from meshmerge.proto.messages import SetSchema, TensorEntry
 
 SHAPES = {"w": (32, 8), "b": (8,)}
@@ -111,3 +113,34 @@ def test_late_joiner_catches_up_by_anti_entropy(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_full_node_puts_fetches_off_with_a_warning(tmp_path: Path, caplog: Any) -> None:
+    """The blob quota refuses a fetch before any byte is written; the peer is not blamed."""
+    limits = StoreLimits()
+    payload = sum(4 * int(np.prod(s)) for s in SHAPES.values())
+    one_fetch = 8 + payload + limits.max_blob_header_base + limits.max_blob_header_per_tensor * len(SHAPES)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            a = await start(nursery, tmp_path / "a")
+            await a.create_set(SCHEMA)
+            for i in range(2):
+                await a.contribute(SCHEMA.name, model(i), weight=1, meta={})
+            base = config(tmp_path / "full", (loopback_addr(a),), 3600.0)
+            full_config = base.with_overrides(store=StoreSection(blob_quota_bytes=one_fetch + 1))
+            full: Node = await nursery.start(
+                lambda task_status: run(full_config, network=start_network, task_status=task_status)
+            )
+            await wait_for(lambda: live(full) == 2 and complete(full) == 1, 30, "one of two blobs fetched")
+            await wait_for(lambda: full.status()["blob_quota_refusals"] >= 1, 30, "a quota refusal")
+            await trio.sleep(1)
+            assert complete(full) == 1 and full.status()["blob_bytes"] <= one_fetch
+            assert full.status()["blob_quota_bytes"] == one_fetch + 1
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="meshmerge.sync"):
+        trio.run(main)
+    assert any(
+        "not fetching tensors of" in r.getMessage() and "quota" in r.getMessage() for r in caplog.records
+    )
