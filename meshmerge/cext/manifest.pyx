@@ -14,7 +14,7 @@ test holds the two paths to the same verdict.
 from cpython.dict cimport PyDict_GetItem, PyDict_Size
 from cpython.list cimport PyList_AsTuple, PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
-from cpython.object cimport PyObject
+from cpython.object cimport PyObject, PyObject_GenericSetAttr
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_INCREF
 from cpython.unicode cimport PyUnicode_Compare
@@ -75,6 +75,10 @@ def entries(list raw not None, bint with_digest, dict itemsize not None, object 
     cdef unsigned long long numel, d = 0, nbytes = 0, want
     cdef bint overflow
     cdef tuple out = PyTuple_New(n)
+    # A frozen dataclass sets its fields with object.__setattr__ in __init__; doing the
+    # same here from C skips a Python frame per entry (a third of the cost of a manifest).
+    cdef bint direct = with_digest and not hasattr(make, "__post_init__")
+    cdef object new = make.__new__
     for i in range(n):
         obj = <object>PyList_GET_ITEM(raw, i)
         if type(obj) is not dict or PyDict_Size(obj) != keys:
@@ -129,7 +133,15 @@ def entries(list raw not None, bint with_digest, dict itemsize not None, object 
                 return None
             if type(digest) is not bytes or len(<bytes>digest) != 32:
                 return None
-            entry = make(name, dtype, PyList_AsTuple(shape), size, digest)
+            if direct:
+                entry = new(make)
+                PyObject_GenericSetAttr(entry, "name", name)
+                PyObject_GenericSetAttr(entry, "dtype", dtype)
+                PyObject_GenericSetAttr(entry, "shape", PyList_AsTuple(shape))
+                PyObject_GenericSetAttr(entry, "size", size)
+                PyObject_GenericSetAttr(entry, "sha256", digest)
+            else:
+                entry = make(name, dtype, PyList_AsTuple(shape), size, digest)
         else:
             entry = make(name, dtype, PyList_AsTuple(shape))
         if prev is not None and PyUnicode_Compare(prev, name) >= 0:
