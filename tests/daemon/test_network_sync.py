@@ -144,3 +144,85 @@ def test_a_full_node_puts_fetches_off_with_a_warning(tmp_path: Path, caplog: Any
     assert any(
         "not fetching tensors of" in r.getMessage() and "quota" in r.getMessage() for r in caplog.records
     )
+
+
+def test_one_missing_op_is_repaired_without_pulling_the_state(tmp_path: Path) -> None:
+    """Anti-entropy between 1.1.0 peers pulls the differing buckets only."""
+    from meshmerge.crdt import MergeState, Signer
+    from meshmerge.proto.messages import StateMessage
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            a = await start(nursery, tmp_path / "a")
+            await a.create_set(SCHEMA)
+            for i in range(80):
+                await a.contribute(SCHEMA.name, model(i), weight=1, meta={})
+            b = await start(nursery, tmp_path / "b", (loopback_addr(a),), anti_entropy=1.0)
+            await wait_for(
+                lambda: live(b) == 80 and b.status()["states_pulled"] == 1, 30, "b to pull the state once"
+            )
+            pulled = b.status()["states_pulled"]
+            # an op only a knows (applied as a remote op, so a does not announce it)
+            outsider = MergeState(SCHEMA).make_contribution(
+                Signer(bytes(range(32))), tensorfile.loads(model(99))[0], weight=1, seq=0
+            )
+            await a.apply_remote(SCHEMA.id, StateMessage(SCHEMA.id, adds=(outsider,)))
+            await wait_for(
+                lambda: (
+                    live(b) == 81 and (b.status()["sets_reconciled"] or b.status()["states_pulled"] > pulled)
+                ),
+                30,
+                "b to repair the missing op",
+            )
+            state_a, state_b = a.state(SCHEMA.id), b.state(SCHEMA.id)
+            assert state_a is not None and state_b is not None and state_a.root() == state_b.root()
+            status = b.status()
+            assert status["states_pulled"] == pulled, "the full state was pulled again"
+            assert status["sets_reconciled"] >= 1 and 1 <= status["ops_pulled"] < 40, status
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_peer_without_digest_reconciliation_gets_full_pulls(tmp_path: Path, monkeypatch: Any) -> None:
+    """Wire compatibility: against a 1.0.0-only peer the puller falls back to the full state."""
+    from meshmerge.crdt import MergeState, Signer
+    from meshmerge.daemon import sync as sync_mod
+    from meshmerge.proto.messages import StateMessage
+
+    real_run = sync_mod.SyncService.run
+    old_hosts: list[Any] = []
+
+    async def run_as_old_peer(self: Any, **kw: Any) -> None:
+        if not old_hosts:  # the first node started speaks only 1.0.0
+            old_hosts.append(self.host)
+            register = self.host.set_stream_handler
+
+            def only_v1(protocol: Any, handler: Any) -> None:
+                if str(protocol) != sync_mod.SYNC_PROTOCOL_RECONCILE:
+                    register(protocol, handler)
+
+            self.host.set_stream_handler = only_v1
+        await real_run(self, **kw)
+
+    monkeypatch.setattr(sync_mod.SyncService, "run", run_as_old_peer)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            old = await start(nursery, tmp_path / "old")
+            await old.create_set(SCHEMA)
+            await old.contribute(SCHEMA.name, model(0), weight=1, meta={})
+            new = await start(nursery, tmp_path / "new", (loopback_addr(old),), anti_entropy=1.0)
+            await wait_for(lambda: live(new) == 1 and new.status()["states_pulled"] == 1, 30, "first pull")
+            outsider = MergeState(SCHEMA).make_contribution(
+                Signer(bytes(range(32))), tensorfile.loads(model(99))[0], weight=1, seq=0
+            )
+            await old.apply_remote(SCHEMA.id, StateMessage(SCHEMA.id, adds=(outsider,)))
+            await wait_for(
+                lambda: live(new) == 2 and new.status()["states_pulled"] == 2, 30, "the repair by a full pull"
+            )
+            status = new.status()
+            assert status["sets_reconciled"] == 0, status
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
