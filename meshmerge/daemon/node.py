@@ -281,7 +281,7 @@ class Node:
         while True:
             try:
                 await self.gc()
-            except StoreError as exc:
+            except (StoreError, OSError) as exc:  # the node keeps serving; the next run retries
                 log.error("blob collection failed: %s", exc)
             await trio.sleep(interval)
 

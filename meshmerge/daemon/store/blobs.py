@@ -332,6 +332,9 @@ class BlobStore:
                         os.unlink(path)
                     except FileNotFoundError:
                         continue
+                    except OSError as exc:  # e.g. permissions changed by hand: report, keep going
+                        log.warning("cannot delete unreferenced blob %s: %s", path, exc)
+                        continue
                     size = self._sizes.pop(cid, 0)
                     self._used -= size
                 report.blobs_removed += 1
@@ -347,7 +350,10 @@ class BlobStore:
                     try:
                         size = path.stat().st_size
                         os.unlink(path)
-                    except (FileNotFoundError, IsADirectoryError):
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:
+                        log.warning("cannot delete stale partial write %s: %s", path, exc)
                         continue
                 report.parts_removed += 1
                 report.part_bytes_freed += size

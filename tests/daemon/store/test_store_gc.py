@@ -152,3 +152,14 @@ def test_quarantined_blobs_leave_the_usage(tmp_path: Path) -> None:
         store.blob_path(A.id).write_bytes(b"\xff" * 16)
         assert store.get_tensors(A.id) is None
         assert store.blob_usage().blobs == 0 and store.blob_usage().bytes == 0
+
+
+def test_what_cannot_be_deleted_is_reported_and_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with open_store(tmp_path) as store:
+        (tmp_path / "blobs" / ".partial" / "odd.part").mkdir()  # unlink fails on a directory
+        store.put_blob(A.header, blob_of(A))
+        report = store.collect_garbage(keep=set())
+        assert report.removed == [A.id] and report.parts_removed == 0
+        assert "cannot delete stale partial write" in caplog.text
