@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--log-format", choices=["text", "json"], default="text")
 
     sub.add_parser("id", help="this node's peer id")
-    sub.add_parser("status", help="node status")
+    sub.add_parser("status", help="node status (with blob bytes and quota)")
+    sub.add_parser("gc", help="delete tensor blobs no live contribution references")
     for name, help_text in (
         ("peers", "connected peers"),
         ("scores", "gossip peer scores"),
@@ -183,6 +184,8 @@ def _dispatch(args: argparse.Namespace, client: Client) -> int:
         print(json.dumps({"peer_id": status["peer_id"]}) if args.json else status["peer_id"])
     elif cmd == "status":
         _print(args, client.status())
+    elif cmd == "gc":
+        _print(args, client.gc())
     elif cmd in ("peers", "scores", "topics", "dht", "blocklist"):
         result = client.call(cmd)
         columns = (

@@ -149,6 +149,10 @@ class Client:
     def remove(self, merge_set: str, contribution: str) -> dict[str, Any]:
         return dict(self.call("remove", {"set": merge_set, "id": contribution}))
 
+    def gc(self) -> dict[str, Any]:
+        """Collect tensor blobs no live contribution references; returns what was freed."""
+        return dict(self.call("gc"))
+
     def contributions(self, merge_set: str) -> list[dict[str, Any]]:
         return list(self.call("contributions", {"set": merge_set}))
 

@@ -80,6 +80,10 @@ def test_cli_round_trip(daemon: Path, tmp_path: Path, capsys: pytest.CaptureFixt
         assert code == 0, (view, err)
     code, _, err = cli(daemon, "remove", "cli/test", cid, capsys=capsys)
     assert code == 0, err
+    code, out, err = cli(daemon, "--json", "gc", capsys=capsys)
+    assert code == 0 and json.loads(out)["blobs_removed"] == 1, err
+    code, out, _ = cli(daemon, "status", capsys=capsys)
+    assert code == 0 and any(line.split()[:2] == ["blob_bytes", "0"] for line in out.splitlines()), out
 
 
 def test_cli_errors(daemon: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

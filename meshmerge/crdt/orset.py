@@ -19,16 +19,17 @@ associative and idempotent by construction:
 This module trusts what it is given: signatures, schema and limits are
 checked by :mod:`meshmerge.crdt.state` before anything reaches it. Every
 operation costs O(log n) plus the work on the entries it touches; nothing is
-re-sorted or re-hashed per operation, and the Merkle root is recomputed lazily
-from cached leaf hashes only when asked for after a change.
+re-sorted per operation, and the Merkle root is brought up to date lazily when
+asked for, rehashing only the subtrees a change touched
+(:class:`~meshmerge.crdt.merkle.MerkleTree`).
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
-from meshmerge.crdt.merkle import leaf_hash, root_of_leaves
+from meshmerge.crdt.merkle import MerkleTree
 from meshmerge.proto.messages import Equivocation, Removal, SignedHeader
 
 Dot = tuple[bytes, int]
@@ -50,10 +51,9 @@ class ORSet:
         "_by_author",
         "_by_dot",
         "_convicted",
-        "_leaf",
         "_live",
-        "_root",
         "_tombstones",
+        "_tree",
         "adds",
         "evidence",
         "removals",
@@ -68,8 +68,7 @@ class ORSet:
         self._tombstones: set[tuple[bytes, Dot]] = set()
         self._convicted: dict[bytes, bytes] = {}  # author -> key of the evidence that convicted it
         self._live: list[bytes] = []
-        self._leaf: dict[bytes, bytes] = {}
-        self._root: bytes | None = None
+        self._tree = MerkleTree()  # over _live, position for position
 
     # -- queries -----------------------------------------------------------
 
@@ -96,9 +95,7 @@ class ORSet:
         return max(seqs) if seqs else None
 
     def root(self) -> bytes:
-        if self._root is None:
-            self._root = root_of_leaves([self._leaf[i] for i in self._live])
-        return self._root
+        return self._tree.root()
 
     # -- operations --------------------------------------------------------
 
@@ -162,13 +159,13 @@ class ORSet:
                 self._remove_live(cid, changes)
 
     def _insert_live(self, cid: bytes, changes: Changes) -> None:
-        insort(self._live, cid)
-        self._leaf[cid] = leaf_hash(cid)
-        self._root = None
+        pos = bisect_left(self._live, cid)
+        self._live.insert(pos, cid)
+        self._tree.insert(pos, cid)
         changes.added.append(cid)
 
     def _remove_live(self, cid: bytes, changes: Changes) -> None:
-        del self._live[bisect_left(self._live, cid)]
-        self._leaf.pop(cid, None)
-        self._root = None
+        pos = bisect_left(self._live, cid)
+        del self._live[pos]
+        self._tree.delete(pos)
         changes.removed.append(cid)

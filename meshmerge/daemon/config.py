@@ -99,6 +99,25 @@ class SyncSection:
 
 
 @dataclass(frozen=True)
+class StoreSection:
+    """Disk use of tensor blobs: a quota and how often unreferenced blobs are collected."""
+
+    #: Most bytes all stored tensor blobs may take; 0 = no quota. New blobs that would
+    #: not fit are refused (an RPC error to a trainer, a WARNING for a fetch from a peer).
+    blob_quota_bytes: int = 0
+    #: Seconds between collections of blobs no live contribution references (also run on start).
+    gc_interval: float = 600.0
+
+    def validate(self) -> None:
+        q = self.blob_quota_bytes
+        if isinstance(q, bool) or not isinstance(q, int) or q < 0:
+            raise ConfigError(
+                f"[store] blob_quota_bytes must be 0 (no quota) or a positive integer, got {q!r}"
+            )
+        _positive("store", "gc_interval", self.gc_interval)
+
+
+@dataclass(frozen=True)
 class MetricsSection:
     """Prometheus exposition; loopback only unless deliberately changed."""
 
@@ -117,6 +136,7 @@ class Config:
     rpc: RpcSection = field(default_factory=RpcSection)
     network: NetworkSection = field(default_factory=NetworkSection)
     sync: SyncSection = field(default_factory=SyncSection)
+    store: StoreSection = field(default_factory=StoreSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
 
     def validate(self) -> Config:

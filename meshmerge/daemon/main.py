@@ -26,7 +26,7 @@ from meshmerge.daemon.identity import load_or_create
 from meshmerge.daemon.metrics import Metrics
 from meshmerge.daemon.node import Node
 from meshmerge.daemon.rpc import RpcServer
-from meshmerge.daemon.store import Store
+from meshmerge.daemon.store import Store, StoreLimits
 
 log = logging.getLogger("meshmerge.daemon")
 
@@ -73,7 +73,8 @@ async def run(
     identity = load_or_create(data_dir)
     metrics = Metrics()
     async with AsyncExitStack() as stack:
-        store = Store.open(data_dir / "store")
+        quota = config.store.blob_quota_bytes or None
+        store = Store.open(data_dir / "store", StoreLimits(blob_quota_bytes=quota))
         stack.callback(store.close)
         node = Node(store, Signer(identity.seed), max_blob_bytes=config.sync.max_blob_bytes)
         log.info("meshmerge node %s, data in %s", node.peer_id, data_dir)
@@ -89,6 +90,7 @@ async def run(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_signals, nursery.cancel_scope)
             await nursery.start(rpc.serve)
+            nursery.start_soon(node.gc_loop, config.store.gc_interval)
             if network is not None:
                 await nursery.start(network, node, rpc, config, identity)
             interval = systemd.watchdog_interval()

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ from meshmerge.crdt import (
     tensorfile,
 )
 from meshmerge.crdt.strategies import StrategyError
-from meshmerge.daemon.store import Store
+from meshmerge.daemon.store import QuotaExceeded, Store, StoreError
 from meshmerge.proto import cid as cids
 from meshmerge.proto.cbor import CodecError
 from meshmerge.proto.messages import SetSchema, StateMessage
@@ -57,6 +58,7 @@ class Node:
         self.started = time.time()
         self._sets: dict[bytes, SetHandle] = {}
         self._listeners: list[ChangeListener] = []
+        self._gc_lock = trio.Lock()
         self.extra_status: list[Callable[[], Mapping[str, Any]]] = []
         for schema in store.sets():
             self._sets[schema.id] = SetHandle(store.load_state(schema.id), trio.Lock())
@@ -140,7 +142,11 @@ class Node:
             except (MergeStateError, CodecError, ValueError) as exc:
                 raise RpcError("bad_contribution", str(exc)) from None
             ops = StateMessage(schema.id, adds=(signed,))
-            await trio.to_thread.run_sync(self.store.put_blob, signed.header, data)
+            try:
+                await trio.to_thread.run_sync(self.store.put_blob, signed.header, data)
+            except QuotaExceeded as exc:
+                # the reserved seq stays unused: seqs need to be unique, not dense
+                raise RpcError("quota_exceeded", str(exc)) from None
             await self._persist(handle, ops)
         log.info(
             "contribution %s to %s (seq %d, weight %d)", cids.to_text(signed.id), schema.name, seq, weight
@@ -239,6 +245,46 @@ class Node:
         }
         return summary, data
 
+    # -- blob garbage collection -----------------------------------------------------
+
+    async def gc(self) -> dict[str, Any]:
+        """Delete tensor blobs no live contribution references (removed, or author convicted).
+
+        Dead ids never come back to life in the OR-Set, so their blobs are not
+        needed again. While the ids to keep are computed every set's lock is
+        held, so no contribution is between "blob stored" and "op applied";
+        blobs published after that (fetches finishing) are spared by the store.
+        """
+        async with self._gc_lock:
+            async with AsyncExitStack() as stack:
+                held: set[bytes] = set()
+                while missing := sorted(set(self._sets) - held):  # sets created while we waited
+                    for set_id in missing:
+                        await stack.enter_async_context(self._sets[set_id].lock)
+                        held.add(set_id)
+                mark = self.store.begin_blob_collection()
+                keep = {cid for handle in self._sets.values() for cid in handle.state.live_ids()}
+            report = await trio.to_thread.run_sync(self.store.collect_blobs, keep, mark)
+        usage = self.store.blob_usage()
+        return {
+            "blobs_removed": report.blobs_removed,
+            "bytes_freed": report.bytes_freed,
+            "partial_writes_removed": report.parts_removed,
+            "partial_bytes_freed": report.part_bytes_freed,
+            "blobs_kept": report.blobs_kept,
+            "blob_bytes": usage.bytes,
+            "blob_quota_bytes": usage.quota_bytes,
+        }
+
+    async def gc_loop(self, interval: float) -> None:
+        """Collect on start (stale partial writes, orphans of a crash) and every ``interval`` seconds."""
+        while True:
+            try:
+                await self.gc()
+            except (StoreError, OSError) as exc:  # the node keeps serving; the next run retries
+                log.error("blob collection failed: %s", exc)
+            await trio.sleep(interval)
+
     # -- views -----------------------------------------------------------------------
 
     def summaries(self) -> list[dict[str, Any]]:
@@ -288,6 +334,11 @@ class Node:
             "uptime_seconds": round(time.time() - self.started, 1),
             "sets": len(self._sets),
         }
+        usage = self.store.blob_usage()
+        info["blobs"] = usage.blobs
+        info["blob_bytes"] = usage.bytes
+        info["blob_reserved_bytes"] = usage.reserved_bytes
+        info["blob_quota_bytes"] = usage.quota_bytes
         for extra in self.extra_status:
             info.update(extra())
         return info

@@ -119,6 +119,7 @@ class RpcServer:
             "contributions": self._contributions,
             "merge": self._merge,
             "blocklist": self._blocklist,
+            "gc": self._gc,
         }
 
     def register(self, name: str, handler: Handler) -> None:
@@ -241,6 +242,9 @@ class RpcServer:
             raise RpcError("bad_request", "weight must be an integer in 1..2**53")
         meta = call.param("meta", dict, {})
         return await self.node.contribute(call.param("set", str), data, weight=weight, meta=meta)
+
+    async def _gc(self, call: Call) -> Any:
+        return await self.node.gc()
 
     async def _remove(self, call: Call) -> Any:
         return await self.node.remove(call.param("set", str), call.param("id", str))

@@ -10,7 +10,10 @@ Three mechanisms, each with its own protocol and limits:
   when a peer connects, ask a few peers for their (set id, root) pairs and
   pull the full state of every set whose root differs or that we do not
   know yet. This repairs whatever gossip lost, heals partitions and is how a
-  node learns a merge set's schema from its peers.
+  node learns a merge set's schema from its peers. Peers that speak
+  ``/meshmerge/sync/1.1.0`` reconcile a set both know by bucket digests
+  (:mod:`meshmerge.crdt.reconcile`): the puller fetches only the buckets of
+  operations that differ, so one missing op does not cost the whole state.
 * **Blob fetch** (``/meshmerge/blob/1.0.0``): for every live contribution
   whose tensors are missing, fetch the safetensors file in bounded chunks
   from connected peers (the author's node first), then from DHT providers;
@@ -33,8 +36,10 @@ from typing import Any, Final
 import trio
 from libp2p.peer.id import ID
 
+from meshmerge.crdt import reconcile
 from meshmerge.daemon.config import SyncSection
 from meshmerge.daemon.node import Node
+from meshmerge.daemon.store import QuotaExceeded
 from meshmerge.proto import cid as cids
 from meshmerge.proto.cbor import CodecError, Limits, decode, encode
 from meshmerge.proto.messages import StateMessage
@@ -43,12 +48,16 @@ from meshmerge.proto.rpc import HEADER
 log = logging.getLogger("meshmerge.sync")
 
 SYNC_PROTOCOL: Final = "/meshmerge/sync/1.0.0"
+#: 1.0.0 plus bucket-digest reconciliation ("digests", "ops"); a peer without it gets full pulls
+SYNC_PROTOCOL_RECONCILE: Final = "/meshmerge/sync/1.1.0"
 BLOB_PROTOCOL: Final = "/meshmerge/blob/1.0.0"
 TOPIC_PREFIX: Final = "/meshmerge/1/set/"
 MAX_CONTROL_FRAME: Final = 1 << 20
 MAX_STATE_FRAME: Final = 256 << 20
 PEERS_PER_ROUND: Final = 3
 REQUEST_TIMEOUT: Final = 30.0
+#: Seconds before a fetch refused by the blob quota is tried again (a collection may free room).
+QUOTA_RETRY: Final = 30.0
 
 
 class SyncError(Exception):
@@ -90,8 +99,14 @@ async def _read_exactly(stream: Any, n: int) -> bytes:
 class SyncStats:
     rounds: int = 0
     states_pulled: int = 0
+    #: sets repaired by pulling only the differing buckets, and what those pulls carried
+    reconciled: int = 0
+    buckets_pulled: int = 0
+    ops_pulled: int = 0
     blobs_fetched: int = 0
     blob_bytes: int = 0
+    #: fetches put off because the blob quota was full
+    quota_refusals: int = 0
     bad_peers: dict[str, int] = field(default_factory=dict)
 
 
@@ -120,6 +135,7 @@ class SyncService:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync)
+        self.host.set_stream_handler(SYNC_PROTOCOL_RECONCILE, self._serve_sync)
         self.host.set_stream_handler(BLOB_PROTOCOL, self._serve_blob)
         for set_id in self.node.set_ids():
             self._subscribe(set_id)
@@ -135,8 +151,11 @@ class SyncService:
         return {
             "sync_rounds": self.stats.rounds,
             "states_pulled": self.stats.states_pulled,
+            "sets_reconciled": self.stats.reconciled,
+            "ops_pulled": self.stats.ops_pulled,
             "blobs_fetched": self.stats.blobs_fetched,
             "blobs_wanted": len(self._wanted),
+            "blob_quota_refusals": self.stats.quota_refusals,
         }
 
     # -- reacting to the node ---------------------------------------------------------
@@ -236,6 +255,9 @@ class SyncService:
             state = self.node.state(set_id)
             if state is not None and state.root() == root:
                 continue
+            if state is not None and await self._reconcile(peer, set_id, state):
+                pulled += 1
+                continue
             reply = await self._request(peer, SYNC_PROTOCOL, {"t": "state", "set": set_id}, MAX_STATE_FRAME)
             raw = reply.get("state") if isinstance(reply, dict) else None
             if not isinstance(raw, bytes):
@@ -253,6 +275,43 @@ class SyncService:
             pulled += 1
         return pulled
 
+    async def _reconcile(self, peer: ID, set_id: bytes, state: Any) -> bool:
+        """Pull only the operations in buckets whose digests differ; False if the peer cannot."""
+        try:
+            stream = await self.host.new_stream(peer, [SYNC_PROTOCOL_RECONCILE])
+        except Exception as exc:  # an older peer: the caller pulls the full state
+            log.debug("peer %s does not reconcile by digests: %s", peer, exc)
+            return False
+        try:
+            bits = reconcile.choose_bits(reconcile.op_count(state))
+            await write_frame(stream, {"t": "digests", "set": set_id, "bits": bits})
+            theirs = _parse_digests(await read_frame(stream, MAX_CONTROL_FRAME), bits)
+        finally:
+            await _close(stream)
+        wanted = reconcile.differing(reconcile.digests(state, bits), theirs)
+        if not wanted:
+            return True  # same operations; the roots differed only for a moment
+        request = {"t": "ops", "set": set_id, "bits": bits, "buckets": wanted}
+        reply = await self._request(peer, SYNC_PROTOCOL_RECONCILE, request, MAX_STATE_FRAME)
+        raw = reply.get("state") if isinstance(reply, dict) else None
+        if not isinstance(raw, bytes):
+            raise SyncError("malformed ops answer")
+        try:
+            msg = StateMessage.from_obj(decode(raw, Limits(max_message_bytes=MAX_STATE_FRAME)))
+        except CodecError as exc:
+            raise SyncError(f"bad ops for {cids.to_text(set_id)}: {exc}") from None
+        if msg.set_id != set_id or msg.full or msg.schema is not None:
+            raise SyncError("ops answer for the wrong set, or not a delta")
+        if any(reconcile.bucket_of(k, bits) not in set(wanted) for k in _keys(msg)):
+            raise SyncError("ops answer holds operations outside the buckets asked for")
+        report = await self.node.apply_remote(set_id, msg)
+        if report is not None and report.rejected:
+            self._bad(peer, f"{len(report.rejected)} invalid op(s) in its buckets: {report.rejected[0]}")
+        self.stats.reconciled += 1
+        self.stats.buckets_pulled += len(wanted)
+        self.stats.ops_pulled += len(msg.adds) + len(msg.removals) + len(msg.evidence)
+        return True
+
     async def _serve_sync(self, stream: Any) -> None:
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
@@ -265,6 +324,8 @@ class SyncService:
                         if state is not None:
                             pairs.append([s, state.root()])
                     await write_frame(stream, {"sets": pairs})
+                elif kind in ("digests", "ops") and isinstance(request.get("set"), bytes):
+                    await write_frame(stream, self._answer_reconcile(kind, request))
                 elif kind == "state" and isinstance(request.get("set"), bytes):
                     state = self.node.state(request["set"])
                     if state is None:
@@ -279,6 +340,25 @@ class SyncService:
             log.debug("sync stream failed: %s", exc)
         finally:
             await _close(stream)
+
+    def _answer_reconcile(self, kind: str, request: dict[str, Any]) -> dict[str, Any]:
+        state = self.node.state(request["set"])
+        bits = request.get("bits")
+        if state is None:
+            return {"error": "unknown set"}
+        if type(bits) is not int or not 0 <= bits <= reconcile.MAX_BITS:
+            return {"error": f"bits must be an integer in [0, {reconcile.MAX_BITS}]"}
+        if kind == "digests":
+            mine = reconcile.digests(state, bits)
+            return {"bits": bits, "buckets": [[i, d, n] for i, (d, n) in sorted(mine.items())]}
+        buckets = request.get("buckets")
+        if (
+            not isinstance(buckets, list)
+            or len(buckets) > 1 << bits
+            or not all(type(i) is int and 0 <= i < 1 << bits for i in buckets)
+        ):
+            return {"error": "bad bucket list"}
+        return {"state": encode(reconcile.ops_in(state, buckets, bits).to_obj())}
 
     # -- blobs ------------------------------------------------------------------------
 
@@ -320,6 +400,7 @@ class SyncService:
                 if header is None or self.node.store.has_blob(c):
                     self._wanted.discard(c)
                     return
+                retry = 5.0
                 for peer in await self._candidates(header):
                     try:
                         with trio.fail_after(self.config.fetch_timeout):
@@ -328,9 +409,14 @@ class SyncService:
                                 self._failed_until.pop(c, None)
                                 await self._provide(c)
                                 return
+                    except QuotaExceeded as exc:  # our disk budget, not the peer's fault
+                        self.stats.quota_refusals += 1
+                        log.warning("not fetching tensors of %s: %s", cids.to_text(c)[:24], exc)
+                        retry = QUOTA_RETRY
+                        break
                     except (SyncError, trio.TooSlowError, OSError, Exception) as exc:
                         log.info("fetch of %s from %s failed: %s", cids.to_text(c)[:20], peer, exc)
-                self._failed_until[c] = trio.current_time() + 5.0
+                self._failed_until[c] = trio.current_time() + retry
             finally:
                 self._fetching.discard(c)
                 self._wake_fetcher.set()
@@ -428,6 +514,37 @@ class SyncService:
         key = str(peer)
         self.stats.bad_peers[key] = self.stats.bad_peers.get(key, 0) + 1
         log.info("peer %s: %s", key, why)
+
+
+def _parse_digests(answer: Any, bits: int) -> reconcile.Digests:
+    """A peer's bucket digests, checked: in-range distinct buckets, 32-byte digests, counts."""
+    rows = answer.get("buckets") if isinstance(answer, dict) else None
+    if not isinstance(answer, dict) or answer.get("bits") != bits or not isinstance(rows, list):
+        raise SyncError("malformed digests answer")
+    if len(rows) > 1 << bits:
+        raise SyncError(f"{len(rows)} digests for {1 << bits} buckets")
+    out: reconcile.Digests = {}
+    for row in rows:
+        ok = isinstance(row, list) and len(row) == 3
+        if ok:
+            i, digest, count = row
+            ok = (
+                type(i) is int
+                and 0 <= i < 1 << bits
+                and i not in out
+                and isinstance(digest, bytes)
+                and len(digest) == 32
+                and type(count) is int
+                and count > 0
+            )
+        if not ok:
+            raise SyncError("malformed bucket digest")
+        out[i] = (digest, count)
+    return out
+
+
+def _keys(msg: StateMessage) -> list[bytes]:
+    return [a.id for a in msg.adds] + [r.key for r in msg.removals] + [e.key for e in msg.evidence]
 
 
 def _read_range(path: Any, offset: int, length: int) -> tuple[int, bytes]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Final, TypeVar
 
+import meshmerge.cext.manifest as _cmanifest
 from meshmerge.proto.cbor import DEFAULT_LIMITS, CodecError, Limits, decode, encode
 from meshmerge.proto.cid import CID_LEN, PREFIX, cid_of
 from meshmerge.proto.peerid import ED25519_PEER_ID_PREFIX, PEER_ID_LEN
@@ -39,6 +40,7 @@ SIGNATURE_LEN: Final = 64
 MAX_EMBEDDED: Final = 4 * 1024 * 1024
 T = TypeVar("T")
 _SET_NAME = re.compile(r"[a-z0-9][a-z0-9._/-]{0,127}")
+MAX_TENSOR_NAME: Final = 512
 _TENSOR_NAME = re.compile(r"[\x21-\x7e]{1,512}")
 
 
@@ -180,14 +182,10 @@ class TensorEntry:
 
     @classmethod
     def from_obj(cls, obj: Any, path: str, with_digest: bool = True) -> TensorEntry:
-        if _entry_ok(obj, with_digest):
-            shape = tuple(obj["shape"])
-            if not with_digest:
-                return cls(obj["name"], obj["dtype"], shape)
-            return cls(obj["name"], obj["dtype"], shape, obj["size"], obj["sha256"])
+        """The checked path: every rule, and an error naming the failing field."""
         keys = ("name", "dtype", "shape", "size", "sha256") if with_digest else ("name", "dtype", "shape")
         f = _Fields(obj, path, keys)
-        name = f.text("name", _TENSOR_NAME, 512)
+        name = f.text("name", _TENSOR_NAME, MAX_TENSOR_NAME)
         dtype = f.text("dtype")
         if dtype not in ITEMSIZE:
             raise CodecError(f.at("dtype"), f"unsupported dtype {dtype!r}; use one of {sorted(ITEMSIZE)}")
@@ -202,46 +200,19 @@ class TensorEntry:
         return cls(name, dtype, shape, size, f.bytes_("sha256", 32))
 
 
-_ENTRY_KEYS = frozenset({"name", "dtype", "shape", "size", "sha256"})
-_SPEC_KEYS = frozenset({"name", "dtype", "shape"})
-
-
-def _entry_ok(obj: Any, with_digest: bool) -> bool:
-    """True when a manifest entry passes every rule of the checked path below.
-
-    Manifests have thousands of entries; this keeps the common, valid case
-    cheap. Anything it does not accept goes through the checked path, which
-    names the failing field.
-    """
-    if type(obj) is not dict or obj.keys() != (_ENTRY_KEYS if with_digest else _SPEC_KEYS):
-        return False
-    name, dtype, shape = obj["name"], obj["dtype"], obj["shape"]
-    if (
-        type(name) is not str
-        or not _TENSOR_NAME.fullmatch(name)
-        or type(dtype) is not str
-        or dtype not in ITEMSIZE
-    ):
-        return False
-    if type(shape) is not list or len(shape) > MAX_DIMS:
-        return False
-    numel = 1
-    for d in shape:
-        if type(d) is not int or not 0 <= d <= MAX_DIM:
-            return False
-        numel *= d
-    if not with_digest:
-        return True
-    size, digest = obj["size"], obj["sha256"]
-    return (
-        type(size) is int and size == numel * ITEMSIZE[dtype] and type(digest) is bytes and len(digest) == 32
-    )
+def _fast_entries(raw: list[Any], with_digest: bool) -> tuple[TensorEntry, ...] | None:
+    """The entries when all pass the rules of the checked path, else None (Cython; see cext/manifest.pyx)."""
+    return _cmanifest.entries(raw, with_digest, ITEMSIZE, TensorEntry, MAX_DIMS, MAX_DIM, MAX_TENSOR_NAME)
 
 
 def _manifest(f: _Fields, key: str, with_digest: bool) -> tuple[TensorEntry, ...]:
     raw = f.list_(key, MAX_TENSORS)
     if not raw:
         raise CodecError(f.at(key), "a manifest lists at least one tensor")
+    fast = _fast_entries(raw, with_digest)
+    if fast is not None:
+        return fast
+    # Something is wrong: the checked path finds it and names the field.
     entries = tuple(TensorEntry.from_obj(t, f"{f.at(key)}[{i}]", with_digest) for i, t in enumerate(raw))
     names = [e.name for e in entries]
     if any(a >= b for a, b in itertools.pairwise(names)):

@@ -194,16 +194,16 @@ def test_bf16_and_f16_merge() -> None:
 def test_join_work_does_not_grow_with_state_size(monkeypatch: pytest.MonkeyPatch) -> None:
     # crdt-merge re-sorts the whole state on every merge. Count the hashing and the
     # comparisons one add costs at two state sizes: they must not grow with n.
-    import meshmerge.crdt.orset as orset_mod
+    import meshmerge.crdt.merkle as merkle_mod
 
     calls = {"n": 0}
-    real_leaf = orset_mod.leaf_hash
+    real_leaf = merkle_mod.leaf_hash
 
     def counting_leaf(item: bytes) -> bytes:
         calls["n"] += 1
         return real_leaf(item)
 
-    monkeypatch.setattr(orset_mod, "leaf_hash", counting_leaf)
+    monkeypatch.setattr(merkle_mod, "leaf_hash", counting_leaf)
     costs = []
     for n in (10, 2000):
         s = state()

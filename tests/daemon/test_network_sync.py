@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,11 @@ import numpy as np
 import trio
 
 from meshmerge.crdt import tensorfile
-from meshmerge.daemon.config import Config, dev_config
+from meshmerge.daemon.config import Config, StoreSection, dev_config
 from meshmerge.daemon.main import run
 from meshmerge.daemon.network import start_network
 from meshmerge.daemon.node import Node
+from meshmerge.daemon.store import StoreLimits
 from meshmerge.proto.messages import SetSchema, TensorEntry
 
 SHAPES = {"w": (32, 8), "b": (8,)}
@@ -108,6 +110,119 @@ def test_late_joiner_catches_up_by_anti_entropy(tmp_path: Path) -> None:
             assert late.state(SCHEMA.id) is None
             await wait_for(lambda: live(late) == 3 and complete(late) == 3, 30, "late joiner to catch up")
             assert late.state(SCHEMA.id).root() == a.state(SCHEMA.id).root()  # type: ignore[union-attr]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_full_node_puts_fetches_off_with_a_warning(tmp_path: Path, caplog: Any) -> None:
+    """The blob quota refuses a fetch before any byte is written; the peer is not blamed."""
+    limits = StoreLimits()
+    payload = sum(4 * int(np.prod(s)) for s in SHAPES.values())
+    one_fetch = 8 + payload + limits.max_blob_header_base + limits.max_blob_header_per_tensor * len(SHAPES)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            a = await start(nursery, tmp_path / "a")
+            await a.create_set(SCHEMA)
+            for i in range(2):
+                await a.contribute(SCHEMA.name, model(i), weight=1, meta={})
+            base = config(tmp_path / "full", (loopback_addr(a),), 3600.0)
+            full_config = base.with_overrides(store=StoreSection(blob_quota_bytes=one_fetch + 1))
+            full: Node = await nursery.start(
+                lambda task_status: run(full_config, network=start_network, task_status=task_status)
+            )
+            await wait_for(lambda: live(full) == 2 and complete(full) == 1, 30, "one of two blobs fetched")
+            await wait_for(lambda: full.status()["blob_quota_refusals"] >= 1, 30, "a quota refusal")
+            await trio.sleep(1)
+            assert complete(full) == 1 and full.status()["blob_bytes"] <= one_fetch
+            assert full.status()["blob_quota_bytes"] == one_fetch + 1
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="meshmerge.sync"):
+        trio.run(main)
+    assert any(
+        "not fetching tensors of" in r.getMessage() and "quota" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_one_missing_op_is_repaired_without_pulling_the_state(tmp_path: Path) -> None:
+    """Anti-entropy between 1.1.0 peers pulls the differing buckets only."""
+    from meshmerge.crdt import MergeState, Signer
+    from meshmerge.proto.messages import StateMessage
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            a = await start(nursery, tmp_path / "a")
+            await a.create_set(SCHEMA)
+            for i in range(80):
+                await a.contribute(SCHEMA.name, model(i), weight=1, meta={})
+            b = await start(nursery, tmp_path / "b", (loopback_addr(a),), anti_entropy=1.0)
+            await wait_for(
+                lambda: live(b) == 80 and b.status()["states_pulled"] == 1, 30, "b to pull the state once"
+            )
+            pulled = b.status()["states_pulled"]
+            # an op only a knows (applied as a remote op, so a does not announce it)
+            outsider = MergeState(SCHEMA).make_contribution(
+                Signer(bytes(range(32))), tensorfile.loads(model(99))[0], weight=1, seq=0
+            )
+            await a.apply_remote(SCHEMA.id, StateMessage(SCHEMA.id, adds=(outsider,)))
+            await wait_for(
+                lambda: (
+                    live(b) == 81 and (b.status()["sets_reconciled"] or b.status()["states_pulled"] > pulled)
+                ),
+                30,
+                "b to repair the missing op",
+            )
+            state_a, state_b = a.state(SCHEMA.id), b.state(SCHEMA.id)
+            assert state_a is not None and state_b is not None and state_a.root() == state_b.root()
+            status = b.status()
+            assert status["states_pulled"] == pulled, "the full state was pulled again"
+            assert status["sets_reconciled"] >= 1 and 1 <= status["ops_pulled"] < 40, status
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_peer_without_digest_reconciliation_gets_full_pulls(tmp_path: Path, monkeypatch: Any) -> None:
+    """Wire compatibility: against a 1.0.0-only peer the puller falls back to the full state."""
+    from meshmerge.crdt import MergeState, Signer
+    from meshmerge.daemon import sync as sync_mod
+    from meshmerge.proto.messages import StateMessage
+
+    real_run = sync_mod.SyncService.run
+    old_hosts: list[Any] = []
+
+    async def run_as_old_peer(self: Any, **kw: Any) -> None:
+        if not old_hosts:  # the first node started speaks only 1.0.0
+            old_hosts.append(self.host)
+            register = self.host.set_stream_handler
+
+            def only_v1(protocol: Any, handler: Any) -> None:
+                if str(protocol) != sync_mod.SYNC_PROTOCOL_RECONCILE:
+                    register(protocol, handler)
+
+            self.host.set_stream_handler = only_v1
+        await real_run(self, **kw)
+
+    monkeypatch.setattr(sync_mod.SyncService, "run", run_as_old_peer)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            old = await start(nursery, tmp_path / "old")
+            await old.create_set(SCHEMA)
+            await old.contribute(SCHEMA.name, model(0), weight=1, meta={})
+            new = await start(nursery, tmp_path / "new", (loopback_addr(old),), anti_entropy=1.0)
+            await wait_for(lambda: live(new) == 1 and new.status()["states_pulled"] == 1, 30, "first pull")
+            outsider = MergeState(SCHEMA).make_contribution(
+                Signer(bytes(range(32))), tensorfile.loads(model(99))[0], weight=1, seq=0
+            )
+            await old.apply_remote(SCHEMA.id, StateMessage(SCHEMA.id, adds=(outsider,)))
+            await wait_for(
+                lambda: live(new) == 2 and new.status()["states_pulled"] == 2, 30, "the repair by a full pull"
+            )
+            status = new.status()
+            assert status["sets_reconciled"] == 0, status
             nursery.cancel_scope.cancel()
 
     trio.run(main)

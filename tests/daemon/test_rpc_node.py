@@ -15,7 +15,7 @@ import trio
 
 from meshmerge.client import Client, RpcError
 from meshmerge.crdt import tensorfile
-from meshmerge.daemon.config import dev_config
+from meshmerge.daemon.config import StoreSection, dev_config
 from meshmerge.daemon.main import run
 
 SHAPES = {"a": (8, 4), "b": (16,)}
@@ -30,9 +30,11 @@ def model(seed: int) -> bytes:
     )
 
 
-def with_daemon(tmp_path: Path, body: Callable[[Path], Any]) -> Any:
+def with_daemon(tmp_path: Path, body: Callable[[Path], Any], **store: Any) -> Any:
     """Run a daemon (no network) in trio and `body(socket_path)` in a worker thread."""
     config = dev_config(tmp_path)
+    if store:
+        config = config.with_overrides(store=StoreSection(**store))
     result: dict[str, Any] = {}
 
     async def main() -> None:
@@ -147,3 +149,35 @@ def test_state_survives_a_restart(tmp_path: Path) -> None:
             return str(c.merge("test/rpc")["sha256"])
 
     assert with_daemon(tmp_path, first) == with_daemon(tmp_path, second)
+
+
+def test_gc_frees_removed_contributions_and_the_quota_refuses_what_does_not_fit(tmp_path: Path) -> None:
+    size = len(model(1))
+    stray = tmp_path / "data" / "store" / "blobs" / ".partial" / f"{'ab' * 36}.part"
+
+    def body(sock: Path) -> None:
+        with Client(sock) as c:
+            status = c.status()
+            assert status["blob_quota_bytes"] == 2 * size and status["blob_bytes"] == 0
+            assert not stray.exists(), "the collection on start removes partial writes nobody needs"
+            c.create_set("test/rpc", SPEC)
+            first = c.contribute("test/rpc", model(1))
+            c.contribute("test/rpc", model(2))
+            with pytest.raises(RpcError) as err:
+                c.contribute("test/rpc", model(3))
+            assert err.value.code == "quota_exceeded" and "blob_quota_bytes" in err.value.message
+            assert c.status()["blob_bytes"] == 2 * size and c.sets()[0]["live"] == 2
+            c.remove("test/rpc", first["id"])
+            freed = c.gc()
+            assert freed["blobs_removed"] == 1 and freed["bytes_freed"] == size and freed["blobs_kept"] == 1
+            assert c.status()["blob_bytes"] == size
+            third = c.contribute("test/rpc", model(3))  # fits again
+            listed = {x["id"]: x for x in c.contributions("test/rpc")}
+            assert not listed[first["id"]]["have_tensors"] and listed[third["id"]]["have_tensors"]
+            assert c.merge("test/rpc")["contributions"] == 2
+            again = c.gc()
+            assert again["blobs_removed"] == 0 and again["blobs_kept"] == 2
+
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"left by a crash")
+    with_daemon(tmp_path, body, blob_quota_bytes=2 * size)

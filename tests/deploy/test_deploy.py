@@ -17,7 +17,9 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert entry.exists(), "the meshmerge console script is installed in the venv"
     unit = (DEPLOY / "meshmerge.service").read_text().replace("/opt/meshmerge/venv/bin/meshmerge", str(entry))
     (tmp_path / "meshmerge.service").write_text(unit)
-    result = subprocess.run([analyze, "verify", str(tmp_path / "meshmerge.service")], capture_output=True, text=True)
+    result = subprocess.run(
+        [analyze, "verify", str(tmp_path / "meshmerge.service")], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
     assert "Type=notify" in unit and "WatchdogSec=" in unit and "StateDirectory=meshmerge" in unit
@@ -28,6 +30,7 @@ def test_shipped_config_parses_and_validates() -> None:
     assert config.rpc.socket == Path("/run/meshmerge/rpc.sock")
     assert config.node.data_dir == Path("/var/lib/meshmerge")
     assert config.metrics.address == "127.0.0.1"
+    assert config.store.blob_quota_bytes == 0 and config.store.gc_interval == 600.0
 
 
 @pytest.mark.parametrize(
@@ -40,6 +43,12 @@ def test_shipped_config_parses_and_validates() -> None:
         ("[network]\nlisten = '/ip4/1.2.3.4'\n", r"\[network\] listen must be a list of strings"),
         ("[network]\nlisten = ['127.0.0.1:4001']\n", "is not a multiaddr"),
         ("[metrics]\nenabled = 'yes'\n", r"\[metrics\] enabled must be true or false"),
+        (
+            "[store]\nblob_quota_bytes = -1\n",
+            r"\[store\] blob_quota_bytes must be 0 \(no quota\) or a positive",
+        ),
+        ("[store]\nblob_quota = 5\n", r"\[store\] unknown key\(s\) \['blob_quota'\]"),
+        ("[store]\ngc_interval = 0\n", r"\[store\] gc_interval must be a positive number"),
         ("[sync\n", "not valid TOML"),
     ],
 )

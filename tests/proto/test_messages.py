@@ -1,10 +1,20 @@
+import itertools
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshmerge.proto import cid
 from meshmerge.proto.cbor import CodecError, decode, encode
-from meshmerge.proto.messages import SetSchema, SignedHeader, StateMessage, loads_header, loads_state
+from meshmerge.proto.messages import (
+    ITEMSIZE,
+    SetSchema,
+    SignedHeader,
+    StateMessage,
+    loads_header,
+    loads_state,
+)
 from meshmerge.proto.peerid import from_base58, to_base58
 from tests.crdt.factories import schema, signer, state, tensors
 
@@ -149,14 +159,53 @@ def test_fast_manifest_path_accepts_only_what_the_checked_path_accepts(
     obj = {k: v for k, v in {**VALID_ENTRY, **changes}.items() if k not in dropped}
     if not with_digest:
         obj = {k: v for k, v in obj.items() if k not in ("size", "sha256") or k in changes}
-    fast = m._entry_ok(obj, with_digest)
-    original = m._entry_ok
+    fast = m._fast_entries([obj], with_digest)
     try:
-        m._entry_ok = lambda *_: False  # force the checked path
-        m.TensorEntry.from_obj(obj, "$", with_digest)
-        checked = True
+        checked = m.TensorEntry.from_obj(obj, "$", with_digest)
     except CodecError:
-        checked = False
-    finally:
-        m._entry_ok = original
-    assert fast == checked
+        checked = None
+    assert fast == (None if checked is None else (checked,))
+
+
+big_dims = st.one_of(
+    st.integers(-(2**64), 2**65), st.sampled_from([0, 1, 2**20, 2**40, 2**40 + 1, 2**63, 2**64 - 1])
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(big_dims, max_size=9),
+    st.one_of(st.integers(-1, 2**65), st.sampled_from([0, 2**63, 2**64 - 1, 2**64])),
+    st.sampled_from(sorted(ITEMSIZE)),
+)
+def test_fast_manifest_path_agrees_on_extreme_shapes_and_sizes(shape: list, size: int, dtype: str) -> None:
+    from meshmerge.proto import messages as m
+
+    numel = math.prod(d for d in shape) if shape else 1
+    for size_ in (size, numel * ITEMSIZE[dtype]):
+        obj = {"name": "w", "dtype": dtype, "shape": shape, "size": size_, "sha256": bytes(32)}
+        try:
+            checked: tuple | None = (m.TensorEntry.from_obj(obj, "$", True),)
+        except CodecError:
+            checked = None
+        assert m._fast_entries([obj], True) == checked
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.text(alphabet=st.characters(min_codepoint=0x1F, max_codepoint=0x80), min_size=0, max_size=4),
+        max_size=5,
+    )
+)
+def test_fast_manifest_path_agrees_on_names_and_order(names: list[str]) -> None:
+    from meshmerge.proto import messages as m
+
+    raw = [{"name": n, "dtype": "F32", "shape": [], "size": 4, "sha256": bytes(32)} for n in names]
+    try:
+        checked: tuple | None = tuple(m.TensorEntry.from_obj(t, "$", True) for t in raw)
+        if any(a.name >= b.name for a, b in itertools.pairwise(checked)):
+            checked = None
+    except CodecError:
+        checked = None
+    assert m._fast_entries(raw, True) == checked

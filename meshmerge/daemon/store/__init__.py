@@ -6,15 +6,19 @@ theory of operation and :mod:`meshmerge.daemon.store.records` for the on-disk
 record format.
 """
 
-from meshmerge.daemon.store.blobs import BlobWriter
+from meshmerge.daemon.store.blobs import BlobUsage, BlobWriter, CollectionMark, CollectionReport
 from meshmerge.daemon.store.core import Store, StoreCounters
-from meshmerge.daemon.store.errors import BlobRejected, CorruptRecord, StoreError, StoreLocked
+from meshmerge.daemon.store.errors import BlobRejected, CorruptRecord, QuotaExceeded, StoreError, StoreLocked
 from meshmerge.daemon.store.limits import StoreLimits
 
 __all__ = [
     "BlobRejected",
+    "BlobUsage",
     "BlobWriter",
+    "CollectionMark",
+    "CollectionReport",
     "CorruptRecord",
+    "QuotaExceeded",
     "Store",
     "StoreCounters",
     "StoreError",

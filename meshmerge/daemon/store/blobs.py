@@ -19,10 +19,14 @@ leaves in it is caught by the verification in :meth:`BlobWriter.finish`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import mmap
 import os
+import re
 import threading
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -39,7 +43,7 @@ from meshmerge.daemon.store.atomic import (
     remove_tmp_files,
     tmp_name,
 )
-from meshmerge.daemon.store.errors import BlobRejected, StoreError
+from meshmerge.daemon.store.errors import BlobRejected, QuotaExceeded, StoreError
 from meshmerge.daemon.store.limits import StoreLimits
 from meshmerge.proto.cid import CidError, check_cid
 from meshmerge.proto.messages import ContributionHeader
@@ -47,6 +51,40 @@ from meshmerge.proto.messages import ContributionHeader
 log = logging.getLogger("meshmerge.store")
 
 Tensors = dict[str, npt.NDArray[Any]]
+
+_BLOB_NAME = re.compile(r"([0-9a-f]{72})\.safetensors")
+_PART_NAME = re.compile(r"([0-9a-f]{72})\.part")
+_SHARD = re.compile(r"[0-9a-f]{2}")
+
+
+@dataclass(frozen=True)
+class BlobUsage:
+    """Disk use of the published blobs, against the quota (None: no quota)."""
+
+    blobs: int
+    bytes: int
+    reserved_bytes: int
+    quota_bytes: int | None
+
+
+@dataclass
+class CollectionReport:
+    """What one garbage collection removed and kept."""
+
+    blobs_removed: int = 0
+    bytes_freed: int = 0
+    parts_removed: int = 0
+    part_bytes_freed: int = 0
+    blobs_kept: int = 0
+    #: ids of the removed blobs (for logs and tests)
+    removed: list[bytes] = field(default_factory=list)
+
+
+class CollectionMark:
+    """Ids published since :meth:`BlobStore.begin_collection`; those are spared."""
+
+    def __init__(self) -> None:
+        self.published: set[bytes] = set()
 
 
 def short(cid: bytes) -> str:
@@ -123,12 +161,23 @@ class BlobStore:
         self.damaged = root / ".damaged"
         self.limits = limits
         self.fsync = fsync
-        self._writers: set[bytes] = set()
+        #: open writers: cid -> bytes reserved for it
+        self._writers: dict[bytes, int] = {}
+        #: puts in progress: token -> bytes reserved for it
+        self._puts: dict[int, int] = {}
+        self._tokens = itertools.count()
         self._lock = threading.Lock()
+        self._mark: CollectionMark | None = None
         self.damaged_count = 0
         for d in (root, self.tmp, self.partial, self.damaged):
             make_dirs(d, fsync=fsync)
         remove_tmp_files(self.tmp)
+        #: size of every published blob as stored (so damage that changes a size cannot skew the sum)
+        self._sizes: dict[bytes, int] = {}
+        for cid, path in self._published_files():
+            with contextlib.suppress(FileNotFoundError):
+                self._sizes[cid] = path.stat().st_size
+        self._used = sum(self._sizes.values())
 
     # -- naming ----------------------------------------------------------------
 
@@ -167,27 +216,49 @@ class BlobStore:
             return final
         if len(data) > limit:
             raise BlobRejected(f"blob of {short(header.id)}: {len(data)} bytes, over its limit of {limit}")
-        tmp = tmp_name(self.tmp / final.name)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        with self._lock:
+            self._reserve(f"blob of {short(header.id)}", len(data))
+            token = next(self._tokens)
+            self._puts[token] = len(data)
         try:
+            tmp = tmp_name(self.tmp / final.name)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
             try:
-                pwrite_all(fd, data, 0)
-                verify_while_syncing(header, data, fd if self.fsync else None)
-            finally:
-                os.close(fd)
-            self._publish(tmp, final)
-        except BlobRejected:
-            os.unlink(tmp)
-            raise
-        except OSError as exc:
-            with contextlib.suppress(OSError):
+                try:
+                    pwrite_all(fd, data, 0)
+                    verify_while_syncing(header, data, fd if self.fsync else None)
+                finally:
+                    os.close(fd)
+                self._publish(tmp, final, header.id, len(data))
+            except BlobRejected:
                 os.unlink(tmp)
-            raise StoreError(f"cannot store blob of {short(header.id)}: {exc}") from exc
+                raise
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise StoreError(f"cannot store blob of {short(header.id)}: {exc}") from exc
+        finally:
+            with self._lock:
+                del self._puts[token]
         return final
 
-    def _publish(self, src: Path, final: Path) -> None:
+    def _reserve(self, what: str, need: int) -> None:
+        """Raise QuotaExceeded unless ``need`` more bytes fit the quota (caller holds the lock)."""
+        quota = self.limits.blob_quota_bytes
+        if quota is None:
+            return
+        reserved = sum(self._writers.values()) + sum(self._puts.values())
+        if self._used + reserved + need > quota:
+            raise QuotaExceeded(what, need, self._used, reserved, quota)
+
+    def _publish(self, src: Path, final: Path, cid: bytes, size: int) -> None:
         make_dirs(final.parent, fsync=self.fsync)
-        os.replace(src, final)
+        with self._lock:  # the rename and the accounting (and the collector's view) change together
+            os.replace(src, final)
+            self._used += size - self._sizes.get(cid, 0)
+            self._sizes[cid] = size
+            if self._mark is not None:
+                self._mark.published.add(cid)
         if self.fsync:
             fsync_dir(final.parent)
             fsync_dir(src.parent)
@@ -202,7 +273,9 @@ class BlobStore:
                 raise StoreError(
                     f"{len(self._writers)} blob writers open (StoreLimits.max_blob_writers); finish or abort one"
                 )
-            self._writers.add(cid)
+            if not self.path(cid).is_file():  # finishing an already stored blob takes no room
+                self._reserve(f"blob of {short(cid)}", limit)
+            self._writers[cid] = limit
         try:
             part = self.partial / f"{cid.hex()}.part"
             fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
@@ -217,7 +290,82 @@ class BlobStore:
 
     def _release(self, cid: bytes) -> None:
         with self._lock:
-            self._writers.discard(cid)
+            self._writers.pop(cid, None)
+
+    # -- usage and garbage collection --------------------------------------------------
+
+    def usage(self) -> BlobUsage:
+        with self._lock:
+            reserved = sum(self._writers.values()) + sum(self._puts.values())
+            return BlobUsage(len(self._sizes), self._used, reserved, self.limits.blob_quota_bytes)
+
+    def _published_files(self) -> list[tuple[bytes, Path]]:
+        out = []
+        for shard in self.root.iterdir():
+            if not (_SHARD.fullmatch(shard.name) and shard.is_dir()):
+                continue
+            for path in shard.iterdir():
+                m = _BLOB_NAME.fullmatch(path.name)
+                if m:
+                    out.append((bytes.fromhex(m.group(1)), path))
+        return out
+
+    def begin_collection(self) -> CollectionMark:
+        """Start recording published ids; call before computing what to keep."""
+        with self._lock:
+            if self._mark is not None:
+                raise StoreError("a blob collection is already running")
+            self._mark = CollectionMark()
+            return self._mark
+
+    def collect(self, keep: Collection[bytes], mark: CollectionMark) -> CollectionReport:
+        """Delete blobs and idle ``.part`` files whose id is not in ``keep``; see the module docstring."""
+        report = CollectionReport()
+        try:
+            touched: set[Path] = set()
+            for cid, path in self._published_files():
+                with self._lock:
+                    if cid in keep or cid in mark.published or cid in self._writers:
+                        report.blobs_kept += 1
+                        continue
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:  # e.g. permissions changed by hand: report, keep going
+                        log.warning("cannot delete unreferenced blob %s: %s", path, exc)
+                        continue
+                    size = self._sizes.pop(cid, 0)
+                    self._used -= size
+                report.blobs_removed += 1
+                report.bytes_freed += size
+                report.removed.append(cid)
+                touched.add(path.parent)
+            for path in self.partial.iterdir():
+                m = _PART_NAME.fullmatch(path.name)
+                with self._lock:
+                    owner = bytes.fromhex(m.group(1)) if m else None
+                    if owner is not None and (owner in keep or owner in self._writers):
+                        continue
+                    try:
+                        size = path.stat().st_size
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:
+                        log.warning("cannot delete stale partial write %s: %s", path, exc)
+                        continue
+                report.parts_removed += 1
+                report.part_bytes_freed += size
+                touched.add(self.partial)
+            if self.fsync:
+                for directory in touched:
+                    fsync_dir(directory)
+        finally:
+            with self._lock:
+                if self._mark is mark:
+                    self._mark = None
+        return report
 
     # -- reading -------------------------------------------------------------------
 
@@ -247,8 +395,10 @@ class BlobStore:
         log.error(
             "blob %s is damaged on disk (%s); moved to %s, it will be fetched again", path, reason, dest
         )
-        with contextlib.suppress(OSError):
+        cid = bytes.fromhex(path.name.removesuffix(".safetensors"))
+        with self._lock, contextlib.suppress(OSError):
             os.replace(path, dest)
+            self._used -= self._sizes.pop(cid, 0)  # quarantined files do not count against the quota
 
 
 class BlobWriter:
@@ -310,7 +460,7 @@ class BlobWriter:
             finally:
                 with contextlib.suppress(BufferError):
                     mm.close()
-            self._store._publish(self._part, final)
+            self._store._publish(self._part, final, self.cid, self._offset)
         except BlobRejected:
             self.abort()
             raise

@@ -64,7 +64,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import TracebackType
@@ -83,7 +83,7 @@ from meshmerge.daemon.store.atomic import (
     remove_tmp_files,
     tmp_name,
 )
-from meshmerge.daemon.store.blobs import BlobStore, BlobWriter
+from meshmerge.daemon.store.blobs import BlobStore, BlobUsage, BlobWriter, CollectionMark, CollectionReport
 from meshmerge.daemon.store.errors import StoreError
 from meshmerge.daemon.store.limits import StoreLimits
 from meshmerge.daemon.store.logfile import RecordFile, read_records
@@ -580,6 +580,39 @@ class Store:
     def get_tensors(self, cid: bytes) -> dict[str, npt.NDArray[Any]] | None:
         """Zero-copy read-only views of a stored blob's tensors (verified when stored), or None."""
         return self._blob_store.get_tensors(cid)
+
+    def blob_usage(self) -> BlobUsage:
+        """Published blob count and bytes, bytes reserved by writes in progress, and the quota."""
+        return self._blob_store.usage()
+
+    def begin_blob_collection(self) -> CollectionMark:
+        """Start a garbage collection: call *before* computing the ids to keep (see blobs.py)."""
+        return self._blob_store.begin_collection()
+
+    def collect_blobs(self, keep: Collection[bytes], mark: CollectionMark) -> CollectionReport:
+        """Delete blobs and idle partial writes not in ``keep`` (e.g. the live ids of every set).
+
+        Blobs published since ``mark`` are spared, so a blob stored while the
+        caller computed ``keep`` is never lost.
+        """
+        report = self._blob_store.collect(keep, mark)
+        if report.blobs_removed or report.parts_removed:
+            log.info(
+                "blob collection: removed %d blob(s) (%d bytes) and %d partial write(s) (%d bytes); kept %d",
+                report.blobs_removed,
+                report.bytes_freed,
+                report.parts_removed,
+                report.part_bytes_freed,
+                report.blobs_kept,
+            )
+        return report
+
+    def collect_garbage(self, keep: Collection[bytes] | None = None) -> CollectionReport:
+        """One-call collection for single-threaded users: keep ``keep``, or every set's live ids."""
+        mark = self.begin_blob_collection()
+        if keep is None:
+            keep = {cid for schema in self.sets() for cid in self.load_state(schema.id).live_ids()}
+        return self.collect_blobs(keep, mark)
 
 
 def _rescan(buf: Buffer, file: RecordFile) -> Scan:

@@ -31,3 +31,22 @@ class BlobRejected(StoreError):
     Raised before anything becomes visible, so a rejected blob leaves no
     trace in the store. For data from the network this is the sender's fault.
     """
+
+
+class QuotaExceeded(StoreError):
+    """Storing a blob would take the store past ``StoreLimits.blob_quota_bytes``.
+
+    Not the sender's fault (unlike :class:`BlobRejected`): the node is full.
+    Nothing was written; collecting garbage or raising the quota helps.
+    """
+
+    def __init__(self, what: str, need: int, used: int, reserved: int, quota: int) -> None:
+        super().__init__(
+            f"{what}: needs {need} bytes but blobs use {used} of the {quota}-byte quota "
+            f"({reserved} more reserved by writes in progress); run `meshmerge gc` or raise "
+            "[store] blob_quota_bytes"
+        )
+        self.need = need
+        self.used = used
+        self.reserved = reserved
+        self.quota = quota

@@ -41,11 +41,17 @@ class StoreLimits:
     #: ``max_blob_header_base``; bounds a blob's size before it is read.
     max_blob_header_per_tensor: int = 1024
     max_blob_header_base: int = 64 * 1024
+    #: Most bytes all published blobs together may take, counting the full
+    #: size of blobs being written; None for no quota. A blob that would go
+    #: over is refused (QuotaExceeded) before a byte of it is written.
+    blob_quota_bytes: int | None = None
 
     def validate(self) -> StoreLimits:
         """Return self, or raise ValueError naming the field and the rule."""
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "blob_quota_bytes" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"StoreLimits.{f.name} must be a positive integer, got {value!r}")
         if self.max_record_bytes > 2**32 - 1:

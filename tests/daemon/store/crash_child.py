@@ -4,8 +4,9 @@ random moment and checks that everything ACKed survived.
 
 Usage: python -m tests.daemon.store.crash_child DATA_DIR SEED MODE
 MODE "ops" snapshots when the op log passes a small limit; "snapshots"
-snapshots after every contribution, so most kills land inside one.
-Lines: READY | SEQ <n> | OP <cid hex> | REM <target cid hex> | BLOB <cid hex> | SNAP
+snapshots after every contribution, so most kills land inside one; "gc"
+removes more contributions and collects blob garbage after each one.
+Lines: READY | SEQ <n> | OP <cid hex> | REM <target cid hex> | BLOB <cid hex> | SNAP | GC
 """
 
 from __future__ import annotations
@@ -54,10 +55,15 @@ def main(data_dir: Path, seed: int, mode: str) -> None:
                     w.write(off, data[off : off + 64])
                 w.finish()
         ack(f"BLOB {signed.id.hex()}")
-        if rng.random() < 0.2:
+        if rng.random() < (0.5 if mode == "gc" else 0.2):
             removal = state.remove(me, signed.id)
             store.append(sid, StateMessage(sid, removals=(removal,)))
             ack(f"REM {signed.id.hex()}")
+        if mode == "gc":
+            if rng.random() < 0.3:  # a fetch that was interrupted, then its contribution died
+                (data_dir / "blobs" / ".partial" / f"{signed.id.hex()}.part").write_bytes(data[:40])
+            store.collect_garbage(keep=set(state.live_ids()))
+            ack("GC")
         if mode == "snapshots":
             store.snapshot(sid, state)
             ack("SNAP")

@@ -68,7 +68,7 @@ def run_and_kill(data_dir: Path, seed: int, delay: float, mode: str = "ops") -> 
     return lines
 
 
-def check(data_dir: Path, acked: dict[str, list[str]]) -> None:
+def check(data_dir: Path, acked: dict[str, list[str]], mode: str = "ops") -> None:
     me = signer(0).peer_id
     with Store.open(data_dir) as store:
         state = store.load_state(SID)
@@ -82,6 +82,8 @@ def check(data_dir: Path, acked: dict[str, list[str]]) -> None:
         for cid in acked["REM"]:
             assert bytes.fromhex(cid) in removed_targets
         for cid in acked["BLOB"]:
+            if mode == "gc" and bytes.fromhex(cid) in removed_targets:
+                continue  # a removal may be durable before its REM line: no longer live, collectable
             raw = bytes.fromhex(cid)
             tensors = store.get_tensors(raw)
             assert tensors is not None, cid
@@ -91,18 +93,32 @@ def check(data_dir: Path, acked: dict[str, list[str]]) -> None:
         if seqs:
             assert store.next_seq(SID, me) > max(seqs)
         assert list((data_dir / "blobs" / ".tmp").iterdir()) == []
+        if mode == "gc":
+            check_collection(data_dir, store, set(state.live_ids()))
+
+
+def check_collection(data_dir: Path, store: Store, live: set[bytes]) -> None:
+    """After a crash, a collection (as the daemon runs on start) leaves exactly the live blobs."""
+    blobs = data_dir / "blobs"
+    on_disk = {p: p.stat().st_size for p in blobs.glob("[0-9a-f][0-9a-f]/*.safetensors")}
+    assert store.blob_usage().bytes == sum(on_disk.values())  # recounted on open, whatever the crash hit
+    store.collect_garbage()
+    left = {bytes.fromhex(p.name.removesuffix(".safetensors")) for p in blobs.glob("[0-9a-f][0-9a-f]/*")}
+    assert left <= live, "a dead contribution's blob survived a collection"
+    assert all(bytes.fromhex(p.name.removesuffix(".part")) in live for p in (blobs / ".partial").iterdir())
+    assert store.blob_usage().bytes == sum(p.stat().st_size for p in blobs.glob("[0-9a-f][0-9a-f]/*"))
 
 
 def kill_repeatedly(data_dir: Path, kills: int, mode: str, seed: int) -> dict[str, list[str]]:
     rng = random.Random(seed)
-    acked: dict[str, list[str]] = {"SEQ": [], "OP": [], "REM": [], "BLOB": [], "SNAP": []}
+    acked: dict[str, list[str]] = {"SEQ": [], "OP": [], "REM": [], "BLOB": [], "SNAP": [], "GC": []}
     for k in range(kills):
         lines = run_and_kill(data_dir, seed + k, rng.uniform(0.0, 0.35), mode)
         for line in lines:
             kind, _, value = line.partition(" ")
             if kind in acked:
                 acked[kind].append(value)
-        check(data_dir, acked)
+        check(data_dir, acked, mode)
     return acked
 
 
@@ -114,8 +130,14 @@ def test_kill_minus_9_loses_nothing_acknowledged(tmp_path: Path, mode: str) -> N
     assert len(acked["OP"]) >= kills and acked["SNAP"], {k: len(v) for k, v in acked.items()}
 
 
+def test_kill_minus_9_during_blob_collection_loses_no_live_blob(tmp_path: Path) -> None:
+    kills = 12
+    acked = kill_repeatedly(tmp_path, kills, "gc", seed=1123)
+    assert len(acked["OP"]) >= kills and len(acked["GC"]) >= kills and acked["REM"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ops", "snapshots"])
+@pytest.mark.parametrize("mode", ["ops", "snapshots", "gc"])
 def test_kill_minus_9_many_times(tmp_path: Path, mode: str) -> None:
     acked = kill_repeatedly(tmp_path, 60, mode, seed=7)
     assert len(acked["OP"]) >= 60 and acked["SNAP"]
