@@ -169,6 +169,7 @@ def run(name: str, n_honest: int, n_sybil: int, duration: float, seed: int) -> d
         "p50_ms": 1000.0 * stats["p50"],
         "p99_ms": 1000.0 * stats["p99"],
         "frames_M": sim.frames / 1e6,
+        "decoded_M": sim.decodes / 1e6,
         "setup_s": setup_s,
         "wall_s": wall,
         "cpu_s": cpu,
