@@ -189,18 +189,24 @@ class Simulator:
         r = node.router
         if r is None:
             return
-        for d in r.take_deliveries():
-            per = self.delivered.get(d.mid)
-            if per is not None and node.index not in per:
-                per[node.index] = self.now
-            if self.on_delivery is not None:
-                self.on_delivery(node, d.mid, d.topic, d.data)
-        for peer in r.take_disconnects():
-            other = self.by_id.get(peer)
-            if other is not None:
-                self.disconnect(node, other)
-        r.take_connects()  # PX dialing is not modelled; the topology is the scenario's
-        self._pump(node)
+        # this runs after every event and the take_* calls allocate, so peek at the
+        # router's action lists first (same package)
+        if r._deliveries:
+            for d in r.take_deliveries():
+                per = self.delivered.get(d.mid)
+                if per is not None and node.index not in per:
+                    per[node.index] = self.now
+                if self.on_delivery is not None:
+                    self.on_delivery(node, d.mid, d.topic, d.data)
+        if r._disconnects:
+            for peer in r.take_disconnects():
+                other = self.by_id.get(peer)
+                if other is not None:
+                    self.disconnect(node, other)
+        if r._connects:
+            r.take_connects()  # PX dialing is not modelled; the topology is the scenario's
+        if r._ready:
+            self._pump(node)
 
     # ------------------------------------------------------------------ loop
 
