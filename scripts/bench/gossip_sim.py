@@ -20,6 +20,7 @@ for messages published between the warm-up and 10 s before the end.
 
     .venv/bin/python scripts/bench/gossip_sim.py                      # 1000 honest, 4000 Sybils, 300 s
     .venv/bin/python scripts/bench/gossip_sim.py --honest 200 --sybils 800 --duration 120
+    .venv/bin/python scripts/bench/gossip_sim.py --scenarios attack_dawn --census 10,60,110  # peer states
 """
 
 from __future__ import annotations
