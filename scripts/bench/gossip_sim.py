@@ -20,6 +20,7 @@ for messages published between the warm-up and 10 s before the end.
 
     .venv/bin/python scripts/bench/gossip_sim.py                      # 1000 honest, 4000 Sybils, 300 s
     .venv/bin/python scripts/bench/gossip_sim.py --honest 200 --sybils 800 --duration 120
+    .venv/bin/python scripts/bench/gossip_sim.py --scenarios attack_dawn --census 10,60,110  # peer states
 """
 
 from __future__ import annotations
@@ -60,7 +61,40 @@ SCENARIOS = [
 ]
 
 
-def run(name: str, n_honest: int, n_sybil: int, duration: float, seed: int) -> dict[str, object]:
+def mesh_census(sim: Simulator, nodes: list[SimNode], label: str) -> None:
+    """Print, averaged over ``nodes``, how their honest and Sybil peers stand: in the mesh,
+    negative score, in backoff, or free to graft; and the mesh size distribution."""
+    honest_ids = {n.peer_id for n in sim.nodes if n.honest}
+    counts: dict[str, int] = {}
+    sizes: dict[int, int] = {}
+    for n in nodes:
+        r = n.router
+        assert r is not None
+        mesh = r.mesh.get(TOPIC, set())
+        sizes[len(mesh)] = sizes.get(len(mesh), 0) + 1
+        for p in r.peers:
+            kind = "honest" if p in honest_ids else "sybil"
+            if p in mesh:
+                state = "mesh"
+            elif r.peer_score(p) < 0:
+                state = "negative"
+            elif r._backoff_active(TOPIC, p, sim.now):
+                state = "backoff"
+            else:
+                state = "free"
+            counts[f"{kind} {state}"] = counts.get(f"{kind} {state}", 0) + 1
+    avg = ", ".join(f"{k} {v / max(1, len(nodes)):.2f}" for k, v in sorted(counts.items()))
+    print(
+        f"[census t={sim.now:.0f} {label} n={len(nodes)}] peers per node: {avg}; "
+        f"mesh sizes {dict(sorted(sizes.items()))}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def run(
+    name: str, n_honest: int, n_sybil: int, duration: float, seed: int, census: tuple[float, ...] = ()
+) -> dict[str, object]:
     rng = random.Random(seed)
     sp, th = derive_score_params({TOPIC: 1.0})
     if name == "degradation_unscored":
@@ -145,6 +179,11 @@ def run(name: str, n_honest: int, n_sybil: int, duration: float, seed: int) -> d
             lambda: sim.publish(rng.choice(publishers), TOPIC, rng.randbytes(200)),
         )
     setup_s = time.perf_counter() - t_wall
+    for t in sorted(census):
+        sim.run_until(t)
+        mesh_census(sim, honest, "honest")
+        if joiners:
+            mesh_census(sim, joiners, "late joiners")
     sim.run_until(duration)
     wall = time.perf_counter() - t_wall
     cpu = time.process_time() - cpu0
@@ -169,6 +208,7 @@ def run(name: str, n_honest: int, n_sybil: int, duration: float, seed: int) -> d
         "p50_ms": 1000.0 * stats["p50"],
         "p99_ms": 1000.0 * stats["p99"],
         "frames_M": sim.frames / 1e6,
+        "decoded_M": sim.decodes / 1e6,
         "setup_s": setup_s,
         "wall_s": wall,
         "cpu_s": cpu,
@@ -182,10 +222,16 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument(
+        "--census",
+        default="",
+        help="comma-separated simulated times at which to print the honest nodes' peer states to stderr",
+    )
     args = ap.parse_args()
     rows = []
     for name in args.scenarios.split(","):
-        res = run(name, args.honest, args.sybils, args.duration, args.seed)
+        census = tuple(float(t) for t in args.census.split(",") if t)
+        res = run(name, args.honest, args.sybils, args.duration, args.seed, census)
         print(f"[gossip_sim] {res}", file=sys.stderr, flush=True)
         rows.append(res)
     headers = list(rows[0].keys())

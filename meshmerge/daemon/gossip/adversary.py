@@ -31,7 +31,9 @@ class NonForwardingRouter(GossipSubRouter):
     def _handle_iwant(self, peer: bytes, iwants: list[ControlIWant], now: float) -> None:
         return
 
-    def _emit_gossip(self, topic: str, exclude: set[bytes], mids: list[bytes]) -> None:
+    def _emit_gossip(
+        self, topic: str, exclude: set[bytes], mids: list[bytes], score: Callable[[bytes], float]
+    ) -> None:
         return
 
     def _handle_ihave(self, peer: bytes, st: object, ihaves: list[ControlIHave], now: float) -> list[bytes]:
@@ -149,6 +151,8 @@ class CovertFlashRouter(GossipSubRouter):
         if not self._attacking():
             super()._handle_iwant(peer, iwants, now)
 
-    def _emit_gossip(self, topic: str, exclude: set[bytes], mids: list[bytes]) -> None:
+    def _emit_gossip(
+        self, topic: str, exclude: set[bytes], mids: list[bytes], score: Callable[[bytes], float]
+    ) -> None:
         if not self._attacking():
-            super()._emit_gossip(topic, exclude, mids)
+            super()._emit_gossip(topic, exclude, mids, score)

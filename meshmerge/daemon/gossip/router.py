@@ -56,7 +56,7 @@ from meshmerge.proto.gossipsub import (
     Message,
     PeerInfo,
     SubOpts,
-    encode_frame,
+    encode_rpc,
 )
 from meshmerge.proto.gossipsub_sign import (
     Ed25519Identity,
@@ -115,6 +115,7 @@ Validator = Callable[[str, Message, bytes], "Validation | None"]
 
 class _Peer:
     __slots__ = (
+        "counters_tick",
         "dontwant",
         "gossipsub",
         "iasked",
@@ -142,6 +143,7 @@ class _Peer:
         self.ihave_count = 0
         self.iasked = 0
         self.idontwant_count = 0
+        self.counters_tick = 0  # heartbeat the three per-heartbeat counters above belong to
         self.dontwant: dict[bytes, int] = {}  # mid -> heartbeat tick after which it is forgotten
         self.gossipsub = protocol != FLOODSUB
         self.v11 = protocol in (MESHSUB_11, MESHSUB_12)
@@ -221,6 +223,8 @@ class GossipSubRouter:
         self._connects: list[bytes] = []
         self._deliveries: list[Delivery] = []
         self._validations: list[PendingValidation] = []
+        self._dontwant_peers: set[bytes] = set()  # peers with IDONTWANT entries to expire
+        self._floodsub_peers: set[bytes] = set()  # never mesh, gossip or fanout candidates
 
     # ================================================================== helpers
 
@@ -242,11 +246,12 @@ class GossipSubRouter:
     def _flush(self) -> None:
         out, self._out = self._out, {}
         p = self.params
+        encoded: dict[int, bytes] = {}  # id(Message) -> its RPC.publish field, for this flush only
         for peer, rpc in out.items():
             st = self.peers.get(peer)
             if st is None or rpc.is_empty():
                 continue
-            frame = encode_frame(rpc)
+            frame = _encode_frame(rpc, encoded)
             if (
                 len(st.queue) + 1 > p.max_peer_queue_messages
                 or st.queue_bytes + len(frame) > p.max_peer_queue_bytes
@@ -261,6 +266,13 @@ class GossipSubRouter:
             st.queue.append(frame)
             st.queue_bytes += len(frame)
             self._ready[peer] = None
+
+    def _reset_counters(self, st: _Peer) -> None:
+        """Per-heartbeat IHAVE/IWANT/IDONTWANT counters start at zero on each heartbeat
+        (reset on first use rather than for every peer on every heartbeat)."""
+        if st.counters_tick != self.heartbeat_ticks:
+            st.counters_tick = self.heartbeat_ticks
+            st.ihave_count = st.iasked = st.idontwant_count = 0
 
     def _backoff_active(self, topic: str, peer: bytes, now: float) -> bool:
         exp = self.backoff.get(topic, {}).get(peer)
@@ -306,14 +318,14 @@ class GossipSubRouter:
         self._ctl(peer).prune.append(self._make_prune(peer, topic, do_px, unsubscribe, now))
 
     def _candidates(self, topic: str, exclude: set[bytes], pred: Callable[[bytes], bool]) -> list[bytes]:
-        peers = self.peers
-        direct = self.direct
+        members = self.topics.get(topic)
+        if not members:
+            return []
+        skip = exclude | self.direct if self.direct else exclude
+        if self._floodsub_peers:
+            skip = skip | self._floodsub_peers
         # sorted first so a seeded rng gives the same choice in every process (bytes hashing is salted)
-        out = sorted(
-            p
-            for p in self.topics.get(topic, ())
-            if p not in exclude and p not in direct and peers[p].gossipsub and pred(p)
-        )
+        out = sorted([p for p in members if p not in skip and pred(p)])
         self.rng.shuffle(out)
         return out
 
@@ -327,7 +339,9 @@ class GossipSubRouter:
         ips = (ip,) if isinstance(ip, str) else tuple(ip)
         if peer in self.peers:
             return
-        self.peers[peer] = _Peer(protocol, outbound, ips)
+        self.peers[peer] = st = _Peer(protocol, outbound, ips)
+        if not st.gossipsub:
+            self._floodsub_peers.add(peer)
         if self.score is not None:
             self.score.add_peer(peer, ips, now)
         if self.subscriptions:
@@ -338,6 +352,8 @@ class GossipSubRouter:
         st = self.peers.pop(peer, None)
         if st is None:
             return
+        self._floodsub_peers.discard(peer)
+        self._dontwant_peers.discard(peer)
         for topic in st.topics:
             members = self.topics.get(topic)
             if members is not None:
@@ -620,6 +636,7 @@ class GossipSubRouter:
         if self.peer_score(peer) < self.thresholds.gossip_threshold:
             self.stats.ihave_ignored += len(ihaves)
             return []
+        self._reset_counters(st)
         st.ihave_count += 1
         if st.ihave_count > p.max_ihave_messages or st.iasked >= p.max_ihave_length:
             self.stats.ihave_ignored += len(ihaves)
@@ -735,6 +752,7 @@ class GossipSubRouter:
         if not idws:
             return
         p = self.params
+        self._reset_counters(st)
         st.idontwant_count += 1
         if st.idontwant_count > p.max_idontwant_messages:
             self.stats.idontwant_ignored += len(idws)
@@ -748,6 +766,7 @@ class GossipSubRouter:
                     return
                 taken += 1
                 st.dontwant[mid] = expire
+                self._dontwant_peers.add(peer)
 
     # ================================================================== heartbeat
 
@@ -759,11 +778,17 @@ class GossipSubRouter:
         if self.score is not None:
             self.score.tick(now)
         self._apply_broken_promises(now)
-        for st in self.peers.values():
-            st.ihave_count = st.iasked = st.idontwant_count = 0
-            if st.dontwant:
+        for q in list(self._dontwant_peers):
+            st = self.peers.get(q)
+            if st is not None:
                 st.dontwant = {m: e for m, e in st.dontwant.items() if e > tick}
-        score = self.peer_score
+            if st is None or not st.dontwant:
+                self._dontwant_peers.discard(q)
+        # scores are computed once per heartbeat (as go does): decay just changed all of them,
+        # and nearly every peer is looked at below
+        sc = self.score
+        scores = dict.fromkeys(self.peers, 0.0) if sc is None else {q: sc.score(q) for q in self.peers}
+        score = scores.__getitem__
         gossip_ids = self.mcache.gossip_ids_by_topic()
 
         for topic, mesh in self.mesh.items():
@@ -819,7 +844,7 @@ class GossipSubRouter:
                     cands = self._candidates(topic, mesh, above_median)
                     for q in cands[: p.opportunistic_graft_peers]:
                         self._graft(q, topic, now)
-            self._emit_gossip(topic, mesh, gossip_ids.get(topic, []))
+            self._emit_gossip(topic, mesh, gossip_ids.get(topic, []), score)
 
         for topic in [t for t, last in self.fanout_lastpub.items() if last + p.fanout_ttl < now]:
             self.fanout.pop(topic, None)
@@ -831,7 +856,7 @@ class GossipSubRouter:
             if len(fan) < p.d:
                 cands = self._candidates(topic, fan, lambda q: score(q) >= th.publish_threshold)
                 fan.update(cands[: p.d - len(fan)])
-            self._emit_gossip(topic, fan, gossip_ids.get(topic, []))
+            self._emit_gossip(topic, fan, gossip_ids.get(topic, []), score)
 
         if tick % 15 == 0:
             for topic in list(self.backoff):
@@ -849,12 +874,14 @@ class GossipSubRouter:
         self.mcache.shift()
         self._flush()
 
-    def _emit_gossip(self, topic: str, exclude: set[bytes], mids: list[bytes]) -> None:
+    def _emit_gossip(
+        self, topic: str, exclude: set[bytes], mids: list[bytes], score: Callable[[bytes], float]
+    ) -> None:
         if not mids:
             return
         p = self.params
         gt = self.thresholds.gossip_threshold
-        cands = self._candidates(topic, exclude, lambda q: self.peer_score(q) >= gt)
+        cands = self._candidates(topic, exclude, lambda q: score(q) >= gt)
         target = max(p.d_lazy, int(p.gossip_factor * len(cands)))
         for q in cands[:target]:
             ids = mids
@@ -881,3 +908,35 @@ class GossipSubRouter:
         limit = self.params.seen_ttl
         for mid in [m for m, (_, t) in self.pending.items() if now - t > limit]:
             self.report_validation(mid, Validation.IGNORE, now)
+
+
+def _uvarint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _encode_frame(rpc: RPC, encoded: dict[int, bytes]) -> bytes:
+    """``encode_frame(rpc)``, byte for byte, with each message's field encoded once per flush.
+
+    Why: a forwarded or published message goes to up to D (flood publish: every topic
+    peer) RPCs in the same flush; the codec writes the RPC's fields in order
+    (subscriptions, publish, control), so the body is the concatenation of the
+    encodings of the three parts and the publish parts can be shared. ``encoded`` is
+    keyed by ``id(msg)`` and must not outlive the RPCs that hold the messages.
+    """
+    parts: list[bytes] = []
+    if rpc.subscriptions:
+        parts.append(encode_rpc(RPC(subscriptions=rpc.subscriptions)))
+    for msg in rpc.publish:
+        field_bytes = encoded.get(id(msg))
+        if field_bytes is None:
+            field_bytes = encoded[id(msg)] = encode_rpc(RPC(publish=[msg]))
+        parts.append(field_bytes)
+    if rpc.control is not None:
+        parts.append(encode_rpc(RPC(control=rpc.control)))
+    body = b"".join(parts)
+    return _uvarint(len(body)) + body

@@ -34,7 +34,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 
-from meshmerge.daemon.gossip.params import PeerScoreParams
+from meshmerge.daemon.gossip.params import PeerScoreParams, TopicScoreParams
 
 __all__ = ["PeerScore", "RejectReason"]
 
@@ -66,9 +66,11 @@ class _TopicStats:
         "mesh_deliveries_active",
         "mesh_failure_penalty",
         "mesh_time",
+        "tp",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, tp: TopicScoreParams) -> None:
+        self.tp = tp  # this topic's parameters, looked up once
         self.in_mesh = False
         self.graft_time = 0.0
         self.mesh_time = 0.0
@@ -110,6 +112,7 @@ class PeerScore:
         self._peers: dict[bytes, _PeerStats] = {}
         self._peer_ips: dict[str, set[bytes]] = {}
         self._whitelisted: dict[str, bool] = {}
+        self._ip_penalty: dict[str, float] = {}  # weighted P6 term of each over-shared IP
         self._deliveries: dict[bytes, _DeliveryRecord] = {}
         self._delivery_expiry: deque[tuple[float, bytes]] = deque()
         self._delivery_ttl = delivery_record_ttl
@@ -149,7 +152,7 @@ class PeerScore:
         ts = ps.topics.get(topic) if ps else None
         if ts is None:
             return {}
-        return {name: getattr(ts, name) for name in _TopicStats.__slots__}
+        return {name: getattr(ts, name) for name in _TopicStats.__slots__ if name != "tp"}
 
     def _compute(self, peer: bytes) -> float:
         ps = self._peers.get(peer)
@@ -157,10 +160,8 @@ class PeerScore:
             return 0.0
         p = self.params
         score = 0.0
-        for topic, ts in ps.topics.items():
-            tp = p.topics.get(topic)
-            if tp is None:
-                continue
+        for ts in ps.topics.values():
+            tp = ts.tp
             topic_score = 0.0
             if ts.in_mesh:
                 p1 = float(math.floor(ts.mesh_time / tp.time_in_mesh_quantum))
@@ -172,21 +173,17 @@ class PeerScore:
                 deficit = tp.mesh_message_deliveries_threshold - ts.mesh_deliveries
                 topic_score += deficit * deficit * tp.mesh_message_deliveries_weight
             topic_score += ts.mesh_failure_penalty * tp.mesh_failure_penalty_weight
-            topic_score += (
-                ts.invalid_deliveries * ts.invalid_deliveries * tp.invalid_message_deliveries_weight
-            )
+            invalid = ts.invalid_deliveries
+            topic_score += invalid * invalid * tp.invalid_message_deliveries_weight
             score += topic_score * tp.topic_weight
         if p.topic_score_cap > 0 and score > p.topic_score_cap:
             score = p.topic_score_cap
         if p.app_specific_weight != 0:
             score += p.app_specific_score(peer) * p.app_specific_weight
         if p.ip_colocation_factor_weight != 0:
+            ip_penalty = self._ip_penalty
             for ip in ps.ips:
-                if self._whitelisted.get(ip, False):
-                    continue
-                surplus = len(self._peer_ips.get(ip, ())) - p.ip_colocation_factor_threshold
-                if surplus > 0:
-                    score += float(surplus * surplus) * p.ip_colocation_factor_weight
+                score += ip_penalty.get(ip, 0.0)
         excess = ps.behaviour_penalty - p.behaviour_penalty_threshold
         if excess > 0:
             score += excess * excess * p.behaviour_penalty_weight
@@ -217,12 +214,23 @@ class PeerScore:
                 if not members:
                     del self._peer_ips[ip]
                     self._whitelisted.pop(ip, None)
+            self._update_ip_penalty(ip)
         for ip in ips:
             self._peer_ips.setdefault(ip, set()).add(peer)
             if ip not in self._whitelisted:
                 self._whitelisted[ip] = self._is_whitelisted(ip)
+            self._update_ip_penalty(ip)
         ps.ips = ips
         self._cache.clear()  # P6 of every peer sharing these IPs changed
+
+    def _update_ip_penalty(self, ip: str) -> None:
+        """Recompute w6 · surplus² for one IP (P6), so scoring a peer is a lookup per IP."""
+        p = self.params
+        surplus = len(self._peer_ips.get(ip, ())) - p.ip_colocation_factor_threshold
+        if surplus > 0 and not self._whitelisted.get(ip, False):
+            self._ip_penalty[ip] = float(surplus * surplus) * p.ip_colocation_factor_weight
+        else:
+            self._ip_penalty.pop(ip, None)
 
     def _is_whitelisted(self, ip: str) -> bool:
         nets = self.params.ip_colocation_factor_whitelist
@@ -243,10 +251,9 @@ class PeerScore:
             del self._peers[peer]
             self._cache.pop(peer, None)
             return
-        for topic, ts in ps.topics.items():
+        for ts in ps.topics.values():
             ts.first_deliveries = 0.0
-            tp = self.params.topics[topic]
-            threshold = tp.mesh_message_deliveries_threshold
+            threshold = ts.tp.mesh_message_deliveries_threshold
             if ts.in_mesh and ts.mesh_deliveries_active and ts.mesh_deliveries < threshold:
                 deficit = threshold - ts.mesh_deliveries
                 ts.mesh_failure_penalty += deficit * deficit
@@ -261,9 +268,10 @@ class PeerScore:
             return None
         ts = ps.topics.get(topic)
         if ts is None:
-            if topic not in self.params.topics:
+            tp = self.params.topics.get(topic)
+            if tp is None:
                 return None
-            ts = ps.topics[topic] = _TopicStats()
+            ts = ps.topics[topic] = _TopicStats(tp)
         return ts
 
     def graft(self, peer: bytes, topic: str, now: float) -> None:
@@ -280,7 +288,7 @@ class PeerScore:
         ts = self._topic(peer, topic)
         if ts is None:
             return
-        threshold = self.params.topics[topic].mesh_message_deliveries_threshold
+        threshold = ts.tp.mesh_message_deliveries_threshold
         if ts.mesh_deliveries_active and ts.mesh_deliveries < threshold:
             deficit = threshold - ts.mesh_deliveries
             ts.mesh_failure_penalty += deficit * deficit
@@ -357,7 +365,7 @@ class PeerScore:
         ts = self._topic(peer, topic)
         if ts is None:
             return
-        tp = self.params.topics[topic]
+        tp = ts.tp
         ts.first_deliveries = min(ts.first_deliveries + 1, tp.first_message_deliveries_cap)
         if ts.in_mesh:
             ts.mesh_deliveries = min(ts.mesh_deliveries + 1, tp.mesh_message_deliveries_cap)
@@ -367,7 +375,7 @@ class PeerScore:
         ts = self._topic(peer, topic)
         if ts is None or not ts.in_mesh:
             return
-        tp = self.params.topics[topic]
+        tp = ts.tp
         if validated is not None and now > validated + tp.mesh_message_deliveries_window:
             return
         ts.mesh_deliveries = min(ts.mesh_deliveries + 1, tp.mesh_message_deliveries_cap)
@@ -400,10 +408,8 @@ class PeerScore:
                 if now > ps.expire:
                     gone.append(peer)
                 continue
-            for topic, ts in ps.topics.items():
-                tp = p.topics.get(topic)
-                if tp is None:
-                    continue
+            for ts in ps.topics.values():
+                tp = ts.tp
                 ts.first_deliveries *= tp.first_message_deliveries_decay
                 if ts.first_deliveries < dz:
                     ts.first_deliveries = 0.0

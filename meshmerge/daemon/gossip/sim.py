@@ -10,6 +10,10 @@ busy node's queues fill and the router's own bounds apply. Each link has a
 one-way latency drawn once per link; each frame is lost with probability
 ``loss``. Every frame is the router's real encoding and is decoded with the
 real codec (:func:`meshmerge.proto.gossipsub.decode_rpc`) at the receiver.
+Decoding is a pure function of the bytes, so byte-identical frames (one message
+forwarded by many nodes, one IHAVE sent to many peers) are decoded once and the
+result is shared from a small bounded memo (``decode_cache``; 0 turns it off);
+routers never mutate the RPCs they receive.
 
 Nodes without a router ("raw" nodes) only record what they receive and send
 whatever a test scripts with :meth:`Simulator.inject`, for protocol attacks.
@@ -54,7 +58,14 @@ class SimNode:
 class Simulator:
     """Event loop over :class:`SimNode` routers; time only advances by popping events."""
 
-    def __init__(self, network: Network | None = None, *, seed: int = 0, keep_raw_inbox: int = 10000) -> None:
+    def __init__(
+        self,
+        network: Network | None = None,
+        *,
+        seed: int = 0,
+        keep_raw_inbox: int = 10000,
+        decode_cache: int = 4096,
+    ) -> None:
         self.net = network or Network()
         self.rng = random.Random(seed)
         self.now = 0.0
@@ -69,6 +80,9 @@ class Simulator:
         self.bytes = 0
         self.events = 0
         self._keep_raw = keep_raw_inbox
+        self._decoded: dict[bytes, RPC] = {}
+        self._decode_cache = decode_cache
+        self.decodes = 0  # frames actually run through the codec (the rest hit the memo)
 
     # ------------------------------------------------------------------ setup
 
@@ -175,23 +189,30 @@ class Simulator:
         r = node.router
         if r is None:
             return
-        for d in r.take_deliveries():
-            per = self.delivered.get(d.mid)
-            if per is not None and node.index not in per:
-                per[node.index] = self.now
-            if self.on_delivery is not None:
-                self.on_delivery(node, d.mid, d.topic, d.data)
-        for peer in r.take_disconnects():
-            other = self.by_id.get(peer)
-            if other is not None:
-                self.disconnect(node, other)
-        r.take_connects()  # PX dialing is not modelled; the topology is the scenario's
-        self._pump(node)
+        # this runs after every event and the take_* calls allocate, so peek at the
+        # router's action lists first (same package)
+        if r._deliveries:
+            for d in r.take_deliveries():
+                per = self.delivered.get(d.mid)
+                if per is not None and node.index not in per:
+                    per[node.index] = self.now
+                if self.on_delivery is not None:
+                    self.on_delivery(node, d.mid, d.topic, d.data)
+        if r._disconnects:
+            for peer in r.take_disconnects():
+                other = self.by_id.get(peer)
+                if other is not None:
+                    self.disconnect(node, other)
+        if r._connects:
+            r.take_connects()  # PX dialing is not modelled; the topology is the scenario's
+        if r._ready:
+            self._pump(node)
 
     # ------------------------------------------------------------------ loop
 
     def run_until(self, t_end: float) -> None:
         heap = self._heap
+        decoded = self._decoded
         while heap and heap[0][0] <= t_end:
             at, _, kind, payload = heapq.heappop(heap)
             self.now = at
@@ -203,11 +224,18 @@ class Simulator:
                 src, dst, frame = payload  # type: ignore[misc]
                 if src not in dst.links:
                     continue  # link closed while in flight
-                try:
-                    rpc = _decode_frame(frame)
-                except GossipCodecError:
-                    dst.decode_errors += 1
-                    continue
+                rpc = decoded.get(frame)
+                if rpc is None:
+                    try:
+                        rpc = _decode_frame(frame)
+                    except GossipCodecError:
+                        dst.decode_errors += 1
+                        continue
+                    self.decodes += 1
+                    if self._decode_cache:
+                        if len(decoded) >= self._decode_cache:
+                            decoded.clear()
+                        decoded[frame] = rpc
                 if dst.router is None:
                     if len(dst.inbox) < self._keep_raw:
                         dst.inbox.append((at, src, rpc))
