@@ -19,7 +19,8 @@ Actions out (the driver drains them after each event)::
 
     pop_frame(peer)      length-prefixed RPC bytes to write to the peer's stream
     take_disconnects()   peers to drop (graylist is not enough: slow or over-limit peers)
-    take_connects()      peer ids learnt through PX or direct peers to (re)dial
+    take_connects()      direct peers to (re)dial
+    take_px()            (source, PeerInfo) offered by PX from peers above accept-PX, to verify and dial
     take_deliveries()    validated messages for the application
     take_validations()   messages waiting for an asynchronous validator verdict
 
@@ -111,6 +112,8 @@ class PendingValidation:
 
 
 Validator = Callable[[str, Message, bytes], "Validation | None"]
+RecordLookup = Callable[[bytes], "bytes | None"]
+"""``peer id -> signed peer record`` (marshalled envelope) to attach to the PX entries we send."""
 
 
 class _Peer:
@@ -184,6 +187,7 @@ class GossipSubRouter:
         rng: random.Random | None = None,
         now: float = 0.0,
         verify_signatures: bool = True,
+        peer_record: RecordLookup | None = None,
     ) -> None:
         self.params = params or GossipSubParams()
         self.params.validate()
@@ -200,6 +204,7 @@ class GossipSubRouter:
         self.direct = set(direct_peers)
         self.rng = rng or random.Random()
         self.verify_signatures = verify_signatures
+        self.peer_record = peer_record
         self.stats = RouterStats()
 
         self.peers: dict[bytes, _Peer] = {}
@@ -219,6 +224,7 @@ class GossipSubRouter:
         self._ready: dict[bytes, None] = {}  # peers with queued frames, in arrival order
         self._disconnects: list[bytes] = []
         self._connects: list[bytes] = []
+        self._px: list[tuple[bytes, PeerInfo]] = []
         self._deliveries: list[Delivery] = []
         self._validations: list[PendingValidation] = []
 
@@ -285,7 +291,11 @@ class GossipSubRouter:
             members = self.topics.get(topic, ())
             cands = sorted(p for p in members if p != peer and p in self.peers and self.peer_score(p) >= 0)
             self.rng.shuffle(cands)
-            px = [PeerInfo(peer_id=p) for p in cands[: self.params.prune_peers]]
+            lookup = self.peer_record
+            px = [
+                PeerInfo(peer_id=p, signed_peer_record=lookup(p) if lookup is not None else None)
+                for p in cands[: self.params.prune_peers]
+            ]
         return ControlPrune(topic=topic, peers=px, backoff=int(backoff))
 
     def _graft(self, peer: bytes, topic: str, now: float) -> None:
@@ -379,6 +389,10 @@ class GossipSubRouter:
 
     def take_connects(self) -> list[bytes]:
         out, self._connects = self._connects, []
+        return out
+
+    def take_px(self) -> list[tuple[bytes, PeerInfo]]:
+        out, self._px = self._px, []
         return out
 
     def take_deliveries(self) -> list[Delivery]:
@@ -724,12 +738,17 @@ class GossipSubRouter:
             backoff = float(pr.backoff) if pr.backoff else self.params.prune_backoff
             self._add_backoff(peer, topic, backoff, now)
             if pr.peers and self.peer_score(peer) >= self.thresholds.accept_px_threshold:
-                cands = [pi.peer_id for pi in pr.peers if pi.peer_id and pi.peer_id not in self.peers]
-                cands = [c for c in cands if c != self.peer_id]
+                known = {pi.peer_id for _, pi in self._px}
+                cands = [
+                    pi
+                    for pi in pr.peers
+                    if pi.peer_id and pi.peer_id not in self.peers and pi.peer_id != self.peer_id
+                ]
                 self.rng.shuffle(cands)
-                for c in cands[: self.params.max_px_connect]:
-                    if c not in self._connects:
-                        self._connects.append(c)
+                for pi in cands[: self.params.max_px_connect]:
+                    if pi.peer_id not in known and len(self._px) < self.params.max_px_connect:
+                        known.add(pi.peer_id)
+                        self._px.append((peer, pi))
 
     def _handle_idontwant(self, peer: bytes, st: _Peer, idws: list[ControlIDontWant]) -> None:
         if not idws:

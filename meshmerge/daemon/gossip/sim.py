@@ -186,6 +186,7 @@ class Simulator:
             if other is not None:
                 self.disconnect(node, other)
         r.take_connects()  # PX dialing is not modelled; the topology is the scenario's
+        r.take_px()
         self._pump(node)
 
     # ------------------------------------------------------------------ loop
