@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from meshmerge.daemon.gossip.caches import MessageCache, SeenCache
+from meshmerge.daemon.gossip.frames import FrameEncoder
 from meshmerge.daemon.gossip.params import GossipSubParams, PeerScoreParams, PeerScoreThresholds
 from meshmerge.daemon.gossip.score import PeerScore, RejectReason
 from meshmerge.proto.gossipsub import (
@@ -57,7 +58,6 @@ from meshmerge.proto.gossipsub import (
     Message,
     PeerInfo,
     SubOpts,
-    encode_frame,
 )
 from meshmerge.proto.gossipsub_sign import (
     Ed25519Identity,
@@ -221,6 +221,7 @@ class GossipSubRouter:
         self.heartbeat_ticks = 0
         self._seqno = int(now * 1e9) & ((1 << 63) - 1)
         self._out: dict[bytes, RPC] = {}
+        self._frames = FrameEncoder()  # a message sent to many peers in one flush is encoded once
         self._ready: dict[bytes, None] = {}  # peers with queued frames, in arrival order
         self._disconnects: list[bytes] = []
         self._connects: list[bytes] = []
@@ -252,7 +253,7 @@ class GossipSubRouter:
             st = self.peers.get(peer)
             if st is None or rpc.is_empty():
                 continue
-            frame = encode_frame(rpc)
+            frame = self._frames.encode(rpc)
             if (
                 len(st.queue) + 1 > p.max_peer_queue_messages
                 or st.queue_bytes + len(frame) > p.max_peer_queue_bytes
@@ -267,6 +268,7 @@ class GossipSubRouter:
             st.queue.append(frame)
             st.queue_bytes += len(frame)
             self._ready[peer] = None
+        self._frames.reset()
 
     def _backoff_active(self, topic: str, peer: bytes, now: float) -> bool:
         exp = self.backoff.get(topic, {}).get(peer)
