@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 
 import pytest
 import trio
@@ -12,6 +13,7 @@ from libp2p.host.basic_host import BasicHost
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo as HostPeerInfo
 from libp2p.peer.peerstore import create_signed_peer_record
+from multiaddr import Multiaddr
 
 from meshmerge.daemon.gossip.driver import GossipConfig
 from meshmerge.daemon.gossip.params import GossipSubParams
@@ -27,7 +29,7 @@ from meshmerge.proto.gossipsub import (
     SubOpts,
     encode_frame,
 )
-from tests.daemon.gossip.netkit import gossip_nodes, mesh_ready, wait_for
+from tests.daemon.gossip.netkit import GNode, gossip_nodes, mesh_ready, wait_for
 from tests.daemon.swarmkit import run
 
 TOPIC = "/meshmerge/1/set/px"
@@ -51,6 +53,27 @@ def _knows(host: BasicHost, other: BasicHost | ID) -> bool:
 
 def _connected(host: BasicHost, other: BasicHost) -> bool:
     return bool(host.get_network().get_connections(other.get_id()))
+
+
+async def _raw_pubsub_stream(x: BasicHost, a: GNode) -> INetStream:
+    """X (a bare host) becomes a pubsub peer of A on the topic; returns X's stream to A."""
+
+    async def sink(stream: INetStream) -> None:  # A's outbound stream to X: read and discard
+        with trio.move_on_after(60):
+            while await stream.read(65536):
+                pass
+
+    x.set_stream_handler(TProtocol(MESHSUB_11), sink)
+    await x.connect(HostPeerInfo(a.host.get_id(), list(a.host.get_transport_addrs())))
+    await wait_for(lambda: x.get_id().to_bytes() in a.service.router.peers, what="A added X")
+    stream = await x.new_stream(a.host.get_id(), [TProtocol(MESHSUB_11)])
+    await stream.write(encode_frame(RPC(subscriptions=[SubOpts(True, TOPIC)])))
+    return stream
+
+
+def _prune_frame(entries: list[PeerInfo]) -> bytes:
+    prune = ControlPrune(topic=TOPIC, peers=entries, backoff=60)
+    return encode_frame(RPC(control=ControlMessage(prune=[prune])))
 
 
 def test_open_px_record_checks_signature_signer_and_named_peer() -> None:
@@ -122,17 +145,7 @@ def test_forged_and_unsigned_px_entries_are_ignored_valid_ones_dialled(
             running_host(HostConfig(), iff) as f,
         ):
             a.join(TOPIC)
-
-            async def sink(stream: INetStream) -> None:  # A's outbound stream to X: read and discard
-                with trio.move_on_after(60):
-                    while await stream.read(65536):
-                        pass
-
-            x.set_stream_handler(TProtocol(MESHSUB_11), sink)
-            await x.connect(HostPeerInfo(a.host.get_id(), list(a.host.get_transport_addrs())))
-            await wait_for(lambda: ix.peer_id.to_bytes() in a.service.router.peers, what="A added X")
-            stream = await x.new_stream(a.host.get_id(), [TProtocol(MESHSUB_11)])
-            await stream.write(encode_frame(RPC(subscriptions=[SubOpts(True, TOPIC)])))
+            stream = await _raw_pubsub_stream(x, a)
 
             tampered = bytearray(_record(ig, c))
             tampered[-1] ^= 1
@@ -145,8 +158,7 @@ def test_forged_and_unsigned_px_entries_are_ignored_valid_ones_dialled(
                 PeerInfo(ie.peer_id.to_bytes(), _record(ie, e)),  # genuine
             ]
             with caplog.at_level(logging.WARNING, logger="meshmerge.gossip"):
-                prune = ControlPrune(topic=TOPIC, peers=entries, backoff=60)
-                await stream.write(encode_frame(RPC(control=ControlMessage(prune=[prune]))))
+                await stream.write(_prune_frame(entries))
                 await wait_for(lambda: _connected(a.host, e), what="A dialled the honestly signed E")
                 await trio.sleep(1.0)
             stats = a.service.stats
@@ -161,5 +173,36 @@ def test_forged_and_unsigned_px_entries_are_ignored_valid_ones_dialled(
                 assert any(reason in m for m in ignored), (reason, ignored)
             assert all(ix.peer_id.to_base58() in m for m in ignored)  # the log names the sender
             assert ix.peer_id.to_bytes() in a.service.router.peers  # no crash, X is still served
+
+    run(body, timeout=60)
+
+
+def test_px_dials_are_bounded_by_concurrency_and_queue() -> None:
+    """Ten genuine records for peers that are not listening: 1 dial at a time, 2 may wait, 7 dropped."""
+    config = GossipConfig(max_concurrent_dials=1, max_pending_dials=2)
+    ids = [Identity.generate() for _ in range(10)]
+
+    async def body() -> None:
+        async with gossip_nodes(1, config) as (a,), running_host(HostConfig(), Identity.generate()) as x:
+            a.join(TOPIC)
+            stream = await _raw_pubsub_stream(x, a)
+            with socket.socket() as probe:  # a loopback port nobody listens on
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            dead = Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")
+            entries = [
+                PeerInfo(
+                    i.peer_id.to_bytes(),
+                    create_signed_peer_record(i.peer_id, [dead], i.key_pair().private_key).marshal_envelope(),
+                )
+                for i in ids
+            ]
+            await stream.write(_prune_frame(entries))
+            stats = a.service.stats
+            await wait_for(lambda: stats.px_records == 10 and not a.service._dialing, what="PX handled")
+            await trio.sleep(0.5)
+            assert not a.service._dialing and not a.service._dial_queue
+            assert (stats.dials, stats.dials_skipped) == (3, 7)
+            assert x.get_id().to_bytes() in a.service.router.peers  # failed dials cost X nothing here
 
     run(body, timeout=60)

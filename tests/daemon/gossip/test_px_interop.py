@@ -64,7 +64,9 @@ def test_go_dials_the_peer_named_by_our_signed_px_record(interop_tools: InteropT
                         and hb.get_peerstore().get_peer_record(ic.peer_id) is not None
                     )
 
-                await wait_until(ready, timeout=20, what="G in B's mesh, C a topic peer of B, C's record at B")
+                await wait_until(
+                    ready, timeout=20, what="G in B's mesh, C a topic peer of B, C's record at B"
+                )
                 assert ic.peer_id not in {p.peer_id for p in await go.list_peers()}
 
                 b.unsubscribe(TOPIC)  # PRUNE to G with PX: C and its signed record
