@@ -86,7 +86,7 @@ from meshmerge.daemon.gossip.params import (
     PeerScoreParams,
     PeerScoreThresholds,
 )
-from meshmerge.daemon.gossip.peer_record import PeerRecordError, open_px_record
+from meshmerge.daemon.gossip.peer_record import MAX_RECORD_BYTES, PeerRecordError, open_px_record
 from meshmerge.daemon.gossip.router import (
     FLOODSUB,
     MESHSUB_10,
@@ -504,7 +504,9 @@ class GossipService:
             pid = ID(peer)
             ps = self.host.get_peerstore()
             env = ps.get_local_record() if pid == self.host.get_id() else ps.get_peer_record(pid)
-            return env.marshal_envelope() if env is not None else None
+            data = env.marshal_envelope() if env is not None else None
+            # a record beyond the codec's bound would make the receiver refuse the whole RPC
+            return data if data is not None and len(data) <= MAX_RECORD_BYTES else None
         except Exception as exc:
             log.debug("gossip: no signed record for %s: %r", peer.hex(), exc)
             return None

@@ -206,3 +206,24 @@ def test_px_dials_are_bounded_by_concurrency_and_queue() -> None:
             assert x.get_id().to_bytes() in a.service.router.peers  # failed dials cost X nothing here
 
     run(body, timeout=60)
+
+
+def test_records_we_hand_out_are_ours_from_identify_and_never_oversized() -> None:
+    async def body() -> None:
+        async with gossip_nodes(2) as (a, b):
+            await a.host.connect(b.info)
+            bid = b.host.get_id()
+            ps = a.host.get_peerstore()
+            await wait_for(lambda: ps.get_peer_record(bid) is not None, what="B's record via identify")
+            rec = a.service._signed_record(b.pid)
+            assert rec is not None and open_px_record(rec, b.pid).peer_id == bid
+            own = a.service._signed_record(a.pid)  # issued at start, so identify always carries it
+            assert own is not None and open_px_record(own, a.pid).peer_id == a.host.get_id()
+            big = Identity.generate()
+            addrs = [Multiaddr(f"/ip4/127.0.0.1/tcp/{port}") for port in range(1000, 1400)]
+            env = create_signed_peer_record(big.peer_id, addrs, big.key_pair().private_key)
+            assert len(env.marshal_envelope()) > 4096
+            assert ps.consume_peer_record(env, 60)
+            assert a.service._signed_record(big.peer_id.to_bytes()) is None
+
+    run(body, timeout=60)
