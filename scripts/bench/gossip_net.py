@@ -9,7 +9,10 @@ PACE_MS ms ("paced"). Each message should reach the NODES-1 other nodes.
 
 Reported: delivered/expected within DELIVERY_WAIT s of the last publish,
 messages/s (messages published / time from first publish to last delivery),
-p50/p99 latency from the publish call to receipt. Receipt time: in the
+p50/p99 latency from the publish call to receipt, and CPU ms per message: CPU
+time (user + system) the node processes spent from the first publish to the
+last receipt, divided by the messages published (for the in-process rows,
+this Python process's CPU time, harness included). Receipt time: in the
 handler for meshmerge, when the subscription reader takes it for stock
 py-libp2p, when the Python driver reads it off p2pd's control socket for go
 (all CLOCK_MONOTONIC; the send time travels in the payload).
@@ -114,6 +117,21 @@ class Mesh:
     mesh_ready: Callable[[], Awaitable[bool]] | None = None
     received: Callable[[], Awaitable[int]] | None = None  # default: receipts recorded in-process
     collect: Callable[[], Awaitable[None]] | None = None  # fetch receipts recorded elsewhere
+    pids: list[int] = field(default_factory=list)  # node processes; empty: nodes run in this process
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of ``pids`` (this process when empty), from /proc."""
+    if not pids:
+        return time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
 
 
 # ------------------------------------------------------------------ meshmerge
@@ -250,7 +268,15 @@ async def ours_proc_mesh(n: int) -> AsyncIterator[Mesh]:
                 for c, node in zip(children, nodes, strict=True):
                     node.receipts = [(int(i), float(lat)) for i, lat in await c.call(op="receipts")]
 
-            yield Mesh(nodes, connect, settle=0.5, mesh_ready=mesh_ready, received=received, collect=collect)
+            yield Mesh(
+                nodes,
+                connect,
+                settle=0.5,
+                mesh_ready=mesh_ready,
+                received=received,
+                collect=collect,
+                pids=[c.proc.pid for c in children],
+            )
         finally:
             for c in children:
                 with contextlib.suppress(Exception):
@@ -357,7 +383,7 @@ async def go_mesh(n: int, tools: InteropTools) -> AsyncIterator[Mesh]:
         async def connect(i: int, j: int) -> None:
             await peers[i].connect(nodes[j].peer_id, nodes[j].addrs)
 
-        yield Mesh(nodes, connect, settle=GO_MESH_SETTLE + 1.0)
+        yield Mesh(nodes, connect, settle=GO_MESH_SETTLE + 1.0, pids=[go.process.popen.pid for go in peers])
 
 
 # ------------------------------------------------------------------ measurement
@@ -384,6 +410,7 @@ async def run_mesh(mesh: Mesh, pace: float) -> dict[str, Any]:
         return sum(len(nd.receipts) for nd in mesh.nodes)
 
     pad = b"\x00" * max(0, SIZE - HEADER.size)
+    cpu0 = cpu_seconds(mesh.pids)
     t0 = time.monotonic()
     for i in range(MESSAGES):
         data = HEADER.pack(i, time.monotonic_ns()) + pad
@@ -397,6 +424,7 @@ async def run_mesh(mesh: Mesh, pace: float) -> dict[str, Any]:
     while time.monotonic() < end and await received() < expected:
         await trio.sleep(0.02)
     last = time.monotonic()
+    cpu = cpu_seconds(mesh.pids) - cpu0
     if mesh.collect is not None:
         await mesh.collect()
     lat = sorted(latency for nd in mesh.nodes for _, latency in nd.receipts)
@@ -410,6 +438,7 @@ async def run_mesh(mesh: Mesh, pace: float) -> dict[str, Any]:
         "p50_ms": 1e3 * lat[len(lat) // 2] if lat else float("nan"),
         "p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"),
         "mean_ms": 1e3 * statistics.fmean(lat) if lat else float("nan"),
+        "cpu_ms_per_msg": 1e3 * cpu / MESSAGES,
     }
 
 
@@ -470,6 +499,7 @@ async def main() -> None:
                 r["p50_ms"],
                 r["p99_ms"],
                 ratio,
+                r["cpu_ms_per_msg"],
             ]
         )
     print(
@@ -487,6 +517,7 @@ async def main() -> None:
                 "p50 latency ms",
                 "p99 latency ms",
                 "p99 / go p99",
+                "CPU ms per message",
             ],
             rows,
         )

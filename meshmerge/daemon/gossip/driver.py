@@ -23,10 +23,18 @@ The router decides everything; this module only moves bytes and time.
   longer than ``write_timeout`` drops the peer; so does a router queue overflow
   (the router reports it through ``take_disconnects``).
 * **Dials.** Peers the router asks for (PX, direct peers) are dialled at most
-  ``max_concurrent_dials`` at a time, and only if the peerstore knows an
-  address: the router hands over peer ids only, so the signed peer records a
-  PX entry may carry are not used yet. Direct peers come with addresses from
+  ``max_concurrent_dials`` at a time; up to ``max_pending_dials`` more wait for
+  a free slot, the rest are dropped. Direct peers come with addresses from
   ``GossipConfig.direct_peers`` and are dialled at start.
+* **Peer exchange.** The router accepts PX only from peers at or above the
+  accept-PX threshold and hands over at most ``max_px_connect`` entries. An
+  entry's signed peer record is checked (:mod:`.peer_record`: signature, key =
+  record's peer id = the entry's peer id); a bad one is logged and ignored, a
+  good one goes into the peerstore's certified address book for
+  ``px_addr_ttl`` seconds and the peer is dialled. An entry without a record is
+  dialled only if the peerstore already knows an address, as in
+  go-libp2p-pubsub. The PX entries *we* send carry the records identify
+  brought us (and our own, issued at start, goes out with identify).
 * **Validation.** The router parks every message for an asynchronous verdict;
   ``max_validation_concurrency`` worker tasks run the topic's validator and
   report the verdict back (REJECT costs the forwarder P4), then hand accepted
@@ -58,6 +66,7 @@ import ipaddress
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +78,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.basic_host import BasicHost
 from libp2p.peer.id import ID
+from libp2p.peer.peerstore import env_to_send_in_RPC
 
 from meshmerge.daemon.gossip.params import (
     GossipSubParams,
@@ -76,6 +86,7 @@ from meshmerge.daemon.gossip.params import (
     PeerScoreParams,
     PeerScoreThresholds,
 )
+from meshmerge.daemon.gossip.peer_record import MAX_RECORD_BYTES, PeerRecordError, open_px_record
 from meshmerge.daemon.gossip.router import (
     FLOODSUB,
     MESHSUB_10,
@@ -86,7 +97,7 @@ from meshmerge.daemon.gossip.router import (
     Validation,
 )
 from meshmerge.daemon.identity import Identity
-from meshmerge.proto.gossipsub import CodecLimits, FrameDecoder, GossipCodecError, Message
+from meshmerge.proto.gossipsub import CodecLimits, FrameDecoder, GossipCodecError, Message, PeerInfo
 from meshmerge.proto.gossipsub_sign import Ed25519Identity
 
 __all__ = [
@@ -139,7 +150,11 @@ class GossipConfig:
     """Queued frames are coalesced into writes of at most this many bytes (one frame may exceed it)."""
     read_chunk_bytes: int = 64 * 1024
     max_concurrent_dials: int = 4
-    """Dials for PX / direct peers running at once; further requests wait for the next heartbeat."""
+    """Dials for PX / direct peers running at once; further requests wait in a bounded queue."""
+    max_pending_dials: int = 32
+    """Dial requests waiting for a free slot; more are dropped (PX offers more than we need)."""
+    px_addr_ttl: float = 120.0
+    """Seconds the addresses of a signed PX record stay in the peerstore (go: TempAddrTTL)."""
     dial_timeout: float = 10.0
     publish_wait_timeout: float = 5.0
     """publish() waits up to this long while some peer's queue is more than half full."""
@@ -160,6 +175,7 @@ class GossipConfig:
             "max_write_batch_bytes",
             "read_chunk_bytes",
             "max_concurrent_dials",
+            "max_pending_dials",
             "stream_retry_limit",
             "reconcile_interval_ticks",
         )
@@ -173,6 +189,7 @@ class GossipConfig:
             "dial_timeout",
             "publish_wait_timeout",
             "shutdown_timeout",
+            "px_addr_ttl",
         ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value <= 600:
@@ -196,6 +213,13 @@ def _direct_peer(addr: str) -> tuple[ID, multiaddr.Multiaddr]:
             f"GossipConfig.direct_peers: {addr!r} is not a /.../p2p/<peer-id> multiaddr ({exc})"
         ) from exc
     return pid, transport
+
+
+def _b58(peer: bytes) -> str:
+    try:
+        return ID(peer).to_base58()
+    except Exception:
+        return peer.hex()
 
 
 def _no_app_score(peer: bytes) -> float:
@@ -279,6 +303,12 @@ class DriverStats:
     disconnects: int = 0
     dials: int = 0
     dials_skipped: int = 0
+    px_records: int = 0
+    """PX entries whose signed peer record verified."""
+    px_invalid: int = 0
+    """PX entries with a record that did not verify (ignored, logged)."""
+    px_unsigned: int = 0
+    """PX entries without a record for a peer of unknown address (ignored)."""
     validator_errors: int = 0
     handler_errors: int = 0
     delivered: int = 0
@@ -308,6 +338,7 @@ class GossipService:
             direct_peers=[pid.to_bytes() for pid, _ in self._direct],
             rng=random.Random(),
             now=time.monotonic(),
+            peer_record=self._signed_record,
         )
         if self.router.peer_id != host.get_id().to_bytes():
             raise ValueError("GossipService: identity does not match the host's peer id")
@@ -318,6 +349,7 @@ class GossipService:
         self._not_pubsub: set[ID] = set()
         self._readers: dict[ID, trio.CancelScope] = {}
         self._dialing: set[ID] = set()
+        self._dial_queue: deque[ID] = deque()
         self._dropping: dict[ID, bool] = {}  # peer -> asked to drop again while closing
         self._nursery: trio.Nursery | None = None
         self._notify_send, self._notify_recv = trio.open_memory_channel[ID](1024)
@@ -344,6 +376,8 @@ class GossipService:
                 network.register_notifee(self._notifee)
                 for pid, addr in self._direct:
                     self.host.get_peerstore().add_addrs(pid, [addr], 3600 * 24 * 365)
+                with contextlib.suppress(Exception):  # identify issues it too; PX needs it from the start
+                    env_to_send_in_RPC(self.host)
                 nursery.start_soon(self._peer_manager)
                 nursery.start_soon(self._heartbeat)
                 for _ in range(self.config.max_validation_concurrency):
@@ -464,6 +498,19 @@ class GossipService:
 
     # ================================================================== router glue
 
+    def _signed_record(self, peer: bytes) -> bytes | None:
+        """Marshalled signed peer record of ``peer`` (ours included) for the PX entries we send."""
+        try:
+            pid = ID(peer)
+            ps = self.host.get_peerstore()
+            env = ps.get_local_record() if pid == self.host.get_id() else ps.get_peer_record(pid)
+            data = env.marshal_envelope() if env is not None else None
+            # a record beyond the codec's bound would make the receiver refuse the whole RPC
+            return data if data is not None and len(data) <= MAX_RECORD_BYTES else None
+        except Exception as exc:
+            log.debug("gossip: no signed record for %s: %r", peer.hex(), exc)
+            return None
+
     def _app_score(self, peer: bytes) -> float:
         return self._base_app_score(peer) + self._app_scores.get(peer, 0.0)
 
@@ -493,6 +540,8 @@ class GossipService:
             self._drop(ID(pb), "router: outgoing queue overflow (slow peer)")
         for pb in r.take_connects():
             self._dial(ID(pb))
+        for src, pi in r.take_px():
+            self._px_offer(src, pi)
         for pv in r.take_validations():
             try:
                 self._val_send.send_nowait(pv)
@@ -801,20 +850,59 @@ class GossipService:
         finally:
             self._dropping.pop(peer, None)
 
+    def _px_offer(self, source: bytes, pi: PeerInfo) -> None:
+        """Check one PX entry the router accepted from ``source`` and dial it if it is usable."""
+        try:
+            peer = ID(pi.peer_id or b"")
+        except Exception:
+            return
+        if peer == self.host.get_id() or peer in self._dialing or self._connected(peer):
+            return
+        ps = self.host.get_peerstore()
+        if pi.signed_peer_record:
+            try:
+                rec = open_px_record(pi.signed_peer_record, peer.to_bytes())
+            except PeerRecordError as exc:
+                self.stats.px_invalid += 1
+                log.warning("gossip: ignoring PX record for %s from %s: %s", peer, _b58(source), exc)
+                return
+            self.stats.px_records += 1
+            try:
+                ps.consume_peer_record(rec.envelope, int(self.config.px_addr_ttl))
+            except Exception as exc:
+                log.info("gossip: peerstore refused the PX record of %s: %r", peer, exc)
+                return
+            log.debug("gossip: PX from %s: %s at %s", _b58(source), peer, [str(a) for a in rec.addrs])
+        elif not self._known_addrs(peer):
+            self.stats.px_unsigned += 1
+            log.debug("gossip: PX entry %s from %s has no record and no known address", peer, _b58(source))
+            return
+        self._dial(peer)
+
+    def _known_addrs(self, peer: ID) -> bool:
+        try:
+            return bool(self.host.get_peerstore().addrs(peer))
+        except Exception:  # py-libp2p raises PeerStoreError for a peer it never heard of
+            return False
+
     def _dial(self, peer: ID) -> None:
         if self._nursery is None or peer == self.host.get_id() or peer in self._dialing:
             return
         if self._connected(peer):
             self._sync_peer(peer)
             return
-        if len(self._dialing) >= self.config.max_concurrent_dials:
-            self.stats.dials_skipped += 1
-            log.debug("gossip: dial to %s skipped (%d dials running)", peer, len(self._dialing))
-            return
-        addrs = self.host.get_peerstore().addrs(peer)
-        if not addrs:
+        if not self._known_addrs(peer):
             self.stats.dials_skipped += 1
             log.debug("gossip: no known address for %s; not dialing", peer)
+            return
+        if len(self._dialing) >= self.config.max_concurrent_dials:
+            if peer in self._dial_queue:
+                return
+            if len(self._dial_queue) >= self.config.max_pending_dials:
+                self.stats.dials_skipped += 1
+                log.debug("gossip: dial to %s dropped (%d dials waiting)", peer, len(self._dial_queue))
+                return
+            self._dial_queue.append(peer)
             return
         self._dialing.add(peer)
         self.stats.dials += 1
@@ -829,3 +917,5 @@ class GossipService:
             log.info("gossip: dialing %s failed: %r", peer, exc)
         finally:
             self._dialing.discard(peer)
+            while self._dial_queue and len(self._dialing) < self.config.max_concurrent_dials:
+                self._dial(self._dial_queue.popleft())

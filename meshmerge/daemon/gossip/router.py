@@ -19,7 +19,8 @@ Actions out (the driver drains them after each event)::
 
     pop_frame(peer)      length-prefixed RPC bytes to write to the peer's stream
     take_disconnects()   peers to drop (graylist is not enough: slow or over-limit peers)
-    take_connects()      peer ids learnt through PX or direct peers to (re)dial
+    take_connects()      direct peers to (re)dial
+    take_px()            (source, PeerInfo) offered by PX from peers above accept-PX, to verify and dial
     take_deliveries()    validated messages for the application
     take_validations()   messages waiting for an asynchronous validator verdict
 
@@ -43,6 +44,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from meshmerge.daemon.gossip.caches import MessageCache, SeenCache
+from meshmerge.daemon.gossip.frames import FrameEncoder
 from meshmerge.daemon.gossip.params import GossipSubParams, PeerScoreParams, PeerScoreThresholds
 from meshmerge.daemon.gossip.score import PeerScore, RejectReason
 from meshmerge.proto.gossipsub import (
@@ -56,7 +58,6 @@ from meshmerge.proto.gossipsub import (
     Message,
     PeerInfo,
     SubOpts,
-    encode_rpc,
 )
 from meshmerge.proto.gossipsub_sign import (
     Ed25519Identity,
@@ -111,6 +112,8 @@ class PendingValidation:
 
 
 Validator = Callable[[str, Message, bytes], "Validation | None"]
+RecordLookup = Callable[[bytes], "bytes | None"]
+"""``peer id -> signed peer record`` (marshalled envelope) to attach to the PX entries we send."""
 
 
 class _Peer:
@@ -186,6 +189,7 @@ class GossipSubRouter:
         rng: random.Random | None = None,
         now: float = 0.0,
         verify_signatures: bool = True,
+        peer_record: RecordLookup | None = None,
     ) -> None:
         self.params = params or GossipSubParams()
         self.params.validate()
@@ -202,6 +206,7 @@ class GossipSubRouter:
         self.direct = set(direct_peers)
         self.rng = rng or random.Random()
         self.verify_signatures = verify_signatures
+        self.peer_record = peer_record
         self.stats = RouterStats()
 
         self.peers: dict[bytes, _Peer] = {}
@@ -218,9 +223,11 @@ class GossipSubRouter:
         self.heartbeat_ticks = 0
         self._seqno = int(now * 1e9) & ((1 << 63) - 1)
         self._out: dict[bytes, RPC] = {}
+        self._frames = FrameEncoder()  # a message sent to many peers in one flush is encoded once
         self._ready: dict[bytes, None] = {}  # peers with queued frames, in arrival order
         self._disconnects: list[bytes] = []
         self._connects: list[bytes] = []
+        self._px: list[tuple[bytes, PeerInfo]] = []
         self._deliveries: list[Delivery] = []
         self._validations: list[PendingValidation] = []
         self._dontwant_peers: set[bytes] = set()  # peers with IDONTWANT entries to expire
@@ -246,12 +253,11 @@ class GossipSubRouter:
     def _flush(self) -> None:
         out, self._out = self._out, {}
         p = self.params
-        encoded: dict[int, bytes] = {}  # id(Message) -> its RPC.publish field, for this flush only
         for peer, rpc in out.items():
             st = self.peers.get(peer)
             if st is None or rpc.is_empty():
                 continue
-            frame = _encode_frame(rpc, encoded)
+            frame = self._frames.encode(rpc)
             if (
                 len(st.queue) + 1 > p.max_peer_queue_messages
                 or st.queue_bytes + len(frame) > p.max_peer_queue_bytes
@@ -266,6 +272,7 @@ class GossipSubRouter:
             st.queue.append(frame)
             st.queue_bytes += len(frame)
             self._ready[peer] = None
+        self._frames.reset()
 
     def _reset_counters(self, st: _Peer) -> None:
         """Per-heartbeat IHAVE/IWANT/IDONTWANT counters start at zero on each heartbeat
@@ -297,7 +304,11 @@ class GossipSubRouter:
             members = self.topics.get(topic, ())
             cands = sorted(p for p in members if p != peer and p in self.peers and self.peer_score(p) >= 0)
             self.rng.shuffle(cands)
-            px = [PeerInfo(peer_id=p) for p in cands[: self.params.prune_peers]]
+            lookup = self.peer_record
+            px = [
+                PeerInfo(peer_id=p, signed_peer_record=lookup(p) if lookup is not None else None)
+                for p in cands[: self.params.prune_peers]
+            ]
         return ControlPrune(topic=topic, peers=px, backoff=int(backoff))
 
     def _graft(self, peer: bytes, topic: str, now: float) -> None:
@@ -395,6 +406,10 @@ class GossipSubRouter:
 
     def take_connects(self) -> list[bytes]:
         out, self._connects = self._connects, []
+        return out
+
+    def take_px(self) -> list[tuple[bytes, PeerInfo]]:
+        out, self._px = self._px, []
         return out
 
     def take_deliveries(self) -> list[Delivery]:
@@ -741,12 +756,17 @@ class GossipSubRouter:
             backoff = float(pr.backoff) if pr.backoff else self.params.prune_backoff
             self._add_backoff(peer, topic, backoff, now)
             if pr.peers and self.peer_score(peer) >= self.thresholds.accept_px_threshold:
-                cands = [pi.peer_id for pi in pr.peers if pi.peer_id and pi.peer_id not in self.peers]
-                cands = [c for c in cands if c != self.peer_id]
+                known = {pi.peer_id for _, pi in self._px}
+                cands = [
+                    pi
+                    for pi in pr.peers
+                    if pi.peer_id and pi.peer_id not in self.peers and pi.peer_id != self.peer_id
+                ]
                 self.rng.shuffle(cands)
-                for c in cands[: self.params.max_px_connect]:
-                    if c not in self._connects:
-                        self._connects.append(c)
+                for pi in cands[: self.params.max_px_connect]:
+                    if pi.peer_id not in known and len(self._px) < self.params.max_px_connect:
+                        known.add(pi.peer_id)
+                        self._px.append((peer, pi))
 
     def _handle_idontwant(self, peer: bytes, st: _Peer, idws: list[ControlIDontWant]) -> None:
         if not idws:
@@ -909,34 +929,3 @@ class GossipSubRouter:
         for mid in [m for m, (_, t) in self.pending.items() if now - t > limit]:
             self.report_validation(mid, Validation.IGNORE, now)
 
-
-def _uvarint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _encode_frame(rpc: RPC, encoded: dict[int, bytes]) -> bytes:
-    """``encode_frame(rpc)``, byte for byte, with each message's field encoded once per flush.
-
-    Why: a forwarded or published message goes to up to D (flood publish: every topic
-    peer) RPCs in the same flush; the codec writes the RPC's fields in order
-    (subscriptions, publish, control), so the body is the concatenation of the
-    encodings of the three parts and the publish parts can be shared. ``encoded`` is
-    keyed by ``id(msg)`` and must not outlive the RPCs that hold the messages.
-    """
-    parts: list[bytes] = []
-    if rpc.subscriptions:
-        parts.append(encode_rpc(RPC(subscriptions=rpc.subscriptions)))
-    for msg in rpc.publish:
-        field_bytes = encoded.get(id(msg))
-        if field_bytes is None:
-            field_bytes = encoded[id(msg)] = encode_rpc(RPC(publish=[msg]))
-        parts.append(field_bytes)
-    if rpc.control is not None:
-        parts.append(encode_rpc(RPC(control=rpc.control)))
-    body = b"".join(parts)
-    return _uvarint(len(body)) + body

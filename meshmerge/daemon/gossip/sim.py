@@ -204,7 +204,9 @@ class Simulator:
                 if other is not None:
                     self.disconnect(node, other)
         if r._connects:
-            r.take_connects()  # PX dialing is not modelled; the topology is the scenario's
+            r.take_connects()  # direct-peer redials are not modelled; the topology is the scenario's
+        if r._px:
+            r.take_px()  # nor is PX dialing
         if r._ready:
             self._pump(node)
 

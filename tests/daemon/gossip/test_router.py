@@ -120,10 +120,24 @@ def test_px_accepted_only_from_peers_above_accept_px_threshold() -> None:
     r.subscribe(T, 0.0)
     offered = [PeerInfo(pid(i)) for i in range(10, 40)]
     r.on_rpc(bad, RPC(control=ControlMessage(prune=[ControlPrune(T, offered, 60)])), 1.0)
-    assert r.take_connects() == []
+    assert r.take_px() == []
     r.on_rpc(good, RPC(control=ControlMessage(prune=[ControlPrune(T, offered, 60)])), 1.0)
-    connects = r.take_connects()
-    assert 0 < len(connects) <= r.params.max_px_connect and set(connects) <= {p.peer_id for p in offered}
+    px = r.take_px()
+    assert 0 < len(px) <= r.params.max_px_connect and {src for src, _ in px} == {good}
+    assert {pi.peer_id for _, pi in px} <= {p.peer_id for p in offered}
+    assert r.take_connects() == []  # PX candidates are not dialled blindly; the driver checks records
+
+
+def test_px_entries_carry_signed_records_from_the_lookup_hook() -> None:
+    records = {pid(2): b"record-of-2"}
+    r = router(params=GossipSubParams(do_px=True), peer_record=records.get)
+    join(r, [pid(i) for i in range(1, 4)])
+    r.subscribe(T, 0.0)
+    drain(r)
+    r.unsubscribe(T, 1.0)
+    prune = next(pr for x in drain(r)[pid(1)] if x.control for pr in x.control.prune)
+    got = {pi.peer_id: pi.signed_peer_record for pi in prune.peers}
+    assert got == {pid(2): b"record-of-2", pid(3): None}
 
 
 def test_px_offered_only_when_enabled_and_only_to_v11_peers() -> None:
