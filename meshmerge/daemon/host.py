@@ -32,6 +32,7 @@ from libp2p.transport.tcp.tcp import TCP
 from .identity import Identity
 from .limits import ConnectionLimits
 from .swarm import MeshSwarm
+from .transport import PipelinedMultiselectClient
 from .transport import upgrader as transport_upgrader
 
 log = logging.getLogger("meshmerge.host")
@@ -136,6 +137,7 @@ def build_host(config: HostConfig, identity: Identity) -> BasicHost:
     host = BasicHost(
         network=swarm, enable_mDNS=config.enable_mdns, negotiate_timeout=config.negotiate_timeout
     )
+    host.multiselect_client = PipelinedMultiselectClient()
     swarm.set_stream_handler(swarm.wrap_stream_handler(swarm.common_stream_handler))
     return host
 
