@@ -5,7 +5,9 @@ Why not `libp2p.new_host()`: without `sec_opt` it offers Noise, TLS, secio *and*
 session; it also builds the stock `Swarm` (250 ms per dial, loose limits).
 We assemble the same parts ourselves: TCP, Noise only, Yamux only, our
 `MeshSwarm`, and py-libp2p's `BasicHost` for identify (+push, with signed peer
-records) and ping. mDNS stays off unless the config enables it.
+records) and ping. mDNS stays off unless the config enables it. Noise, yamux
+and the multistream-select client are our own (`meshmerge.daemon.transport`):
+py-libp2p's per-frame locks and awaits cost most of a DHT request's CPU.
 
 Use::
 

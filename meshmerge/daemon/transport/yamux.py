@@ -53,6 +53,8 @@ log = logging.getLogger("meshmerge.transport")
 PROTOCOL_ID = TProtocol("/yamux/1.0.0")
 OUTPUT_HIGH_WATER = 1024 * 1024
 """Queued output bytes beyond which stream writers wait for the socket."""
+CLOSE_GRACE = 10.0
+"""Seconds the closing of a session (GO_AWAY, socket, swarm close hook) may take."""
 _PLAIN_READ = 256 * 1024
 
 
@@ -199,7 +201,9 @@ class YamuxConn(IMuxedConn):
                 await self._reader()
                 nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True):
+            # shielded so the swarm learns of the closure even when we were cancelled,
+            # bounded so a stuck close hook cannot hold the task forever
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_GRACE):
                 await self.close()
 
     async def open_stream(self) -> YamuxStream:
@@ -317,7 +321,7 @@ class YamuxConn(IMuxedConn):
                     self._kick()
         except YamuxProtocolError as exc:
             log.info("yamux: closing the connection to %s: %s", self.peer_id, exc)
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_GRACE):
                 await self.close(GO_AWAY_PROTOCOL_ERROR)
         except NoiseError as exc:
             log.info("yamux: closing the connection to %s: secure channel failed: %s", self.peer_id, exc)
