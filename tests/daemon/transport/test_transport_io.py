@@ -234,3 +234,23 @@ def test_yamux_protocol_violation_closes_the_session_cleanly() -> None:
                 await conn.accept_stream()
 
     run(body, 30)
+
+
+def test_host_sockets_have_tcp_nodelay() -> None:
+    """Small frames (DHT requests, gossip) must not wait for Nagle's algorithm."""
+    import socket
+
+    async def body() -> None:
+        cfg = HostConfig()
+        async with running_host(cfg, Identity.generate()) as a, running_host(cfg, Identity.generate()) as b:
+            await a.connect(info_of(b))
+            with trio.fail_after(5):
+                while not b.get_network().connections.get(a.get_id()):
+                    await trio.sleep(0.01)
+            for host, peer in ((a, b), (b, a)):
+                session = host.get_network().connections[peer.get_id()][0].muxed_conn.secured_conn
+                sock = session._wire.sock
+                assert sock is not None  # the direct socket path, not the generic fallback
+                assert sock.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+    run(body, 30)
