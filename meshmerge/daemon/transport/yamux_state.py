@@ -59,6 +59,10 @@ class YamuxParams:
     """Largest DATA payload we send in one frame (go-yamux sends at most 64 KiB too)."""
     close_timeout: float = 300.0
     """Seconds a stream we closed may wait for the peer's FIN before it is reset."""
+    max_reply_backlog: int = 1024 * 1024
+    """Queued output (bytes) beyond which replies the peer provokes (ping ACKs, RSTs of
+    refused streams) are dropped: a peer that floods pings but never reads cannot grow
+    our output queue without bound."""
 
     def validate(self) -> None:
         if not INITIAL_WINDOW <= self.window <= 16 * 1024 * 1024:
@@ -71,6 +75,8 @@ class YamuxParams:
             raise ValueError(f"max_frame: must be in [1024, {INITIAL_WINDOW}] bytes, got {self.max_frame!r}")
         if not 0 < self.close_timeout <= 3600:
             raise ValueError(f"close_timeout: must be in (0, 3600] seconds, got {self.close_timeout!r}")
+        if not 64 * 1024 <= self.max_reply_backlog <= 64 * 1024 * 1024:
+            raise ValueError(f"max_reply_backlog: must be in [64 KiB, 64 MiB], got {self.max_reply_backlog!r}")
 
 
 class StreamState:
@@ -128,6 +134,7 @@ class YamuxState:
         self.remote_goaway: int | None = None
         self.local_goaway = False
         self.refused_streams = 0
+        self.dropped_replies = 0
 
     # --- output ------------------------------------------------------------------------------
     def take_output(self) -> bytes:
@@ -137,6 +144,12 @@ class YamuxState:
 
     def _frame(self, typ: int, flags: int, sid: int, length: int) -> None:
         self.out += HEADER.pack(VERSION, typ, flags, sid, length)
+
+    def _reply(self, typ: int, flags: int, sid: int, length: int) -> None:
+        if len(self.out) > self.params.max_reply_backlog:
+            self.dropped_replies += 1
+            return
+        self._frame(typ, flags, sid, length)
 
     # --- local actions -------------------------------------------------------------------------
     def open_stream(self) -> StreamState:
@@ -274,7 +287,7 @@ class YamuxState:
                     if sid != 0:
                         raise YamuxProtocolError(f"PING on stream {sid} (must be 0)")
                     if flags & FLAG_SYN:
-                        self._frame(TYPE_PING, FLAG_ACK, 0, length)
+                        self._reply(TYPE_PING, FLAG_ACK, 0, length)
                 elif typ == TYPE_GO_AWAY:
                     pos += HEADER_SIZE
                     self.remote_goaway = length
@@ -302,7 +315,7 @@ class YamuxState:
                 or self.pending_accept >= self.params.accept_backlog
             ):
                 self.refused_streams += 1
-                self._frame(TYPE_WINDOW_UPDATE, FLAG_RST, sid, 0)
+                self._reply(TYPE_WINDOW_UPDATE, FLAG_RST, sid, 0)
                 return None
             st = StreamState(sid)
             self.streams[sid] = st

@@ -207,3 +207,11 @@ def test_structured_frame_fuzz_never_buffers_beyond_the_windows(fs: list[tuple[i
         buffered = sum(len(x.buf) for x in s.streams.values())
         assert buffered <= 8 * s.params.window
         assert all(len(x.buf) <= s.params.window for x in s.streams.values())
+
+
+def test_a_ping_flood_against_a_full_output_queue_is_not_buffered() -> None:
+    s = YamuxState(True, YamuxParams(max_reply_backlog=64 * 1024))
+    flood = header(TYPE_PING, FLAG_SYN, 0, 1) * 20_000  # 240 KB of pings, we never send
+    s.receive(flood)
+    assert len(s.out) <= 64 * 1024 + 12
+    assert s.dropped_replies > 0
