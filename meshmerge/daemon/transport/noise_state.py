@@ -60,7 +60,7 @@ class CipherState:
     def has_key(self) -> bool:
         return self._aead is not None
 
-    def encrypt(self, ad: bytes, plaintext: bytes) -> bytes:
+    def encrypt(self, ad: bytes, plaintext: bytes | bytearray | memoryview) -> bytes:
         if self._aead is None:
             return bytes(plaintext)
         if self.n >= MAX_NONCE:
