@@ -6,7 +6,9 @@ session; it also builds the stock `Swarm` (250 ms per dial, loose limits).
 We assemble the same parts ourselves: TCP, Noise only, Yamux only, our
 `MeshSwarm`, and py-libp2p's `BasicHost` (as `AdvertisingHost`, which adds relay circuit
 addresses to what it advertises) for identify (+push, with signed peer
-records) and ping. mDNS stays off unless the config enables it.
+records) and ping. mDNS stays off unless the config enables it. Noise, yamux
+and the multistream-select client are our own (`meshmerge.daemon.transport`):
+py-libp2p's per-frame locks and awaits cost most of a DHT request's CPU.
 
 Use::
 
@@ -24,22 +26,17 @@ from dataclasses import dataclass, field
 
 import multiaddr
 import trio
-from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
-from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.peer.peerstore import PeerStore
-from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
-from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp.tcp import TCP
-from libp2p.transport.upgrader import TransportUpgrader
 
 from .advertise import AdvertisingHost
 from .identity import Identity
 from .limits import ConnectionLimits
 from .swarm import MeshSwarm
+from .transport import PipelinedMultiselectClient
+from .transport import upgrader as transport_upgrader
 
 log = logging.getLogger("meshmerge.host")
 
@@ -113,11 +110,7 @@ def build_host(config: HostConfig, identity: Identity) -> AdvertisingHost:
     config.validate()
     key_pair = identity.key_pair()
     peer_id = identity.peer_id
-    noise = NoiseTransport(key_pair, noise_privkey=new_x25519().private_key)
-    upgrader = TransportUpgrader(
-        secure_transports_by_protocol={TProtocol(NOISE_PROTOCOL_ID): noise},
-        muxer_transports_by_protocol={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
-    )
+    upgrader = transport_upgrader(key_pair, config.negotiate_timeout)
     peerstore = PeerStore()
     peerstore.add_key_pair(peer_id, key_pair)
     lim = config.limits
@@ -147,6 +140,7 @@ def build_host(config: HostConfig, identity: Identity) -> AdvertisingHost:
     host = AdvertisingHost(
         network=swarm, enable_mDNS=config.enable_mdns, negotiate_timeout=config.negotiate_timeout
     )
+    host.multiselect_client = PipelinedMultiselectClient()
     swarm.set_stream_handler(swarm.wrap_stream_handler(swarm.common_stream_handler))
     return host
 

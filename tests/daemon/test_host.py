@@ -62,8 +62,9 @@ def test_our_host_speaks_noise_yamux_identify_ping() -> None:
         async with running_host(cfg, Identity.generate()) as a, running_host(cfg, Identity.generate()) as b:
             await a.connect(info_of(b))
             conn = a.get_network().connections[b.get_id()][0]
-            assert type(conn.muxed_conn.secured_conn).__name__ == "SecureSession"
-            assert type(conn.muxed_conn).__name__ == "Yamux"
+            # our own Noise and yamux (meshmerge.daemon.transport), not py-libp2p's
+            assert type(conn.muxed_conn.secured_conn).__name__ == "NoiseSession"
+            assert type(conn.muxed_conn).__name__ == "YamuxConn"
             protos = set(b.get_mux().get_protocols())
             assert {"/ipfs/id/1.0.0", "/ipfs/id/push/1.0.0", "/ipfs/ping/1.0.0"} <= protos
             rtts = await PingService(a).ping(b.get_id(), 3)

@@ -99,7 +99,9 @@ def test_connect_identify_ping_both_ways(interop_tools: InteropTools, direction:
             else:
                 await go.connect(ours.get_id(), list(ours.get_transport_addrs()))
             conn = ours.get_network().connections[go.peer_id][0]
-            assert type(conn.muxed_conn.secured_conn).__name__ == "SecureSession"  # Noise
+            # our own Noise and yamux (meshmerge.daemon.transport) against the independent peer
+            assert type(conn.muxed_conn.secured_conn).__name__ == "NoiseSession"
+            assert type(conn.muxed_conn).__name__ == "YamuxConn"
 
             go_ident = await _identify_from(ours, go.peer_id)
             assert "/ipfs/kad/1.0.0" in go_ident.protocols

@@ -48,7 +48,9 @@ def test_connect_identify_ping_both_ways(interop_tools: InteropTools, direction:
                 while not ours.get_network().connections.get(js.peer_id):
                     await trio.sleep(0.05)
             conn = ours.get_network().connections[js.peer_id][0]
-            assert type(conn.muxed_conn.secured_conn).__name__ == "SecureSession"
+            # our own Noise and yamux (meshmerge.daemon.transport) against the independent peer
+            assert type(conn.muxed_conn.secured_conn).__name__ == "NoiseSession"
+            assert type(conn.muxed_conn).__name__ == "YamuxConn"
 
             js_ident = await _identify_from(ours, js.peer_id)
             assert {"/ipfs/kad/1.0.0", "/ipfs/ping/1.0.0"} <= set(js_ident.protocols)
