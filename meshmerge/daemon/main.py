@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -27,6 +27,10 @@ from meshmerge.daemon.metrics import Metrics
 from meshmerge.daemon.node import Node
 from meshmerge.daemon.rpc import RpcServer
 from meshmerge.daemon.store import Store, StoreLimits
+
+if TYPE_CHECKING:
+    # the trio-stubs that py-libp2p pulls in (trio-typing) predate trio.TaskStatus
+    from trio_typing import TaskStatus
 
 log = logging.getLogger("meshmerge.daemon")
 
@@ -65,7 +69,7 @@ async def run(
     config: Config,
     *,
     network: NetworkStarter | None = None,
-    task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
+    task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the daemon until cancelled (or SIGTERM/SIGINT)."""
     data_dir = config.node.data_dir

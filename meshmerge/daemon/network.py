@@ -13,7 +13,7 @@ exposes their views over RPC (`meshmerge peers/scores/topics/dht`).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -38,6 +38,10 @@ from meshmerge.daemon.node import Node
 from meshmerge.daemon.rpc import Call, RpcServer
 from meshmerge.daemon.sync import SyncService
 
+if TYPE_CHECKING:
+    # the trio-stubs that py-libp2p pulls in (trio-typing) predate trio.TaskStatus
+    from trio_typing import TaskStatus
+
 log = logging.getLogger("meshmerge.network")
 
 BOOTSTRAP_RETRY = 5.0
@@ -59,59 +63,48 @@ async def start_network(
     config: Config,
     identity: Identity,
     *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     net = config.network
-    relay = RelayService_(net.enable_relay_service)
-    async with (
-        running_host(host_config(config), identity) as host,
-        relay.bind(host).running(),
-        AutoNATServer(host).running(),
-        AutoNATv2Server(host).running(),
-        trio.open_nursery() as nursery,
-    ):
-        initial = DHTMode.CLIENT if net.dht_mode == "auto" else DHTMode(net.dht_mode)
-        dht_config = DHTConfig(mode=initial, persist_path=config.node.data_dir / "dht" / "records")
-        dht = KademliaDHT(host, dht_config)
-        await nursery.start(dht.run)
-        nat = NatTraversal(
-            host, relay.service, dht, auto_dht=net.dht_mode == "auto", relay_client=net.enable_relay_client
-        )
-        nursery.start_soon(nat.run)
-        if net.enable_relay_client:
-            await nursery.start(DCUtRService(host, relay.service).run)
-        if net.enable_upnp:
-            nursery.start_soon(_port_map, host)
-        node.extra_status.append(nat.status)
-        gossip = await _start_gossip(host, identity, nursery)
-        sync = SyncService(node, host, config.sync, gossip=gossip, dht=dht)
-        await nursery.start(sync.run)
-        addrs = [str(a) for a in host.get_addrs()]
-        node.extra_status.append(
-            lambda: {"listen": addrs, "connected_peers": len(host.get_network().connections)}
-        )
-        node.extra_status.append(sync.status)
-        node.extra_status.append(
-            lambda: {"dht_values": len(dht.values), "dht_provider_keys": len(dht.providers)}
-        )
-        _register_views(rpc, host, dht, gossip)
-        if config.network.bootstrap:
-            nursery.start_soon(_bootstrap, host, dht, config.network.bootstrap)
-        log.info("network up: %s", ", ".join(addrs))
-        task_status.started()
-        await trio.sleep_forever()
-
-
-class RelayService_:
-    """Holds the relay service, created once the host exists (STOP always, HOP if enabled)."""
-
-    def __init__(self, hop: bool) -> None:
-        self.hop = hop
-        self.service: RelayService | None = None
-
-    def bind(self, host: Any) -> RelayService:
-        self.service = RelayService(host, RelayServiceConfig() if self.hop else None)
-        return self.service
+    async with running_host(host_config(config), identity) as host:
+        # STOP is always served (we can be relayed to); HOP only when enabled
+        relay = RelayService(host, RelayServiceConfig() if net.enable_relay_service else None)
+        async with (
+            relay.running(),
+            AutoNATServer(host).running(),
+            AutoNATv2Server(host).running(),
+            trio.open_nursery() as nursery,
+        ):
+            initial = DHTMode.CLIENT if net.dht_mode == "auto" else DHTMode(net.dht_mode)
+            dht_config = DHTConfig(mode=initial, persist_path=config.node.data_dir / "dht" / "records")
+            dht = KademliaDHT(host, dht_config)
+            await nursery.start(dht.run)
+            nat = NatTraversal(
+                host, relay, dht, auto_dht=net.dht_mode == "auto", relay_client=net.enable_relay_client
+            )
+            nursery.start_soon(nat.run)
+            if net.enable_relay_client:
+                await nursery.start(DCUtRService(host, relay).run)
+            if net.enable_upnp:
+                nursery.start_soon(_port_map, host)
+            node.extra_status.append(nat.status)
+            gossip = await _start_gossip(host, identity, nursery)
+            sync = SyncService(node, host, config.sync, gossip=gossip, dht=dht)
+            await nursery.start(sync.run)
+            addrs = [str(a) for a in host.get_addrs()]
+            node.extra_status.append(
+                lambda: {"listen": addrs, "connected_peers": len(host.get_network().connections)}
+            )
+            node.extra_status.append(sync.status)
+            node.extra_status.append(
+                lambda: {"dht_values": len(dht.values), "dht_provider_keys": len(dht.providers)}
+            )
+            _register_views(rpc, host, dht, gossip)
+            if config.network.bootstrap:
+                nursery.start_soon(_bootstrap, host, dht, config.network.bootstrap)
+            log.info("network up: %s", ", ".join(addrs))
+            task_status.started()
+            await trio.sleep_forever()
 
 
 class NatTraversal:
@@ -122,12 +115,12 @@ class NatTraversal:
     """
 
     def __init__(
-        self, host: Any, relay: RelayService | None, dht: KademliaDHT, *, auto_dht: bool, relay_client: bool
+        self, host: Any, relay: RelayService, dht: KademliaDHT, *, auto_dht: bool, relay_client: bool
     ) -> None:
         self.host = host
         self.autonat = AutoNATClient(host)
         self.autonat2 = AutoNATv2Client(host)
-        self.relay = RelayClient(host, relay) if relay is not None and relay_client else None
+        self.relay = RelayClient(host, relay) if relay_client else None
         if self.relay is not None and hasattr(host, "set_circuit_dialer"):
             relays = self.relay
             host.set_circuit_dialer(lambda info: circuit.connect(host, relays, info))

@@ -17,7 +17,7 @@ import stat
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -35,6 +35,10 @@ from meshmerge.proto.rpc import (
     RpcError,
     parse_request,
 )
+
+if TYPE_CHECKING:
+    # the trio-stubs that py-libp2p pulls in (trio-typing) predate trio.TaskStatus
+    from trio_typing import TaskStatus
 
 log = logging.getLogger("meshmerge.rpc")
 
@@ -128,7 +132,7 @@ class RpcServer:
             raise ValueError(f"RPC method {name!r} registered twice")
         self.methods[name] = handler
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_socket():
             self.path.unlink()

@@ -31,7 +31,7 @@ import logging
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from libp2p.peer.id import ID
@@ -44,6 +44,10 @@ from meshmerge.proto import cid as cids
 from meshmerge.proto.cbor import CodecError, Limits, decode, encode
 from meshmerge.proto.messages import StateMessage
 from meshmerge.proto.rpc import HEADER
+
+if TYPE_CHECKING:
+    # the trio-stubs that py-libp2p pulls in (trio-typing) predate trio.TaskStatus
+    from trio_typing import TaskStatus
 
 log = logging.getLogger("meshmerge.sync")
 
@@ -133,7 +137,7 @@ class SyncService:
 
     # -- lifecycle ----------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync)
         self.host.set_stream_handler(SYNC_PROTOCOL_RECONCILE, self._serve_sync)
         self.host.set_stream_handler(BLOB_PROTOCOL, self._serve_blob)

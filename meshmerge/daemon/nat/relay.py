@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import multiaddr
@@ -193,9 +194,10 @@ class RelayService:
         for fn in list(self._listeners):
             fn(conn, inbound)
 
-    def running(self) -> background_trio_service:  # type: ignore[valid-type]
+    def running(self) -> AbstractAsyncContextManager[Any]:
         """``async with service.running():`` serves for the duration of the block."""
-        return background_trio_service(self.protocol)
+        cm: AbstractAsyncContextManager[Any] = background_trio_service(self.protocol)
+        return cm
 
 
 @dataclasses.dataclass(frozen=True)
