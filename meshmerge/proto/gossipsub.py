@@ -37,6 +37,7 @@ __all__ = [
     "encode_frame",
     "encode_message",
     "encode_rpc",
+    "uvarint",
 ]
 
 
@@ -164,7 +165,8 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _U64_MAX = (1 << 64) - 1
 
 
-def _uvarint(value: int) -> bytes:
+def uvarint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int."""
     if value < 0x80:
         return bytes((value,))
     out = bytearray()
@@ -177,7 +179,7 @@ def _uvarint(value: int) -> bytes:
 
 def _put_bytes(out: bytearray, fieldno: int, value: bytes) -> None:
     out.append((fieldno << 3) | _LEN)
-    out += _uvarint(len(value))
+    out += uvarint(len(value))
     out += value
 
 
@@ -186,7 +188,7 @@ def _put_ids(out: bytearray, fieldno: int, ids: list[bytes]) -> None:
     for mid in ids:
         n = len(mid)
         out += tag
-        out += bytes((n,)) if n < 0x80 else _uvarint(n)
+        out += bytes((n,)) if n < 0x80 else uvarint(n)
         out += mid
 
 
@@ -244,7 +246,7 @@ def _encode_control(ctl: ControlMessage) -> bytes:
             if not 0 <= pr.backoff <= _U64_MAX:
                 raise ValueError(f"ControlPrune.backoff out of uint64 range: {pr.backoff}")
             sub.append((3 << 3) | _VARINT)
-            sub += _uvarint(pr.backoff)
+            sub += uvarint(pr.backoff)
         _put_bytes(out, 4, bytes(sub))
     for idw in ctl.idontwant:
         sub = bytearray()
@@ -273,7 +275,7 @@ def encode_rpc(rpc: RPC) -> bytes:
 def encode_frame(rpc: RPC) -> bytes:
     """Encode an RPC with its uvarint length prefix, as written on the stream."""
     body = encode_rpc(rpc)
-    return _uvarint(len(body)) + body
+    return uvarint(len(body)) + body
 
 
 # --------------------------------------------------------------------------- decoding

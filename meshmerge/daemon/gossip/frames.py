@@ -11,20 +11,11 @@ fields in number order, subscriptions, then messages, then control.
 
 from __future__ import annotations
 
-from meshmerge.proto.gossipsub import RPC, Message, encode_frame, encode_message, encode_rpc
+from meshmerge.proto.gossipsub import RPC, Message, encode_frame, encode_message, encode_rpc, uvarint
 
 __all__ = ["FrameEncoder"]
 
 _PUBLISH_TAG = b"\x12"  # RPC field 2 (publish), wire type 2 (length-delimited)
-
-
-def _uvarint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 class FrameEncoder:
@@ -47,7 +38,7 @@ class FrameEncoder:
             self.hits += 1
             return entry[1]
         body = encode_message(msg)
-        field = _PUBLISH_TAG + _uvarint(len(body)) + body
+        field = _PUBLISH_TAG + uvarint(len(body)) + body
         self._memo[id(msg)] = (msg, field)
         return field
 
@@ -61,7 +52,7 @@ class FrameEncoder:
         if rpc.control is not None:
             parts.append(encode_rpc(RPC(control=rpc.control)))
         body = b"".join(parts)
-        return _uvarint(len(body)) + body
+        return uvarint(len(body)) + body
 
     def reset(self) -> None:
         self._memo.clear()

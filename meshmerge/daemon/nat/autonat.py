@@ -375,15 +375,7 @@ class AutoNATClient:
 
     def candidate_servers(self) -> list[ID]:
         """Connected peers that announced the AutoNAT protocol."""
-        out = []
-        store = self.host.get_peerstore()
-        for p in self.host.get_connected_peers():
-            try:
-                if PROTOCOL_ID in (store.get_protocols(p) or []):
-                    out.append(p)
-            except Exception:
-                continue
-        return out
+        return peers_speaking(self.host, PROTOCOL_ID)
 
     async def run(self) -> None:
         """Probe connected servers forever, faster while reachability is unknown."""
@@ -397,3 +389,16 @@ class AutoNATClient:
                 else self.config.probe_interval_s
             )
             await trio.sleep(interval)
+
+
+def peers_speaking(host: IHost, protocol: str) -> list[ID]:
+    """Connected peers whose identify listed ``protocol`` (peers not yet identified are skipped)."""
+    out = []
+    store = host.get_peerstore()
+    for p in host.get_connected_peers():
+        try:
+            if protocol in (store.get_protocols(p) or []):
+                out.append(p)
+        except Exception:
+            continue
+    return out

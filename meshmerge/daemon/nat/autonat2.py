@@ -28,7 +28,7 @@ from libp2p.peer.id import ID
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
 from . import autonat2_wire as wire
-from .autonat import Reachability
+from .autonat import Reachability, peers_speaking
 from .autonat2_core import AddressReachability, AutoNATv2Config, NonceBook, Refusal, ServerPolicy
 from .connutil import conn_of_stream, is_relayed, public_addrs
 from .hostfactory import key_pair, make_host
@@ -330,15 +330,7 @@ class AutoNATv2Client:
 
     def candidate_servers(self) -> list[ID]:
         """Connected peers that announced the v2 dial-request protocol."""
-        out = []
-        store = self.host.get_peerstore()
-        for p in self.host.get_connected_peers():
-            try:
-                if DIAL_REQUEST in (store.get_protocols(p) or []):
-                    out.append(p)
-            except Exception:
-                continue
-        return out
+        return peers_speaking(self.host, DIAL_REQUEST)
 
     async def run(self) -> None:
         """Check our public address candidates with connected servers, forever."""
