@@ -9,9 +9,11 @@ import pytest
 from meshmerge.daemon.dht import (
     MeshmergeRecordValidator,
     NamespacedValidator,
+    PublicKeyValidator,
     RecordRejected,
     SignedRecord,
     meshmerge_key,
+    pk_key,
 )
 from meshmerge.daemon.dht.keys import kad_id, provider_key
 from meshmerge.daemon.dht.lookup import Lookup
@@ -61,6 +63,27 @@ def test_selector_prefers_highest_seq_deterministically() -> None:
     v = validator()
     assert v.select(key, vals) == 1
     assert v.select(key, list(reversed(vals))) == 1
+
+
+def test_public_key_records_are_self_certifying() -> None:
+    v = PublicKeyValidator()
+    alice, bob = Identity.generate(), Identity.generate()
+    key = pk_key(alice.peer_id)
+    value = alice.key_pair().public_key.serialize()
+    v.validate(key, value)
+    with pytest.raises(RecordRejected, match="does not hash"):
+        v.validate(key, bob.key_pair().public_key.serialize())
+    for junk in (b"", b"\x08\x01", b"\xff" * 40, value[:-1]):
+        with pytest.raises(RecordRejected):
+            v.validate(key, junk)
+    with pytest.raises(RecordRejected, match="/pk/"):
+        v.validate(b"/pk/", value)
+    assert v.select(key, [b"junk", value]) == 1
+    # dispatch by namespace, with the size limits
+    nv = NamespacedValidator({b"pk": v}, max_key_bytes=128, max_value_bytes=64)
+    nv.validate(key, value)
+    with pytest.raises(RecordRejected, match="max_value_bytes"):
+        nv.validate(key, value + b"\x00" * 64)
 
 
 def test_routing_table_ip_group_diversity() -> None:

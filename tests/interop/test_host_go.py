@@ -15,7 +15,7 @@ from libp2p.identity.identify.identify import ID as IDENTIFY_ID
 from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.peer.peerinfo import PeerInfo
 
-from meshmerge.daemon.dht import running_dht
+from meshmerge.daemon.dht import RecordRejected, pk_key, running_dht
 from meshmerge.daemon.dht.wire import PROTOCOL_ID as KAD
 from meshmerge.daemon.host import HostConfig, running_host
 from meshmerge.daemon.identity import Identity
@@ -156,5 +156,37 @@ def test_provide_and_find_providers_both_ways(interop_tools: InteropTools) -> No
             closest = await go.dht_get_closest_peers(b"some key")
             assert ours.get_id() in closest
             assert KAD in (await go.identify_remote(ours.get_id())).protocols
+
+    run_trio(body, timeout=90)
+
+
+def test_put_and_get_public_key_records_both_ways(interop_tools: InteropTools) -> None:
+    """go's DHT validates only /pk/ and /ipns/ values, so /pk/ is the record both sides check."""
+
+    async def body() -> None:
+        async with (
+            start_go_peer(interop_tools) as go,
+            running_host(HostConfig(), Identity.generate()) as ours,
+            running_dht(ours) as dht,
+        ):
+            assert await dht.bootstrap([PeerInfo(go.peer_id, list(go.addrs))]) >= 1
+            await _wait_go_sees_kad(go, ours)
+
+            # we put our key record; go's validator accepts it and go serves it
+            key_ours = pk_key(ours.get_id())
+            value_ours = ours.get_public_key().serialize()
+            assert await dht.put_value(key_ours, value_ours) >= 1
+            assert await go.dht_get_value(key_ours) == value_ours
+
+            # go puts its key record; our lookup fetches it from go (no local copy)
+            key_go = pk_key(go.peer_id)
+            value_go = ours.get_peerstore().pubkey(go.peer_id).serialize()
+            await go.dht_put_value(key_go, value_go)
+            dht.values._items.pop(key_go, None)
+            assert await dht.get_value(key_go) == value_go
+
+            # a forged /pk/ value (our key under go's id) is refused by our validator
+            with pytest.raises(RecordRejected, match="does not hash"):
+                await dht.put_value(key_go, value_ours)
 
     run_trio(body, timeout=90)

@@ -14,10 +14,12 @@ from . import persist
 from .records import (
     MeshmergeRecordValidator,
     NamespacedValidator,
+    PublicKeyValidator,
     RecordRejected,
     SignedRecord,
     Validator,
     meshmerge_key,
+    pk_key,
 )
 from .service import DHTConfig, DHTError, DHTMode, KademliaDHT, running_dht
 
@@ -28,10 +30,12 @@ __all__ = [
     "KademliaDHT",
     "MeshmergeRecordValidator",
     "NamespacedValidator",
+    "PublicKeyValidator",
     "RecordRejected",
     "SignedRecord",
     "Validator",
     "meshmerge_key",
     "persist",
+    "pk_key",
     "running_dht",
 ]

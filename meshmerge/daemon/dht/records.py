@@ -14,6 +14,12 @@ The ``/meshmerge/`` namespace holds *signed, self-certifying* records:
 Only the holder of the key named in the record key can produce a valid value, so
 no one can overwrite another author's record. The selector prefers the highest
 `seq`, then the greater value bytes, so every node picks the same winner.
+
+The ``/pk/`` namespace is the libp2p public-key record that go- and js-libp2p
+validate too (key = b"/pk/" + peer id bytes, value = the protobuf PublicKey):
+self-certifying, since the peer id is the key's identity or sha256 multihash.
+It is what lets put/get interoperate with go-libp2p, whose DHT stores only
+``/pk/`` and ``/ipns/`` values.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from libp2p.crypto.serialization import deserialize_public_key
+from libp2p.peer.id import ID
 
 from ..identity import verify
 
@@ -149,3 +158,36 @@ class MeshmergeRecordValidator:
                 return (-1, b"")
 
         return max(range(len(values)), key=rank)
+
+
+PK_NAMESPACE = b"pk"
+
+
+def pk_key(peer_id: ID) -> bytes:
+    return b"/" + PK_NAMESPACE + b"/" + peer_id.to_bytes()
+
+
+class PublicKeyValidator:
+    """Validator + selector for ``/pk/<peer id bytes>`` public-key records."""
+
+    def validate(self, key: bytes, value: bytes) -> None:
+        prefix = b"/" + PK_NAMESPACE + b"/"
+        if not key.startswith(prefix) or len(key) == len(prefix):
+            raise RecordRejected("key must be /pk/<peer id bytes>")
+        try:
+            public_key = deserialize_public_key(value)
+            derived = ID.from_pubkey(public_key).to_bytes()
+        except Exception as exc:  # the deserializers raise a zoo of types on garbage
+            raise RecordRejected(f"value is not a libp2p public key: {type(exc).__name__}") from None
+        if derived != key[len(prefix) :]:
+            raise RecordRejected("public key does not hash to the peer id in the key")
+
+    def select(self, key: bytes, values: Sequence[bytes]) -> int:
+        """Every valid value for one key is the same key; take the first valid one."""
+        for i, value in enumerate(values):
+            try:
+                self.validate(key, value)
+            except RecordRejected:
+                continue
+            return i
+        return 0

@@ -39,7 +39,14 @@ from ..swarm import remote_ip
 from . import persist
 from .keys import kad_id, provider_key
 from .lookup import Lookup
-from .records import MeshmergeRecordValidator, NamespacedValidator, RecordRejected, Validator
+from .records import (
+    PK_NAMESPACE,
+    MeshmergeRecordValidator,
+    NamespacedValidator,
+    PublicKeyValidator,
+    RecordRejected,
+    Validator,
+)
 from .routing import RoutingTable
 from .store import ProviderStore, StoreFull, ValueStore
 from .wire import (
@@ -203,7 +210,10 @@ class KademliaDHT:
             max_per_group_table=config.max_per_group_table,
             exempt_loopback=config.diversity_exempt_loopback,
         )
-        validators: dict[bytes, Validator] = {b"meshmerge": MeshmergeRecordValidator()}
+        validators: dict[bytes, Validator] = {
+            b"meshmerge": MeshmergeRecordValidator(),
+            PK_NAMESPACE: PublicKeyValidator(),
+        }
         validators.update(dict(config.extra_validators))
         self.validator = NamespacedValidator(
             validators, max_key_bytes=config.max_key_bytes, max_value_bytes=config.max_value_bytes
