@@ -9,7 +9,6 @@ builds single-threaded kernels (same results).
 """
 
 import os
-
 from pathlib import Path
 
 import numpy

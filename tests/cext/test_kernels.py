@@ -146,8 +146,9 @@ def test_kernels_give_the_same_bytes_for_any_thread_count(threads: int) -> None:
             lo = np.full(5, 0.3, np.float32)
             hi = np.full(5, 2.0, np.float32)
             assert sparse_merge(xs, base, w, lo, hi, keys, 20000, 1.4, 1, True, 1.0, 0.9, 13, out[3]) == -1
-            b, above, hist = _mag_range(xs, base, [[1 << 29]] * 5, [[(1 << 29) + 6300]] * 5, [[7]] * 5,
+            bad, above, hist = _mag_range(xs, base, [[1 << 29]] * 5, [[(1 << 29) + 6300]] * 5, [[7]] * 5,
                                         threads=t)
+            assert bad == -1
             results.append([o.tobytes() for o in out] + [above.tobytes(), hist.tobytes()])
     assert results[0] == results[1]
 
