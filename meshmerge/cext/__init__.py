@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from meshmerge.cext.convert import bf16_to_f32, f32_to_bf16, has_nonfinite
 from meshmerge.cext.gram import gram_accumulate, gram_finalize
-from meshmerge.cext.linear import weighted_sum_f32, weighted_sum_f64
+from meshmerge.cext.linear import task_sum_f32, weighted_sum_f32, weighted_sum_f64
 from meshmerge.cext.prng import drop_lanes, drop_threshold, random_u64, stream_key, uniform_f64
 from meshmerge.cext.robust import sorted_reduce
 from meshmerge.cext.sparse import mag_range, sparse_merge
@@ -36,6 +36,7 @@ __all__ = [
     "sorted_reduce",
     "sparse_merge",
     "stream_key",
+    "task_sum_f32",
     "uniform_f64",
     "using_threads",
     "weighted_sum_f32",

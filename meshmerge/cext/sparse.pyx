@@ -197,13 +197,16 @@ cdef extern from *:
                         u[j] = bits & 0x7FFFFFFFu;
                     }
                 } else {
+                    /* float32 x - b is the correctly rounded difference, the same value as
+                       (float)((double)x - (double)b) (double rounding through a format with
+                       >= 2p + 2 bits is harmless for subtraction), at half the work. */
                     for (Py_ssize_t j = 0; j < m; j++) {
                         uint32_t bits, ab;
                         memcpy(&bits, &x[i0 + j], 4);
                         f |= (bits & 0x7F800000u) + 0x00800000u;
-                        float a = (float)fabs((double)x[i0 + j] - (double)b[i0 + j]);
+                        float a = x[i0 + j] - b[i0 + j];
                         memcpy(&ab, &a, 4);
-                        u[j] = ab;
+                        u[j] = ab & 0x7FFFFFFFu;
                     }
                 }
                 for (Py_ssize_t r = 0; r < R; r++) {

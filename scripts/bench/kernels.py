@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _table import machine, table
 
+from meshmerge.cext import get_threads
 from meshmerge.crdt import strategies
 from meshmerge.crdt.strategies import MergeInput
 from meshmerge.crdt.tensors import TensorSpec
@@ -255,6 +256,72 @@ def bench_size(
     return rows
 
 
+# ---- every strategy crdt-merge 0.11.0 also offers, at N = 16 ----
+# (crdt-merge name, our name, our params, crdt-merge kwargs, M). M is smaller where
+# crdt-merge is pure-Python slow (its time grows linearly in M; the ratio is what counts).
+FULL_M = 25_000_000
+COVERAGE: list[tuple[str, str, dict[str, Any], dict[str, Any], int]] = [
+    ("weight_average", "weight_average", {}, {}, FULL_M),
+    ("linear", "linear", {}, {}, FULL_M),
+    ("task_arithmetic", "task_arithmetic", {}, {}, FULL_M),
+    ("negative_merge", "negative_merge", {}, {}, FULL_M),
+    ("fisher_merge", "fisher_merge", {}, {"fisher": True}, 2_500_000),
+    ("ties", "ties", {"density": DENSITY}, {"density": DENSITY}, 2_500_000),
+    ("dare", "dare", {"density": DARE_DENSITY}, {"drop_rate": 1 - DARE_DENSITY}, 2_500_000),
+    ("dare_ties", "dare_ties", {"density": DARE_DENSITY}, {"drop_rate": 1 - DARE_DENSITY, "density": 1.0},
+     2_500_000),
+    ("della", "della", {}, {}, 1_000_000),
+    ("emr", "emr", {}, {}, 2_500_000),
+    ("model_breadcrumbs", "model_breadcrumbs", {}, {}, 2_500_000),
+    ("led_merge", "led_merge", {}, {}, 1_000_000),
+    ("safe_merge", "safe_merge", {}, {}, 2_500_000),
+    ("slerp (16 inputs)", "slerp", {}, {}, 1_000_000),
+    ("weight_scope_alignment", "weight_scope_alignment", {}, {}, 2_500_000),
+    ("evolutionary_merge", "evolutionary_merge", {}, {}, 1_000),
+    ("genetic_merge", "genetic_merge", {}, {}, 1_000),
+]
+
+
+def coverage_table(n: int, small: bool) -> str:
+    """Ours vs crdt-merge for every strategy name both offer, same inputs, same run."""
+    from crdt_merge.model.strategies import get_strategy
+
+    rows: list[list[Any]] = []
+    data: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
+    for cm_name, our_name, params, cm_kw, m_full in COVERAGE:
+        m = max(1_000, m_full // 10) if small and m_full > 1_000 else m_full
+        if m not in data:
+            data.clear()
+            data[m] = make_data(n, m)
+        base, xs = data[m]
+        kw = dict(cm_kw)
+        tensors = [{"w": x} for x in xs]
+        spec = [TensorSpec("w", "F32", (m,))]
+        if kw.pop("fisher", False):
+            fishers = [x * x for x in xs]
+            tensors = [{"w": x, "w.fisher": f} for x, f in zip(xs, fishers, strict=True)]
+            spec = [TensorSpec("w", "F32", (m,)), TensorSpec("w.fisher", "F32", (m,))]
+            kw["fisher_matrices"] = fishers
+        inp = MergeInput(tensors, [1.0] * n, "weights", spec, bytes(32), {s.name: base for s in spec})
+        strat = strategies.get(our_name)
+        t_ours = timed(lambda strat=strat, inp=inp, params=params: strat.run(inp, params), 2)
+        cm = get_strategy(cm_name.split(" ")[0])
+        try:
+            t_cm: float | str = timed(
+                lambda cm=cm, xs=xs, base=base, kw=kw: cm.merge(list(xs), weights=[1.0] * n, base=base, **kw), 1
+            )
+        except Exception as e:  # report, do not hide: their failure is a result too
+            t_cm = f"failed: {type(e).__name__}"
+        nb = n * m * 4
+        if isinstance(t_cm, float):
+            cells = [f"{t_cm:.3f}", f"{nb / t_cm / 1e9:.3f}", f"{t_cm / t_ours:.3g}x"]
+        else:
+            cells = [t_cm, "", ""]
+        rows.append([n, cm_name, f"{m:,}", f"{t_ours:.4f}", f"{nb / t_ours / 1e9:.2f}", *cells])
+    return table(["N", "strategy", "M", "ours s", "ours GB/s", "crdt-merge s", "crdt-merge GB/s",
+                  "crdt-merge / ours"], rows)
+
+
 def ratio_cell(t: float | None, nb: int, t_ours: float) -> str:
     if t is None:
         return "n/a"
@@ -320,6 +387,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="4,16", help="comma-separated N values")
     ap.add_argument("--no-peers", action="store_true", help="skip crdt-merge and mergekit")
     ap.add_argument("--rss", action="store_true", help="only measure peak extra memory of our strategies")
+    ap.add_argument("--coverage", action="store_true",
+                    help="only the every-shared-strategy comparison with crdt-merge at N = 16")
     args = ap.parse_args()
     m = 2_500_000 if args.small else 25_000_000
     if args.rss:
@@ -329,6 +398,11 @@ def main() -> None:
             os.execve(sys.executable, [sys.executable, *sys.argv], env)
         for n in (int(s) for s in args.sizes.split(",")):
             print(rss_table(n, m) + "\n")
+        return
+    if args.coverage:
+        print(f"{machine()}; ours with {get_threads()} threads; N = 16; GB/s = contribution bytes read / wall "
+              "time (best of 2 for ours, 1 run for crdt-merge).\n")
+        print(coverage_table(16, args.small))
         return
     peers = None if args.no_peers else crdt_merge_ops()
     rows: list[list[Any]] = []

@@ -170,3 +170,23 @@ def test_thread_settings_are_validated() -> None:
         set_threads(0)
     with pytest.raises(ValueError, match="grain must be a positive integer"):
         set_threads(2, grain=0)
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_task_sum_matches_the_untrimmed_sparse_merge(with_base: bool) -> None:
+    from meshmerge.cext import sparse_merge, task_sum_f32
+
+    rng = np.random.default_rng(21)
+    n = 5003
+    xs = [rng.standard_normal(n).astype(np.float32) for _ in range(6)]
+    xs[2][:7] = 0.0
+    base = rng.standard_normal(n).astype(np.float32) if with_base else None
+    w = np.array([1.0, 0.5, 2.0, 3.0, 0.25, 1.5])
+    a = np.empty(n, np.float32)
+    b = np.empty(n, np.float32)
+    assert task_sum_f32(xs, base, w, 0.7, 1 / 8.25, a) == -1
+    zeros, infs = np.zeros(6, np.float32), np.full(6, np.inf, np.float32)
+    assert sparse_merge(xs, base, w, zeros, infs, None, 0, 1.0, 0, False, 1 / 8.25, 0.7, 0, b) == -1
+    assert a.tobytes() == b.tobytes()
+    xs[4][4000] = np.nan
+    assert task_sum_f32(xs, base, w, 0.7, 1.0, a) == 4

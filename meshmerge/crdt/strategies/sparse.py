@@ -49,6 +49,9 @@ BINS = 1 << 14
 U_MAX = 0x7F7FFFFF
 #: Sampled magnitudes per contributor used to guess a narrow first range (blocks of 16).
 SAMPLE = 1 << 16
+#: Tensors at least this large start from a sampled range (smaller ones: the sample costs
+#: more than the counting pass it saves).
+SAMPLED_FROM = 16 * SAMPLE
 
 
 def _shift_for(lo: int, hi: int) -> int:
@@ -64,10 +67,10 @@ def _sample_bits(stream: TensorStream, k: int) -> npt.NDArray[np.uint32]:
     starts = (np.arange(SAMPLE // 16, dtype=np.int64) * numel) // (SAMPLE // 16)
     idx = (starts[:, None] + np.arange(16, dtype=np.int64)[None, :]).reshape(-1)
     idx = np.minimum(idx, numel - 1)
-    x = to_f32(np.asarray(stream.flats[k][idx]), stream.spec.dtype).astype(np.float64)
+    x = to_f32(np.asarray(stream.flats[k][idx]), stream.spec.dtype)
     if stream.base is not None:
-        x = x - to_f32(np.asarray(stream.base[idx]), stream.spec.dtype).astype(np.float64)
-    return np.abs(x).astype(np.float32).view(np.uint32)
+        x = x - to_f32(np.asarray(stream.base[idx]), stream.spec.dtype)
+    return np.abs(x).view(np.uint32)
 
 
 def magnitude_thresholds(stream: TensorStream, ranks: list[int]) -> npt.NDArray[np.float32]:
@@ -92,19 +95,22 @@ def magnitude_thresholds(stream: TensorStream, ranks: list[int]) -> npt.NDArray[
     lo = np.zeros((n, nr), dtype=np.uint32)
     hi = np.full((n, nr), U_MAX, dtype=np.uint32)
     active = np.array([[r > 0 for r in ranks]] * n, dtype=np.uint8)
-    if numel >= 4 * SAMPLE:
+    if numel >= SAMPLED_FROM:
         for k in range(n):
-            srt = np.sort(_sample_bits(stream, k))[::-1]
+            sample = _sample_bits(stream, k)
             for j, r in enumerate(ranks):
                 if r <= 0:
                     continue
                 q = r / numel
                 pos = q * SAMPLE
                 delta = 5.0 * math.sqrt(SAMPLE * q * (1.0 - q)) + 16.0
-                top = max(0, math.floor(pos - delta))
+                top = max(0, math.floor(pos - delta))  # rank from the largest
                 bottom = min(SAMPLE - 1, math.ceil(pos + delta))
-                hi[k, j] = srt[top] if top > 0 else U_MAX
-                lo[k, j] = srt[bottom] if bottom < SAMPLE - 1 else 0
+                a, b = np.partition(sample, [SAMPLE - 1 - bottom, SAMPLE - 1 - top])[
+                    [SAMPLE - 1 - bottom, SAMPLE - 1 - top]
+                ]
+                hi[k, j] = b if top > 0 else U_MAX
+                lo[k, j] = a if bottom < SAMPLE - 1 else 0
     while active.any():
         shift = np.zeros((n, nr), dtype=np.int32)
         for k in range(n):

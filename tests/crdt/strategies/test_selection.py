@@ -7,10 +7,10 @@ import pytest
 
 from meshmerge.crdt.strategies import MergeInput
 from meshmerge.crdt.strategies._stream import TensorStream
-from meshmerge.crdt.strategies.sparse import SAMPLE, magnitude_thresholds
+from meshmerge.crdt.strategies.sparse import SAMPLE, SAMPLED_FROM, magnitude_thresholds
 from meshmerge.crdt.tensors import TensorSpec, from_f32, to_f32
 
-M = 4 * SAMPLE + 1234
+M = SAMPLED_FROM + 1234
 
 
 def _stream(xs: list[np.ndarray], base: np.ndarray | None, dtype: str = "F32") -> TensorStream:
