@@ -181,14 +181,16 @@ cdef extern from *:
         Py_ssize_t nbins, uint64_t *above, uint32_t *hist, uint32_t *flags)
     {
         uint32_t u[MM_MAG_BLOCK];
-        for (Py_ssize_t k = 0; k < nk; k++) {
-            int any = 0;
-            for (Py_ssize_t r = 0; r < R; r++) any |= active[k * R + r];
-            if (!any) continue;
-            const float *x = p[k];
-            uint32_t f = 0;
-            for (Py_ssize_t i0 = lo0; i0 < hi0; i0 += MM_MAG_BLOCK) {
-                Py_ssize_t m = hi0 - i0 < MM_MAG_BLOCK ? hi0 - i0 : MM_MAG_BLOCK;
+        /* Block-major (every input's slice of one block, then the next block), so the
+           base block is read from memory once, not once per input. */
+        for (Py_ssize_t i0 = lo0; i0 < hi0; i0 += MM_MAG_BLOCK) {
+            Py_ssize_t m = hi0 - i0 < MM_MAG_BLOCK ? hi0 - i0 : MM_MAG_BLOCK;
+            for (Py_ssize_t k = 0; k < nk; k++) {
+                int any = 0;
+                for (Py_ssize_t r = 0; r < R; r++) any |= active[k * R + r];
+                if (!any) continue;
+                const float *x = p[k];
+                uint32_t f = 0;
                 if (b == NULL) {
                     for (Py_ssize_t j = 0; j < m; j++) {
                         uint32_t bits;
@@ -209,20 +211,27 @@ cdef extern from *:
                         u[j] = ab & 0x7FFFFFFFu;
                     }
                 }
+                flags[k] |= f;
                 for (Py_ssize_t r = 0; r < R; r++) {
                     Py_ssize_t kr = k * R + r;
                     if (!active[kr]) continue;
                     const uint32_t l = lo[kr], h = hi[kr], span = h - l;
                     const int sh = shift[kr];
                     uint32_t *hk = hist + kr * nbins;
-                    uint64_t cnt = 0;
-                    for (Py_ssize_t j = 0; j < m; j++) cnt += (uint64_t)(u[j] > h);
+                    /* One vectorised sweep counts both; the histogram is only touched
+                       where a group of 16 has elements in range (rare for a narrow range). */
+                    uint32_t cnt = 0, nin = 0;
+                    for (Py_ssize_t j = 0; j < m; j++) {
+                        cnt += (uint32_t)(u[j] > h);
+                        nin += (uint32_t)(u[j] - l <= span);
+                    }
                     above[kr] += cnt;
-                    for (Py_ssize_t j0 = 0; j0 < m; j0 += 16) {
+                    for (Py_ssize_t j0 = 0; j0 < m && nin; j0 += 16) {
                         Py_ssize_t e = m - j0 < 16 ? m - j0 : 16;
                         uint32_t hit = 0;
-                        for (Py_ssize_t j = j0; j < j0 + e; j++) hit |= (uint32_t)(u[j] - l <= span);
+                        for (Py_ssize_t j = j0; j < j0 + e; j++) hit += (uint32_t)(u[j] - l <= span);
                         if (hit) {
+                            nin -= hit;
                             for (Py_ssize_t j = j0; j < j0 + e; j++) {
                                 uint32_t d = u[j] - l;
                                 if (d <= span) hk[d >> sh]++;
@@ -231,7 +240,6 @@ cdef extern from *:
                     }
                 }
             }
-            flags[k] |= f;
         }
     }
 
