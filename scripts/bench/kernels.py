@@ -238,6 +238,8 @@ def bench_size(
                  "", "", "", ""])
     rows.append([n, "roofline: numpy copy (read+write)", f"{t_copy:.3f}", f"{2 * m * 4 / t_copy / 1e9:.2f}",
                  "", "", "", ""])
+    for r in rows:
+        progress(r)
 
     mk = run_mergekit(n, m, MK_OPS) if with_mergekit else {"error": "skipped (--no-peers)"}
     cases: list[tuple[str, int, Callable[[], Any], Callable[[], Any] | None]] = [
@@ -275,6 +277,7 @@ def bench_size(
             mk_cell = f"not run: {got if got is not None else mk.get('error', 'unknown')}"
         rows.append([n, label, f"{t_ours:.3f}", f"{g_ours:.2f}", f"{100 * g_ours / roof:.0f}%",
                      ratio_cell(t_np, nb, t_ours), ratio_cell(t_cm, nb, t_ours), mk_cell])
+        progress(rows[-1])
     return rows
 
 
@@ -340,8 +343,15 @@ def coverage_table(n: int, small: bool) -> str:
         else:
             cells = [t_cm, "", ""]
         rows.append([n, cm_name, f"{m:,}", f"{t_ours:.4f}", f"{nb / t_ours / 1e9:.2f}", *cells])
+        progress(rows[-1])
     return table(["N", "strategy", "M", "ours s", "ours GB/s", "crdt-merge s", "crdt-merge GB/s",
                   "crdt-merge / ours"], rows)
+
+
+def progress(row: list[Any]) -> None:
+    """Each row on stderr as soon as it is measured (the tables go to stdout at the end)."""
+    print(f"[{time.strftime('%H:%M:%S')}, load {os.getloadavg()[0]:.1f}] " + " | ".join(map(str, row)),
+          file=sys.stderr, flush=True)
 
 
 def ratio_cell(t: float | None, nb: int, t_ours: float) -> str:
