@@ -360,6 +360,49 @@ def ratio_cell(t: float | None, nb: int, t_ours: float) -> str:
     return f"{t:.2f} s, {nb / t / 1e9:.2f} GB/s ({t / t_ours:.2g}x)"
 
 
+INTERLEAVED_OPS: list[tuple[str, dict[str, Any]]] = [
+    ("linear", {}), ("ties", {"density": DENSITY}), ("dare_ties", {"density": DARE_DENSITY}),
+]
+
+
+def interleaved_best(n: int, m: int, rounds: int) -> dict[str, float]:
+    """Best time of the 1-/2-thread numpy sums and each op, measured alternately round after round."""
+    base, xs = make_data(n, m)
+    spec = [TensorSpec("w", "F32", (m,))]
+    inp = MergeInput([{"w": x} for x in xs], [1.0] * n, "weights", spec, bytes(32), {"w": base})
+    fns: list[tuple[str, Callable[[], Any]]] = [
+        ("sum1", lambda: [x.sum() for x in xs]), ("sum2", lambda: sum_threads(xs, 2)),
+    ]
+    for name, params in INTERLEAVED_OPS:
+        fns.append((name, lambda name=name, params=params: strategies.get(name).run(inp, params)))
+    best = {key: math.inf for key, _ in fns}
+    for _ in range(rounds):
+        for key, fn in fns:
+            best[key] = min(best[key], timed(fn, 1))
+    return best
+
+
+def interleaved_table(sizes: list[int], m: int, rounds: int) -> str:
+    """Ours vs the numpy rooflines measured alternately (best of each).
+
+    On a shared machine the load changes within seconds; alternating the
+    measurements gives both sides the same conditions, which a roofline taken
+    once at the start of a long run does not.
+    """
+    rows: list[list[Any]] = []
+    for n in sizes:
+        best = interleaved_best(n, m, rounds)
+        nb = n * m * 4
+        roof = nb / min(best["sum1"], best["sum2"]) / 1e9
+        rows.append([n, "numpy sum, 1 thread", f"{best['sum1']:.3f}", f"{nb / best['sum1'] / 1e9:.2f}", ""])
+        rows.append([n, "numpy sum, 2 threads", f"{best['sum2']:.3f}", f"{nb / best['sum2'] / 1e9:.2f}", ""])
+        for name, _params in INTERLEAVED_OPS:
+            g = nb / best[name] / 1e9
+            rows.append([n, name, f"{best[name]:.3f}", f"{g:.2f}", f"{100 * g / roof:.0f}%"])
+            progress(rows[-1])
+    return table(["N", "operation", "best s", "GB/s", "of the faster numpy sum"], rows)
+
+
 def anon_rss() -> int:
     """Resident anonymous memory of this process in bytes (inputs here are anonymous too)."""
     with open("/proc/self/status") as f:
@@ -419,6 +462,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="4,16", help="comma-separated N values")
     ap.add_argument("--no-peers", action="store_true", help="skip crdt-merge and mergekit")
     ap.add_argument("--rss", action="store_true", help="only measure peak extra memory of our strategies")
+    ap.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS",
+                    help="only linear/ties/dare_ties and the numpy rooflines, measured alternately ROUNDS times")
     ap.add_argument("--coverage", action="store_true",
                     help="only the every-shared-strategy comparison with crdt-merge at N = 16")
     args = ap.parse_args()
@@ -430,6 +475,11 @@ def main() -> None:
             os.execve(sys.executable, [sys.executable, *sys.argv], env)
         for n in (int(s) for s in args.sizes.split(",")):
             print(rss_table(n, m) + "\n")
+        return
+    if args.interleaved:
+        print(f"{machine()}; M = {m:,}; ours with {get_threads()} threads; best of {args.interleaved} "
+              "alternating rounds.\n")
+        print(interleaved_table([int(x) for x in args.sizes.split(",")], m, args.interleaved))
         return
     if args.coverage:
         print(f"{machine()}; ours with {get_threads()} threads; N = 16; GB/s = contribution bytes read / wall "
