@@ -45,7 +45,7 @@ cdef extern from *:
     """
     #include <math.h>
     #include "mm_par.h"
-    #define MM_SPARSE_BLOCK 128
+    #define MM_SPARSE_BLOCK 512
 
     static inline uint64_t mm_splitmix64_at(uint64_t key, uint64_t index) {
         uint64_t z = key + (index + 1) * 0x9E3779B97F4A7C15ULL;
@@ -171,6 +171,7 @@ cdef extern from *:
     }
 
     #define MM_MAG_BLOCK 256
+    #define MM_MAG_SPAN 8192
     /* Magnitude bit patterns u = bits(|x - b|_f32) (non-negative floats order like
        their bits). For every contributor k and active target r (slot kr = k * R + r):
        above[kr] += #{u > hi[kr]}, and for lo[kr] <= u <= hi[kr]:
@@ -181,64 +182,71 @@ cdef extern from *:
         Py_ssize_t nbins, uint64_t *above, uint32_t *hist, uint32_t *flags)
     {
         uint32_t u[MM_MAG_BLOCK];
-        /* Block-major (every input's slice of one block, then the next block), so the
-           base block is read from memory once, not once per input. */
-        for (Py_ssize_t i0 = lo0; i0 < hi0; i0 += MM_MAG_BLOCK) {
-            Py_ssize_t m = hi0 - i0 < MM_MAG_BLOCK ? hi0 - i0 : MM_MAG_BLOCK;
+        /* Input-major over spans of MM_MAG_SPAN elements: two long streams (x_k and the
+           base span, which stays in cache for the next input) instead of N + 1 short
+           ones, which the prefetchers follow badly for large N. */
+        for (Py_ssize_t s0 = lo0; s0 < hi0; s0 += MM_MAG_SPAN) {
+            Py_ssize_t s1 = hi0 - s0 < MM_MAG_SPAN ? hi0 : s0 + MM_MAG_SPAN;
             for (Py_ssize_t k = 0; k < nk; k++) {
                 int any = 0;
                 for (Py_ssize_t r = 0; r < R; r++) any |= active[k * R + r];
                 if (!any) continue;
                 const float *x = p[k];
                 uint32_t f = 0;
-                if (b == NULL) {
-                    for (Py_ssize_t j = 0; j < m; j++) {
-                        uint32_t bits;
-                        memcpy(&bits, &x[i0 + j], 4);
-                        f |= (bits & 0x7F800000u) + 0x00800000u;
-                        u[j] = bits & 0x7FFFFFFFu;
+                for (Py_ssize_t i0 = s0; i0 < s1; i0 += MM_MAG_BLOCK) {
+                    Py_ssize_t m = s1 - i0 < MM_MAG_BLOCK ? s1 - i0 : MM_MAG_BLOCK;
+                    if (b == NULL) {
+                        for (Py_ssize_t j = 0; j < m; j++) {
+                            uint32_t bits;
+                            memcpy(&bits, &x[i0 + j], 4);
+                            f |= (bits & 0x7F800000u) + 0x00800000u;
+                            u[j] = bits & 0x7FFFFFFFu;
+                        }
+                    } else {
+                        /* float32 x - b is the correctly rounded difference, the same value
+                           as (float)((double)x - (double)b) (double rounding through a format
+                           with >= 2p + 2 bits is harmless for subtraction), at half the work. */
+                        for (Py_ssize_t j = 0; j < m; j++) {
+                            uint32_t bits, ab;
+                            memcpy(&bits, &x[i0 + j], 4);
+                            f |= (bits & 0x7F800000u) + 0x00800000u;
+                            float a = x[i0 + j] - b[i0 + j];
+                            memcpy(&ab, &a, 4);
+                            u[j] = ab & 0x7FFFFFFFu;
+                        }
                     }
-                } else {
-                    /* float32 x - b is the correctly rounded difference, the same value as
-                       (float)((double)x - (double)b) (double rounding through a format with
-                       >= 2p + 2 bits is harmless for subtraction), at half the work. */
-                    for (Py_ssize_t j = 0; j < m; j++) {
-                        uint32_t bits, ab;
-                        memcpy(&bits, &x[i0 + j], 4);
-                        f |= (bits & 0x7F800000u) + 0x00800000u;
-                        float a = x[i0 + j] - b[i0 + j];
-                        memcpy(&ab, &a, 4);
-                        u[j] = ab & 0x7FFFFFFFu;
-                    }
-                }
-                flags[k] |= f;
-                for (Py_ssize_t r = 0; r < R; r++) {
-                    Py_ssize_t kr = k * R + r;
-                    if (!active[kr]) continue;
-                    const uint32_t l = lo[kr], h = hi[kr], span = h - l;
-                    const int sh = shift[kr];
-                    uint32_t *hk = hist + kr * nbins;
-                    /* One vectorised sweep counts both; the histogram is only touched
-                       where a group of 16 has elements in range (rare for a narrow range). */
-                    uint32_t cnt = 0, nin = 0;
-                    for (Py_ssize_t j = 0; j < m; j++) {
-                        cnt += (uint32_t)(u[j] > h);
-                        nin += (uint32_t)(u[j] - l <= span);
-                    }
-                    above[kr] += cnt;
-                    for (Py_ssize_t j0 = 0; j0 < m && nin; j0 += 16) {
-                        Py_ssize_t e = m - j0 < 16 ? m - j0 : 16;
-                        uint32_t hit = 0;
-                        for (Py_ssize_t j = j0; j < j0 + e; j++) hit += (uint32_t)(u[j] - l <= span);
-                        if (hit) {
-                            nin -= hit;
-                            for (Py_ssize_t j = j0; j < j0 + e; j++) {
-                                uint32_t d = u[j] - l;
-                                if (d <= span) hk[d >> sh]++;
+                    for (Py_ssize_t r = 0; r < R; r++) {
+                        Py_ssize_t kr = k * R + r;
+                        if (!active[kr]) continue;
+                        const uint32_t l = lo[kr], h = hi[kr], span = h - l;
+                        const int sh = shift[kr];
+                        uint32_t *hk = hist + kr * nbins;
+                        /* One vectorised sweep counts both; the histogram is only touched
+                           where a group of 16 has elements in range (rare for a narrow range). */
+                        uint32_t cnt = 0, nin = 0;
+                        for (Py_ssize_t j = 0; j < m; j++) {
+                            cnt += (uint32_t)(u[j] > h);
+                            nin += (uint32_t)(u[j] - l <= span);
+                        }
+                        above[kr] += cnt;
+                        /* Visit only the hits, via a bit mask per group of 32 (a plain loop
+                           with a conditional increment gets vectorised into a masked
+                           scatter, which is many times slower on some CPUs). */
+                        for (Py_ssize_t j0 = 0; j0 < m && nin; j0 += 32) {
+                            Py_ssize_t e = m - j0 < 32 ? m - j0 : 32;
+                            uint32_t msk = 0;
+                            for (Py_ssize_t j = 0; j < e; j++)
+                                msk |= (uint32_t)(u[j0 + j] - l <= span) << j;
+                            while (msk) {
+                                int j = __builtin_ctz(msk);
+                                msk &= msk - 1;
+                                hk[(u[j0 + j] - l) >> sh]++;
+                                nin--;
                             }
                         }
                     }
                 }
+                flags[k] |= f;
             }
         }
     }
@@ -269,7 +277,7 @@ cdef extern from *:
 
 
 cdef enum:
-    BLOCK = 128
+    BLOCK = 512
 
 
 cdef class _Ptrs:
