@@ -1,31 +1,44 @@
 """Cython merge kernels.
 
 Every kernel is deterministic: fixed reduction order, no FMA contraction, no
-fast-math (see setup.py), so replicas produce identical bytes.
+fast-math (see setup.py), so replicas produce identical bytes. Threads
+(OpenMP, :mod:`meshmerge.cext.threads`) work on disjoint element ranges.
 """
+
+import os
+
+# Idle OpenMP threads sleep instead of spinning: on a shared, loaded machine a
+# spinning thread burns the time slice the thread it waits for needs. Must be
+# set before the first kernel module loads the OpenMP runtime; a value the
+# user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from meshmerge.cext.convert import bf16_to_f32, f32_to_bf16, has_nonfinite
 from meshmerge.cext.gram import gram_accumulate, gram_finalize
-from meshmerge.cext.linear import weighted_sum_f32, weighted_sum_f64
+from meshmerge.cext.linear import task_sum_f32, weighted_sum_f32, weighted_sum_f64
 from meshmerge.cext.prng import drop_lanes, drop_threshold, random_u64, stream_key, uniform_f64
 from meshmerge.cext.robust import sorted_reduce
-from meshmerge.cext.sparse import mag_hist_hi, mag_hist_lo, sparse_merge
+from meshmerge.cext.sparse import mag_range, sparse_merge
+from meshmerge.cext.threads import get_threads, set_threads, using_threads
 
 __all__ = [
     "bf16_to_f32",
     "drop_lanes",
     "drop_threshold",
     "f32_to_bf16",
+    "get_threads",
     "gram_accumulate",
     "gram_finalize",
     "has_nonfinite",
-    "mag_hist_hi",
-    "mag_hist_lo",
+    "mag_range",
     "random_u64",
+    "set_threads",
     "sorted_reduce",
     "sparse_merge",
     "stream_key",
+    "task_sum_f32",
     "uniform_f64",
+    "using_threads",
     "weighted_sum_f32",
     "weighted_sum_f64",
 ]

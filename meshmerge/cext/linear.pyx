@@ -19,7 +19,8 @@ from libc.stdlib cimport calloc, free, malloc
 
 from libc.stdint cimport uint32_t
 
-from meshmerge.cext._common cimport NONFINITE, gather_f32
+from meshmerge.cext._common cimport NONFINITE, gather_f32, optional_f32
+from meshmerge.cext.threads import get_grain, get_threads
 
 cnp.import_array()
 
@@ -27,83 +28,128 @@ cnp.import_array()
 
 cdef extern from *:
     """
-    #include <string.h>
-    #include <stdint.h>
-    #ifndef MM_CLONES
-    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-    /* Same IEEE operations in the same order on every clone (no FMA contraction:
-       -ffp-contract=off), only the vector width differs, so bytes do not. */
-    #define MM_CLONES __attribute__((target_clones("avx2", "default")))
-    #else
-    #define MM_CLONES
-    #endif
-    #endif
+    #include "mm_par.h"
     #define MM_WSUM_BLOCK 2048
-    /* Four inputs per sweep: per element the additions still run k = 0, 1, 2, ...
-       in order, but the accumulator is loaded/stored once per four inputs and
-       four streams are in flight, which keeps the prefetchers busy for large N. */
-    MM_CLONES static void mm_wsum_f32(const float *const *p, const double *w, Py_ssize_t nk,
-                                      Py_ssize_t n, float *out, uint32_t *flags)
+    /* One block of m elements at lo: acc[j] = sum_k w_k * v_k[j] in k order, where
+       v_k = x_k (no base) or (double)x_k - bb[j] (task vectors). Four inputs per
+       sweep: per element the additions still run k = 0, 1, 2, ... in order, but the
+       accumulator is loaded/stored once per four inputs and four streams are in
+       flight, which keeps the prefetchers busy for large N. Inlined with a
+       constant has_base, so each case gets its own loops. */
+    #define MM_V(x, j) (has_base ? (double)(x)[j] - bb[j] : (double)(x)[j])
+    static inline __attribute__((always_inline)) void mm_wsum_block(
+        const float *const *p, const double *w, Py_ssize_t nk, Py_ssize_t lo, Py_ssize_t m,
+        double *acc, const double *bb, const int has_base)
     {
-        double acc[MM_WSUM_BLOCK];
-        for (Py_ssize_t lo = 0; lo < n; lo += MM_WSUM_BLOCK) {
-            Py_ssize_t m = n - lo < MM_WSUM_BLOCK ? n - lo : MM_WSUM_BLOCK;
+        Py_ssize_t k = 0;
+        if (nk >= 4) {
+            const float *x0 = p[0] + lo, *x1 = p[1] + lo, *x2 = p[2] + lo, *x3 = p[3] + lo;
+            const double w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+            for (Py_ssize_t j = 0; j < m; j++) {
+                double a = 0.0;
+                a = a + w0 * MM_V(x0, j);
+                a = a + w1 * MM_V(x1, j);
+                a = a + w2 * MM_V(x2, j);
+                a = a + w3 * MM_V(x3, j);
+                acc[j] = a;
+            }
+            k = 4;
+        } else {
             for (Py_ssize_t j = 0; j < m; j++) acc[j] = 0.0;
-            Py_ssize_t k = 0;
-            for (; k + 4 <= nk; k += 4) {
-                const float *x0 = p[k] + lo, *x1 = p[k + 1] + lo, *x2 = p[k + 2] + lo, *x3 = p[k + 3] + lo;
-                const double w0 = w[k], w1 = w[k + 1], w2 = w[k + 2], w3 = w[k + 3];
-                uint32_t f0 = 0, f1 = 0, f2 = 0, f3 = 0;
-                for (Py_ssize_t j = 0; j < m; j++) {
-                    float v0 = x0[j], v1 = x1[j], v2 = x2[j], v3 = x3[j];
-                    uint32_t b0, b1, b2, b3;
-                    memcpy(&b0, &v0, 4); memcpy(&b1, &v1, 4); memcpy(&b2, &v2, 4); memcpy(&b3, &v3, 4);
-                    double a = acc[j];
-                    a = a + w0 * (double)v0;
-                    a = a + w1 * (double)v1;
-                    a = a + w2 * (double)v2;
-                    a = a + w3 * (double)v3;
-                    acc[j] = a;
-                    f0 |= (b0 & 0x7F800000u) + 0x00800000u;
-                    f1 |= (b1 & 0x7F800000u) + 0x00800000u;
-                    f2 |= (b2 & 0x7F800000u) + 0x00800000u;
-                    f3 |= (b3 & 0x7F800000u) + 0x00800000u;
-                }
-                flags[k] |= f0; flags[k + 1] |= f1; flags[k + 2] |= f2; flags[k + 3] |= f3;
+        }
+        for (; k + 4 <= nk; k += 4) {
+            const float *x0 = p[k] + lo, *x1 = p[k + 1] + lo, *x2 = p[k + 2] + lo, *x3 = p[k + 3] + lo;
+            const double w0 = w[k], w1 = w[k + 1], w2 = w[k + 2], w3 = w[k + 3];
+            for (Py_ssize_t j = 0; j < m; j++) {
+                double a = acc[j];
+                a = a + w0 * MM_V(x0, j);
+                a = a + w1 * MM_V(x1, j);
+                a = a + w2 * MM_V(x2, j);
+                a = a + w3 * MM_V(x3, j);
+                acc[j] = a;
             }
-            for (; k < nk; k++) {
-                const float *x = p[k] + lo;
-                const double wk = w[k];
-                uint32_t f = 0;
-                for (Py_ssize_t j = 0; j < m; j++) {
-                    float v = x[j];
-                    uint32_t bits;
-                    memcpy(&bits, &v, 4);
-                    acc[j] = acc[j] + wk * (double)v;
-                    f |= (bits & 0x7F800000u) + 0x00800000u;
-                }
-                flags[k] |= f;
-            }
-            for (Py_ssize_t j = 0; j < m; j++) out[lo + j] = (float)acc[j];
+        }
+        for (; k < nk; k++) {
+            const float *x = p[k] + lo;
+            const double wk = w[k];
+            for (Py_ssize_t j = 0; j < m; j++) acc[j] = acc[j] + wk * MM_V(x, j);
         }
     }
+
+    /* Elements [lo0, hi0). Without task: out = (float)acc. With task:
+       out = (float)(bb + lam * (acc * inv_den)), bb = base or 0.0.
+       NaN/Inf: a non-finite input always makes the float64 accumulator
+       non-finite (weights are finite; NaN never cancels, Inf only into NaN), so
+       the inner loops do no checks; a block whose accumulator is not finite is
+       rescanned to name the inputs. */
+    MM_CLONES static void mm_wsum_f32(const float *const *p, const float *b, const double *w, Py_ssize_t nk,
+                                      Py_ssize_t lo0, Py_ssize_t hi0, int task, double lam, double inv_den,
+                                      float *out, uint32_t *flags)
+    {
+        double acc[MM_WSUM_BLOCK], bb[MM_WSUM_BLOCK];
+        for (Py_ssize_t lo = lo0; lo < hi0; lo += MM_WSUM_BLOCK) {
+            Py_ssize_t m = hi0 - lo < MM_WSUM_BLOCK ? hi0 - lo : MM_WSUM_BLOCK;
+            if (b != NULL) {
+                for (Py_ssize_t j = 0; j < m; j++) bb[j] = (double)b[lo + j];
+                mm_wsum_block(p, w, nk, lo, m, acc, bb, 1);
+            } else {
+                for (Py_ssize_t j = 0; j < m; j++) bb[j] = 0.0;
+                mm_wsum_block(p, w, nk, lo, m, acc, bb, 0);
+            }
+            uint64_t bad = 0;
+            for (Py_ssize_t j = 0; j < m; j++) {
+                uint64_t bits;
+                memcpy(&bits, &acc[j], 8);
+                bad |= (bits & 0x7FF0000000000000ULL) + 0x0010000000000000ULL;
+            }
+            if (task) {
+                for (Py_ssize_t j = 0; j < m; j++) out[lo + j] = (float)(bb[j] + lam * (acc[j] * inv_den));
+            } else {
+                for (Py_ssize_t j = 0; j < m; j++) out[lo + j] = (float)acc[j];
+            }
+            if (bad & 0x8000000000000000ULL) {
+                for (Py_ssize_t k = 0; k < nk; k++) {
+                    const float *x = p[k] + lo;
+                    uint32_t f = 0;
+                    for (Py_ssize_t j = 0; j < m; j++) {
+                        uint32_t bits;
+                        memcpy(&bits, &x[j], 4);
+                        f |= (bits & 0x7F800000u) + 0x00800000u;
+                    }
+                    flags[k] |= f;
+                }
+            }
+        }
+    }
+
+    /* Thread t ORs its NaN/Inf flags into tflags[t * nk + k]. */
+    static void mm_wsum_f32_par(const float *const *p, const float *b, const double *w, Py_ssize_t nk,
+                                Py_ssize_t n, int task, double lam, double inv_den, float *out,
+                                uint32_t *tflags, int nt, Py_ssize_t grain)
+    {
+        MM_PAR_BLOCKS(n, grain, nt, {
+            mm_wsum_f32(p, b, w, nk, lo, hi, task, lam, inv_den, out, tflags + (Py_ssize_t)tid * nk);
+        });
+    }
     """
-    void mm_wsum_f32(const float** p, const double* w, Py_ssize_t nk, Py_ssize_t n,
-                     float* out, uint32_t* flags) nogil
+    void mm_wsum_f32_par(const float** p, const float* b, const double* w, Py_ssize_t nk, Py_ssize_t n,
+                         int task, double lam, double inv_den, float* out, uint32_t* tflags, int nt,
+                         Py_ssize_t grain) nogil
+    int mm_team(int want, Py_ssize_t n, Py_ssize_t grain) nogil
 
 
-def weighted_sum_f32(list inputs, const double[::1] weights, float[::1] out):
-    """Accumulate float32 inputs (1-D, contiguous, same length) into `out`.
-
-    Returns the index of the first input containing NaN/Inf, or -1.
-    """
+cdef int _wsum(list inputs, object base, const double[::1] weights, float[::1] out, int task,
+               double lam, double inv_den, int threads) except -2:
     cdef Py_ssize_t n = out.shape[0]
     cdef Py_ssize_t nk = len(inputs)
-    cdef Py_ssize_t k
+    cdef Py_ssize_t k, t
+    cdef Py_ssize_t grain = get_grain()
+    cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, grain)
+    cdef const float* b = optional_f32(base, n)
     if weights.shape[0] != nk:
         raise ValueError(f"{nk} inputs but {weights.shape[0]} weights")
     cdef const float** ptrs = <const float**>malloc(max(nk, 1) * sizeof(float*))
-    cdef uint32_t* chk = <uint32_t*>calloc(max(nk, 1), sizeof(uint32_t))
+    cdef uint32_t* chk = <uint32_t*>calloc(max(nk, 1) * nt, sizeof(uint32_t))
     if ptrs == NULL or chk == NULL:
         free(ptrs); free(chk)
         raise MemoryError()
@@ -111,16 +157,41 @@ def weighted_sum_f32(list inputs, const double[::1] weights, float[::1] out):
         gather_f32(inputs, n, ptrs)
         if n and nk:
             with nogil:
-                mm_wsum_f32(ptrs, &weights[0], nk, n, &out[0], chk)
+                mm_wsum_f32_par(ptrs, b, &weights[0], nk, n, task, lam, inv_den, &out[0], chk, nt, grain)
         elif n:
+            if task:
+                raise ValueError("no inputs")
             out[:] = 0.0
         for k in range(nk):
+            for t in range(1, nt):
+                chk[k] |= chk[t * nk + k]
             if chk[k] & NONFINITE:
-                return k
+                return <int>k
         return -1
     finally:
         free(ptrs)
         free(chk)
+
+
+def weighted_sum_f32(list inputs, const double[::1] weights, float[::1] out, int threads=0):
+    """Accumulate float32 inputs (1-D, contiguous, same length) into `out`.
+
+    ``threads`` 0 means :func:`meshmerge.cext.threads.get_threads`; the bytes
+    written do not depend on it. Returns the index of the first input
+    containing NaN/Inf, or -1.
+    """
+    return _wsum(inputs, None, weights, out, 0, 1.0, 1.0, threads)
+
+
+def task_sum_f32(list inputs, object base, const double[::1] weights, double lam, double inv_den,
+                 float[::1] out, int threads=0):
+    """``out = float32(b + lam * (sum_k w_k (x_k - b) * inv_den))`` with ``t = (double)x - b``.
+
+    ``base`` None means b = 0 (delta contributions). Same operations in the same
+    order as :func:`meshmerge.cext.sparse.sparse_merge` without trimming or drops.
+    Returns the index of the first input containing NaN/Inf, or -1.
+    """
+    return _wsum(inputs, base, weights, out, 1, lam, inv_den, threads)
 
 
 def weighted_sum_f64(list inputs, const double[::1] weights, double[::1] out):

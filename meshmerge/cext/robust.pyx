@@ -19,32 +19,25 @@ from libc.stdint cimport uint32_t
 from libc.stdlib cimport calloc, free, malloc
 
 from meshmerge.cext._common cimport NONFINITE, gather_f32
+from meshmerge.cext.threads import get_grain, get_threads
 
 cnp.import_array()
 
 cdef extern from *:
     """
-    #include <string.h>
-    #include <stdint.h>
-    #ifndef MM_CLONES
-    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-    #define MM_CLONES __attribute__((target_clones("avx2", "default")))
-    #else
-    #define MM_CLONES
-    #endif
-    #endif
+    #include "mm_par.h"
     #define MM_SORT_BLOCK 256
     /* Odd-even transposition sort of the N values of every element of a block,
        stored contributor-major (buf[k * BLOCK + j]), so each compare-exchange
        runs across 256 elements at once (vectorises). N rounds sort N values.
        Compare-exchange keeps equal values in place, so the sorted sequence is
        the same multiset ordering as any stable sort. */
-    MM_CLONES static uint32_t mm_sorted_reduce(const float *const *p, Py_ssize_t nk, Py_ssize_t n,
-                                               int mode, Py_ssize_t trim, float *out, float *buf,
-                                               uint32_t *flags)
+    MM_CLONES static void mm_sorted_reduce(const float *const *p, Py_ssize_t nk, Py_ssize_t lo0,
+                                           Py_ssize_t hi0, int mode, Py_ssize_t trim, float *out,
+                                           float *buf, uint32_t *flags)
     {
-        for (Py_ssize_t i0 = 0; i0 < n; i0 += MM_SORT_BLOCK) {
-            Py_ssize_t m = n - i0 < MM_SORT_BLOCK ? n - i0 : MM_SORT_BLOCK;
+        for (Py_ssize_t i0 = lo0; i0 < hi0; i0 += MM_SORT_BLOCK) {
+            Py_ssize_t m = hi0 - i0 < MM_SORT_BLOCK ? hi0 - i0 : MM_SORT_BLOCK;
             for (Py_ssize_t k = 0; k < nk; k++) {
                 const float *x = p[k] + i0;
                 float *row = buf + k * MM_SORT_BLOCK;
@@ -93,21 +86,38 @@ cdef extern from *:
                 for (Py_ssize_t j = 0; j < m; j++) out[i0 + j] = (float)(acc[j] / cnt);
             }
         }
-        return 0;
+    }
+
+    /* Thread t uses buf + t * nk * BLOCK and tflags + t * nk. */
+    static void mm_sorted_reduce_par(const float *const *p, Py_ssize_t nk, Py_ssize_t n, int mode,
+                                     Py_ssize_t trim, float *out, float *buf, uint32_t *tflags,
+                                     int nt, Py_ssize_t grain)
+    {
+        MM_PAR_BLOCKS(n, grain, nt, {
+            mm_sorted_reduce(p, nk, lo, hi, mode, trim, out, buf + (Py_ssize_t)tid * nk * MM_SORT_BLOCK,
+                             tflags + (Py_ssize_t)tid * nk);
+        });
     }
     """
-    unsigned int mm_sorted_reduce(const float** p, Py_ssize_t nk, Py_ssize_t n, int mode, Py_ssize_t trim,
-                                  float* out, float* buf, unsigned int* flags) nogil
+    void mm_sorted_reduce_par(const float** p, Py_ssize_t nk, Py_ssize_t n, int mode, Py_ssize_t trim,
+                              float* out, float* buf, unsigned int* tflags, int nt, Py_ssize_t grain) nogil
+    int mm_team(int want, Py_ssize_t n, Py_ssize_t grain) nogil
 
 
 cdef enum:
     BLOCK = 256
 
 
-def sorted_reduce(list xs, int mode, Py_ssize_t trim, float[::1] out):
-    """mode 0: median, mode 1: trimmed mean. Returns first input index with NaN/Inf, or -1."""
+def sorted_reduce(list xs, int mode, Py_ssize_t trim, float[::1] out, int threads=0):
+    """mode 0: median, mode 1: trimmed mean. Returns first input index with NaN/Inf, or -1.
+
+    ``threads`` 0 means :func:`meshmerge.cext.threads.get_threads` (no effect on the bytes).
+    """
     cdef Py_ssize_t nk = len(xs)
     cdef Py_ssize_t n = out.shape[0]
+    cdef Py_ssize_t grain = get_grain()
+    cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, grain)
+    cdef Py_ssize_t t
     if nk == 0:
         raise ValueError("no inputs")
     if mode not in (0, 1):
@@ -115,8 +125,8 @@ def sorted_reduce(list xs, int mode, Py_ssize_t trim, float[::1] out):
     if mode == 1 and not 0 <= 2 * trim < nk:
         raise ValueError("trim must leave at least one value")
     cdef const float** ptrs = <const float**>malloc(nk * sizeof(float*))
-    cdef float* buf = <float*>malloc(nk * BLOCK * sizeof(float))
-    cdef uint32_t* flags = <uint32_t*>calloc(nk, sizeof(uint32_t))
+    cdef float* buf = <float*>malloc(nt * nk * BLOCK * sizeof(float))
+    cdef uint32_t* flags = <uint32_t*>calloc(nt * nk, sizeof(uint32_t))
     cdef Py_ssize_t k
     cdef int bad = -1
     if ptrs == NULL or buf == NULL or flags == NULL:
@@ -126,8 +136,10 @@ def sorted_reduce(list xs, int mode, Py_ssize_t trim, float[::1] out):
         gather_f32(xs, n, ptrs)
         if n:
             with nogil:
-                mm_sorted_reduce(ptrs, nk, n, mode, trim, &out[0], buf, flags)
+                mm_sorted_reduce_par(ptrs, nk, n, mode, trim, &out[0], buf, flags, nt, grain)
         for k in range(nk):
+            for t in range(1, nt):
+                flags[k] |= flags[t * nk + k]
             if (flags[k] & NONFINITE) and bad < 0:
                 bad = k
         return bad

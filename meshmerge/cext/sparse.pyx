@@ -23,41 +23,29 @@ Selections are written as multiplications by 0.0/1.0 rather than branches so
 the loops vectorise without ``-fno-trapping-math``; a dropped value becomes a
 signed zero, which no later sum can observe (every accumulator starts at +0).
 Every sum runs over k = 0..N-1 in order in float64, per element, so results
-do not depend on chunking. Magnitude thresholds come from an exact two-pass
-radix selection over the float32 bit patterns (``mag_hist_hi``/``mag_hist_lo``):
-O(n) time, O(1) extra memory per contributor, no sort.
+do not depend on chunking or threads. Magnitude thresholds are exact order
+statistics of the float32 bit patterns, found by counting passes of
+``mag_range`` (a count above a range plus a histogram inside it): O(n) time per
+pass, O(bins) extra memory per contributor, no sort.
 """
 
 import numpy as np
 cimport numpy as cnp
-from libc.math cimport fabs
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 
-from meshmerge.cext._common cimport (
-    NONFINITE,
-    f32_bits,
-    gather_f32,
-    nonfinite_bits,
-    optional_f32,
-    splitmix64_at,
-)
+from libc.stdint cimport int32_t, uint8_t
+
+from meshmerge.cext._common cimport NONFINITE, gather_f32, optional_f32
+from meshmerge.cext.threads import get_grain, get_threads
 
 cnp.import_array()
 
 cdef extern from *:
     """
     #include <math.h>
-    #include <string.h>
-    #include <stdint.h>
-    #ifndef MM_CLONES
-    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-    #define MM_CLONES __attribute__((target_clones("avx2", "default")))
-    #else
-    #define MM_CLONES
-    #endif
-    #endif
-    #define MM_SPARSE_BLOCK 128
+    #include "mm_par.h"
+    #define MM_SPARSE_BLOCK 512
 
     static inline uint64_t mm_splitmix64_at(uint64_t key, uint64_t index) {
         uint64_t z = key + (index + 1) * 0x9E3779B97F4A7C15ULL;
@@ -77,12 +65,12 @@ cdef extern from *:
     MM_CLONES static void mm_sparse_merge(
         const float *const *p, const float *b, const double *w, const float *lo, const float *hi,
         const uint64_t *keys, uint64_t drop_thr, double rescale, int consensus, int disjoint,
-        double inv_den, double lam, uint64_t start, Py_ssize_t nk, Py_ssize_t n,
+        double inv_den, double lam, uint64_t start, Py_ssize_t nk, Py_ssize_t lo0, Py_ssize_t hi0,
         float *out, uint32_t *flags, double *vals)
     {
         double s[MM_SPARSE_BLOCK], num[MM_SPARSE_BLOCK], den[MM_SPARSE_BLOCK], bb[MM_SPARSE_BLOCK];
-        for (Py_ssize_t i0 = 0; i0 < n; i0 += MM_SPARSE_BLOCK) {
-            Py_ssize_t m = n - i0 < MM_SPARSE_BLOCK ? n - i0 : MM_SPARSE_BLOCK;
+        for (Py_ssize_t i0 = lo0; i0 < hi0; i0 += MM_SPARSE_BLOCK) {
+            Py_ssize_t m = hi0 - i0 < MM_SPARSE_BLOCK ? hi0 - i0 : MM_SPARSE_BLOCK;
             for (Py_ssize_t j = 0; j < m; j++) {
                 bb[j] = b == NULL ? 0.0 : (double)b[i0 + j];
                 s[j] = 0.0; num[j] = 0.0; den[j] = 0.0;
@@ -167,18 +155,129 @@ cdef extern from *:
             }
         }
     }
+
+    /* Thread t uses vals + t * nk * BLOCK and tflags + t * nk. */
+    static void mm_sparse_merge_par(
+        const float *const *p, const float *b, const double *w, const float *flo, const float *fhi,
+        const uint64_t *keys, uint64_t drop_thr, double rescale, int consensus, int disjoint,
+        double inv_den, double lam, uint64_t start, Py_ssize_t nk, Py_ssize_t n,
+        float *out, uint32_t *tflags, double *vals, int nt, Py_ssize_t grain)
+    {
+        MM_PAR_BLOCKS(n, grain, nt, {
+            mm_sparse_merge(p, b, w, flo, fhi, keys, drop_thr, rescale, consensus, disjoint, inv_den, lam,
+                            start, nk, lo, hi, out, tflags + (Py_ssize_t)tid * nk,
+                            vals + (Py_ssize_t)tid * nk * MM_SPARSE_BLOCK);
+        });
+    }
+
+    #define MM_MAG_BLOCK 256
+    #define MM_MAG_SPAN 8192
+    /* Magnitude bit patterns u = bits(|x - b|_f32) (non-negative floats order like
+       their bits). For every contributor k and active target r (slot kr = k * R + r):
+       above[kr] += #{u > hi[kr]}, and for lo[kr] <= u <= hi[kr]:
+       hist[kr * nbins + ((u - lo[kr]) >> shift[kr])] += 1. Elements [lo0, hi0). */
+    MM_CLONES static void mm_mag_range(
+        const float *const *p, const float *b, Py_ssize_t nk, Py_ssize_t R, Py_ssize_t lo0, Py_ssize_t hi0,
+        const uint32_t *lo, const uint32_t *hi, const int32_t *shift, const uint8_t *active,
+        Py_ssize_t nbins, uint64_t *above, uint32_t *hist, uint32_t *flags)
+    {
+        uint32_t u[MM_MAG_BLOCK];
+        /* Input-major over spans of MM_MAG_SPAN elements: two long streams (x_k and the
+           base span, which stays in cache for the next input) instead of N + 1 short
+           ones, which the prefetchers follow badly for large N. */
+        for (Py_ssize_t s0 = lo0; s0 < hi0; s0 += MM_MAG_SPAN) {
+            Py_ssize_t s1 = hi0 - s0 < MM_MAG_SPAN ? hi0 : s0 + MM_MAG_SPAN;
+            for (Py_ssize_t k = 0; k < nk; k++) {
+                int any = 0;
+                for (Py_ssize_t r = 0; r < R; r++) any |= active[k * R + r];
+                if (!any) continue;
+                const float *x = p[k];
+                uint32_t f = 0;
+                for (Py_ssize_t i0 = s0; i0 < s1; i0 += MM_MAG_BLOCK) {
+                    Py_ssize_t m = s1 - i0 < MM_MAG_BLOCK ? s1 - i0 : MM_MAG_BLOCK;
+                    if (b == NULL) {
+                        for (Py_ssize_t j = 0; j < m; j++) {
+                            uint32_t bits;
+                            memcpy(&bits, &x[i0 + j], 4);
+                            f |= (bits & 0x7F800000u) + 0x00800000u;
+                            u[j] = bits & 0x7FFFFFFFu;
+                        }
+                    } else {
+                        /* float32 x - b is the correctly rounded difference, the same value
+                           as (float)((double)x - (double)b) (double rounding through a format
+                           with >= 2p + 2 bits is harmless for subtraction), at half the work. */
+                        for (Py_ssize_t j = 0; j < m; j++) {
+                            uint32_t bits, ab;
+                            memcpy(&bits, &x[i0 + j], 4);
+                            f |= (bits & 0x7F800000u) + 0x00800000u;
+                            float a = x[i0 + j] - b[i0 + j];
+                            memcpy(&ab, &a, 4);
+                            u[j] = ab & 0x7FFFFFFFu;
+                        }
+                    }
+                    for (Py_ssize_t r = 0; r < R; r++) {
+                        Py_ssize_t kr = k * R + r;
+                        if (!active[kr]) continue;
+                        const uint32_t l = lo[kr], h = hi[kr], span = h - l;
+                        const int sh = shift[kr];
+                        uint32_t *hk = hist + kr * nbins;
+                        /* One vectorised sweep counts both; the histogram is only touched
+                           where a group of 16 has elements in range (rare for a narrow range). */
+                        uint32_t cnt = 0, nin = 0;
+                        for (Py_ssize_t j = 0; j < m; j++) {
+                            cnt += (uint32_t)(u[j] > h);
+                            nin += (uint32_t)(u[j] - l <= span);
+                        }
+                        above[kr] += cnt;
+                        /* Visit only the hits, via a bit mask per group of 32 (a plain loop
+                           with a conditional increment gets vectorised into a masked
+                           scatter, which is many times slower on some CPUs). */
+                        for (Py_ssize_t j0 = 0; j0 < m && nin; j0 += 32) {
+                            Py_ssize_t e = m - j0 < 32 ? m - j0 : 32;
+                            uint32_t msk = 0;
+                            for (Py_ssize_t j = 0; j < e; j++)
+                                msk |= (uint32_t)(u[j0 + j] - l <= span) << j;
+                            while (msk) {
+                                int j = __builtin_ctz(msk);
+                                msk &= msk - 1;
+                                hk[(u[j0 + j] - l) >> sh]++;
+                                nin--;
+                            }
+                        }
+                    }
+                }
+                flags[k] |= f;
+            }
+        }
+    }
+
+    /* Thread t adds into above + t * nk * R, hist + t * nk * R * nbins, tflags + t * nk. */
+    static void mm_mag_range_par(
+        const float *const *p, const float *b, Py_ssize_t nk, Py_ssize_t R, Py_ssize_t n,
+        const uint32_t *tlo, const uint32_t *thi, const int32_t *shift, const uint8_t *active,
+        Py_ssize_t nbins, uint64_t *above, uint32_t *hist, uint32_t *tflags, int nt, Py_ssize_t grain)
+    {
+        MM_PAR_BLOCKS(n, grain, nt, {
+            mm_mag_range(p, b, nk, R, lo, hi, tlo, thi, shift, active, nbins,
+                         above + (Py_ssize_t)tid * nk * R, hist + (Py_ssize_t)tid * nk * R * nbins,
+                         tflags + (Py_ssize_t)tid * nk);
+        });
+    }
     """
-    void mm_sparse_merge(
+    void mm_sparse_merge_par(
         const float** p, const float* b, const double* w, const float* lo, const float* hi,
         const uint64_t* keys, uint64_t drop_thr, double rescale, int consensus, int disjoint,
         double inv_den, double lam, uint64_t start, Py_ssize_t nk, Py_ssize_t n,
-        float* out, uint32_t* flags, double* vals) nogil
+        float* out, uint32_t* tflags, double* vals, int nt, Py_ssize_t grain) nogil
+    void mm_mag_range_par(
+        const float** p, const float* b, Py_ssize_t nk, Py_ssize_t R, Py_ssize_t n,
+        const uint32_t* tlo, const uint32_t* thi, const int32_t* shift, const uint8_t* active,
+        Py_ssize_t nbins, uint64_t* above, uint32_t* hist, uint32_t* tflags, int nt, Py_ssize_t grain) nogil
+    int mm_team(int want, Py_ssize_t n, Py_ssize_t grain) nogil
 
 
 cdef enum:
-    BLOCK = 128
-    HI_BINS = 65536
-    LO_BINS = 32768
+    BLOCK = 512
 
 
 cdef class _Ptrs:
@@ -196,84 +295,83 @@ cdef class _Ptrs:
         free(self.p)
 
 
-def mag_hist_hi(list xs, object base, cnp.uint64_t[:, ::1] hist):
-    """Add the counts of ``bits(|x_k - b|_f32) >> 15`` to ``hist[k]`` (shape (N, 65536)).
+cdef int _first_bad(uint32_t* tflags, Py_ssize_t nk, int nt) noexcept:
+    """OR the per-thread NaN/Inf flags; index of the first flagged input or -1."""
+    cdef Py_ssize_t k, t
+    for k in range(nk):
+        for t in range(1, nt):
+            tflags[k] |= tflags[t * nk + k]
+    for k in range(nk):
+        if tflags[k] & NONFINITE:
+            return <int>k
+    return -1
 
-    Returns the index of the first input with NaN/Inf, or -1.
+
+def mag_range(
+    list xs,
+    object base,
+    const uint32_t[:, ::1] lo,
+    const uint32_t[:, ::1] hi,
+    const cnp.int32_t[:, ::1] shift,
+    const cnp.uint8_t[:, ::1] active,
+    cnp.uint64_t[:, ::1] above,
+    cnp.uint64_t[:, :, ::1] hist,
+    int threads=0,
+):
+    """Count magnitudes ``u = bits(|x_k - b|_f32)`` against R target ranges per input.
+
+    For every input k and target r with ``active[k, r]``: ``above[k, r] += #{u > hi[k, r]}``
+    and, for ``lo <= u <= hi``, ``hist[k, r, (u - lo) >> shift[k, r]] += 1``. All
+    arrays are (N, R) and ``hist`` (N, R, nbins); the caller makes sure the
+    shifted range fits ``nbins``. Returns the index of the first input with NaN/Inf, or -1.
     """
     cdef Py_ssize_t nk = len(xs)
     if nk == 0:
         return -1
     cdef Py_ssize_t n = (<cnp.ndarray>xs[0]).size
+    cdef Py_ssize_t R = lo.shape[1]
+    cdef Py_ssize_t nbins = hist.shape[2]
+    cdef Py_ssize_t k, r, j, t
+    cdef Py_ssize_t grain = get_grain()
+    cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, grain)
+    if (hi.shape[0] != nk or hi.shape[1] != R or shift.shape[0] != nk or shift.shape[1] != R
+            or active.shape[0] != nk or active.shape[1] != R or above.shape[0] != nk or above.shape[1] != R):
+        raise ValueError("lo, hi, shift, active and above must have shape (N, R)")
+    if lo.shape[0] != nk or hist.shape[0] != nk or hist.shape[1] != R or nbins < 1:
+        raise ValueError("lo must be (N, R) and hist (N, R, nbins)")
+    if n >= <Py_ssize_t>0xFFFFFFFF:
+        raise ValueError("at most 2^32 - 1 elements per call (per-thread counts are 32-bit)")
+    for k in range(nk):
+        for r in range(R):
+            if active[k, r] and (shift[k, r] < 0 or shift[k, r] > 31
+                                 or ((hi[k, r] - lo[k, r]) >> shift[k, r]) >= <uint32_t>nbins
+                                 or hi[k, r] < lo[k, r]):
+                raise ValueError(f"target ({k}, {r}): range does not fit {nbins} bins")
     cdef _Ptrs ptrs = _Ptrs(xs, n)
     cdef const float* b = optional_f32(base, n)
-    cdef Py_ssize_t k, i
-    cdef const float* p
-    cdef float a
-    cdef uint32_t f
-    cdef int bad = -1
-    if hist.shape[0] != nk or hist.shape[1] != HI_BINS:
-        raise ValueError("hist must have shape (N, 65536)")
-    with nogil:
-        for k in range(nk):
-            p = ptrs.p[k]
-            f = 0
-            if b == NULL:
-                for i in range(n):
-                    a = fabs(p[i])
-                    f = f | nonfinite_bits(a)
-                    hist[k, f32_bits(a) >> 15] += 1
-            else:
-                for i in range(n):
-                    a = <float>fabs(<double>p[i] - <double>b[i])
-                    f = f | nonfinite_bits(p[i])
-                    hist[k, f32_bits(a) >> 15] += 1
-            if (f & NONFINITE) and bad < 0:
-                bad = k
-    return bad
-
-
-def mag_hist_lo(list xs, object base, const uint32_t[:, ::1] target, cnp.uint64_t[:, :, ::1] hist):
-    """For each k and each target high bin ``target[k, r]`` (r < 2), count the low 15 bits.
-
-    ``hist`` has shape (N, R, 32768); only elements whose high bits equal the
-    target are counted.
-    """
-    cdef Py_ssize_t nk = len(xs)
-    if nk == 0:
-        return
-    cdef Py_ssize_t n = (<cnp.ndarray>xs[0]).size
-    cdef Py_ssize_t nr = target.shape[1]
-    cdef _Ptrs ptrs = _Ptrs(xs, n)
-    cdef const float* b = optional_f32(base, n)
-    cdef Py_ssize_t k, i
-    cdef const float* p
-    cdef float a
-    cdef uint32_t bits, hi, t0, t1
-    cdef cnp.uint64_t* h0
-    cdef cnp.uint64_t* h1
-    if nr < 1 or nr > 2:
-        raise ValueError("between 1 and 2 target bins per input")
-    if target.shape[0] != nk or hist.shape[0] != nk or hist.shape[1] != nr or hist.shape[2] != LO_BINS:
-        raise ValueError("target must be (N, R) and hist (N, R, 32768)")
-    with nogil:
-        for k in range(nk):
-            p = ptrs.p[k]
-            t0 = target[k, 0]
-            h0 = &hist[k, 0, 0]
-            t1 = target[k, nr - 1]
-            h1 = &hist[k, 1, 0] if nr == 2 else NULL
-            for i in range(n):
-                if b == NULL:
-                    bits = f32_bits(p[i]) & 0x7FFFFFFFu
-                else:
-                    a = <float>fabs(<double>p[i] - <double>b[i])
-                    bits = f32_bits(a)
-                hi = bits >> 15
-                if hi == t0:
-                    h0[bits & 0x7FFFu] += 1
-                if h1 != NULL and hi == t1:
-                    h1[bits & 0x7FFFu] += 1
+    cdef uint64_t* ab = <uint64_t*>calloc(nt * nk * R, sizeof(uint64_t))
+    cdef uint32_t* hb = <uint32_t*>calloc(nt * nk * R * nbins, sizeof(uint32_t))
+    cdef uint32_t* fl = <uint32_t*>calloc(nt * nk, sizeof(uint32_t))
+    if ab == NULL or hb == NULL or fl == NULL:
+        free(ab); free(hb); free(fl)
+        raise MemoryError()
+    try:
+        if n:
+            with nogil:
+                mm_mag_range_par(
+                    ptrs.p, b, nk, R, n, &lo[0, 0], &hi[0, 0], <const int32_t*>&shift[0, 0],
+                    <const uint8_t*>&active[0, 0], nbins, ab, hb, fl, nt, grain,
+                )
+                for t in range(nt):
+                    for k in range(nk):
+                        for r in range(R):
+                            above[k, r] += ab[(t * nk + k) * R + r]
+                            if active[k, r]:
+                                for j in range(nbins):
+                                    hist[k, r, j] += hb[((t * nk + k) * R + r) * nbins + j]
+        return _first_bad(fl, nk, nt)
+    finally:
+        free(ab); free(hb); free(fl)
 
 
 def sparse_merge(
@@ -291,10 +389,12 @@ def sparse_merge(
     double lam,
     uint64_t start,
     float[::1] out,
+    int threads=0,
 ):
     """See the module docstring. ``keys`` is None (no random drop) or uint64 (N,).
 
     ``start`` is the global index of ``out[0]`` inside the tensor (for the PRNG).
+    ``threads`` 0 means :func:`meshmerge.cext.threads.get_threads` (no effect on the bytes).
     Returns the index of the first input with NaN/Inf, or -1.
     """
     cdef Py_ssize_t nk = len(xs)
@@ -312,24 +412,21 @@ def sparse_merge(
         raise ValueError("w, lo, hi must have one entry per input")
     if nk == 0:
         raise ValueError("no inputs")
-    cdef double* vals = <double*>malloc(nk * BLOCK * sizeof(double))
-    cdef uint32_t* flags = <uint32_t*>calloc(nk, sizeof(uint32_t))
-    cdef Py_ssize_t k
-    cdef int bad = -1
+    cdef Py_ssize_t grain = get_grain()
+    cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, grain)
+    cdef double* vals = <double*>malloc(nt * nk * BLOCK * sizeof(double))
+    cdef uint32_t* flags = <uint32_t*>calloc(nt * nk, sizeof(uint32_t))
     if vals == NULL or flags == NULL:
         free(vals); free(flags)
         raise MemoryError()
     try:
         if n:
             with nogil:
-                mm_sparse_merge(
+                mm_sparse_merge_par(
                     ptrs.p, b, &w[0], &lo[0], &hi[0], kp, drop_thr, rescale, consensus, disjoint,
-                    inv_den, lam, start, nk, n, &out[0], flags, vals,
+                    inv_den, lam, start, nk, n, &out[0], flags, vals, nt, grain,
                 )
-        for k in range(nk):
-            if (flags[k] & NONFINITE) and bad < 0:
-                bad = k
-        return bad
+        return _first_bad(flags, nk, nt)
     finally:
         free(vals)
         free(flags)

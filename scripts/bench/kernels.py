@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _table import machine, table
 
+from meshmerge.cext import get_threads
 from meshmerge.crdt import strategies
 from meshmerge.crdt.strategies import MergeInput
 from meshmerge.crdt.tensors import TensorSpec
@@ -55,6 +56,23 @@ def make_data(n: int, m: int, seed: int = SEED) -> tuple[np.ndarray, list[np.nda
         d += base
         xs.append(d)
     return base, xs
+
+
+def sum_threads(xs: list[np.ndarray], threads: int) -> None:
+    """numpy sum of the same bytes split over threads (each sums its share of every array;
+    numpy releases the GIL inside the reduction)."""
+    import threading
+
+    def part(t: int) -> None:
+        for x in xs:
+            step = -(-x.size // threads)
+            x[t * step : (t + 1) * step].sum()
+
+    ths = [threading.Thread(target=part, args=(t,)) for t in range(threads)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> float:
@@ -208,13 +226,20 @@ def bench_size(
     pbytes = 2 * m * 4
     rows: list[list[Any]] = []
 
-    t_sum = timed(lambda: [x.sum() for x in xs], 3)
+    t_sum = timed(lambda: [x.sum() for x in xs], 5)
+    t_sum2 = timed(lambda: sum_threads(xs, 2), 5)
     dst = np.empty_like(xs[0])
-    t_copy = timed(lambda: np.copyto(dst, xs[0]), 3)
-    roof = nbytes / t_sum / 1e9
-    rows.append([n, "roofline: numpy sum (read)", f"{t_sum:.3f}", f"{roof:.2f}", "", "", "", ""])
+    t_copy = timed(lambda: np.copyto(dst, xs[0]), 5)
+    # Compare against the better of the 1- and 2-thread read rooflines (ours may use 2 threads).
+    roof = max(nbytes / t_sum, nbytes / t_sum2) / 1e9
+    rows.append([n, "roofline: numpy sum (read), 1 thread", f"{t_sum:.3f}", f"{nbytes / t_sum / 1e9:.2f}",
+                 "", "", "", ""])
+    rows.append([n, "roofline: numpy sum (read), 2 threads", f"{t_sum2:.3f}", f"{nbytes / t_sum2 / 1e9:.2f}",
+                 "", "", "", ""])
     rows.append([n, "roofline: numpy copy (read+write)", f"{t_copy:.3f}", f"{2 * m * 4 / t_copy / 1e9:.2f}",
                  "", "", "", ""])
+    for r in rows:
+        progress(r)
 
     mk = run_mergekit(n, m, MK_OPS) if with_mergekit else {"error": "skipped (--no-peers)"}
     cases: list[tuple[str, int, Callable[[], Any], Callable[[], Any] | None]] = [
@@ -235,7 +260,7 @@ def bench_size(
         ("multi_krum", nbytes, lambda: ours("multi_krum", {})(inp), None),
     ]
     for label, nb, fn_ours, fn_np in cases:
-        t_ours = timed(fn_ours, 2)
+        t_ours = timed(fn_ours, 3)
         g_ours = nb / t_ours / 1e9
         t_np = timed(fn_np, 1) if fn_np is not None else None
         t_cm = None
@@ -252,13 +277,130 @@ def bench_size(
             mk_cell = f"not run: {got if got is not None else mk.get('error', 'unknown')}"
         rows.append([n, label, f"{t_ours:.3f}", f"{g_ours:.2f}", f"{100 * g_ours / roof:.0f}%",
                      ratio_cell(t_np, nb, t_ours), ratio_cell(t_cm, nb, t_ours), mk_cell])
+        progress(rows[-1])
     return rows
+
+
+# ---- every strategy crdt-merge 0.11.0 also offers, at N = 16 ----
+# (crdt-merge name, our name, our params, crdt-merge kwargs, M). M is smaller where
+# crdt-merge is pure-Python slow (its time grows linearly in M; the ratio is what counts).
+FULL_M = 25_000_000
+COVERAGE: list[tuple[str, str, dict[str, Any], dict[str, Any], int]] = [
+    ("weight_average", "weight_average", {}, {}, FULL_M),
+    ("linear", "linear", {}, {}, FULL_M),
+    ("task_arithmetic", "task_arithmetic", {}, {}, FULL_M),
+    ("negative_merge", "negative_merge", {}, {}, FULL_M),
+    ("fisher_merge", "fisher_merge", {}, {"fisher": True}, 2_500_000),
+    ("ties", "ties", {"density": DENSITY}, {"density": DENSITY}, 2_500_000),
+    ("dare", "dare", {"density": DARE_DENSITY}, {"drop_rate": 1 - DARE_DENSITY}, 2_500_000),
+    ("dare_ties", "dare_ties", {"density": DARE_DENSITY}, {"drop_rate": 1 - DARE_DENSITY, "density": 1.0},
+     2_500_000),
+    ("della", "della", {}, {}, 1_000_000),
+    ("emr", "emr", {}, {}, 2_500_000),
+    ("model_breadcrumbs", "model_breadcrumbs", {}, {}, 2_500_000),
+    ("led_merge", "led_merge", {}, {}, 1_000_000),
+    ("safe_merge", "safe_merge", {}, {}, 2_500_000),
+    ("slerp (16 inputs)", "slerp", {}, {}, 1_000_000),
+    ("weight_scope_alignment", "weight_scope_alignment", {}, {}, 2_500_000),
+    ("evolutionary_merge", "evolutionary_merge", {}, {}, 1_000),
+    ("genetic_merge", "genetic_merge", {}, {}, 1_000),
+]
+
+
+def coverage_table(n: int, small: bool) -> str:
+    """Ours vs crdt-merge for every strategy name both offer, same inputs, same run."""
+    from crdt_merge.model.strategies import get_strategy
+
+    rows: list[list[Any]] = []
+    data: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
+    for cm_name, our_name, params, cm_kw, m_full in COVERAGE:
+        m = max(1_000, m_full // 10) if small and m_full > 1_000 else m_full
+        if m not in data:
+            data.clear()
+            data[m] = make_data(n, m)
+        base, xs = data[m]
+        kw = dict(cm_kw)
+        tensors = [{"w": x} for x in xs]
+        spec = [TensorSpec("w", "F32", (m,))]
+        if kw.pop("fisher", False):
+            fishers = [x * x for x in xs]
+            tensors = [{"w": x, "w.fisher": f} for x, f in zip(xs, fishers, strict=True)]
+            spec = [TensorSpec("w", "F32", (m,)), TensorSpec("w.fisher", "F32", (m,))]
+            kw["fisher_matrices"] = fishers
+        inp = MergeInput(tensors, [1.0] * n, "weights", spec, bytes(32), {s.name: base for s in spec})
+        strat = strategies.get(our_name)
+        t_ours = timed(lambda strat=strat, inp=inp, params=params: strat.run(inp, params), 2)
+        cm = get_strategy(cm_name.split(" ")[0])
+        try:
+            t_cm: float | str = timed(
+                lambda cm=cm, xs=xs, base=base, kw=kw: cm.merge(list(xs), weights=[1.0] * n, base=base, **kw), 1
+            )
+        except Exception as e:  # report, do not hide: their failure is a result too
+            t_cm = f"failed: {type(e).__name__}"
+        nb = n * m * 4
+        if isinstance(t_cm, float):
+            cells = [f"{t_cm:.3f}", f"{nb / t_cm / 1e9:.3f}", f"{t_cm / t_ours:.3g}x"]
+        else:
+            cells = [t_cm, "", ""]
+        rows.append([n, cm_name, f"{m:,}", f"{t_ours:.4f}", f"{nb / t_ours / 1e9:.2f}", *cells])
+        progress(rows[-1])
+    return table(["N", "strategy", "M", "ours s", "ours GB/s", "crdt-merge s", "crdt-merge GB/s",
+                  "crdt-merge / ours"], rows)
+
+
+def progress(row: list[Any]) -> None:
+    """Each row on stderr as soon as it is measured (the tables go to stdout at the end)."""
+    print(f"[{time.strftime('%H:%M:%S')}, load {os.getloadavg()[0]:.1f}] " + " | ".join(map(str, row)),
+          file=sys.stderr, flush=True)
 
 
 def ratio_cell(t: float | None, nb: int, t_ours: float) -> str:
     if t is None:
         return "n/a"
     return f"{t:.2f} s, {nb / t / 1e9:.2f} GB/s ({t / t_ours:.2g}x)"
+
+
+INTERLEAVED_OPS: list[tuple[str, dict[str, Any]]] = [
+    ("linear", {}), ("ties", {"density": DENSITY}), ("dare_ties", {"density": DARE_DENSITY}),
+]
+
+
+def interleaved_best(n: int, m: int, rounds: int) -> dict[str, float]:
+    """Best time of the 1-/2-thread numpy sums and each op, measured alternately round after round."""
+    base, xs = make_data(n, m)
+    spec = [TensorSpec("w", "F32", (m,))]
+    inp = MergeInput([{"w": x} for x in xs], [1.0] * n, "weights", spec, bytes(32), {"w": base})
+    fns: list[tuple[str, Callable[[], Any]]] = [
+        ("sum1", lambda: [x.sum() for x in xs]), ("sum2", lambda: sum_threads(xs, 2)),
+    ]
+    for name, params in INTERLEAVED_OPS:
+        fns.append((name, lambda name=name, params=params: strategies.get(name).run(inp, params)))
+    best = {key: math.inf for key, _ in fns}
+    for _ in range(rounds):
+        for key, fn in fns:
+            best[key] = min(best[key], timed(fn, 1))
+    return best
+
+
+def interleaved_table(sizes: list[int], m: int, rounds: int) -> str:
+    """Ours vs the numpy rooflines measured alternately (best of each).
+
+    On a shared machine the load changes within seconds; alternating the
+    measurements gives both sides the same conditions, which a roofline taken
+    once at the start of a long run does not.
+    """
+    rows: list[list[Any]] = []
+    for n in sizes:
+        best = interleaved_best(n, m, rounds)
+        nb = n * m * 4
+        roof = nb / min(best["sum1"], best["sum2"]) / 1e9
+        rows.append([n, "numpy sum, 1 thread", f"{best['sum1']:.3f}", f"{nb / best['sum1'] / 1e9:.2f}", ""])
+        rows.append([n, "numpy sum, 2 threads", f"{best['sum2']:.3f}", f"{nb / best['sum2'] / 1e9:.2f}", ""])
+        for name, _params in INTERLEAVED_OPS:
+            g = nb / best[name] / 1e9
+            rows.append([n, name, f"{best[name]:.3f}", f"{g:.2f}", f"{100 * g / roof:.0f}%"])
+            progress(rows[-1])
+    return table(["N", "operation", "best s", "GB/s", "of the faster numpy sum"], rows)
 
 
 def anon_rss() -> int:
@@ -320,6 +462,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="4,16", help="comma-separated N values")
     ap.add_argument("--no-peers", action="store_true", help="skip crdt-merge and mergekit")
     ap.add_argument("--rss", action="store_true", help="only measure peak extra memory of our strategies")
+    ap.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS",
+                    help="only linear/ties/dare_ties and the numpy rooflines, measured alternately ROUNDS times")
+    ap.add_argument("--coverage", action="store_true",
+                    help="only the every-shared-strategy comparison with crdt-merge at N = 16")
     args = ap.parse_args()
     m = 2_500_000 if args.small else 25_000_000
     if args.rss:
@@ -330,17 +476,31 @@ def main() -> None:
         for n in (int(s) for s in args.sizes.split(",")):
             print(rss_table(n, m) + "\n")
         return
+    if args.interleaved:
+        print(f"{machine()}; M = {m:,}; ours with {get_threads()} threads; best of {args.interleaved} "
+              "alternating rounds.\n")
+        print(interleaved_table([int(x) for x in args.sizes.split(",")], m, args.interleaved))
+        return
+    if args.coverage:
+        print(f"{machine()}; ours with {get_threads()} threads; N = 16; GB/s = contribution bytes read / wall "
+              "time (best of 2 for ours, 1 run for crdt-merge).\n")
+        print(coverage_table(16, args.small))
+        return
     peers = None if args.no_peers else crdt_merge_ops()
     rows: list[list[Any]] = []
     for n in (int(s) for s in args.sizes.split(",")):
         rows += bench_size(n, m, peers, not args.no_peers)
     print(f"{machine()}; M = {m:,} float32 parameters per contribution; "
           f"TIES density {DENSITY}, DARE density {DARE_DENSITY}, trimmed mean trim {TRIM}; "
-          "ours single-threaded; mergekit with torch's default threads.\n")
-    print("GB/s = contribution bytes read / wall time (best of 2 for ours, 1 run for the others); "
-          "(Nx) = their time / our time.\n")
+          f"ours with {get_threads()} threads (MESHMERGE_THREADS); mergekit with torch's default threads.\n")
+    print("GB/s = contribution bytes read / wall time (best of 3 for ours and the rooflines, 1 run for the "
+          "others); of roofline = ours / the faster numpy sum; (Nx) = their time / our time.\n")
     print(table(["N", "operation", "ours s", "ours GB/s", "of roofline", "numpy", "crdt-merge 0.11.0",
                  "mergekit (CPU torch)"], rows))
+    if peers is not None:
+        print("\nEvery strategy crdt-merge 0.11.0 also offers, N = 16, same inputs for both, M per row "
+              "(smaller where crdt-merge is pure-Python slow); best of 2 for ours, 1 run for crdt-merge.\n")
+        print(coverage_table(16, args.small))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ mm_python() {
 }
 
 mm_stamp() {
-    (cd "$MM_ROOT" && shopt -s nullglob && cat pyproject.toml setup.py meshmerge/cext/*.pyx meshmerge/cext/*.pxd) | sha256sum | cut -d' ' -f1
+    (cd "$MM_ROOT" && shopt -s nullglob && cat pyproject.toml setup.py meshmerge/cext/*.pyx meshmerge/cext/*.pxd meshmerge/cext/*.h) | sha256sum | cut -d' ' -f1
 }
 
 mm_ensure_env() {

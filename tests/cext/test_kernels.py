@@ -9,7 +9,7 @@ from meshmerge.cext import (
     gram_accumulate,
     gram_finalize,
     has_nonfinite,
-    mag_hist_hi,
+    mag_range,
     sorted_reduce,
     weighted_sum_f32,
 )
@@ -82,25 +82,111 @@ def test_median_and_trimmed_mean_match_numpy(n: int) -> None:
     assert np.array_equal(out, (acc / (n - 2 * trim)).astype(np.float32))
 
 
-def test_magnitude_histogram_counts_every_element() -> None:
+def _mag_range(xs, base, lo, hi, shift, nbins=64, threads=1):
+    n, r = len(xs), len(lo[0])
+    above = np.zeros((n, r), np.uint64)
+    hist = np.zeros((n, r, nbins), np.uint64)
+    bad = mag_range(
+        xs, base, np.array(lo, np.uint32), np.array(hi, np.uint32), np.array(shift, np.int32),
+        np.ones((n, r), np.uint8), above, hist, threads,
+    )
+    return bad, above, hist
+
+
+def test_magnitude_range_counts_match_numpy() -> None:
     rng = np.random.default_rng(5)
-    xs = [rng.standard_normal(500).astype(np.float32) for _ in range(3)]
-    hist = np.zeros((3, 65536), np.uint64)
-    assert mag_hist_hi(xs, None, hist) == -1
-    assert hist.sum(axis=1).tolist() == [500, 500, 500]
-    bins = (np.abs(xs[1]).view(np.uint32) >> 15).astype(np.int64)
-    assert np.array_equal(hist[1], np.bincount(bins, minlength=65536).astype(np.uint64))
+    xs = [rng.standard_normal(5000).astype(np.float32) for _ in range(3)]
+    base = rng.standard_normal(5000).astype(np.float32)
+    u = [np.abs(x.astype(np.float64) - base).astype(np.float32).view(np.uint32).astype(np.int64) for x in xs]
+    med = [int(np.median(v)) for v in u]
+    lo = [[m - 5000, m] for m in med]
+    hi = [[m + 5000, m + 63] for m in med]
+    bad, above, hist = _mag_range(xs, base, lo, hi, [[8, 0]] * 3)
+    assert bad == -1
+    for k in range(3):
+        for r in range(2):
+            assert int(above[k, r]) == int((u[k] > hi[k][r]).sum())
+            inside = u[k][(u[k] >= lo[k][r]) & (u[k] <= hi[k][r])] - lo[k][r]
+            shift = 8 if r == 0 else 0
+            assert np.array_equal(hist[k, r], np.bincount(inside >> shift, minlength=64).astype(np.uint64))
 
 
-def test_magnitude_selection_with_two_ranks_in_one_bin() -> None:
-    from meshmerge.cext import mag_hist_lo
+def test_magnitude_range_rejects_a_range_wider_than_the_bins() -> None:
+    x = [np.ones(10, np.float32)]
+    with pytest.raises(ValueError, match="does not fit"):
+        _mag_range(x, None, [[0]], [[1000]], [[0]])
 
-    x = np.array([1.0, 1.0000001, 1.0000002, 1.0000004, 3.0, -1.0000003], np.float32)
-    bins = np.abs(x).view(np.uint32) >> 15
-    target = np.array([[bins[0], bins[0]]], np.uint32)
-    hist = np.zeros((1, 2, 32768), np.uint64)
-    mag_hist_lo([x], None, target, hist)
-    assert hist[0, 0].sum() == 5 and hist[0, 1].sum() == 5
-    one = np.zeros((1, 1, 32768), np.uint64)
-    mag_hist_lo([x], None, target[:, :1], one)
-    assert one[0, 0].sum() == 5
+
+def test_magnitude_range_reports_nonfinite_and_ignores_sign() -> None:
+    x = np.array([1.0, -1.0, 2.0, -0.0], np.float32)
+    one = int(np.float32(1.0).view(np.uint32))
+    bad, above, hist = _mag_range([x], None, [[one]], [[one]], [[0]])
+    assert bad == -1 and int(above[0, 0]) == 1 and int(hist[0, 0, 0]) == 2
+    x[3] = np.nan
+    assert _mag_range([x], None, [[one]], [[one]], [[0]])[0] == 0
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_kernels_give_the_same_bytes_for_any_thread_count(threads: int) -> None:
+    from meshmerge.cext import sparse_merge, using_threads
+
+    rng = np.random.default_rng(9)
+    n = 10_007
+    xs = [rng.standard_normal(n).astype(np.float32) for _ in range(5)]
+    base = rng.standard_normal(n).astype(np.float32)
+    w = np.array([1.0, 2.0, 0.5, 3.0, 1.5])
+    keys = np.arange(5, dtype=np.uint64) * 7919
+    results = []
+    for t in (1, threads):
+        with using_threads(t, grain=40):
+            out = [np.empty(n, np.float32) for _ in range(4)]
+            assert weighted_sum_f32(xs, w, out[0]) == -1
+            assert sorted_reduce(xs, 0, 0, out[1]) == -1
+            assert sorted_reduce(xs, 1, 1, out[2]) == -1
+            lo = np.full(5, 0.3, np.float32)
+            hi = np.full(5, 2.0, np.float32)
+            assert sparse_merge(xs, base, w, lo, hi, keys, 20000, 1.4, 1, True, 1.0, 0.9, 13, out[3]) == -1
+            bad, above, hist = _mag_range(xs, base, [[1 << 29]] * 5, [[(1 << 29) + 6300]] * 5, [[7]] * 5,
+                                        threads=t)
+            assert bad == -1
+            results.append([o.tobytes() for o in out] + [above.tobytes(), hist.tobytes()])
+    assert results[0] == results[1]
+
+
+def test_nonfinite_input_is_reported_from_any_thread() -> None:
+    from meshmerge.cext import using_threads
+
+    xs = [np.ones(9000, np.float32) for _ in range(3)]
+    xs[2][8999] = np.inf
+    with using_threads(3, grain=64):
+        assert weighted_sum_f32(xs, np.ones(3), np.empty(9000, np.float32)) == 2
+        assert sorted_reduce(xs, 0, 0, np.empty(9000, np.float32)) == 2
+
+
+def test_thread_settings_are_validated() -> None:
+    from meshmerge.cext import set_threads
+
+    with pytest.raises(ValueError, match="threads must be an integer"):
+        set_threads(0)
+    with pytest.raises(ValueError, match="grain must be a positive integer"):
+        set_threads(2, grain=0)
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_task_sum_matches_the_untrimmed_sparse_merge(with_base: bool) -> None:
+    from meshmerge.cext import sparse_merge, task_sum_f32
+
+    rng = np.random.default_rng(21)
+    n = 5003
+    xs = [rng.standard_normal(n).astype(np.float32) for _ in range(6)]
+    xs[2][:7] = 0.0
+    base = rng.standard_normal(n).astype(np.float32) if with_base else None
+    w = np.array([1.0, 0.5, 2.0, 3.0, 0.25, 1.5])
+    a = np.empty(n, np.float32)
+    b = np.empty(n, np.float32)
+    assert task_sum_f32(xs, base, w, 0.7, 1 / 8.25, a) == -1
+    zeros, infs = np.zeros(6, np.float32), np.full(6, np.inf, np.float32)
+    assert sparse_merge(xs, base, w, zeros, infs, None, 0, 1.0, 0, False, 1 / 8.25, 0.7, 0, b) == -1
+    assert a.tobytes() == b.tobytes()
+    xs[4][4000] = np.nan
+    assert task_sum_f32(xs, base, w, 0.7, 1.0, a) == 4

@@ -8,12 +8,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from meshmerge.cext import gram_accumulate, gram_finalize, sparse_merge, weighted_sum_f32
+from meshmerge.cext import gram_accumulate, gram_finalize, task_sum_f32, weighted_sum_f32
 from meshmerge.crdt.strategies._stream import TensorStream
 from meshmerge.crdt.strategies.base import MergeInput
 from meshmerge.crdt.tensors import TensorSpec
-
-INF32 = np.float32(np.inf)
 
 
 def combine_tensor(
@@ -27,7 +25,7 @@ def combine_tensor(
         if b is None:
             stream.check(weighted_sum_f32(xs, c, out[lo:hi]))
         else:
-            stream.check(_task_chunk(xs, b, c, out[lo:hi], lo))
+            stream.check(_task_chunk(xs, b, c, out[lo:hi]))
     return stream.finish(out)
 
 
@@ -36,15 +34,11 @@ def _task_chunk(
     b: npt.NDArray[np.float32] | None,
     c: npt.NDArray[np.float64],
     out: npt.NDArray[np.float32],
-    lo: int,
     *,
     lam: float = 1.0,
     inv_den: float = 1.0,
 ) -> int:
-    n = len(xs)
-    zeros = np.zeros(n, dtype=np.float32)
-    infs = np.full(n, INF32, dtype=np.float32)
-    return int(sparse_merge(xs, b, c, zeros, infs, None, 0, 1.0, 0, False, inv_den, lam, lo, out))
+    return int(task_sum_f32(xs, b, c, lam, inv_den, out))
 
 
 def model_gram(inp: MergeInput, chunk: int, *, base: bool) -> list[npt.NDArray[np.float64]]:

@@ -94,7 +94,7 @@ def task_sum(inp: MergeInput, lam: float, normalize: bool, chunk: int, name: str
         stream = TensorStream(inp, spec, chunk, base=use_base)
         flat = np.empty(spec.numel, dtype=np.float32)
         for lo, hi, xs, b in stream.chunks():
-            stream.check(_task_chunk(xs, b, w, flat[lo:hi], lo, lam=lam, inv_den=inv_den))
+            stream.check(_task_chunk(xs, b, w, flat[lo:hi], lam=lam, inv_den=inv_den))
         out[spec.name] = stream.finish(flat)
     return out
 

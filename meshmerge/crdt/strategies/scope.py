@@ -44,12 +44,17 @@ class WeightScopeAlignment(Strategy):
             if numel == 0:
                 out[spec.name] = stream.finish(np.empty(0, dtype=np.float32))
                 continue
-            lanes = np.zeros((n + 1, n + 1, 8), dtype=np.float64)
+            # Only sum x_k and sum x_k^2 are needed: a 2x2 Gram of (x_k, 1) per contributor
+            # (each Gram entry is accumulated on its own, so these are the same numbers a
+            # full (N+1)x(N+1) Gram would hold, at O(N) instead of O(N^2) work).
+            lanes = [np.zeros((2, 2, 8), dtype=np.float64) for _ in range(n)]
             for lo, hi, xs, _ in stream.chunks():
-                stream.check(gram_accumulate([*xs, np.ones(hi - lo, np.float32)], None, lo, lanes))
-            g = gram_finalize(lanes)
-            mus = [float(g[k, n]) / numel for k in range(n)]
-            sigmas = [math.sqrt(max(0.0, float(g[k, k]) / numel - mus[k] * mus[k])) for k in range(n)]
+                ones = np.ones(hi - lo, np.float32)
+                for k in range(n):
+                    stream.check(k if gram_accumulate([xs[k], ones], None, lo, lanes[k]) >= 0 else -1)
+            gs = [gram_finalize(lk) for lk in lanes]
+            mus = [float(gs[k][0, 1]) / numel for k in range(n)]
+            sigmas = [math.sqrt(max(0.0, float(gs[k][0, 0]) / numel - mus[k] * mus[k])) for k in range(n)]
             mu = math.fsum(wk * m for wk, m in zip(wn, mus, strict=True))
             sigma = math.fsum(wk * s for wk, s in zip(wn, sigmas, strict=True))
             coef = [wn[k] * sigma / sigmas[k] if sigmas[k] > 0.0 else 0.0 for k in range(n)]

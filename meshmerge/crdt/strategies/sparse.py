@@ -22,8 +22,8 @@ delta). Kernels: :mod:`meshmerge.cext.sparse`.
   keep the next ``density`` fraction by magnitude, then the weighted sum;
   ``breadcrumbs_ties`` adds the TIES sign election and disjoint mean.
 
-Magnitude thresholds are exact order statistics found by a two-pass radix
-selection on float32 bit patterns (no sort, O(1) extra memory).
+Magnitude thresholds are exact order statistics of the float32 magnitudes,
+found by counting passes (no sort; see :func:`magnitude_thresholds`).
 """
 
 from __future__ import annotations
@@ -35,52 +35,116 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from meshmerge.cext import drop_threshold, mag_hist_hi, mag_hist_lo, sparse_merge, stream_key
+from meshmerge.cext import drop_threshold, mag_range, sparse_merge, stream_key
 from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, task_base
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
+from meshmerge.crdt.tensors import to_f32
 
 SIGN_MODES = ("total", "count")
+
+
+#: Histogram bins per (contributor, rank) in one counting pass.
+BINS = 1 << 14
+#: Largest magnitude bit pattern a finite float32 can have (Inf is reported as an error).
+U_MAX = 0x7F7FFFFF
+#: Sampled magnitudes per contributor used to guess a narrow first range (blocks of 16).
+SAMPLE = 1 << 16
+#: Tensors at least this large start from a sampled range (smaller ones: the sample costs
+#: more than the counting pass it saves).
+SAMPLED_FROM = 16 * SAMPLE
+
+
+def _shift_for(lo: int, hi: int) -> int:
+    s = 0
+    while (hi - lo) >> s >= BINS:
+        s += 1
+    return s
+
+
+def _sample_bits(stream: TensorStream, k: int) -> npt.NDArray[np.uint32]:
+    """Magnitude bit patterns of a fixed, evenly spread sample of contributor k's task vector."""
+    numel = stream.numel
+    starts = (np.arange(SAMPLE // 16, dtype=np.int64) * numel) // (SAMPLE // 16)
+    idx = (starts[:, None] + np.arange(16, dtype=np.int64)[None, :]).reshape(-1)
+    idx = np.minimum(idx, numel - 1)
+    x = to_f32(np.asarray(stream.flats[k][idx]), stream.spec.dtype)
+    if stream.base is not None:
+        x = x - to_f32(np.asarray(stream.base[idx]), stream.spec.dtype)
+    return np.abs(x).view(np.uint32)
 
 
 def magnitude_thresholds(stream: TensorStream, ranks: list[int]) -> npt.NDArray[np.float32]:
     """For each contributor, the float32 value of ``|t_k|`` at each rank (1 = largest).
 
     Rank 0 gives +inf (nothing is that large). Shape (N, len(ranks)).
+
+    Exact selection by counting passes over the data (``mag_range``): each pass
+    counts the magnitudes above a range known to hold the wanted order statistic
+    and histograms the range into ``BINS`` bins; the bin that holds the rank
+    becomes the next range, until a bin is one bit pattern wide. For large
+    tensors the first range is guessed from a fixed sample (a bracket around the
+    sampled quantile), which usually leaves two cheap passes; a wrong guess only
+    costs passes, never exactness (the counts say which side the value is on).
     """
     n = len(stream.flats)
     numel = stream.numel
-    res = np.full((n, len(ranks)), np.inf, dtype=np.float32)
-    real = [r for r in ranks if r > 0]
-    if not real or numel == 0:
+    nr = len(ranks)
+    res = np.full((n, nr), np.inf, dtype=np.float32)
+    if numel == 0 or not any(r > 0 for r in ranks):
         return res
-    hist = np.zeros((n, 65536), dtype=np.uint64)
-    for _lo, _hi, xs, b in stream.chunks():
-        stream.check(mag_hist_hi(xs, b, hist))
-    target = np.zeros((n, len(ranks)), dtype=np.uint32)
-    remaining = np.zeros((n, len(ranks)), dtype=np.int64)
-    for k in range(n):
-        top = np.cumsum(hist[k, ::-1])
-        for j, r in enumerate(ranks):
-            if r <= 0:
-                continue
-            idx = int(np.searchsorted(top, r))
-            target[k, j] = 65535 - idx
-            remaining[k, j] = r - (int(top[idx - 1]) if idx else 0)
-    hist2 = np.zeros((n, len(ranks), 32768), dtype=np.uint64)
-    for _lo, _hi, xs, b in stream.chunks():
-        mag_hist_lo(xs, b, target, hist2)
-    bits = np.zeros((n, len(ranks)), dtype=np.uint32)
-    for k in range(n):
-        for j, r in enumerate(ranks):
-            if r <= 0:
-                continue
-            top = np.cumsum(hist2[k, j, ::-1])
-            idx = int(np.searchsorted(top, remaining[k, j]))
-            bits[k, j] = (int(target[k, j]) << 15) | (32767 - idx)
-    found = bits.view(np.float32)
-    for j, r in enumerate(ranks):
-        if r > 0:
-            res[:, j] = found[:, j]
+    lo = np.zeros((n, nr), dtype=np.uint32)
+    hi = np.full((n, nr), U_MAX, dtype=np.uint32)
+    active = np.array([[r > 0 for r in ranks]] * n, dtype=np.uint8)
+    if numel >= SAMPLED_FROM:
+        for k in range(n):
+            sample = _sample_bits(stream, k)
+            for j, r in enumerate(ranks):
+                if r <= 0:
+                    continue
+                q = r / numel
+                pos = q * SAMPLE
+                delta = 5.0 * math.sqrt(SAMPLE * q * (1.0 - q)) + 16.0
+                top = max(0, math.floor(pos - delta))  # rank from the largest
+                bottom = min(SAMPLE - 1, math.ceil(pos + delta))
+                a, b = np.partition(sample, [SAMPLE - 1 - bottom, SAMPLE - 1 - top])[
+                    [SAMPLE - 1 - bottom, SAMPLE - 1 - top]
+                ]
+                hi[k, j] = b if top > 0 else U_MAX
+                lo[k, j] = a if bottom < SAMPLE - 1 else 0
+    while active.any():
+        shift = np.zeros((n, nr), dtype=np.int32)
+        for k in range(n):
+            for j in range(nr):
+                if active[k, j]:
+                    shift[k, j] = _shift_for(int(lo[k, j]), int(hi[k, j]))
+        above = np.zeros((n, nr), dtype=np.uint64)
+        hist = np.zeros((n, nr, BINS), dtype=np.uint64)
+        for _lo, _hi, xs, b in stream.chunks():
+            stream.check(mag_range(xs, b, lo, hi, shift, active, above, hist))
+        for k in range(n):
+            for j, r in enumerate(ranks):
+                if not active[k, j]:
+                    continue
+                cnt_above = int(above[k, j])
+                inside = hist[k, j]
+                total_in = int(inside.sum())
+                if cnt_above >= r:  # a guessed range was too low
+                    lo[k, j], hi[k, j] = int(hi[k, j]) + 1, U_MAX
+                    continue
+                if cnt_above + total_in < r:  # a guessed range was too high
+                    lo[k, j], hi[k, j] = 0, int(lo[k, j]) - 1
+                    continue
+                need = r - cnt_above
+                cum = np.cumsum(inside[::-1])
+                idx = int(np.searchsorted(cum, need))
+                b_ix = BINS - 1 - idx
+                s = int(shift[k, j])
+                new_lo = int(lo[k, j]) + (b_ix << s)
+                if s == 0:
+                    res[k, j] = np.array([new_lo], dtype=np.uint32).view(np.float32)[0]
+                    active[k, j] = 0
+                    continue
+                lo[k, j], hi[k, j] = new_lo, min(int(hi[k, j]), new_lo + (1 << s) - 1)
     return res
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from meshmerge.cext import using_threads
 from meshmerge.crdt import strategies
 from meshmerge.crdt.strategies import MergeInput
 from tests.crdt.strategies.cases import IDENTITY, PERMUTATION, RUNNABLE
@@ -27,6 +28,21 @@ def test_chunk_size_does_not_change_bytes(name: str, dtype: str) -> None:
         out = run(name, inp, RUNNABLE[name], chunk_elements=chunk)
         for spec in inp.specs:
             assert same(out[spec.name], ref[spec.name]), (chunk, spec.name)
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+@pytest.mark.parametrize("name", sorted(RUNNABLE))
+def test_thread_count_does_not_change_bytes(name: str, dtype: str) -> None:
+    """Kernels split work over threads in blocks of ``grain`` elements; a tiny grain
+    makes even these small tensors run on several threads."""
+    inp = make_input(5, dtype=dtype)
+    with using_threads(1):
+        ref = run(name, inp, RUNNABLE[name])
+    for threads in (2, 3):
+        with using_threads(threads, grain=8):
+            out = run(name, inp, RUNNABLE[name], chunk_elements=64)
+        for spec in inp.specs:
+            assert same(out[spec.name], ref[spec.name]), (threads, spec.name)
 
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16"])

@@ -1,0 +1,67 @@
+/* Shared by the kernels: target clones and the split of work over threads.
+
+   Determinism: a clone only changes vector width (same IEEE operations in the
+   same order, -ffp-contract=off), and threads get disjoint element ranges, so
+   neither the CPU nor the thread count changes a result byte. */
+#ifndef MM_PAR_H
+#define MM_PAR_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define MM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MM_CLONES
+#endif
+
+/* Threads to use for n elements: at most `want`, each with >= grain elements. */
+static inline int mm_team(int want, Py_ssize_t n, Py_ssize_t grain)
+{
+#ifdef _OPENMP
+    if (grain < 1) grain = 1;
+    Py_ssize_t most = n / grain;
+    if (most < 1) most = 1;
+    return want < 1 ? 1 : (want < most ? want : (int)most);
+#else
+    (void)want; (void)n; (void)grain;
+    return 1;
+#endif
+}
+
+/* Work is split into blocks of `grain` elements handed out dynamically
+   (a descheduled thread on a loaded machine does not hold the others up);
+   blocks are disjoint, so the order they run in changes no byte.
+   MM_PAR_BLOCKS(n, grain, nt, body) runs body with lo, hi, tid in scope. */
+#ifdef _OPENMP
+#define MM_TID() omp_get_thread_num()
+#else
+#define MM_TID() 0
+#endif
+#define MM_PAR_BLOCKS(n, grain, nt, body)                                          \
+    do {                                                                           \
+        Py_ssize_t mm_nb_ = ((n) + (grain) - 1) / (grain);                         \
+        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 1) if(nt > 1)") \
+        for (Py_ssize_t mm_b_ = 0; mm_b_ < mm_nb_; mm_b_++) {                      \
+            Py_ssize_t lo = mm_b_ * (grain);                                       \
+            Py_ssize_t hi = lo + (grain) < (n) ? lo + (grain) : (n);               \
+            int tid = MM_TID();                                                    \
+            body                                                                   \
+        }                                                                          \
+    } while (0)
+
+/* Start of thread t's range out of nt over n elements, a multiple of `align`
+   (the last range ends at n). */
+static inline Py_ssize_t mm_cut(Py_ssize_t n, int nt, int t, Py_ssize_t align)
+{
+    if (t >= nt) return n;
+    Py_ssize_t units = (n + align - 1) / align;
+    Py_ssize_t c = (units * (Py_ssize_t)t / nt) * align;
+    return c < n ? c : n;
+}
+
+#endif
