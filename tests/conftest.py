@@ -9,8 +9,14 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
 
 from meshmerge.testing.interop.tools import InteropSetupError, InteropTools, ensure_tools
+
+# Speed is measured by benchmarks, not tests: hypothesis' per-example deadline
+# (200 ms) only turned CPU starvation on a loaded machine into failures.
+settings.register_profile("meshmerge", deadline=None)
+settings.load_profile("meshmerge")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
