@@ -307,13 +307,15 @@ COVERAGE: list[tuple[str, str, dict[str, Any], dict[str, Any], int]] = [
 ]
 
 
-def coverage_table(n: int, small: bool) -> str:
-    """Ours vs crdt-merge for every strategy name both offer, same inputs, same run."""
+def coverage_table(n: int, small: bool, only: set[str] | None = None) -> str:
+    """Ours vs crdt-merge for every strategy name both offer (or the ``only`` ones), same inputs, same run."""
     from crdt_merge.model.strategies import get_strategy
 
     rows: list[list[Any]] = []
     data: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
     for cm_name, our_name, params, cm_kw, m_full in COVERAGE:
+        if only is not None and cm_name.split(" ")[0] not in only:
+            continue
         m = max(1_000, m_full // 10) if small and m_full > 1_000 else m_full
         if m not in data:
             data.clear()
@@ -466,6 +468,8 @@ def main() -> None:
                     help="only linear/ties/dare_ties and the numpy rooflines, measured alternately ROUNDS times")
     ap.add_argument("--coverage", action="store_true",
                     help="only the every-shared-strategy comparison with crdt-merge at N = 16")
+    ap.add_argument("--only", default="", metavar="NAMES",
+                    help="with --coverage: only these comma-separated crdt-merge strategy names")
     args = ap.parse_args()
     m = 2_500_000 if args.small else 25_000_000
     if args.rss:
@@ -484,7 +488,11 @@ def main() -> None:
     if args.coverage:
         print(f"{machine()}; ours with {get_threads()} threads; N = 16; GB/s = contribution bytes read / wall "
               "time (best of 2 for ours, 1 run for crdt-merge).\n")
-        print(coverage_table(16, args.small))
+        only = {x.strip() for x in args.only.split(",") if x.strip()} or None
+        unknown = (only or set()) - {c[0].split(" ")[0] for c in COVERAGE}
+        if unknown:
+            ap.error(f"--only: unknown names {sorted(unknown)}")
+        print(coverage_table(16, args.small, only))
         return
     peers = None if args.no_peers else crdt_merge_ops()
     rows: list[list[Any]] = []
