@@ -43,14 +43,53 @@ cdef extern from *:
         return b != NULL ? (double)x[j] - (double)b[j] : (double)x[j];
     }
 
-    /* Stable ranks (0 = smallest) of keys[0..m): LSD radix sort, 11-bit digits.
-       Keys are first reduced order-preservingly to (key - min) >> tz, tz the trailing
-       zero bits they all share (float32-derived magnitudes have many), so only the
-       significant bits get passes; a pass whose digit is the same everywhere is skipped.
-       idx/tmp_i/tmp_k are scratch; hist holds MM_RADIX_PASSES * 2048 counters. */
-    #define MM_RADIX_BITS 11
-    #define MM_RADIX_BINS (1 << MM_RADIX_BITS)
+    /* Stable LSD radix sort of (k, ix)[0..m) by `passes` digits of `dbits` bits of k,
+       from bit 0. Ends with the sorted data in k/ix (tk/ti are
+       scratch). A digit that is the same for every key costs no scatter. */
+    static void mm_lsd(uint64_t *k, uint32_t *ix, uint64_t *tk, uint32_t *ti, Py_ssize_t m, int passes,
+                       int dbits, uint32_t *hist)
+    {
+        const uint32_t bins = 1u << dbits, mask = bins - 1;
+        uint64_t *k0 = k;
+        uint32_t *i0 = ix;
+        memset(hist, 0, sizeof(uint32_t) * (size_t)passes * bins);
+        for (Py_ssize_t j = 0; j < m; j++) {
+            uint64_t v = k[j];
+            for (int d = 0; d < passes; d++) hist[d * bins + ((v >> (dbits * d)) & mask)]++;
+        }
+        for (int d = 0; d < passes; d++) {
+            uint32_t *h = hist + d * bins;
+            int single = 0;
+            for (uint32_t v = 0; v < bins; v++) if (h[v] == (uint32_t)m) { single = 1; break; }
+            if (single) continue;
+            uint32_t pos = 0;
+            for (uint32_t v = 0; v < bins; v++) { uint32_t c = h[v]; h[v] = pos; pos += c; }
+            const int sh = dbits * d;
+            for (Py_ssize_t j = 0; j < m; j++) {
+                uint64_t v = k[j];
+                uint32_t p = h[(v >> sh) & mask]++;
+                tk[p] = v;
+                ti[p] = ix[j];
+            }
+            uint64_t *sk = k; k = tk; tk = sk;
+            uint32_t *si = ix; ix = ti; ti = si;
+        }
+        if (k != k0) {
+            memcpy(k0, k, sizeof(uint64_t) * (size_t)m);
+            memcpy(i0, ix, sizeof(uint32_t) * (size_t)m);
+        }
+    }
+
+    /* Stable ranks (0 = smallest) of keys[0..m), ties by position: keys are reduced
+       order-preservingly to (key - min) >> tz, tz the trailing zero bits they all
+       share (float32-derived magnitudes have many), then radix sorted. Large rows: one
+       most-significant 11-bit pass spreads them into buckets that fit in cache, each
+       then sorted LSD by the remaining bits (8-bit digits); small rows: LSD with
+       11-bit digits. Every pass is stable, so equal keys keep their order.
+       idx/tmp_i/tmp_k are scratch; hist holds 6 * 2048 counters. */
+    #define MM_RADIX_BINS 2048
     #define MM_RADIX_PASSES 6
+    #define MM_MSD_FROM 65536
     static void mm_stable_ranks(uint64_t *keys, uint32_t *idx, uint64_t *tmp_k, uint32_t *tmp_i,
                                 uint32_t *rank, Py_ssize_t m, uint32_t *hist)
     {
@@ -61,30 +100,30 @@ cdef extern from *:
         if (any != 0) {
             int tz = __builtin_ctzll(any);
             int bits = 64 - __builtin_clzll(any >> tz);
-            int passes = (bits + MM_RADIX_BITS - 1) / MM_RADIX_BITS;
             for (Py_ssize_t j = 0; j < m; j++) keys[j] >>= tz;
-            memset(hist, 0, sizeof(uint32_t) * (size_t)passes * MM_RADIX_BINS);
-            for (Py_ssize_t j = 0; j < m; j++) {
-                uint64_t k = keys[j];
-                for (int d = 0; d < passes; d++)
-                    hist[d * MM_RADIX_BINS + ((k >> (MM_RADIX_BITS * d)) & (MM_RADIX_BINS - 1))]++;
-            }
-            for (int d = 0; d < passes; d++) {
-                uint32_t *h = hist + d * MM_RADIX_BINS;
-                int single = 0;
-                for (int v = 0; v < MM_RADIX_BINS; v++) if (h[v] == (uint32_t)m) { single = 1; break; }
-                if (single) continue;
-                uint32_t pos = 0;
-                for (int v = 0; v < MM_RADIX_BINS; v++) { uint32_t c = h[v]; h[v] = pos; pos += c; }
-                const int sh = MM_RADIX_BITS * d;
+            if (m < MM_MSD_FROM || bits <= 11) {
+                mm_lsd(keys, idx, tmp_k, tmp_i, m, (bits + 10) / 11, 11, hist);
+            } else {
+                const int sh = bits - 11;
+                const uint64_t low = (1ULL << sh) - 1;
+                uint32_t *h = hist;
+                memset(h, 0, sizeof(uint32_t) * MM_RADIX_BINS);
+                for (Py_ssize_t j = 0; j < m; j++) h[keys[j] >> sh]++;
+                uint32_t start[MM_RADIX_BINS + 1], pos = 0;
+                for (int v = 0; v < MM_RADIX_BINS; v++) { start[v] = pos; pos += h[v]; h[v] = start[v]; }
+                start[MM_RADIX_BINS] = pos;
                 for (Py_ssize_t j = 0; j < m; j++) {
-                    uint64_t k = keys[j];
-                    uint32_t p = h[(k >> sh) & (MM_RADIX_BINS - 1)]++;
-                    tmp_k[p] = k;
+                    uint32_t p = h[keys[j] >> sh]++;
+                    tmp_k[p] = keys[j] & low;
                     tmp_i[p] = idx[j];
                 }
-                uint64_t *sk = keys; keys = tmp_k; tmp_k = sk;
-                uint32_t *si = idx; idx = tmp_i; tmp_i = si;
+                for (int v = 0; v < MM_RADIX_BINS; v++) {
+                    Py_ssize_t s0 = start[v], c = start[v + 1] - start[v];
+                    if (c > 1)
+                        mm_lsd(tmp_k + s0, tmp_i + s0, keys + s0, idx + s0, c, (sh + 7) / 8, 8,
+                               hist + MM_RADIX_BINS);
+                }
+                idx = tmp_i;
             }
         }
         for (Py_ssize_t p = 0; p < m; p++) rank[idx[p]] = (uint32_t)p;

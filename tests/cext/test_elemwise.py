@@ -50,12 +50,12 @@ def awkward(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.where(rng.random(n) < 0.5, x, wide).astype(np.float32)
 
 
-@pytest.mark.parametrize("cols", [1, 2, 9, 300])
+@pytest.mark.parametrize("cols", [1, 2, 9, 300, 70_000])  # 70,000: the bucketed (MSD-first) ranking
 @pytest.mark.parametrize("consensus", [0, 1, 2])
 @pytest.mark.parametrize("with_base", [False, True])
 def test_della_matches_reference_with_ties_and_extremes(cols: int, consensus: int, with_base: bool) -> None:
     rng = np.random.default_rng(cols * 10 + consensus)
-    n, nk = cols * 7, 5
+    n, nk = cols * (7 if cols < 1000 else 2), 5
     xs = [awkward(rng, n) for _ in range(nk)]
     xs[1] = xs[0].copy()  # identical magnitudes across contributors too
     b = rng.standard_normal(n).astype(np.float32) if with_base else None
