@@ -361,6 +361,59 @@ cdef extern from *:
             mm_fisher(xs, fs, w, nk, lo, hi, eps, total, out, fout, mine, mine + nk);
         });
     }
+
+    /* Per contributor k: sq[l] += x*x and s1[l] += x for the elements whose global
+       index is = l (mod 8), in increasing index: exactly the (x, 1) entries of the Gram
+       kernel (cext.gram) for the pair, so the same numbers. lanes[k*16 + 0..7] = sum
+       of squares, [k*16 + 8..15] = sums. Contributors run in parallel (each its own
+       sums). flags[k] bit 31: x_k holds NaN/Inf. */
+    MM_CLONES static void mm_moments_one(const float *x, Py_ssize_t n, uint64_t start, double *lanes,
+                                         uint32_t *flag)
+    {
+        double sq[8], s1[8];
+        uint32_t f = 0;
+        for (int l = 0; l < 8; l++) { sq[l] = lanes[l]; s1[l] = lanes[8 + l]; }
+        Py_ssize_t i = 0;
+        Py_ssize_t head = (Py_ssize_t)((8 - (start & 7)) & 7);
+        if (head > n) head = n;
+        for (; i < head; i++) {
+            int l = (int)((start + (uint64_t)i) & 7);
+            double v = (double)x[i];
+            uint32_t bits;
+            memcpy(&bits, &x[i], 4);
+            f |= (bits & 0x7F800000u) + 0x00800000u;
+            sq[l] = sq[l] + v * v;
+            s1[l] = s1[l] + v * 1.0;
+        }
+        for (; i + 8 <= n; i += 8) {
+            for (int l = 0; l < 8; l++) {
+                double v = (double)x[i + l];
+                uint32_t bits;
+                memcpy(&bits, &x[i + l], 4);
+                f |= (bits & 0x7F800000u) + 0x00800000u;
+                sq[l] = sq[l] + v * v;
+                s1[l] = s1[l] + v * 1.0;
+            }
+        }
+        for (; i < n; i++) {
+            int l = (int)((start + (uint64_t)i) & 7);
+            double v = (double)x[i];
+            uint32_t bits;
+            memcpy(&bits, &x[i], 4);
+            f |= (bits & 0x7F800000u) + 0x00800000u;
+            sq[l] = sq[l] + v * v;
+            s1[l] = s1[l] + v * 1.0;
+        }
+        for (int l = 0; l < 8; l++) { lanes[l] = sq[l]; lanes[8 + l] = s1[l]; }
+        *flag = f;
+    }
+
+    static void mm_moments(const float *const *xs, Py_ssize_t nk, Py_ssize_t n, uint64_t start, double *lanes,
+                           uint32_t *flags, int nt)
+    {
+        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if(nt > 1)
+        for (Py_ssize_t k = 0; k < nk; k++) mm_moments_one(xs[k], n, start, lanes + k * 16, flags + k);
+    }
     """
     int mm_della_thresholds(const float** xs, const float* b, Py_ssize_t nk, Py_ssize_t rows,
                             Py_ssize_t cols, double density, double epsilon, uint32_t* thr, int nt) nogil
@@ -373,6 +426,8 @@ cdef extern from *:
                        double eps, double total, float* out, float* fout, uint32_t* tbad, int nt,
                        Py_ssize_t grain) nogil
     int mm_team(int want, Py_ssize_t n, Py_ssize_t grain) nogil
+    void mm_moments(const float** xs, Py_ssize_t nk, Py_ssize_t n, uint64_t start, double* lanes,
+                    uint32_t* flags, int nt) nogil
 
 
 cdef const float** _ptrs(list xs, Py_ssize_t n) except NULL:
@@ -488,3 +543,37 @@ def fisher_average(list xs, list fs, const double[::1] weights, double epsilon, 
         free(tbad)
         free(px)
         free(pf)
+
+
+def moment_lanes(list xs, uint64_t start, double[:, :, ::1] lanes, int threads=0):
+    """Add this chunk's sums of x_k^2 (``lanes[k, 0]``) and x_k (``lanes[k, 1]``) by lane.
+
+    Element ``start + i`` goes to lane ``(start + i) mod 8``, each lane in
+    increasing index: the same numbers as :func:`meshmerge.cext.gram.gram_accumulate`
+    gives for the pair (x_k, ones), at O(1) work per element. Contributors run in
+    parallel. Returns the first input holding NaN/Inf, or -1.
+    """
+    cdef Py_ssize_t nk = len(xs)
+    cdef Py_ssize_t k, n
+    cdef int nt = threads if threads > 0 else get_threads()
+    if nk == 0:
+        raise ValueError("no inputs")
+    if lanes.shape[0] != nk or lanes.shape[1] != 2 or lanes.shape[2] != 8:
+        raise ValueError("lanes must have shape (N, 2, 8)")
+    n = (<cnp.ndarray>xs[0]).size
+    if nt > nk:
+        nt = <int>nk
+    cdef const float** p = _ptrs(xs, n)
+    cdef uint32_t* flags = <uint32_t*>calloc(nk, sizeof(uint32_t))
+    try:
+        if flags == NULL:
+            raise MemoryError()
+        with nogil:
+            mm_moments(p, nk, n, start, &lanes[0, 0, 0], flags, nt)
+        for k in range(nk):
+            if flags[k] & NONFINITE:
+                return k
+        return -1
+    finally:
+        free(flags)
+        free(p)

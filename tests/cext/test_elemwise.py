@@ -1,9 +1,9 @@
-"""DELLA / EMR / Fisher kernels against the numpy definitions, byte for byte."""
+"""DELLA / EMR / Fisher / moment kernels against their definitions, byte for byte."""
 
 import numpy as np
 import pytest
 
-from meshmerge.cext import della_merge, drop_lanes, emr_elect, fisher_average
+from meshmerge.cext import della_merge, drop_lanes, emr_elect, fisher_average, gram_accumulate, moment_lanes
 
 
 def della_reference(
@@ -111,3 +111,20 @@ def test_fisher_reports_first_bad_contributor_fisher_before_values() -> None:
     assert fisher_average(xs, fs, w, 1e-8, 3.0, out, fout) == (2, 0)
     fs[1][100] = np.inf
     assert fisher_average(xs, fs, w, 1e-8, 3.0, out, fout, 2) == (1, 0)
+
+
+@pytest.mark.parametrize("start", [0, 3, 8, 13])
+def test_moment_lanes_equal_the_gram_kernel_entries_for_x_and_ones(start: int) -> None:
+    rng = np.random.default_rng(start)
+    xs = [awkward(rng, 1001) for _ in range(3)]
+    xs[2] = (rng.standard_normal(1001) * 3).astype(np.float32)
+    lanes = np.zeros((3, 2, 8))
+    for lo, hi in ((0, 5), (5, 600), (600, 1001)):  # chunked, starting at start + lo
+        assert moment_lanes([x[lo:hi] for x in xs], start + lo, lanes, 2) == -1
+    for k, x in enumerate(xs):
+        gram = np.zeros((2, 2, 8))
+        gram_accumulate([x, np.ones(x.size, np.float32)], None, start, gram)
+        assert lanes[k, 0].tobytes() == gram[0, 0].tobytes()
+        assert lanes[k, 1].tobytes() == gram[0, 1].tobytes()
+    xs[1][1000] = np.nan
+    assert moment_lanes(xs, start, np.zeros((3, 2, 8))) == 1

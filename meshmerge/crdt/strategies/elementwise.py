@@ -1,9 +1,11 @@
-"""Elementwise strategies written with numpy: EMR elect, DELLA, nearswap, passthrough.
+"""Elementwise strategies: EMR elect, DELLA, nearswap, passthrough.
 
-numpy elementwise ``+ - * /``, ``abs``, ``maximum``, comparisons and stable
-sorts are exactly rounded / exact, and every sum here runs over contributors
-in canonical order, so the bytes are the same on every replica and for every
-chunk size. These are less traffic-critical than the Cython kernels.
+EMR and DELLA run in :mod:`meshmerge.cext.elemwise`, which performs exactly the
+float64 operations written below in the same order (a stable radix sort gives
+DELLA's ranks); the rest use numpy. Elementwise ``+ - * /``, ``abs``,
+``maximum`` and comparisons are exactly rounded / exact, and every sum runs
+over contributors in canonical order, so the bytes are the same on every
+replica and for every chunk size and thread count.
 
 * ``emr`` — the task-independent "elect" step of EMR-Merging (Huang et al.
   2024, "EMR-Merging: Tuning-Free High-Performance Model Merging"): sign of
@@ -117,7 +119,6 @@ class Della(Strategy):
         use_base = task_base(inp, self.name)
         w = checked_weights(inp, positive=True)
         total_w = math.fsum(float(x) for x in w)
-        out: dict[str, Any] = {}
         consensus = (1 if params.majority_sign == "total" else 2) if self.consensus else 0
         out: dict[str, Any] = {}
         for spec in inp.specs:
