@@ -307,13 +307,15 @@ COVERAGE: list[tuple[str, str, dict[str, Any], dict[str, Any], int]] = [
 ]
 
 
-def coverage_table(n: int, small: bool) -> str:
-    """Ours vs crdt-merge for every strategy name both offer, same inputs, same run."""
+def coverage_table(n: int, small: bool, only: set[str] | None = None) -> str:
+    """Ours vs crdt-merge for every strategy name both offer (or the ``only`` ones), same inputs, same run."""
     from crdt_merge.model.strategies import get_strategy
 
     rows: list[list[Any]] = []
     data: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
     for cm_name, our_name, params, cm_kw, m_full in COVERAGE:
+        if only is not None and cm_name.split(" ")[0] not in only:
+            continue
         m = max(1_000, m_full // 10) if small and m_full > 1_000 else m_full
         if m not in data:
             data.clear()
@@ -332,6 +334,10 @@ def coverage_table(n: int, small: bool) -> str:
         t_ours = timed(lambda strat=strat, inp=inp, params=params: strat.run(inp, params), 2)
         cm = get_strategy(cm_name.split(" ")[0])
         try:
+            # One untimed call on a small slice first, so one-time costs (lazy imports,
+            # first-call set-up) are not charged to whichever row happens to run first.
+            small_kw = {k: [v[:1000] for v in val] if k == "fisher_matrices" else val for k, val in kw.items()}
+            cm.merge([x[:1000] for x in xs], weights=[1.0] * n, base=base[:1000], **small_kw)
             t_cm: float | str = timed(
                 lambda cm=cm, xs=xs, base=base, kw=kw: cm.merge(list(xs), weights=[1.0] * n, base=base, **kw), 1
             )
@@ -466,6 +472,8 @@ def main() -> None:
                     help="only linear/ties/dare_ties and the numpy rooflines, measured alternately ROUNDS times")
     ap.add_argument("--coverage", action="store_true",
                     help="only the every-shared-strategy comparison with crdt-merge at N = 16")
+    ap.add_argument("--only", default="", metavar="NAMES",
+                    help="with --coverage: only these comma-separated crdt-merge strategy names")
     args = ap.parse_args()
     m = 2_500_000 if args.small else 25_000_000
     if args.rss:
@@ -484,7 +492,11 @@ def main() -> None:
     if args.coverage:
         print(f"{machine()}; ours with {get_threads()} threads; N = 16; GB/s = contribution bytes read / wall "
               "time (best of 2 for ours, 1 run for crdt-merge).\n")
-        print(coverage_table(16, args.small))
+        only = {x.strip() for x in args.only.split(",") if x.strip()} or None
+        unknown = (only or set()) - {c[0].split(" ")[0] for c in COVERAGE}
+        if unknown:
+            ap.error(f"--only: unknown names {sorted(unknown)}")
+        print(coverage_table(16, args.small, only))
         return
     peers = None if args.no_peers else crdt_merge_ops()
     rows: list[list[Any]] = []

@@ -1,9 +1,11 @@
-"""Elementwise strategies written with numpy: EMR elect, DELLA, nearswap, passthrough.
+"""Elementwise strategies: EMR elect, DELLA, nearswap, passthrough.
 
-numpy elementwise ``+ - * /``, ``abs``, ``maximum``, comparisons and stable
-sorts are exactly rounded / exact, and every sum here runs over contributors
-in canonical order, so the bytes are the same on every replica and for every
-chunk size. These are less traffic-critical than the Cython kernels.
+EMR and DELLA run in :mod:`meshmerge.cext.elemwise`, which performs exactly the
+float64 operations written below in the same order (a stable radix sort gives
+DELLA's ranks); the rest use numpy. Elementwise ``+ - * /``, ``abs``,
+``maximum`` and comparisons are exactly rounded / exact, and every sum runs
+over contributors in canonical order, so the bytes are the same on every
+replica and for every chunk size and thread count.
 
 * ``emr`` — the task-independent "elect" step of EMR-Merging (Huang et al.
   2024, "EMR-Merging: Tuning-Free High-Performance Model Merging"): sign of
@@ -33,12 +35,19 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from meshmerge.cext import drop_lanes, stream_key
+from meshmerge.cext import della_merge, emr_elect, has_nonfinite, stream_key
 from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, task_base, to_storage
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
 from meshmerge.crdt.tensors import TensorSpec
 
 F64 = npt.NDArray[np.float64]
+
+
+def _check_finite(stream: TensorStream, xs: list[npt.NDArray[np.float32]]) -> None:
+    """Raise for the first contribution whose chunk holds NaN or Inf."""
+    for k, x in enumerate(xs):
+        if has_nonfinite(x):
+            stream.check(k)
 
 
 def _task_chunks(inp: MergeInput, spec: TensorSpec, chunk: int, use_base: bool) -> Any:
@@ -71,15 +80,10 @@ class Emr(Strategy):
         out: dict[str, Any] = {}
         for spec in inp.specs:
             flat = np.empty(spec.numel, dtype=np.float32)
-            for lo, hi, ts, b in _task_chunks(inp, spec, chunk, use_base):
-                total = np.zeros(hi - lo)
-                for t in ts:
-                    total = total + t
-                sign = np.sign(total)
-                mag = np.zeros(hi - lo)
-                for t in ts:
-                    mag = np.maximum(mag, np.where(t * sign > 0, np.abs(t), 0.0))
-                flat[lo:hi] = b + params.scaling * (sign * mag)
+            stream = TensorStream(inp, spec, chunk, base=use_base)
+            for lo, hi, xs, b in stream.chunks():
+                _check_finite(stream, xs)
+                emr_elect(xs, b, params.scaling, flat[lo:hi])
             out[spec.name] = to_storage(flat, spec)
         return out
 
@@ -106,19 +110,6 @@ class DellaParams(Params):
         self._choice("majority_sign", ("total", "count"))
 
 
-def della_keep(t: F64, rows: int, density: float, epsilon: float) -> F64:
-    """Keep probability of each entry from its magnitude rank within its row."""
-    cols = t.size // rows if rows else 0
-    mags = np.abs(t).reshape(rows, cols)
-    order = np.argsort(mags, axis=1, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(cols)[None, :].repeat(rows, 0), axis=1)
-    if cols == 1:
-        return np.full(t.size, density)
-    frac = ranks.astype(np.float64) * (2.0 / (cols - 1)) - 1.0
-    return np.clip(density + epsilon * frac, 0.0, 1.0).reshape(-1)
-
-
 class Della(Strategy):
     name = "della"
     params_type = DellaParams
@@ -128,40 +119,20 @@ class Della(Strategy):
         use_base = task_base(inp, self.name)
         w = checked_weights(inp, positive=True)
         total_w = math.fsum(float(x) for x in w)
+        consensus = (1 if params.majority_sign == "total" else 2) if self.consensus else 0
         out: dict[str, Any] = {}
         for spec in inp.specs:
             cols = spec.shape[-1] if spec.shape else 1
             # Ranks are per row (last axis), so chunks hold whole rows.
             step = max(1, chunk // cols) * cols if cols else chunk
             flat = np.zeros(spec.numel, dtype=np.float32)
-            for lo, hi, ts, b in _task_chunks(inp, spec, step, use_base):
-                rows = (hi - lo) // cols
-                vals = []
-                for k, t in enumerate(ts):
-                    p = della_keep(t, rows, params.density, params.epsilon)
-                    lanes = np.empty(hi - lo, dtype=np.uint16)
-                    drop_lanes(stream_key(inp.seed, spec.name, k), lo, lanes)
-                    thr = np.round(p * 65536.0)
-                    keep = lanes.astype(np.float64) < thr
-                    vals.append(np.where(keep, t / np.where(thr > 0, thr / 65536.0, 1.0), 0.0))
-                n = hi - lo
-                if self.consensus:
-                    s = np.zeros(n)
-                    for k, v in enumerate(vals):
-                        s = s + (w[k] * v if params.majority_sign == "total" else np.sign(v))
-                    num = np.zeros(n)
-                    den = np.zeros(n)
-                    for k, v in enumerate(vals):
-                        agree = ((v > 0) & (s > 0)) | ((v < 0) & (s < 0))
-                        num = num + np.where(agree, w[k] * v, 0.0)
-                        den = den + np.where(agree, w[k], 0.0)
-                    merged = num / np.where(den == 0.0, 1.0, den)
-                else:
-                    num = np.zeros(n)
-                    for k, v in enumerate(vals):
-                        num = num + w[k] * v
-                    merged = num * (1.0 / total_w)
-                flat[lo:hi] = b + params.scaling * merged
+            keys = np.array([stream_key(inp.seed, spec.name, k) for k in range(len(inp.tensors))],
+                            dtype=np.uint64)
+            stream = TensorStream(inp, spec, step, base=use_base)
+            for lo, hi, xs, b in stream.chunks():
+                _check_finite(stream, xs)
+                della_merge(xs, b, w, keys, cols, lo, params.density, params.epsilon, consensus,
+                            1.0 / total_w, params.scaling, flat[lo:hi])
             out[spec.name] = to_storage(flat, spec)
         return out
 

@@ -5,8 +5,8 @@
 as a companion tensor named ``<name><suffix>`` (default ``<name>.fisher``) of
 the same shape and dtype; the merged model carries the weighted mean Fisher
 ``sum_k w_k F_k / sum_k w_k`` under the same name, so it can be merged again.
-Float64 accumulation in canonical order with numpy elementwise operations
-(each exactly rounded, no fused ops), rounded once.
+Float64 accumulation in canonical order (kernel :func:`meshmerge.cext.fisher_average`:
+the operations written above, each exactly rounded, no fused ops), rounded once.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from meshmerge.cext import fisher_average
 from meshmerge.crdt.strategies._stream import TensorStream, checked_weights
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
 
@@ -60,21 +61,10 @@ class FisherMerge(Strategy):
             flat = np.empty(spec.numel, dtype=np.float32)
             fflat = np.empty(spec.numel, dtype=np.float32)
             for (lo, hi, xs, _), (_, _, fs, _) in zip(xs_stream.chunks(), fs_stream.chunks(), strict=True):
-                num = np.zeros(hi - lo)
-                den = np.zeros(hi - lo)
-                fsum = np.zeros(hi - lo)
-                for k in range(len(xs)):
-                    f = fs[k].astype(np.float64)
-                    if not np.all(np.isfinite(f)) or np.any(f < 0):
-                        raise StrategyError(f"contribution {k} Fisher {fspec.name!r} must be finite and >= 0")
-                    if not np.all(np.isfinite(xs[k])):
-                        xs_stream.check(k)
-                    fw = (f + eps) * w[k]
-                    num += fw * xs[k]
-                    den += fw
-                    fsum += f * w[k]
-                flat[lo:hi] = num / den
-                fflat[lo:hi] = fsum / total
+                bad, what = fisher_average(xs, fs, w, eps, total, flat[lo:hi], fflat[lo:hi])
+                if bad >= 0 and what == 0:
+                    raise StrategyError(f"contribution {bad} Fisher {fspec.name!r} must be finite and >= 0")
+                xs_stream.check(bad)
             out[spec.name] = xs_stream.finish(flat)
             out[fspec.name] = fs_stream.finish(fflat)
         return out

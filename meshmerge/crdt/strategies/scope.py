@@ -10,8 +10,9 @@ mean of the standard deviations) and averaged:
 which is the affine combination ``sum_k c_k x_k + C`` with
 ``c_k = w_k sigma / sigma_k`` and ``C = mu - sum_k c_k mu_k`` (a constant
 tensor, sigma_k = 0, contributes its mean only). The moments come from one
-streaming pass of the Gram kernel with a ones vector appended (sum and sum of
-squares in float64, fixed lane order); the output pass is the weighted-sum
+streaming pass that accumulates what the Gram kernel would for ``(x_k, 1)`` (sum and sum of
+squares in float64, fixed lane order; contributors in parallel,
+:func:`meshmerge.cext.moment_lanes`); the output pass is the weighted-sum
 kernel with the ones vector carrying ``C``.
 """
 
@@ -21,10 +22,20 @@ import math
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from meshmerge.cext import gram_accumulate, gram_finalize, weighted_sum_f32
+from meshmerge.cext import moment_lanes, weighted_sum_f32
 from meshmerge.crdt.strategies._stream import TensorStream, checked_weights
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
+
+
+def _lane_sums(lanes: npt.NDArray[np.float64]) -> tuple[float, float]:
+    """(sum of squares, sum): lanes 0..7 added in order, as gram_finalize does."""
+    sq = s1 = 0.0
+    for lane in range(8):
+        sq = sq + float(lanes[0, lane])
+        s1 = s1 + float(lanes[1, lane])
+    return sq, s1
 
 
 class WeightScopeAlignment(Strategy):
@@ -44,17 +55,14 @@ class WeightScopeAlignment(Strategy):
             if numel == 0:
                 out[spec.name] = stream.finish(np.empty(0, dtype=np.float32))
                 continue
-            # Only sum x_k and sum x_k^2 are needed: a 2x2 Gram of (x_k, 1) per contributor
-            # (each Gram entry is accumulated on its own, so these are the same numbers a
-            # full (N+1)x(N+1) Gram would hold, at O(N) instead of O(N^2) work).
-            lanes = [np.zeros((2, 2, 8), dtype=np.float64) for _ in range(n)]
-            for lo, hi, xs, _ in stream.chunks():
-                ones = np.ones(hi - lo, np.float32)
-                for k in range(n):
-                    stream.check(k if gram_accumulate([xs[k], ones], None, lo, lanes[k]) >= 0 else -1)
-            gs = [gram_finalize(lk) for lk in lanes]
-            mus = [float(gs[k][0, 1]) / numel for k in range(n)]
-            sigmas = [math.sqrt(max(0.0, float(gs[k][0, 0]) / numel - mus[k] * mus[k])) for k in range(n)]
+            # Only sum x_k and sum x_k^2 are needed: the (x_k, 1) entries of the Gram
+            # kernel's lanes (the same numbers a full (N+1)x(N+1) Gram would hold), at O(N).
+            lanes = np.zeros((n, 2, 8), dtype=np.float64)
+            for lo, _hi, xs, _ in stream.chunks():
+                stream.check(moment_lanes(xs, lo, lanes))
+            gs = [_lane_sums(lanes[k]) for k in range(n)]
+            mus = [gs[k][1] / numel for k in range(n)]
+            sigmas = [math.sqrt(max(0.0, gs[k][0] / numel - mus[k] * mus[k])) for k in range(n)]
             mu = math.fsum(wk * m for wk, m in zip(wn, mus, strict=True))
             sigma = math.fsum(wk * s for wk, s in zip(wn, sigmas, strict=True))
             coef = [wn[k] * sigma / sigmas[k] if sigmas[k] > 0.0 else 0.0 for k in range(n)]

@@ -1,0 +1,579 @@
+# cython: language_level=3
+"""Kernels for DELLA, the EMR elect step and Fisher-weighted averaging.
+
+They perform exactly the float64 operations, in exactly the order, of the
+numpy formulations documented in :mod:`meshmerge.crdt.strategies.elementwise`
+and :mod:`meshmerge.crdt.strategies.fisher` (each ``+ - * /`` exactly rounded,
+no contraction, sums over contributors k = 0..N-1), so the bytes are the ones
+those definitions give, for any chunking and thread count.
+
+DELLA ranks the magnitudes of each row with a stable LSD radix sort on the
+float64 bit patterns (non-negative doubles order like their bits), which gives
+the same ranks as a stable argsort, ties broken by position, in O(cols) per row.
+"""
+
+import numpy as np
+cimport numpy as cnp
+from libc.stdlib cimport calloc, free, malloc
+from libc.stdint cimport uint32_t, uint64_t
+
+from meshmerge.cext._common cimport NONFINITE, gather_f32, optional_f32
+from meshmerge.cext.threads import get_grain, get_threads
+
+cnp.import_array()
+
+
+cdef extern from *:
+    """
+    #include <float.h>
+    #include <math.h>
+    #include <stdlib.h>
+    #include "mm_par.h"
+
+    /* Same definition as splitmix64_at in _common.pxd and the lanes of prng.drop_lanes. */
+    static inline uint64_t mm_sm64_at(uint64_t key, uint64_t index)
+    {
+        uint64_t z = key + (index + 1) * 0x9E3779B97F4A7C15ULL;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        return z ^ (z >> 31);
+    }
+    static inline double mm_task(const float *x, const float *b, Py_ssize_t j)
+    {
+        return b != NULL ? (double)x[j] - (double)b[j] : (double)x[j];
+    }
+
+    /* Stable LSD radix sort of (k, ix)[0..m) by `passes` digits of `dbits` bits of k,
+       from bit 0. Ends with the sorted data in k/ix (tk/ti are
+       scratch). A digit that is the same for every key costs no scatter. */
+    static void mm_lsd(uint64_t *k, uint32_t *ix, uint64_t *tk, uint32_t *ti, Py_ssize_t m, int passes,
+                       int dbits, uint32_t *hist)
+    {
+        const uint32_t bins = 1u << dbits, mask = bins - 1;
+        uint64_t *k0 = k;
+        uint32_t *i0 = ix;
+        memset(hist, 0, sizeof(uint32_t) * (size_t)passes * bins);
+        for (Py_ssize_t j = 0; j < m; j++) {
+            uint64_t v = k[j];
+            for (int d = 0; d < passes; d++) hist[d * bins + ((v >> (dbits * d)) & mask)]++;
+        }
+        for (int d = 0; d < passes; d++) {
+            uint32_t *h = hist + d * bins;
+            int single = 0;
+            for (uint32_t v = 0; v < bins; v++) if (h[v] == (uint32_t)m) { single = 1; break; }
+            if (single) continue;
+            uint32_t pos = 0;
+            for (uint32_t v = 0; v < bins; v++) { uint32_t c = h[v]; h[v] = pos; pos += c; }
+            const int sh = dbits * d;
+            for (Py_ssize_t j = 0; j < m; j++) {
+                uint64_t v = k[j];
+                uint32_t p = h[(v >> sh) & mask]++;
+                tk[p] = v;
+                ti[p] = ix[j];
+            }
+            uint64_t *sk = k; k = tk; tk = sk;
+            uint32_t *si = ix; ix = ti; ti = si;
+        }
+        if (k != k0) {
+            memcpy(k0, k, sizeof(uint64_t) * (size_t)m);
+            memcpy(i0, ix, sizeof(uint32_t) * (size_t)m);
+        }
+    }
+
+    /* Stable ranks (0 = smallest) of keys[0..m), ties by position: keys are reduced
+       order-preservingly to (key - min) >> tz, tz the trailing zero bits they all
+       share (float32-derived magnitudes have many), then radix sorted. Large rows: one
+       most-significant 11-bit pass spreads them into buckets that fit in cache, each
+       then sorted LSD by the remaining bits (8-bit digits); small rows: LSD with
+       11-bit digits. Every pass is stable, so equal keys keep their order.
+       idx/tmp_i/tmp_k are scratch; hist holds 6 * 2048 counters. */
+    #define MM_RADIX_BINS 2048
+    #define MM_RADIX_PASSES 6
+    #define MM_MSD_FROM 65536
+    static void mm_stable_ranks(uint64_t *keys, uint32_t *idx, uint64_t *tmp_k, uint32_t *tmp_i,
+                                uint32_t *rank, Py_ssize_t m, uint32_t *hist)
+    {
+        uint64_t lo = UINT64_MAX, any = 0;
+        for (Py_ssize_t j = 0; j < m; j++) lo = keys[j] < lo ? keys[j] : lo;
+        for (Py_ssize_t j = 0; j < m; j++) { keys[j] -= lo; any |= keys[j]; }
+        for (Py_ssize_t j = 0; j < m; j++) idx[j] = (uint32_t)j;
+        if (any != 0) {
+            int tz = __builtin_ctzll(any);
+            int bits = 64 - __builtin_clzll(any >> tz);
+            for (Py_ssize_t j = 0; j < m; j++) keys[j] >>= tz;
+            if (m < MM_MSD_FROM || bits <= 11) {
+                mm_lsd(keys, idx, tmp_k, tmp_i, m, (bits + 10) / 11, 11, hist);
+            } else {
+                const int sh = bits - 11;
+                const uint64_t low = (1ULL << sh) - 1;
+                uint32_t *h = hist;
+                memset(h, 0, sizeof(uint32_t) * MM_RADIX_BINS);
+                for (Py_ssize_t j = 0; j < m; j++) h[keys[j] >> sh]++;
+                uint32_t start[MM_RADIX_BINS + 1], pos = 0;
+                for (int v = 0; v < MM_RADIX_BINS; v++) { start[v] = pos; pos += h[v]; h[v] = start[v]; }
+                start[MM_RADIX_BINS] = pos;
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    uint32_t p = h[keys[j] >> sh]++;
+                    tmp_k[p] = keys[j] & low;
+                    tmp_i[p] = idx[j];
+                }
+                for (int v = 0; v < MM_RADIX_BINS; v++) {
+                    Py_ssize_t s0 = start[v], c = start[v + 1] - start[v];
+                    if (c > 1)
+                        mm_lsd(tmp_k + s0, tmp_i + s0, keys + s0, idx + s0, c, (sh + 7) / 8, 8,
+                               hist + MM_RADIX_BINS);
+                }
+                idx = tmp_i;
+            }
+        }
+        for (Py_ssize_t p = 0; p < m; p++) rank[idx[p]] = (uint32_t)p;
+    }
+
+    /* Phase 1: thr[k*n + e] = round(p * 65536) for every (row, contributor) pair,
+       p = clip(density + epsilon * (rank * (2 / (cols - 1)) - 1), 0, 1). */
+    static int mm_della_thresholds(const float *const *xs, const float *b, Py_ssize_t nk, Py_ssize_t rows,
+                                   Py_ssize_t cols, double density, double epsilon, uint32_t *thr, int nt)
+    {
+        Py_ssize_t n = rows * cols;
+        Py_ssize_t tasks = rows * nk;
+        const double step = cols > 1 ? 2.0 / (double)(cols - 1) : 0.0;
+        int failed = 0;
+        if (cols == 1) {
+            uint32_t t0 = (uint32_t)nearbyint(density * 65536.0);
+            for (Py_ssize_t i = 0; i < nk * n; i++) thr[i] = t0;
+            return 0;
+        }
+        #pragma omp parallel num_threads(nt) if(nt > 1 && tasks > 1)
+        {
+            uint64_t *keys = malloc(sizeof(uint64_t) * 2 * (size_t)cols);
+            uint32_t *ib = malloc(sizeof(uint32_t) * 3 * (size_t)cols);
+            uint32_t *hist = malloc(sizeof(uint32_t) * MM_RADIX_PASSES * MM_RADIX_BINS);
+            int ok = keys != NULL && ib != NULL && hist != NULL;
+            /* Every thread must reach the worksharing loop; one without scratch only flags. */
+            #pragma omp for schedule(dynamic, 1)
+            for (Py_ssize_t q = 0; q < tasks; q++) {
+                if (!ok) {
+                    #pragma omp atomic write
+                    failed = 1;
+                } else {
+                    Py_ssize_t r = q / nk, k = q % nk, lo = r * cols;
+                    const float *x = xs[k] + lo;
+                    const float *bb = b != NULL ? b + lo : NULL;
+                    for (Py_ssize_t j = 0; j < cols; j++) {
+                        double a = fabs(mm_task(x, bb, j));
+                        memcpy(&keys[j], &a, 8);
+                    }
+                    uint32_t *rank = ib + 2 * cols;
+                    mm_stable_ranks(keys, ib, keys + cols, ib + cols, rank, cols, hist);
+                    uint32_t *out = thr + k * n + lo;
+                    for (Py_ssize_t j = 0; j < cols; j++) {
+                        double frac = (double)rank[j] * step - 1.0;
+                        double p = density + epsilon * frac;
+                        p = p < 0.0 ? 0.0 : (p > 1.0 ? 1.0 : p);
+                        out[j] = (uint32_t)nearbyint(p * 65536.0);
+                    }
+                }
+            }
+            free(keys); free(ib); free(hist);
+        }
+        return failed;
+    }
+
+    /* Phase 2, elements [lo0, hi0) of the chunk (global offset g0): drop/rescale with the
+       thresholds, then TIES sign election + disjoint mean (consensus 1 = total,
+       2 = count) or the weighted sum times inv_total (consensus 0). Blocks of
+       MM_DELLA_BLOCK elements, contributor-major inside a block so the inner loops
+       vectorise; every element still sums over k = 0..N-1 in order.
+       Scratch: (nk + 3) * MM_DELLA_BLOCK doubles. */
+    #define MM_DELLA_BLOCK 512
+    MM_CLONES static void mm_della_combine(const float *const *xs, const float *b, const double *w,
+                                           const uint64_t *keys, const uint32_t *thr, Py_ssize_t nk,
+                                           Py_ssize_t n, uint64_t g0, Py_ssize_t lo0, Py_ssize_t hi0,
+                                           int consensus, double inv_total, double scaling, float *out,
+                                           double *scratch)
+    {
+        double *s = scratch, *num = scratch + MM_DELLA_BLOCK, *den = scratch + 2 * MM_DELLA_BLOCK;
+        double *vb = scratch + 3 * MM_DELLA_BLOCK;
+        int32_t lanes[MM_DELLA_BLOCK + 8];
+        for (Py_ssize_t lo = lo0; lo < hi0; lo += MM_DELLA_BLOCK) {
+            Py_ssize_t m = hi0 - lo < MM_DELLA_BLOCK ? hi0 - lo : MM_DELLA_BLOCK;
+            for (Py_ssize_t k = 0; k < nk; k++) {
+                const float *x = xs[k] + lo;
+                const uint32_t *tk = thr + k * n + lo;
+                const uint64_t gl = g0 + (uint64_t)lo;
+                /* The 16-bit lanes of elements gl.., four per draw (as prng.drop_lanes). */
+                const uint64_t d0 = gl >> 2;
+                const Py_ssize_t off = (Py_ssize_t)(gl & 3), nd = (off + m + 3) >> 2;
+                for (Py_ssize_t i = 0; i < nd; i++) {
+                    uint64_t r = mm_sm64_at(keys[k], d0 + (uint64_t)i);
+                    lanes[4 * i] = (int32_t)(r & 0xFFFF);
+                    lanes[4 * i + 1] = (int32_t)((r >> 16) & 0xFFFF);
+                    lanes[4 * i + 2] = (int32_t)((r >> 32) & 0xFFFF);
+                    lanes[4 * i + 3] = (int32_t)(r >> 48);
+                }
+                const int32_t *ln = lanes + off;
+                double *v = vb + k * MM_DELLA_BLOCK;
+                /* Two loops: the division runs for every entry (no branch around it), so
+                   both vectorise; dropped entries are zeroed after. */
+                if (b != NULL) {
+                    const float *bp = b + lo;
+                    for (Py_ssize_t j = 0; j < m; j++) {
+                        double th = (double)(int32_t)tk[j];
+                        double sc = th * 0x1p-16;  /* == th / 65536 exactly (th integer) */
+                        v[j] = ((double)x[j] - (double)bp[j]) / (th > 0.0 ? sc : 1.0);
+                    }
+                } else {
+                    for (Py_ssize_t j = 0; j < m; j++) {
+                        double th = (double)(int32_t)tk[j];
+                        double sc = th * 0x1p-16;
+                        v[j] = (double)x[j] / (th > 0.0 ? sc : 1.0);
+                    }
+                }
+                for (Py_ssize_t j = 0; j < m; j++) v[j] = ln[j] < (int32_t)tk[j] ? v[j] : 0.0;
+            }
+            if (consensus) {
+                for (Py_ssize_t j = 0; j < m; j++) { s[j] = 0.0; num[j] = 0.0; den[j] = 0.0; }
+                for (Py_ssize_t k = 0; k < nk; k++) {
+                    const double *v = vb + k * MM_DELLA_BLOCK;
+                    const double wk = w[k];
+                    if (consensus == 1) {
+                        for (Py_ssize_t j = 0; j < m; j++) s[j] = s[j] + wk * v[j];
+                    } else {
+                        for (Py_ssize_t j = 0; j < m; j++)
+                            s[j] = s[j] + (double)((v[j] > 0.0) - (v[j] < 0.0));
+                    }
+                }
+                for (Py_ssize_t k = 0; k < nk; k++) {
+                    const double *v = vb + k * MM_DELLA_BLOCK;
+                    const double wk = w[k];
+                    for (Py_ssize_t j = 0; j < m; j++) {
+                        int agree = (v[j] > 0.0 && s[j] > 0.0) || (v[j] < 0.0 && s[j] < 0.0);
+                        num[j] = num[j] + (agree ? wk * v[j] : 0.0);
+                        den[j] = den[j] + (agree ? wk : 0.0);
+                    }
+                }
+                for (Py_ssize_t j = 0; j < m; j++) num[j] = num[j] / (den[j] == 0.0 ? 1.0 : den[j]);
+            } else {
+                for (Py_ssize_t j = 0; j < m; j++) num[j] = 0.0;
+                for (Py_ssize_t k = 0; k < nk; k++) {
+                    const double *v = vb + k * MM_DELLA_BLOCK;
+                    const double wk = w[k];
+                    for (Py_ssize_t j = 0; j < m; j++) num[j] = num[j] + wk * v[j];
+                }
+                for (Py_ssize_t j = 0; j < m; j++) num[j] = num[j] * inv_total;
+            }
+            for (Py_ssize_t j = 0; j < m; j++) {
+                double bb = b != NULL ? (double)b[lo + j] : 0.0;
+                out[lo + j] = (float)(bb + scaling * num[j]);
+            }
+        }
+    }
+
+    static int mm_della_combine_par(const float *const *xs, const float *b, const double *w,
+                                    const uint64_t *keys, const uint32_t *thr, Py_ssize_t nk, Py_ssize_t n,
+                                    uint64_t g0, int consensus, double inv_total, double scaling, float *out,
+                                    int nt, Py_ssize_t grain)
+    {
+        Py_ssize_t per = (nk + 3) * MM_DELLA_BLOCK;
+        double *scratch = malloc(sizeof(double) * (size_t)(per * nt));
+        if (scratch == NULL) return 1;
+        MM_PAR_BLOCKS(n, grain, nt, {
+            mm_della_combine(xs, b, w, keys, thr, nk, n, g0, lo, hi, consensus, inv_total, scaling, out,
+                             scratch + (Py_ssize_t)tid * per);
+        });
+        free(scratch);
+        return 0;
+    }
+
+    /* EMR elect on elements [lo, hi): sign of sum_k t_k, magnitude max |t_k| over
+       entries of that sign, out = bb + scaling * (sign * mag). */
+    MM_CLONES static void mm_emr(const float *const *xs, const float *b, Py_ssize_t nk, Py_ssize_t lo,
+                                 Py_ssize_t hi, double scaling, float *out)
+    {
+        for (Py_ssize_t e = lo; e < hi; e++) {
+            double total = 0.0;
+            for (Py_ssize_t k = 0; k < nk; k++) total = total + mm_task(xs[k], b, e);
+            double sign = (double)((total > 0.0) - (total < 0.0));
+            double mag = 0.0;
+            for (Py_ssize_t k = 0; k < nk; k++) {
+                double t = mm_task(xs[k], b, e);
+                double c = t * sign > 0.0 ? fabs(t) : 0.0;
+                mag = c > mag ? c : mag;
+            }
+            double bb = b != NULL ? (double)b[e] : 0.0;
+            out[e] = (float)(bb + scaling * (sign * mag));
+        }
+    }
+
+    static void mm_emr_par(const float *const *xs, const float *b, Py_ssize_t nk, Py_ssize_t n,
+                           double scaling, float *out, int nt, Py_ssize_t grain)
+    {
+        MM_PAR_BLOCKS(n, grain, nt, { mm_emr(xs, b, nk, lo, hi, scaling, out); });
+    }
+
+    /* Fisher-weighted average on [lo0, hi0): fw = (f + eps) * w_k, num += fw * x,
+       den += fw, fsum += f * w_k (k = 0..N-1 per element); out = num / den,
+       fout = fsum / total. Blocks, contributor-major inside a block so the loops
+       vectorise. Flags (integer tests only): bad_f[k] bit 31 when a Fisher value is
+       NaN, Inf or < 0 (-0.0 is fine); bad_x[k] bit 31 when a value is NaN or Inf. */
+    #define MM_FISHER_BLOCK 1024
+    MM_CLONES static void mm_fisher(const float *const *xs, const float *const *fs, const double *w,
+                                    Py_ssize_t nk, Py_ssize_t lo0, Py_ssize_t hi0, double eps, double total,
+                                    float *out, float *fout, uint32_t *bad_f, uint32_t *bad_x)
+    {
+        double num[MM_FISHER_BLOCK], den[MM_FISHER_BLOCK], fsum[MM_FISHER_BLOCK];
+        for (Py_ssize_t lo = lo0; lo < hi0; lo += MM_FISHER_BLOCK) {
+            Py_ssize_t m = hi0 - lo < MM_FISHER_BLOCK ? hi0 - lo : MM_FISHER_BLOCK;
+            for (Py_ssize_t j = 0; j < m; j++) { num[j] = 0.0; den[j] = 0.0; fsum[j] = 0.0; }
+            for (Py_ssize_t k = 0; k < nk; k++) {
+                const float *x = xs[k] + lo, *f = fs[k] + lo;
+                const double wk = w[k];
+                uint32_t bf = 0, bx = 0;
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    uint32_t fb, xb;
+                    memcpy(&fb, &f[j], 4);
+                    memcpy(&xb, &x[j], 4);
+                    /* bad iff fb > 0x7F7FFFFF (Inf, NaN or negative) and not -0.0 */
+                    bf |= (uint32_t)(fb > 0x7F7FFFFFu && fb != 0x80000000u) << 31;
+                    bx |= (xb & 0x7F800000u) + 0x00800000u;
+                    double fd = (double)f[j];
+                    double fw = (fd + eps) * wk;
+                    num[j] = num[j] + fw * (double)x[j];
+                    den[j] = den[j] + fw;
+                    fsum[j] = fsum[j] + fd * wk;
+                }
+                bad_f[k] |= bf;
+                bad_x[k] |= bx;
+            }
+            for (Py_ssize_t j = 0; j < m; j++) {
+                out[lo + j] = (float)(num[j] / den[j]);
+                fout[lo + j] = (float)(fsum[j] / total);
+            }
+        }
+    }
+
+    static void mm_fisher_par(const float *const *xs, const float *const *fs, const double *w, Py_ssize_t nk,
+                              Py_ssize_t n, double eps, double total, float *out, float *fout,
+                              uint32_t *tbad, int nt, Py_ssize_t grain)
+    {
+        MM_PAR_BLOCKS(n, grain, nt, {
+            uint32_t *mine = tbad + (Py_ssize_t)tid * 2 * nk;
+            mm_fisher(xs, fs, w, nk, lo, hi, eps, total, out, fout, mine, mine + nk);
+        });
+    }
+
+    /* Per contributor k: sq[l] += x*x and s1[l] += x for the elements whose global
+       index is = l (mod 8), in increasing index: exactly the (x, 1) entries of the Gram
+       kernel (cext.gram) for the pair, so the same numbers. lanes[k*16 + 0..7] = sum
+       of squares, [k*16 + 8..15] = sums. Contributors run in parallel (each its own
+       sums). flags[k] bit 31: x_k holds NaN/Inf. */
+    MM_CLONES static void mm_moments_one(const float *x, Py_ssize_t n, uint64_t start, double *lanes,
+                                         uint32_t *flag)
+    {
+        double sq[8], s1[8];
+        uint32_t f = 0;
+        for (int l = 0; l < 8; l++) { sq[l] = lanes[l]; s1[l] = lanes[8 + l]; }
+        Py_ssize_t i = 0;
+        Py_ssize_t head = (Py_ssize_t)((8 - (start & 7)) & 7);
+        if (head > n) head = n;
+        for (; i < head; i++) {
+            int l = (int)((start + (uint64_t)i) & 7);
+            double v = (double)x[i];
+            uint32_t bits;
+            memcpy(&bits, &x[i], 4);
+            f |= (bits & 0x7F800000u) + 0x00800000u;
+            sq[l] = sq[l] + v * v;
+            s1[l] = s1[l] + v * 1.0;
+        }
+        for (; i + 8 <= n; i += 8) {
+            for (int l = 0; l < 8; l++) {
+                double v = (double)x[i + l];
+                uint32_t bits;
+                memcpy(&bits, &x[i + l], 4);
+                f |= (bits & 0x7F800000u) + 0x00800000u;
+                sq[l] = sq[l] + v * v;
+                s1[l] = s1[l] + v * 1.0;
+            }
+        }
+        for (; i < n; i++) {
+            int l = (int)((start + (uint64_t)i) & 7);
+            double v = (double)x[i];
+            uint32_t bits;
+            memcpy(&bits, &x[i], 4);
+            f |= (bits & 0x7F800000u) + 0x00800000u;
+            sq[l] = sq[l] + v * v;
+            s1[l] = s1[l] + v * 1.0;
+        }
+        for (int l = 0; l < 8; l++) { lanes[l] = sq[l]; lanes[8 + l] = s1[l]; }
+        *flag = f;
+    }
+
+    static void mm_moments(const float *const *xs, Py_ssize_t nk, Py_ssize_t n, uint64_t start, double *lanes,
+                           uint32_t *flags, int nt)
+    {
+        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if(nt > 1)
+        for (Py_ssize_t k = 0; k < nk; k++) mm_moments_one(xs[k], n, start, lanes + k * 16, flags + k);
+    }
+    """
+    int mm_della_thresholds(const float** xs, const float* b, Py_ssize_t nk, Py_ssize_t rows,
+                            Py_ssize_t cols, double density, double epsilon, uint32_t* thr, int nt) nogil
+    int mm_della_combine_par(const float** xs, const float* b, const double* w, const uint64_t* keys,
+                             const uint32_t* thr, Py_ssize_t nk, Py_ssize_t n, uint64_t g0, int consensus,
+                             double inv_total, double scaling, float* out, int nt, Py_ssize_t grain) nogil
+    void mm_emr_par(const float** xs, const float* b, Py_ssize_t nk, Py_ssize_t n, double scaling,
+                    float* out, int nt, Py_ssize_t grain) nogil
+    void mm_fisher_par(const float** xs, const float** fs, const double* w, Py_ssize_t nk, Py_ssize_t n,
+                       double eps, double total, float* out, float* fout, uint32_t* tbad, int nt,
+                       Py_ssize_t grain) nogil
+    int mm_team(int want, Py_ssize_t n, Py_ssize_t grain) nogil
+    void mm_moments(const float** xs, Py_ssize_t nk, Py_ssize_t n, uint64_t start, double* lanes,
+                    uint32_t* flags, int nt) nogil
+
+
+cdef const float** _ptrs(list xs, Py_ssize_t n) except NULL:
+    cdef Py_ssize_t nk = len(xs)
+    cdef const float** p = <const float**>malloc(max(nk, 1) * sizeof(float*))
+    if p == NULL:
+        raise MemoryError()
+    try:
+        gather_f32(xs, n, p)
+    except BaseException:
+        free(p)
+        raise
+    return p
+
+
+def della_merge(list xs, object base, const double[::1] weights, const uint64_t[::1] keys,
+                Py_ssize_t cols, uint64_t start, double density, double epsilon, int consensus,
+                double inv_total, double scaling, float[::1] out, int threads=0):
+    """DELLA on one chunk of whole rows (``len(out)`` a multiple of ``cols``) at element ``start``.
+
+    ``xs``: the N float32 contributions of the chunk (finite; the caller checks),
+    ``base`` float32 or None (delta contributions), ``keys`` the N PRNG stream keys,
+    ``consensus`` 0 (weighted sum times ``inv_total``), 1 (sign of the weighted sum)
+    or 2 (sign vote). Bytes do not depend on ``threads``.
+    """
+    cdef Py_ssize_t n = out.shape[0]
+    cdef Py_ssize_t nk = len(xs)
+    cdef Py_ssize_t grain = get_grain()
+    cdef int want = threads if threads > 0 else get_threads()
+    cdef int nt1 = want if want > 0 else 1
+    cdef int nt2 = mm_team(want, n, grain)
+    cdef int err
+    if cols < 1 or n % cols:
+        raise ValueError(f"chunk of {n} elements is not whole rows of {cols}")
+    if weights.shape[0] != nk or keys.shape[0] != nk or nk == 0:
+        raise ValueError(f"{nk} inputs, {weights.shape[0]} weights, {keys.shape[0]} keys")
+    if not 0 <= consensus <= 2:
+        raise ValueError("consensus must be 0, 1 or 2")
+    if n == 0:
+        return
+    cdef const float* b = optional_f32(base, n)
+    cdef const float** p = _ptrs(xs, n)
+    cdef uint32_t* thr = <uint32_t*>malloc(nk * n * sizeof(uint32_t))
+    if thr == NULL:
+        free(p)
+        raise MemoryError()
+    try:
+        with nogil:
+            err = mm_della_thresholds(p, b, nk, n // cols, cols, density, epsilon, thr, nt1)
+            if not err:
+                err = mm_della_combine_par(p, b, &weights[0], &keys[0], thr, nk, n, start, consensus,
+                                           inv_total, scaling, &out[0], nt2, grain)
+        if err:
+            raise MemoryError()
+    finally:
+        free(thr)
+        free(p)
+
+
+def emr_elect(list xs, object base, double scaling, float[::1] out, int threads=0):
+    """EMR elect step on one chunk; ``xs`` finite float32, ``base`` float32 or None."""
+    cdef Py_ssize_t n = out.shape[0]
+    cdef Py_ssize_t nk = len(xs)
+    cdef Py_ssize_t grain = get_grain()
+    cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, grain)
+    if n == 0:
+        return
+    cdef const float* b = optional_f32(base, n)
+    cdef const float** p = _ptrs(xs, n)
+    try:
+        with nogil:
+            mm_emr_par(p, b, nk, n, scaling, &out[0], nt, grain)
+    finally:
+        free(p)
+
+
+def fisher_average(list xs, list fs, const double[::1] weights, double epsilon, double total,
+                   float[::1] out, float[::1] fout, int threads=0):
+    """Fisher-weighted average of one chunk into ``out`` and the weighted mean Fisher into ``fout``.
+
+    Returns ``(k, what)`` for the first contributor k whose chunk is bad, checked
+    in the order Fisher then values: what 0 = a Fisher value is not finite or is
+    negative, 1 = a value is not finite; ``(-1, 0)`` if all are fine.
+    """
+    cdef Py_ssize_t n = out.shape[0]
+    cdef Py_ssize_t nk = len(xs)
+    cdef Py_ssize_t grain = get_grain()
+    cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, grain)
+    cdef Py_ssize_t k, t
+    if len(fs) != nk or weights.shape[0] != nk or fout.shape[0] != n:
+        raise ValueError("xs, fs, weights and outputs must match")
+    if n == 0:
+        return -1, 0
+    cdef const float** px = _ptrs(xs, n)
+    cdef const float** pf = NULL
+    cdef uint32_t* tbad = <uint32_t*>calloc(2 * nk * nt, sizeof(uint32_t))
+    try:
+        if tbad == NULL:
+            raise MemoryError()
+        pf = _ptrs(fs, n)
+        with nogil:
+            mm_fisher_par(px, pf, &weights[0], nk, n, epsilon, total, &out[0], &fout[0], tbad, nt, grain)
+        for k in range(nk):
+            for t in range(1, nt):
+                tbad[k] |= tbad[t * 2 * nk + k]
+                tbad[nk + k] |= tbad[t * 2 * nk + nk + k]
+            if tbad[k] & NONFINITE:
+                return k, 0
+            if tbad[nk + k] & NONFINITE:
+                return k, 1
+        return -1, 0
+    finally:
+        free(tbad)
+        free(px)
+        free(pf)
+
+
+def moment_lanes(list xs, uint64_t start, double[:, :, ::1] lanes, int threads=0):
+    """Add this chunk's sums of x_k^2 (``lanes[k, 0]``) and x_k (``lanes[k, 1]``) by lane.
+
+    Element ``start + i`` goes to lane ``(start + i) mod 8``, each lane in
+    increasing index: the same numbers as :func:`meshmerge.cext.gram.gram_accumulate`
+    gives for the pair (x_k, ones), at O(1) work per element. Contributors run in
+    parallel. Returns the first input holding NaN/Inf, or -1.
+    """
+    cdef Py_ssize_t nk = len(xs)
+    cdef Py_ssize_t k, n
+    cdef int nt = threads if threads > 0 else get_threads()
+    if nk == 0:
+        raise ValueError("no inputs")
+    if lanes.shape[0] != nk or lanes.shape[1] != 2 or lanes.shape[2] != 8:
+        raise ValueError("lanes must have shape (N, 2, 8)")
+    n = (<cnp.ndarray>xs[0]).size
+    if nt > nk:
+        nt = <int>nk
+    cdef const float** p = _ptrs(xs, n)
+    cdef uint32_t* flags = <uint32_t*>calloc(nk, sizeof(uint32_t))
+    try:
+        if flags == NULL:
+            raise MemoryError()
+        with nogil:
+            mm_moments(p, nk, n, start, &lanes[0, 0, 0], flags, nt)
+        for k in range(nk):
+            if flags[k] & NONFINITE:
+                return k
+        return -1
+    finally:
+        free(flags)
+        free(p)

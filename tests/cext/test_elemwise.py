@@ -1,0 +1,130 @@
+"""DELLA / EMR / Fisher / moment kernels against their definitions, byte for byte."""
+
+import numpy as np
+import pytest
+
+from meshmerge.cext import della_merge, drop_lanes, emr_elect, fisher_average, gram_accumulate, moment_lanes
+
+
+def della_reference(
+    xs: list[np.ndarray], b: np.ndarray | None, w: np.ndarray, keys: np.ndarray, cols: int, start: int,
+    density: float, eps: float, consensus: int, inv_total: float, scaling: float,
+) -> np.ndarray:
+    bb = b.astype(np.float64) if b is not None else 0.0
+    n = xs[0].size
+    vals = []
+    for k, x in enumerate(xs):
+        t = x.astype(np.float64) - bb
+        rows = np.abs(t).reshape(-1, cols)
+        ranks = np.argsort(np.argsort(rows, axis=1, kind="stable"), axis=1, kind="stable").reshape(-1)
+        p = np.full(n, density) if cols == 1 else np.clip(density + eps * (ranks * (2.0 / (cols - 1)) - 1.0), 0, 1)
+        lanes = np.empty(n, np.uint16)
+        drop_lanes(int(keys[k]), start, lanes)
+        thr = np.round(p * 65536.0)
+        keep = lanes.astype(np.float64) < thr
+        vals.append(np.where(keep, t / np.where(thr > 0, thr / 65536.0, 1.0), 0.0))
+    if consensus:
+        s = np.zeros(n)
+        for k, v in enumerate(vals):
+            s = s + (w[k] * v if consensus == 1 else np.sign(v))
+        num = np.zeros(n)
+        den = np.zeros(n)
+        for k, v in enumerate(vals):
+            agree = ((v > 0) & (s > 0)) | ((v < 0) & (s < 0))
+            num = num + np.where(agree, w[k] * v, 0.0)
+            den = den + np.where(agree, w[k], 0.0)
+        merged = num / np.where(den == 0.0, 1.0, den)
+    else:
+        num = np.zeros(n)
+        for k, v in enumerate(vals):
+            num = num + w[k] * v
+        merged = num * inv_total
+    with np.errstate(over="ignore"):  # 3e38-sized results round to inf, as in the kernel
+        return (bb + scaling * merged).astype(np.float32)
+
+
+def awkward(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Heavy ties, signed zeros, subnormals and magnitudes across the whole float32 range."""
+    x = rng.choice(np.array([0.0, -0.0, 1.0, -1.0, 0.5, 1e-42, -1e-42, 3e38, -3e38, 2.0], np.float32), n)
+    wide = (rng.standard_normal(n) * 10.0 ** rng.integers(-30, 30, n)).astype(np.float32)
+    return np.where(rng.random(n) < 0.5, x, wide).astype(np.float32)
+
+
+@pytest.mark.parametrize("cols", [1, 2, 9, 300, 70_000])  # 70,000: the bucketed (MSD-first) ranking
+@pytest.mark.parametrize("consensus", [0, 1, 2])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_della_matches_reference_with_ties_and_extremes(cols: int, consensus: int, with_base: bool) -> None:
+    rng = np.random.default_rng(cols * 10 + consensus)
+    n, nk = cols * (7 if cols < 1000 else 2), 5
+    xs = [awkward(rng, n) for _ in range(nk)]
+    xs[1] = xs[0].copy()  # identical magnitudes across contributors too
+    b = rng.standard_normal(n).astype(np.float32) if with_base else None
+    w = rng.uniform(0.5, 2.0, nk)
+    keys = np.array([11, 2**63 + 5, 7, 123456789, 42], np.uint64)
+    want = della_reference(xs, b, w, keys, cols, 96, 0.45, 0.35, consensus, 1.0 / w.sum(), 0.8)
+    for threads in (1, 2, 3):
+        got = np.empty(n, np.float32)
+        della_merge(xs, b, w, keys, cols, 96, 0.45, 0.35, consensus, 1.0 / w.sum(), 0.8, got, threads)
+        assert got.tobytes() == want.tobytes()
+
+
+def test_della_rejects_partial_rows() -> None:
+    xs = [np.ones(10, np.float32)]
+    with pytest.raises(ValueError, match="whole rows"):
+        della_merge(xs, None, np.ones(1), np.zeros(1, np.uint64), 3, 0, 0.5, 0.1, 1, 1.0, 1.0,
+                    np.empty(10, np.float32))
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_emr_matches_reference(with_base: bool) -> None:
+    rng = np.random.default_rng(5)
+    n = 5000
+    xs = [awkward(rng, n) for _ in range(4)]
+    b = rng.standard_normal(n).astype(np.float32) if with_base else None
+    bb = b.astype(np.float64) if b is not None else 0.0
+    ts = [x.astype(np.float64) - bb for x in xs]
+    total = np.zeros(n)
+    for t in ts:
+        total = total + t
+    sign = np.sign(total)
+    mag = np.zeros(n)
+    for t in ts:
+        mag = np.maximum(mag, np.where(t * sign > 0, np.abs(t), 0.0))
+    with np.errstate(over="ignore"):
+        want = (bb + 0.9 * (sign * mag)).astype(np.float32)
+    for threads in (1, 2):
+        got = np.empty(n, np.float32)
+        emr_elect(xs, b, 0.9, got, threads)
+        assert got.tobytes() == want.tobytes()
+
+
+def test_fisher_reports_first_bad_contributor_fisher_before_values() -> None:
+    n = 3000
+    xs = [np.ones(n, np.float32) for _ in range(3)]
+    fs = [np.ones(n, np.float32) for _ in range(3)]
+    out, fout = np.empty(n, np.float32), np.empty(n, np.float32)
+    w = np.ones(3)
+    assert fisher_average(xs, fs, w, 1e-8, 3.0, out, fout) == (-1, 0)
+    xs[2][2999] = np.nan
+    assert fisher_average(xs, fs, w, 1e-8, 3.0, out, fout) == (2, 1)
+    fs[2][5] = -1.0
+    assert fisher_average(xs, fs, w, 1e-8, 3.0, out, fout) == (2, 0)
+    fs[1][100] = np.inf
+    assert fisher_average(xs, fs, w, 1e-8, 3.0, out, fout, 2) == (1, 0)
+
+
+@pytest.mark.parametrize("start", [0, 3, 8, 13])
+def test_moment_lanes_equal_the_gram_kernel_entries_for_x_and_ones(start: int) -> None:
+    rng = np.random.default_rng(start)
+    xs = [awkward(rng, 1001) for _ in range(3)]
+    xs[2] = (rng.standard_normal(1001) * 3).astype(np.float32)
+    lanes = np.zeros((3, 2, 8))
+    for lo, hi in ((0, 5), (5, 600), (600, 1001)):  # chunked, starting at start + lo
+        assert moment_lanes([x[lo:hi] for x in xs], start + lo, lanes, 2) == -1
+    for k, x in enumerate(xs):
+        gram = np.zeros((2, 2, 8))
+        gram_accumulate([x, np.ones(x.size, np.float32)], None, start, gram)
+        assert lanes[k, 0].tobytes() == gram[0, 0].tobytes()
+        assert lanes[k, 1].tobytes() == gram[0, 1].tobytes()
+    xs[1][1000] = np.nan
+    assert moment_lanes(xs, start, np.zeros((3, 2, 8))) == 1
