@@ -94,7 +94,7 @@ async def run(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_signals, nursery.cancel_scope)
             await nursery.start(rpc.serve)
-            nursery.start_soon(node.gc_loop, config.store.gc_interval)
+            await nursery.start(node.gc_loop, config.store.gc_interval)
             if network is not None:
                 await nursery.start(network, node, rpc, config, identity)
             interval = systemd.watchdog_interval()

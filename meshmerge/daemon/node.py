@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -38,6 +38,10 @@ from meshmerge.proto.cbor import CodecError
 from meshmerge.proto.messages import SetSchema, StateMessage
 from meshmerge.proto.peerid import to_base58
 from meshmerge.proto.rpc import RpcError
+
+if TYPE_CHECKING:
+    # the trio-stubs that py-libp2p pulls in (trio-typing) predate trio.TaskStatus
+    from trio_typing import TaskStatus
 
 log = logging.getLogger("meshmerge.node")
 
@@ -276,13 +280,19 @@ class Node:
             "blob_quota_bytes": usage.quota_bytes,
         }
 
-    async def gc_loop(self, interval: float) -> None:
-        """Collect on start (stale partial writes, orphans of a crash) and every ``interval`` seconds."""
+    async def gc_loop(self, interval: float, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Collect on start (stale partial writes, orphans of a crash) and every ``interval`` seconds.
+
+        Started with ``nursery.start``: the first collection finishes before the daemon
+        reports ready, so "ready" means start-up housekeeping is done.
+        """
         while True:
             try:
                 await self.gc()
             except (StoreError, OSError) as exc:  # the node keeps serving; the next run retries
                 log.error("blob collection failed: %s", exc)
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
             await trio.sleep(interval)
 
     # -- views -----------------------------------------------------------------------
