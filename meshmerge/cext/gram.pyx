@@ -26,6 +26,21 @@ cdef enum:
     LANES = 8
 
 
+cdef inline void _scalar_step(
+    const float** ptrs, const float* b, Py_ssize_t nk, Py_ssize_t i, uint64_t lane,
+    double* vb, uint32_t* flags, double[:, :, ::1] lanes,
+) noexcept nogil:
+    """One element into its lane: the unaligned head and the tail of a chunk."""
+    cdef Py_ssize_t j, k
+    cdef double bi = 0.0 if b == NULL else <double>b[i]
+    for j in range(nk):
+        flags[j] = flags[j] | nonfinite_bits(ptrs[j][i])
+        vb[j] = <double>ptrs[j][i] - bi
+    for j in range(nk):
+        for k in range(j, nk):
+            lanes[j, k, lane] += vb[j] * vb[k]
+
+
 def gram_accumulate(list xs, object base, uint64_t start, double[:, :, ::1] lanes):
     """Add sum over this chunk of v_j[i] * v_k[i] (j <= k) into ``lanes[j, k, i mod 8]``.
 
@@ -43,8 +58,6 @@ def gram_accumulate(list xs, object base, uint64_t start, double[:, :, ::1] lane
     cdef uint32_t* flags = <uint32_t*>malloc(nk * sizeof(uint32_t))
     cdef const float* b
     cdef Py_ssize_t i, j, k, l, head
-    cdef uint64_t lane
-    cdef double bi, vj
     cdef double* row
     cdef int bad = -1
     if ptrs == NULL or vb == NULL or flags == NULL:
@@ -61,14 +74,7 @@ def gram_accumulate(list xs, object base, uint64_t start, double[:, :, ::1] lane
                 head = n
             i = 0
             while i < head:
-                lane = (start + <uint64_t>i) % LANES
-                bi = 0.0 if b == NULL else <double>b[i]
-                for j in range(nk):
-                    flags[j] = flags[j] | nonfinite_bits(ptrs[j][i])
-                    vb[j] = <double>ptrs[j][i] - bi
-                for j in range(nk):
-                    for k in range(j, nk):
-                        lanes[j, k, lane] += vb[j] * vb[k]
+                _scalar_step(ptrs, b, nk, i, (start + <uint64_t>i) % LANES, vb, flags, lanes)
                 i += 1
             while i + LANES <= n:
                 for j in range(nk):
@@ -82,14 +88,7 @@ def gram_accumulate(list xs, object base, uint64_t start, double[:, :, ::1] lane
                             row[l] = row[l] + vb[j * LANES + l] * vb[k * LANES + l]
                 i += LANES
             while i < n:
-                lane = (start + <uint64_t>i) % LANES
-                bi = 0.0 if b == NULL else <double>b[i]
-                for j in range(nk):
-                    flags[j] = flags[j] | nonfinite_bits(ptrs[j][i])
-                    vb[j] = <double>ptrs[j][i] - bi
-                for j in range(nk):
-                    for k in range(j, nk):
-                        lanes[j, k, lane] += vb[j] * vb[k]
+                _scalar_step(ptrs, b, nk, i, (start + <uint64_t>i) % LANES, vb, flags, lanes)
                 i += 1
             for k in range(nk):
                 if (flags[k] & NONFINITE) and bad < 0:
