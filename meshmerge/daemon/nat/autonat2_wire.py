@@ -14,6 +14,8 @@ import dataclasses
 import enum
 import struct
 
+from meshmerge.proto.varint import VarintError, encode_uvarint, read_uvarint
+
 MAX_ADDRS = 64
 """Addresses accepted in one DialRequest (the rest are ignored by the server anyway)."""
 MAX_ADDR_BYTES = 512
@@ -82,17 +84,8 @@ _ONEOF = {DialRequest: 1, DialResponse: 2, DialDataRequest: 3, DialDataResponse:
 
 # ----------------------------------------------------------------------------- primitives
 def _varint(n: int) -> bytes:
-    if n < 0:
-        n &= (1 << 64) - 1  # protobuf encodes negative int32/enum values as 64-bit two's complement
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+    """Protobuf encodes negative int32/enum values as 64-bit two's complement."""
+    return encode_uvarint(n & ((1 << 64) - 1))
 
 
 def _key(field: int, wire: int) -> bytes:
@@ -104,18 +97,10 @@ def _len_field(field: int, data: bytes) -> bytes:
 
 
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    n = shift = 0
-    for i in range(10):
-        if pos + i >= len(buf):
-            raise WireError("truncated varint")
-        b = buf[pos + i]
-        n |= (b & 0x7F) << shift
-        if not b & 0x80:
-            if n >= 1 << 64:
-                raise WireError("varint overflows 64 bits")
-            return n, pos + i + 1
-        shift += 7
-    raise WireError("varint longer than 10 bytes")
+    try:
+        return read_uvarint(buf, pos)
+    except VarintError as exc:
+        raise WireError(str(exc)) from None
 
 
 def _fields(buf: bytes) -> list[tuple[int, int, int | bytes]]:

@@ -30,6 +30,8 @@ from libp2p.peer.id import ID
 from libp2p.security.base_session import BaseSession
 from libp2p.security.exceptions import HandshakeFailure
 
+from meshmerge.proto.varint import VarintError, encode_uvarint, read_uvarint
+
 from .noise_state import MAX_MESSAGE, MAX_PLAINTEXT, CipherState, Handshake, NoiseError, public_bytes
 
 log = logging.getLogger("meshmerge.transport")
@@ -103,16 +105,7 @@ def encode_payload(identity_key: bytes, signature: bytes) -> bytes:
 
 
 def _field(number: int, value: bytes) -> bytes:
-    return bytes([number << 3 | 2]) + _varint(len(value)) + value
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    return bytes([number << 3 | 2]) + encode_uvarint(len(value)) + value
 
 
 def decode_payload(data: bytes) -> tuple[bytes, bytes]:
@@ -122,16 +115,11 @@ def decode_payload(data: bytes) -> tuple[bytes, bytes]:
 
     def varint() -> int:
         nonlocal pos
-        value = shift = 0
-        while True:
-            if pos >= end or shift > 63:
-                raise NoiseProtocolError("handshake payload: truncated or overlong varint")
-            byte = data[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                return value
-            shift += 7
+        try:
+            value, pos = read_uvarint(data, pos, end)
+        except VarintError as exc:
+            raise NoiseProtocolError(f"handshake payload: {exc}") from None
+        return value
 
     while pos < end:
         key = varint()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import trio
 
+from meshmerge.proto.varint import encode_uvarint
+
 MAX_FRAME = 4 * 1024 * 1024
 """Largest frame we accept (p2pd's default persistent-connection limit)."""
 
@@ -19,20 +21,6 @@ _RECEIVE_CHUNK = 65536
 
 class FramingError(Exception):
     """The peer sent a malformed or oversized frame, or closed mid-frame."""
-
-
-def encode_uvarint(value: int) -> bytes:
-    if value < 0:
-        raise ValueError(f"uvarint must be non-negative, got {value}")
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 def frame(payload: bytes) -> bytes:
