@@ -32,7 +32,7 @@ from meshmerge.crdt import (
     tensorfile,
 )
 from meshmerge.crdt.strategies import StrategyError
-from meshmerge.daemon.store import QuotaExceeded, Store, StoreError
+from meshmerge.daemon.store import BlobRejected, QuotaExceeded, Store, StoreError
 from meshmerge.proto import cid as cids
 from meshmerge.proto.cbor import CodecError
 from meshmerge.proto.messages import SetSchema, StateMessage
@@ -44,6 +44,15 @@ if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
 log = logging.getLogger("meshmerge.node")
+
+
+def _why(exc: Exception) -> str:
+    """A store failure for the user: the OS reason and the file, or the store's own message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return str(exc)
+
 
 ChangeListener = Callable[[bytes, StateMessage, bool], None]
 
@@ -151,6 +160,10 @@ class Node:
             except QuotaExceeded as exc:
                 # the reserved seq stays unused: seqs need to be unique, not dense
                 raise RpcError("quota_exceeded", str(exc)) from None
+            except BlobRejected as exc:
+                raise RpcError("bad_contribution", str(exc)) from None
+            except (StoreError, OSError) as exc:
+                raise RpcError("storage_error", f"could not store the tensors: {_why(exc)}") from None
             await self._persist(handle, ops)
         log.info(
             "contribution %s to %s (seq %d, weight %d)", cids.to_text(signed.id), schema.name, seq, weight
@@ -175,17 +188,34 @@ class Node:
         return {"removed": contribution}
 
     async def _persist(self, handle: SetHandle, ops: StateMessage) -> None:
-        """Make local ops durable, then apply them (the caller holds the set's lock)."""
-        await trio.to_thread.run_sync(self.store.append, handle.state.set_id, ops)
+        """Make local ops durable, then apply them (the caller holds the set's lock).
+
+        A failed write is the caller's error ``storage_error``: nothing was
+        applied, so the trainer can retry once the disk has room again.
+        """
+        try:
+            await trio.to_thread.run_sync(self.store.append, handle.state.set_id, ops)
+        except (StoreError, OSError) as exc:
+            raise RpcError(
+                "storage_error", f"could not record the operation (nothing was applied): {_why(exc)}"
+            ) from None
         handle.state.apply(ops)
         await self._maybe_snapshot(handle)
 
     async def _maybe_snapshot(self, handle: SetHandle) -> None:
-        """Compact the op log once it passes its size limit (state captured on the trio thread)."""
+        """Compact the op log once it passes its size limit (state captured on the trio thread).
+
+        The ops are already durable in the log, so a failed snapshot is only
+        logged; the next append tries again.
+        """
         set_id = handle.state.set_id
         if self.store.snapshot_due(set_id):
             full = handle.state.full_state()
-            await trio.to_thread.run_sync(self.store.snapshot, set_id, full)
+            try:
+                await trio.to_thread.run_sync(self.store.snapshot, set_id, full)
+            except (StoreError, OSError) as exc:
+                log.warning("snapshot of %s failed, will retry: %s", handle.state.schema.name, _why(exc))
+                return
             log.info("snapshot of %s written", handle.state.schema.name)
 
     async def apply_remote(self, set_id: bytes, ops: StateMessage, *, verified: bool = False) -> Any:
@@ -280,7 +310,9 @@ class Node:
             "blob_quota_bytes": usage.quota_bytes,
         }
 
-    async def gc_loop(self, interval: float, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def gc_loop(
+        self, interval: float, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Collect on start (stale partial writes, orphans of a crash) and every ``interval`` seconds.
 
         Started with ``nursery.start``: the first collection finishes before the daemon

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -181,3 +182,30 @@ def test_gc_frees_removed_contributions_and_the_quota_refuses_what_does_not_fit(
     stray.parent.mkdir(parents=True)
     stray.write_bytes(b"left by a crash")
     with_daemon(tmp_path, body, blob_quota_bytes=2 * size)
+
+
+@pytest.mark.root
+def test_a_full_disk_is_a_storage_error_and_the_daemon_keeps_serving(tmp_path: Path) -> None:
+    """A real 1 MiB tmpfs as the data directory: a 2 MiB model cannot be stored."""
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(data)], check=True)
+    big_spec = {"w": ("F32", (512, 1024))}
+    big = tensorfile.dumps({"w": np.ones((512, 1024), np.float32)}, {"w": "F32"})
+
+    def body(sock: Path) -> None:
+        with Client(sock) as c:
+            c.create_set("test/full", big_spec)
+            with pytest.raises(RpcError) as err:
+                c.contribute("test/full", big)
+            assert err.value.code == "storage_error"
+            assert "No space left on device" in err.value.message
+            assert c.sets()[0]["live"] == 0, "a contribution whose tensors were not stored is not recorded"
+            c.create_set("test/rpc", SPEC)
+            small = c.contribute("test/rpc", model(1))  # the daemon still serves and stores what fits
+            assert [x["id"] for x in c.contributions("test/rpc")] == [small["id"]]
+
+    try:
+        with_daemon(tmp_path, body)
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)
