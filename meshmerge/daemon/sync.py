@@ -132,6 +132,7 @@ class SyncService:
         self._wake_fetcher = trio.Event()
         self._wake_sync = trio.Event()
         self._known_peers: set[ID] = set()
+        self._digest_cache = reconcile.DigestCache()
         self._nursery: trio.Nursery | None = None
         node.on_change(self._on_change)
 
@@ -292,7 +293,7 @@ class SyncService:
             theirs = _parse_digests(await read_frame(stream, MAX_CONTROL_FRAME), bits)
         finally:
             await _close(stream)
-        wanted = reconcile.differing(reconcile.digests(state, bits), theirs)
+        wanted = reconcile.differing(await self._digests(state, bits), theirs)
         if not wanted:
             return True  # same operations; the roots differed only for a moment
         request = {"t": "ops", "set": set_id, "bits": bits, "buckets": wanted}
@@ -329,7 +330,7 @@ class SyncService:
                             pairs.append([s, state.root()])
                     await write_frame(stream, {"sets": pairs})
                 elif kind in ("digests", "ops") and isinstance(request.get("set"), bytes):
-                    await write_frame(stream, self._answer_reconcile(kind, request))
+                    await write_frame(stream, await self._answer_reconcile(kind, request))
                 elif kind == "state" and isinstance(request.get("set"), bytes):
                     state = self.node.state(request["set"])
                     if state is None:
@@ -345,7 +346,17 @@ class SyncService:
         finally:
             await _close(stream)
 
-    def _answer_reconcile(self, kind: str, request: dict[str, Any]) -> dict[str, Any]:
+    async def _digests(self, state: Any, bits: int) -> reconcile.Digests:
+        """Our bucket digests: cached until the set grows, hashed off the event loop."""
+        cached = self._digest_cache.get(state, bits)
+        if cached is not None:
+            return cached
+        counts, keys = reconcile.op_counts(state), reconcile.op_keys(state)
+        fresh = await trio.to_thread.run_sync(reconcile.digests_of, keys, bits)
+        self._digest_cache.put(state, bits, counts, fresh)
+        return fresh
+
+    async def _answer_reconcile(self, kind: str, request: dict[str, Any]) -> dict[str, Any]:
         state = self.node.state(request["set"])
         bits = request.get("bits")
         if state is None:
@@ -353,7 +364,7 @@ class SyncService:
         if type(bits) is not int or not 0 <= bits <= reconcile.MAX_BITS:
             return {"error": f"bits must be an integer in [0, {reconcile.MAX_BITS}]"}
         if kind == "digests":
-            mine = reconcile.digests(state, bits)
+            mine = await self._digests(state, bits)
             return {"bits": bits, "buckets": [[i, d, n] for i, (d, n) in sorted(mine.items())]}
         buckets = request.get("buckets")
         if (

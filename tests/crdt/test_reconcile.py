@@ -70,3 +70,31 @@ def test_one_missing_op_pulls_one_bucket() -> None:
         assert rc.op_count(replica([delta])) < rc.op_count(full) or bits == 0
         partial.apply(delta)
         assert observable(partial) == observable(full)
+
+
+def test_digest_cache_answers_until_the_state_grows() -> None:
+    ops = POOL.ops()
+    state = replica(ops[:3])
+    cache = rc.DigestCache()
+    bits = 2
+    assert cache.get(state, bits) is None
+    counts, keys = rc.op_counts(state), rc.op_keys(state)
+    cache.put(state, bits, counts, rc.digests_of(keys, bits))
+    assert cache.get(state, bits) == rc.digests(state, bits)
+    assert cache.get(state, bits + 1) is None, "entries are per bucket count"
+    for op in ops[3:]:
+        state.apply(op)
+        if rc.op_counts(state) != counts:
+            break
+    assert cache.get(state, bits) is None, "a grown state is hashed again"
+
+
+def test_a_digest_snapshot_ignores_later_growth() -> None:
+    """The key snapshot hashed off the event loop is the state at the time it was taken."""
+    ops = POOL.ops()
+    state = replica(ops[:3])
+    keys = rc.op_keys(state)
+    before = rc.digests(state, 1)
+    for op in ops[3:]:
+        state.apply(op)
+    assert rc.digests_of(keys, 1) == before
