@@ -1,4 +1,4 @@
-"""A minimal libp2p host for the NAT services until the daemon's host layer lands.
+"""Small libp2p hosts for the NAT services (AutoNAT dial-back) and the NAT tests.
 
 Why: the NAT code and its tests need real hosts with two properties stock
 ``new_host`` does not give by default: Noise only (no plaintext/secio
@@ -20,12 +20,10 @@ from libp2p import new_host
 from libp2p.abc import IHost, IRawConnection
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
-from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
-from libp2p.custom_types import TProtocol
-from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
-from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.transport.exceptions import OpenConnectionError
 from libp2p.transport.tcp.tcp import TCP
+
+from meshmerge.daemon.transport import PipelinedMultiselectClient, upgrader
 
 _PORT_BUSY = {errno.EADDRINUSE, errno.EADDRNOTAVAIL}
 
@@ -61,12 +59,16 @@ def key_pair(seed: bytes | None = None) -> KeyPair:
 
 
 def make_host(kp: KeyPair | None = None, **kwargs: Any) -> IHost:
-    """A host offering Noise only, Yamux, and a listen-port-reusing TCP transport."""
+    """A host on the daemon's wire stack (our Noise and yamux) with a listen-port-reusing TCP transport.
+
+    AutoNAT dial-backs leave from such hosts, so they speak exactly what the
+    daemon's own host speaks.
+    """
     kp = kp or key_pair()
-    sec_opt = {
-        TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(kp, noise_privkey=create_x25519_key_pair().private_key)
-    }
-    host = new_host(key_pair=kp, sec_opt=sec_opt, transports=[ReusePortTCP()], **kwargs)
+    host = new_host(key_pair=kp, transports=[ReusePortTCP()], **kwargs)
+    network = host.get_network()
+    network.upgrader = upgrader(kp, kwargs.get("negotiate_timeout", 5))  # type: ignore[attr-defined]
+    host.multiselect_client = PipelinedMultiselectClient()  # type: ignore[attr-defined]
     return host
 
 
