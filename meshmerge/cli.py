@@ -143,6 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     create.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     show = sets_sub.add_parser("show", help="one merge set with its schema")
     show.add_argument("set")
+    leave = sets_sub.add_parser(
+        "leave", help="stop following a merge set here: delete its operations and tensors locally"
+    )
+    leave.add_argument("set")
+    rejoin = sets_sub.add_parser("rejoin", help="follow a merge set this node left again")
+    rejoin.add_argument("set", help="id or name of the left set")
 
     c = sub.add_parser("contribute", help="contribute a safetensors file to a merge set")
     c.add_argument("set")
@@ -206,6 +212,10 @@ def _dispatch(args: argparse.Namespace, client: Client) -> int:
             )
         elif args.sets_command == "show":
             _print(args, client.call("sets.show", {"set": args.set}))
+        elif args.sets_command == "leave":
+            _print(args, client.leave_set(args.set))
+        elif args.sets_command == "rejoin":
+            _print(args, client.rejoin_set(args.set))
         else:
             _print(
                 args,

@@ -128,6 +128,13 @@ class Client:
     def sets(self) -> list[dict[str, Any]]:
         return list(self.call("sets.list"))
 
+    def leave_set(self, merge_set: str) -> dict[str, Any]:
+        """Stop following a set here (its operations and blobs are deleted locally)."""
+        return dict(self.call("sets.leave", {"set": merge_set}))
+
+    def rejoin_set(self, merge_set: str) -> dict[str, Any]:
+        return dict(self.call("sets.rejoin", {"set": merge_set}))
+
     def contribute(
         self,
         merge_set: str,

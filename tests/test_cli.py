@@ -84,6 +84,14 @@ def test_cli_round_trip(daemon: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 0 and json.loads(out)["blobs_removed"] == 1, err
     code, out, _ = cli(daemon, "status", capsys=capsys)
     assert code == 0 and any(line.split()[:2] == ["blob_bytes", "0"] for line in out.splitlines()), out
+    code, out, err = cli(daemon, "--json", "sets", "leave", "cli/test", capsys=capsys)
+    assert code == 0 and json.loads(out)["name"] == "cli/test", err
+    code, _, err = cli(daemon, "contributions", "cli/test", capsys=capsys)
+    assert code == 1 and "unknown_set" in err
+    code, out, err = cli(daemon, "--json", "sets", "rejoin", "cli/test", capsys=capsys)
+    assert code == 0 and json.loads(out)["id"].startswith("bafyrei"), err
+    code, _, err = cli(daemon, "sets", "rejoin", "cli/test", capsys=capsys)
+    assert code == 1 and "no left merge set(s) match" in err
 
 
 def test_cli_errors(daemon: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -71,6 +71,9 @@ class Node:
         self.started = time.time()
         self._sets: dict[bytes, SetHandle] = {}
         self._listeners: list[ChangeListener] = []
+        self._leave_listeners: list[Callable[[bytes], None]] = []
+        #: sets this node left: peers' copies are not pulled or applied until it rejoins
+        self._left: set[bytes] = {schema.id for schema in store.left_sets()}
         self._gc_lock = trio.Lock()
         self.extra_status: list[Callable[[], Mapping[str, Any]]] = []
         for schema in store.sets():
@@ -84,6 +87,10 @@ class Node:
         """Call `listener(set_id, ops, local)` after every durable change; `local` is False for peers' ops."""
         self._listeners.append(listener)
 
+    def on_leave(self, listener: Callable[[bytes], None]) -> None:
+        """Call `listener(set_id)` after the node left a set (to unsubscribe, stop fetching)."""
+        self._leave_listeners.append(listener)
+
     def _notify(self, set_id: bytes, ops: StateMessage, local: bool) -> None:
         for listener in self._listeners:
             listener(set_id, ops, local)
@@ -96,6 +103,9 @@ class Node:
 
     def set_ids(self) -> list[bytes]:
         return list(self._sets)
+
+    def has_left(self, set_id: bytes) -> bool:
+        return set_id in self._left
 
     def state(self, set_id: bytes) -> MergeState | None:
         handle = self._sets.get(set_id)
@@ -120,10 +130,13 @@ class Node:
     # -- operations ----------------------------------------------------------------
 
     async def create_set(self, schema: SetSchema) -> bytes:
+        """Create a set, or rejoin one this node left (peers' operations are pulled again)."""
         if schema.id not in self._sets:
             await trio.to_thread.run_sync(self.store.add_set, schema)
             self._sets[schema.id] = SetHandle(MergeState(schema), trio.Lock())
-            log.info("created merge set %s (%s)", schema.name, cids.to_text(schema.id))
+            verb = "rejoined" if schema.id in self._left else "created"
+            self._left.discard(schema.id)
+            log.info("%s merge set %s (%s)", verb, schema.name, cids.to_text(schema.id))
             self._notify(schema.id, StateMessage(schema.id, schema=schema), True)
         return schema.id
 
@@ -226,7 +239,7 @@ class Node:
         """
         handle = self._sets.get(set_id)
         if handle is None:
-            if ops.schema is None:
+            if ops.schema is None or set_id in self._left:
                 return None
             handle = await self.ensure_set(ops.schema)
         async with handle.lock:
@@ -278,6 +291,40 @@ class Node:
             "bytes": len(data),
         }
         return summary, data
+
+    async def leave_set(self, ref: str) -> dict[str, Any]:
+        """Stop following a set: forget its operations here and free its tensor blobs.
+
+        Peers keep their copies; this node neither pulls nor applies the set's
+        operations again until `create_set` rejoins it. Its own sequence
+        numbers stay reserved, so a rejoin can never look like equivocation.
+        """
+        handle = self.resolve_set(ref)
+        set_id, name = handle.state.set_id, handle.state.schema.name
+        async with handle.lock:
+            if self._sets.get(set_id) is not handle:
+                raise RpcError("unknown_set", f"merge set {ref!r} was left meanwhile")
+            try:
+                await trio.to_thread.run_sync(self.store.leave_set, set_id)
+            except (StoreError, OSError) as exc:
+                raise RpcError("storage_error", f"could not leave {name!r}: {_why(exc)}") from None
+            del self._sets[set_id]
+            self._left.add(set_id)
+        log.info("left merge set %s (%s)", name, cids.to_text(set_id))
+        for listener in self._leave_listeners:
+            listener(set_id)
+        freed = await self.gc()
+        return {"left": cids.to_text(set_id), "name": name, "bytes_freed": freed["bytes_freed"]}
+
+    async def rejoin_set(self, ref: str) -> dict[str, Any]:
+        """Follow a set this node left again, by its id text or unique name."""
+        left = [s for s in self.store.left_sets() if ref in (cids.to_text(s.id), s.name)]
+        if len(left) != 1:
+            names = sorted(s.name for s in self.store.left_sets())
+            what = "several" if left else "no"
+            raise RpcError("unknown_set", f"{what} left merge set(s) match {ref!r}; left sets: {names}")
+        set_id = await self.create_set(left[0])
+        return {"id": cids.to_text(set_id), "name": left[0].name}
 
     # -- blob garbage collection -----------------------------------------------------
 
@@ -375,6 +422,7 @@ class Node:
             "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started, 1),
             "sets": len(self._sets),
+            "sets_left": len(self._left),
         }
         usage = self.store.blob_usage()
         info["blobs"] = usage.blobs

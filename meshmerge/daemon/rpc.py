@@ -118,6 +118,8 @@ class RpcServer:
             "sets.create": self._sets_create,
             "sets.list": self._sets_list,
             "sets.show": self._sets_show,
+            "sets.leave": self._sets_leave,
+            "sets.rejoin": self._sets_rejoin,
             "contribute": self._contribute,
             "remove": self._remove,
             "contributions": self._contributions,
@@ -233,6 +235,12 @@ class RpcServer:
     async def _sets_show(self, call: Call) -> Any:
         handle = self.node.resolve_set(call.param("set", str))
         return {**self.node.set_summary(handle), "schema": handle.state.schema.to_obj()}
+
+    async def _sets_leave(self, call: Call) -> Any:
+        return await self.node.leave_set(call.param("set", str))
+
+    async def _sets_rejoin(self, call: Call) -> Any:
+        return await self.node.rejoin_set(call.param("set", str))
 
     async def _contribute(self, call: Call) -> Any:
         limit = self.node.max_blob_bytes

@@ -135,6 +135,7 @@ class SyncService:
         self._digest_cache = reconcile.DigestCache()
         self._nursery: trio.Nursery | None = None
         node.on_change(self._on_change)
+        node.on_leave(self._on_leave)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -171,6 +172,11 @@ class SyncService:
             self._nursery.start_soon(self._publish, set_id, ops)
         if ops.adds:
             self._queue_missing_blobs([set_id])
+
+    def _on_leave(self, set_id: bytes) -> None:
+        if self.gossip is not None and set_id in self._subscribed:
+            self._subscribed.discard(set_id)
+            self.gossip.unsubscribe(topic_for(set_id))
 
     async def _publish(self, set_id: bytes, ops: StateMessage) -> None:
         try:
@@ -257,6 +263,8 @@ class SyncService:
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, bytes) for x in pair)):
                 raise SyncError("malformed (set, root) pair")
             set_id, root = pair
+            if self.node.has_left(set_id):
+                continue
             state = self.node.state(set_id)
             if state is not None and state.root() == root:
                 continue

@@ -226,3 +226,34 @@ def test_a_peer_without_digest_reconciliation_gets_full_pulls(tmp_path: Path, mo
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_left_set_stays_left_until_rejoined(tmp_path: Path) -> None:
+    """Anti-entropy and gossip from a peer that still has the set do not bring it back."""
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            a = await start(nursery, tmp_path / "a", anti_entropy=0.5)
+            await a.create_set(SCHEMA)
+            await a.contribute(SCHEMA.name, model(0), weight=1, meta={})
+            b = await start(nursery, tmp_path / "b", (loopback_addr(a),), anti_entropy=0.5)
+            await wait_for(lambda: live(b) == 1 and complete(b) == 1, 30, "b to follow the set")
+            mine = await b.contribute(SCHEMA.name, model(1), weight=1, meta={})
+            await wait_for(lambda: live(a) == 2, 30, "a to learn b's contribution")
+            left = await b.leave_set(SCHEMA.name)
+            assert left["bytes_freed"] > 0 and b.state(SCHEMA.id) is None
+            assert b.status()["sets_left"] == 1 and b.status()["blob_bytes"] == 0
+            rounds = b.status()["sync_rounds"]
+            await a.contribute(SCHEMA.name, model(2), weight=1, meta={})  # gossiped to b
+            await wait_for(lambda: b.status()["sync_rounds"] >= rounds + 3, 30, "three sync rounds")
+            assert b.state(SCHEMA.id) is None, "neither gossip nor anti-entropy re-created it"
+            again = await b.rejoin_set(SCHEMA.name)
+            assert again["name"] == SCHEMA.name and b.status()["sets_left"] == 0
+            await wait_for(lambda: live(b) == 3 and complete(b) == 3, 30, "b to catch up after rejoining")
+            later = await b.contribute(SCHEMA.name, model(3), weight=1, meta={})
+            assert later["seq"] > mine["seq"], "a rejoin never reuses a sequence number"
+            await wait_for(lambda: live(a) == 4, 30, "a to accept b's new contribution")
+            assert not a.state(SCHEMA.id).orset.convicted()  # type: ignore[union-attr]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

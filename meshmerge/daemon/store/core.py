@@ -9,6 +9,7 @@ Layout under ``data_dir`` (directories 0700, files 0600)::
     sets/<set id hex>/snapshot-<gen>  full state at generation <gen> (16 hex digits; none for gen 0)
     sets/<set id hex>/oplog-<gen>     operations appended since that snapshot
     sets/<set id hex>/seqs            this node's reserved author sequence numbers
+    sets/<set id hex>/left            present once the node left the set (only schema + seqs remain)
     blobs/<shard>/<cid hex>.safetensors, blobs/.partial/, blobs/.tmp/, blobs/.damaged/
 
 Record files use the framing of :mod:`.records` (keyed MAC per record).
@@ -49,6 +50,12 @@ would throw away every later acknowledged operation; a keyed MAC makes a
 false resync practically impossible (peer-chosen bytes inside payloads
 cannot pose as records). A damaged *final* record is indistinguishable from
 a torn write and is treated as one.
+
+**Leaving a set.** ``leave_set`` writes the ``left`` marker (fsynced: the
+commit point), then deletes the snapshot and op log; a crash in between
+finishes the deletion on open. The schema and ``seqs`` stay, so rejoining
+(``add_set`` again) can never hand out a sequence number the node already
+signed with, which peers would take for equivocation.
 
 **Threads.** The daemon calls the store from worker threads
 (``trio.to_thread``). Each set has its own lock (appends to different sets
@@ -100,6 +107,7 @@ _SNAPSHOT = re.compile(r"snapshot-([0-9a-f]{16})")
 _OPLOG = re.compile(r"oplog-([0-9a-f]{16})")
 _SET_DIR = re.compile(r"[0-9a-f]{72}")
 _TMP_DIR_SUFFIX = ".tmpdir"
+_LEFT_MARK = "left"
 
 
 @dataclass
@@ -162,6 +170,8 @@ class Store:
         self._lock = lock
         self._registry = threading.Lock()
         self._sets: dict[bytes, _Set] = {}
+        #: sets this node left (see "Leaving a set"): only their schema and seqs remain
+        self._left: dict[bytes, SetSchema] = {}
         self._counters = StoreCounters()
         self._cbor_limits = Limits(max_message_bytes=limits.max_record_bytes)
         self._blobs: BlobStore | None = None
@@ -197,17 +207,35 @@ class Store:
             if not (entry.is_dir() and _SET_DIR.fullmatch(entry.name)):
                 log.warning("ignoring unexpected entry %s in the store", entry)
                 continue
+            if (entry / _LEFT_MARK).exists():
+                schema = self._read_schema(entry)
+                self._drop_state_files(entry)  # a leave the crash interrupted
+                self._left[schema.id] = schema
+                continue
             handle = self._open_set(entry)
             self._sets[handle.schema.id] = handle
 
-    def _open_set(self, directory: Path) -> _Set:
+    @staticmethod
+    def _read_schema(directory: Path) -> SetSchema:
         raw = (directory / "schema.cbor").read_bytes()
         if cid_of(raw).hex() != directory.name:
             raise StoreError(f"{directory}/schema.cbor does not hash to its directory name (damaged)")
         try:
-            schema = loads_schema(raw)
+            return loads_schema(raw)
         except CodecError as exc:
             raise StoreError(f"{directory}/schema.cbor: {exc}") from None
+
+    def _drop_state_files(self, directory: Path) -> None:
+        """Delete every snapshot and op log of a set directory (its schema and seqs stay)."""
+        remove_tmp_files(directory)
+        for p in list(directory.iterdir()):
+            if _SNAPSHOT.fullmatch(p.name) or _OPLOG.fullmatch(p.name):
+                p.unlink()
+        if self.fsync:
+            fsync_dir(directory)
+
+    def _open_set(self, directory: Path) -> _Set:
+        schema = self._read_schema(directory)
         remove_tmp_files(directory)
         gens = [int(m.group(1), 16) for p in directory.iterdir() if (m := _SNAPSHOT.fullmatch(p.name))]
         gen = max(gens, default=0)
@@ -318,8 +346,13 @@ class Store:
         with self._registry:
             return [h.schema for _, h in sorted(self._sets.items())]
 
+    def left_sets(self) -> list[SetSchema]:
+        """Sets this node left; ``add_set`` rejoins one."""
+        with self._registry:
+            return [schema for _, schema in sorted(self._left.items())]
+
     def add_set(self, schema: SetSchema) -> None:
-        """Durably create a merge set (idempotent: an existing set is left as it is)."""
+        """Durably create a merge set, or rejoin one this node left (idempotent otherwise)."""
         self._check_open()
         set_id = schema.id
         with self._registry:
@@ -328,6 +361,10 @@ class Store:
             if len(self._sets) >= self.limits.max_sets:
                 raise StoreError(f"store holds {len(self._sets)} sets (StoreLimits.max_sets)")
             sets_dir = self.data_dir / "sets"
+            if set_id in self._left:
+                self._rejoin(sets_dir / set_id.hex())
+                del self._left[set_id]
+                return
             final = sets_dir / set_id.hex()
             tmp = sets_dir / f".{set_id.hex()}.{os.getpid()}{_TMP_DIR_SUFFIX}"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -347,6 +384,50 @@ class Store:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise StoreError(f"cannot create set {schema.name!r}: {exc}") from exc
             self._sets[set_id] = self._open_set(final)
+
+    def _rejoin(self, directory: Path) -> None:
+        """Start a left set again from an empty gen-0 op log; the seqs file carries over."""
+        try:
+            self._drop_state_files(directory)
+            RecordFile.create(
+                directory / _gen_name("oplog", 0),
+                FileKind.OPLOG,
+                0,
+                max_len=self.limits.max_record_bytes,
+                fsync=self.fsync,
+            ).close()
+            os.unlink(directory / _LEFT_MARK)  # the commit point
+            if self.fsync:
+                fsync_dir(directory)
+        except OSError as exc:
+            raise StoreError(f"cannot rejoin set in {directory}: {exc}") from exc
+        handle = self._open_set(directory)
+        self._sets[handle.schema.id] = handle
+
+    def leave_set(self, set_id: bytes) -> None:
+        """Stop keeping a set: delete its operations, keep its schema and seqs (see "Leaving a set").
+
+        Blobs of its contributions become garbage for the next collection.
+        """
+        self._check_open()
+        with self._registry:
+            handle = self._sets.get(set_id)
+            if handle is None:
+                raise StoreError(f"unknown merge set {set_id.hex()[8:24]}…; nothing to leave")
+            with handle.lock:
+                try:
+                    self._write_file(handle.dir / _LEFT_MARK, b"")
+                    if self.fsync:
+                        fsync_dir(handle.dir)
+                except OSError as exc:
+                    raise StoreError(f"cannot leave set {handle.schema.name!r}: {exc}") from exc
+                handle.close()
+                del self._sets[set_id]
+                self._left[set_id] = handle.schema
+                try:
+                    self._drop_state_files(handle.dir)
+                except OSError as exc:  # committed already; the next open finishes the job
+                    log.warning("left set %s, but deleting its files failed: %s", handle.schema.name, exc)
 
     def _write_file(self, path: Path, data: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)

@@ -534,3 +534,48 @@ def test_random_damage_never_breaks_open_or_replay(
             assert store.next_seq(SID, b"author") == 1
         else:
             store.next_seq(SID, b"author")
+
+
+# -- leaving a set ---------------------------------------------------------------------
+
+
+def test_leaving_deletes_the_operations_and_survives_a_restart(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    store, _ = filled(root)
+    store.leave_set(SID)
+    assert store.sets() == [] and [s.id for s in store.left_sets()] == [SID]
+    names = sorted(p.name for p in set_dir(root).iterdir())
+    assert names == ["left", "schema.cbor", "seqs"], "operations are gone, schema and seqs stay"
+    with pytest.raises(StoreError, match="unknown merge set"):
+        store.append(SID, StateMessage(SID))
+    with pytest.raises(StoreError, match="nothing to leave"):
+        store.leave_set(SID)
+    store.close()
+    with open_store(root) as again:
+        assert again.sets() == [] and [s.id for s in again.left_sets()] == [SID]
+
+
+def test_rejoining_starts_empty_and_never_reuses_a_seq(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    author = signer(1).peer_id
+    with open_store(root) as store:
+        store.add_set(SCHEMA)
+        used = [store.next_seq(SID, author) for _ in range(3)]
+        store.append(SID, POOL.ops()[0])
+        store.leave_set(SID)
+    with open_store(root) as store:
+        store.add_set(SCHEMA)  # rejoin
+        assert store.left_sets() == [] and [s.id for s in store.sets()] == [SID]
+        assert total_ops(store.load_state(SID)) == 0
+        assert store.next_seq(SID, author) > max(used)
+        assert not (set_dir(root) / "left").exists()
+
+
+def test_a_leave_interrupted_after_its_commit_point_is_finished_on_open(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    store, _ = filled(root)
+    store.close()
+    (set_dir(root) / "left").write_bytes(b"")  # the marker is durable, the files not yet deleted
+    with open_store(root) as again:
+        assert again.sets() == [] and [s.id for s in again.left_sets()] == [SID]
+    assert sorted(p.name for p in set_dir(root).iterdir()) == ["left", "schema.cbor", "seqs"]
