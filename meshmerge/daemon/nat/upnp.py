@@ -128,7 +128,10 @@ def parse_description(xml: bytes, base_url: str) -> tuple[str, str]:
         fields = {_local(c.tag): (c.text or "").strip() for c in svc}
         st, ctl = fields.get("serviceType", ""), fields.get("controlURL", "")
         if st in WAN_SERVICES and ctl:
-            found.setdefault(st, urllib.parse.urljoin(base_url, ctl))
+            try:
+                found.setdefault(st, urllib.parse.urljoin(base_url, ctl))
+            except ValueError as exc:  # e.g. an unbalanced "[" of an IPv6 host
+                raise PortMapError(f"bad control URL {ctl[:80]!r} in device description: {exc}") from None
     for st in WAN_SERVICES:
         if st in found:
             return st, found[st]
@@ -187,7 +190,11 @@ def _dechunk(body: bytes) -> bytes:
         line_end = body.find(b"\r\n", pos)
         if line_end < 0:
             break
-        size = int(body[pos:line_end].split(b";")[0] or b"0", 16)
+        size_field = body[pos:line_end].split(b";")[0].strip() or b"0"
+        try:
+            size = int(size_field, 16)
+        except ValueError:
+            raise PortMapError(f"malformed HTTP chunk size {size_field[:20]!r}") from None
         if size == 0:
             break
         out += body[line_end + 2 : line_end + 2 + size]
@@ -214,6 +221,8 @@ def parse_natpmp(data: bytes, op: int) -> tuple[int, ...]:
     if result != 0:
         raise PortMapError(f"NAT-PMP result code {result}")
     if op == 0:
+        if len(data) < 12:
+            raise PortMapError("short NAT-PMP external address reply")
         return (struct.unpack("!I", data[8:12])[0],)
     if len(data) < 16:
         raise PortMapError("short NAT-PMP mapping reply")
