@@ -124,10 +124,16 @@ class MetricsSection:
     enabled: bool = True
     address: str = "127.0.0.1"
     port: int = 9464
+    #: seconds between copies of the node's status into the exporter
+    refresh_interval: float = 5.0
 
     def validate(self) -> None:
         if not 0 < self.port < 65536:
             raise ConfigError(f"[metrics] port must be 1..65535, got {self.port!r}")
+        if not 0.1 <= self.refresh_interval <= 3600:
+            raise ConfigError(
+                f"[metrics] refresh_interval must be in [0.1, 3600] seconds, got {self.refresh_interval!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,7 @@ async def run(
             mode=config.rpc.socket_mode,
             max_frame_bytes=config.rpc.max_frame_bytes,
             max_connections=config.rpc.max_connections,
+            on_request=metrics.count_request,
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_signals, nursery.cancel_scope)
@@ -97,6 +98,8 @@ async def run(
             await nursery.start(node.gc_loop, config.store.gc_interval)
             if network is not None:
                 await nursery.start(network, node, rpc, config, identity)
+            if config.metrics.enabled:
+                nursery.start_soon(metrics.refresh_loop, node, config.metrics.refresh_interval)
             interval = systemd.watchdog_interval()
             if interval:
                 nursery.start_soon(systemd.watchdog_loop, interval)

@@ -107,8 +107,11 @@ class RpcServer:
         mode: int = 0o660,
         max_frame_bytes: int = 64 * 1024 * 1024,
         max_connections: int = 64,
+        on_request: Callable[[str, str], None] | None = None,
     ) -> None:
+        """``on_request(method, outcome)`` is told of every answered request (metrics)."""
         self.node = node
+        self.on_request = on_request
         self.path = path
         self.mode = mode
         self.max_frame_bytes = max_frame_bytes
@@ -214,6 +217,10 @@ class RpcServer:
         finally:
             for fd in taken:
                 os.close(fd)
+        if self.on_request is not None:
+            method = body.get("method")
+            known = method if isinstance(method, str) and method in self.methods else "unknown"
+            self.on_request(known, "ok" if response.ok else response.error_code)
         await _send_all(conn, response.to_frame())
 
     # -- methods -----------------------------------------------------------------------
