@@ -47,10 +47,9 @@ class RpcSection:
     socket_mode: int = 0o660
     max_frame_bytes: int = 64 * 1024 * 1024
     max_connections: int = 64
-    max_inflight_per_connection: int = 4
 
     def validate(self) -> None:
-        for name in ("max_frame_bytes", "max_connections", "max_inflight_per_connection"):
+        for name in ("max_frame_bytes", "max_connections"):
             _positive("rpc", name, getattr(self, name))
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError(

@@ -81,12 +81,17 @@ class HostConfig:
     """Seconds for a new connection's security + muxer upgrade, either direction; a
     silent inbound connection is dropped after this (it holds a pending slot meanwhile)."""
     enable_mdns: bool = False
+    announce_addrs: tuple[str, ...] = ()
+    """Extra addresses to tell peers (identify, signed peer record, DHT), e.g. the public
+    address of a port forward the node cannot observe itself."""
 
     def validate(self) -> None:
         if not self.listen_addrs:
             raise ConfigError("listen_addrs: at least one address is required")
         for text in self.listen_addrs:
             parse_listen_addr(text)
+        for text in self.announce_addrs:
+            parse_listen_addr(text, "announce")
         try:
             self.limits.validate()
         except ValueError as exc:
@@ -150,6 +155,9 @@ async def running_host(config: HostConfig, identity: Identity) -> AsyncIterator[
     """Start the host listening on the configured addresses; stop it on exit."""
     host = build_host(config, identity)
     addrs = [parse_listen_addr(a) for a in config.listen_addrs]
+    if config.announce_addrs:
+        announced = [parse_listen_addr(a, "announce") for a in config.announce_addrs]
+        host.add_addr_provider(lambda: announced)
     async with host.run(addrs):
         log.info("host %s listening on %s", host.get_id(), ", ".join(str(a) for a in host.get_addrs()))
         try:

@@ -51,6 +51,7 @@ def host_config(config: Config) -> HostConfig:
     net = config.network
     return HostConfig(
         listen_addrs=net.listen,
+        announce_addrs=net.announce,
         limits=ConnectionLimits(
             max_connections=net.max_connections, max_connections_per_ip_group=net.max_connections_per_ip
         ),

@@ -328,3 +328,26 @@ def test_silent_inbound_connection_is_dropped_after_handshake_timeout() -> None:
             await client.connect(info_of(server))
 
     run(body, 60)
+
+
+def test_announced_addresses_reach_peers_by_identify() -> None:
+    """`[network] announce`: an address the node cannot observe (a port forward) is advertised."""
+    public = multiaddr.Multiaddr("/ip4/203.0.113.7/tcp/4001")
+
+    async def body() -> None:
+        announcing = HostConfig(announce_addrs=(str(public),))
+        async with (
+            running_host(announcing, Identity.generate()) as a,
+            running_host(HostConfig(), Identity.generate()) as b,
+        ):
+            assert any(str(addr).startswith(str(public) + "/p2p/") for addr in a.get_addrs())
+            await b.connect(info_of(a))
+            with trio.fail_after(10):
+                while not any(
+                    str(x).startswith(f"{public}/p2p/") for x in b.get_peerstore().addrs(a.get_id())
+                ):
+                    await trio.sleep(0.02)  # identify delivered it
+
+    run(body, 60)
+    with pytest.raises(ConfigError, match="announce.*wildcard"):
+        HostConfig(announce_addrs=("/ip4/0.0.0.0/tcp/4001",)).validate()
