@@ -40,6 +40,7 @@ from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
 
 from .noise_state import NoiseError
 from .yamux_state import (
+    GO_AWAY_INTERNAL_ERROR,
     GO_AWAY_NORMAL,
     GO_AWAY_PROTOCOL_ERROR,
     StreamState,
@@ -197,6 +198,8 @@ class YamuxConn(IMuxedConn):
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._sweeper)
+                if self.state.params.keepalive_interval:
+                    nursery.start_soon(self._keepalive)
                 self.event_started.set()
                 await self._reader()
                 nursery.cancel_scope.cancel()
@@ -351,6 +354,24 @@ class YamuxConn(IMuxedConn):
             await trio.sleep(period)
             for st in self.state.expire(trio.current_time()):
                 self._wake(st)
+            self._kick()
+
+
+    async def _keepalive(self) -> None:
+        """Ping a silent peer; end the session when it stays silent (see `YamuxState.keepalive`)."""
+        params = self.state.params
+        tick = min(params.keepalive_interval, params.keepalive_timeout) / 4
+        while True:
+            await trio.sleep(tick)
+            if not self.state.keepalive(trio.current_time()):
+                log.info(
+                    "yamux: %s did not answer a keepalive ping within %.0f s; closing the connection",
+                    self.peer_id,
+                    params.keepalive_timeout,
+                )
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_GRACE):
+                    await self.close(GO_AWAY_INTERNAL_ERROR)
+                return
             self._kick()
 
 

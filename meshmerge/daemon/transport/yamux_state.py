@@ -15,7 +15,9 @@ credit left is a protocol error, so a peer can never make us buffer more than
 the window per stream; the number of streams per session is capped as well.
 Credit is returned in batches once the application has read half a window.
 Time arrives as an argument (`close_stream(now)`, `expire(now)`): streams we
-half-closed whose peer never finishes are reset after `close_timeout`.
+half-closed whose peer never finishes are reset after `close_timeout`, and
+`keepalive(now)` pings a peer silent for `keepalive_interval` and reports it
+dead when the ping goes unanswered for `keepalive_timeout`.
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ class YamuxParams:
     """Queued output (bytes) beyond which replies the peer provokes (ping ACKs, RSTs of
     refused streams) are dropped: a peer that floods pings but never reads cannot grow
     our output queue without bound."""
+    keepalive_interval: float = 30.0
+    """Seconds of silence from the peer after which we ping it (go-yamux's default), so a
+    dead peer or a NAT that dropped the mapping is noticed and idle mappings stay open; 0 = off."""
+    keepalive_timeout: float = 30.0
+    """Seconds a keepalive ping may go unanswered, with nothing else heard, before the
+    session is declared dead."""
 
     def validate(self) -> None:
         if not INITIAL_WINDOW <= self.window <= 16 * 1024 * 1024:
@@ -77,6 +85,12 @@ class YamuxParams:
             raise ValueError(f"close_timeout: must be in (0, 3600] seconds, got {self.close_timeout!r}")
         if not 64 * 1024 <= self.max_reply_backlog <= 64 * 1024 * 1024:
             raise ValueError(f"max_reply_backlog: must be in [64 KiB, 64 MiB], got {self.max_reply_backlog!r}")
+        if not (self.keepalive_interval == 0 or 1 <= self.keepalive_interval <= 3600):
+            raise ValueError(
+                f"keepalive_interval: must be 0 (off) or in [1, 3600] seconds, got {self.keepalive_interval!r}"
+            )
+        if not 1 <= self.keepalive_timeout <= 3600:
+            raise ValueError(f"keepalive_timeout: must be in [1, 3600] seconds, got {self.keepalive_timeout!r}")
 
 
 class StreamState:
@@ -135,6 +149,12 @@ class YamuxState:
         self.local_goaway = False
         self.refused_streams = 0
         self.dropped_replies = 0
+        self.heard = False
+        """Anything arrived since the last `keepalive` call (any frame proves the peer alive)."""
+        self.last_heard: float | None = None
+        self.ping_id = 0
+        self.ping_sent_at: float | None = None
+        """When our unanswered keepalive ping left (None: none outstanding)."""
 
     # --- output ------------------------------------------------------------------------------
     def take_output(self) -> bytes:
@@ -216,6 +236,28 @@ class YamuxState:
             self._frame(TYPE_WINDOW_UPDATE, FLAG_RST, st.sid, 0)
         self.streams.pop(st.sid, None)
 
+    def keepalive(self, now: float) -> bool:
+        """Call every few seconds; False once the peer must be considered dead.
+
+        After `keepalive_interval` of silence this queues a PING; if neither its ACK
+        nor anything else arrives within `keepalive_timeout`, the session is dead.
+        """
+        p = self.params
+        if not p.keepalive_interval:
+            return True
+        if self.heard or self.last_heard is None:
+            self.heard = False
+            self.last_heard = now
+            self.ping_sent_at = None
+            return True
+        if self.ping_sent_at is not None:
+            return now - self.ping_sent_at < p.keepalive_timeout
+        if now - self.last_heard >= p.keepalive_interval:
+            self.ping_id = (self.ping_id + 1) & _U32
+            self._frame(TYPE_PING, FLAG_SYN, 0, self.ping_id)
+            self.ping_sent_at = now
+        return True
+
     def go_away(self, code: int = GO_AWAY_NORMAL) -> None:
         if not self.local_goaway:
             self.local_goaway = True
@@ -241,6 +283,8 @@ class YamuxState:
         """
         buf = self._in
         buf += data
+        if data:
+            self.heard = True
         opened: list[StreamState] = []
         touched: list[StreamState] = []
         pos, end = 0, len(buf)
@@ -288,6 +332,7 @@ class YamuxState:
                         raise YamuxProtocolError(f"PING on stream {sid} (must be 0)")
                     if flags & FLAG_SYN:
                         self._reply(TYPE_PING, FLAG_ACK, 0, length)
+
                 elif typ == TYPE_GO_AWAY:
                     pos += HEADER_SIZE
                     self.remote_goaway = length

@@ -22,7 +22,7 @@ from meshmerge.daemon.host import HostConfig, running_host
 from meshmerge.daemon.identity import Identity
 from meshmerge.daemon.transport import NoiseTransport, YamuxConn
 from meshmerge.daemon.transport.noise import NoiseProtocolError
-from meshmerge.daemon.transport.yamux_state import INITIAL_WINDOW, TYPE_DATA, header
+from meshmerge.daemon.transport.yamux_state import INITIAL_WINDOW, TYPE_DATA, YamuxParams, header
 
 from ..swarmkit import run
 
@@ -254,5 +254,32 @@ def test_host_sockets_have_tcp_nodelay() -> None:
                 sock = session._wire.sock
                 assert sock is not None  # the direct socket path, not the generic fallback
                 assert sock.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+    run(body, 30)
+
+
+def test_keepalive_keeps_a_live_idle_session_and_ends_a_silent_one() -> None:
+    params = YamuxParams(keepalive_interval=1, keepalive_timeout=1)
+
+    async def body() -> None:
+        a, b, ka, kb = await _secure_pair()
+        left = YamuxConn(a, ID.from_pubkey(kb.public_key), params=params)
+        right = YamuxConn(b, ID.from_pubkey(ka.public_key), params=params)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(left.start)
+            nursery.start_soon(right.start)
+            await trio.sleep(3.5)  # idle: both sides ping, both answer
+            assert not left.is_closed and not right.is_closed
+            assert left.state.ping_id >= 1
+            nursery.cancel_scope.cancel()
+
+        a, b, _, kb = await _secure_pair()
+        lonely = YamuxConn(a, ID.from_pubkey(kb.public_key), params=params)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lonely.start)  # b never reads: its peer is gone silent
+            with trio.fail_after(6):
+                await lonely.event_closed.wait()
+            assert lonely.state.ping_id >= 1
+            nursery.cancel_scope.cancel()
 
     run(body, 30)

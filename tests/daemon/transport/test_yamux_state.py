@@ -215,3 +215,28 @@ def test_a_ping_flood_against_a_full_output_queue_is_not_buffered() -> None:
     s.receive(flood)
     assert len(s.out) <= 64 * 1024 + 12
     assert s.dropped_replies > 0
+
+
+def test_keepalive_pings_only_a_silent_peer_and_gives_up_on_no_answer() -> None:
+    a = YamuxState(True, YamuxParams(keepalive_interval=30, keepalive_timeout=10))
+    b = YamuxState(False)
+    assert a.keepalive(0.0) and not a.take_output()
+    assert a.keepalive(29.0) and not a.take_output(), "not silent for the interval yet"
+    a.receive(header(TYPE_WINDOW_UPDATE, 0, 0, 0)[:0])  # empty reads are not signs of life
+    assert a.keepalive(30.0)
+    ping = a.take_output()
+    assert frames(ping) == [(0, TYPE_PING, FLAG_SYN, 0, 1)]
+    b.receive(ping)
+    a.receive(b.take_output())  # the ACK
+    assert a.keepalive(31.0) and a.ping_sent_at is None
+    assert a.keepalive(50.0) and not a.take_output(), "heard at 31 s: the next ping is due at 61 s"
+    assert a.keepalive(61.0) and frames(a.take_output()) == [(0, TYPE_PING, FLAG_SYN, 0, 2)]
+    assert a.keepalive(70.0), "still within the timeout"
+    assert not a.keepalive(71.0), "no answer for 10 s: dead"
+
+
+def test_keepalive_off_never_pings() -> None:
+    a = YamuxState(True, YamuxParams(keepalive_interval=0))
+    assert all(a.keepalive(t) for t in (0.0, 100.0, 10_000.0)) and not a.take_output()
+    with pytest.raises(ValueError, match="keepalive_interval"):
+        YamuxParams(keepalive_interval=0.5).validate()
