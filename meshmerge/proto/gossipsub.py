@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from meshmerge.proto.varint import encode_uvarint
+
 __all__ = [
     "RPC",
     "CodecLimits",
@@ -165,16 +167,8 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _U64_MAX = (1 << 64) - 1
 
 
-def uvarint(value: int) -> bytes:
-    """Protobuf base-128 varint of a non-negative int."""
-    if value < 0x80:
-        return bytes((value,))
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+uvarint = encode_uvarint
+"""Protobuf base-128 varint of a non-negative int (the shared encoder, by its codec name)."""
 
 
 def _put_bytes(out: bytearray, fieldno: int, value: bytes) -> None:

@@ -8,12 +8,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import trio
 
 from meshmerge.client import Client, RpcError
 from meshmerge.daemon.config import ConfigError, MetricsSection, dev_config
-from meshmerge.daemon.main import run
-from tests.daemon.test_rpc_node import SPEC, model
+from tests.daemon.test_rpc_node import SPEC, model, with_daemon
 
 
 def _free_port() -> int:
@@ -55,16 +53,7 @@ def test_metrics_follow_the_node(tmp_path: Path) -> None:
             if live == 2 or time.monotonic() > deadline:
                 return samples
 
-    result: dict[str, dict[str, float]] = {}
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: run(config, task_status=task_status))
-            result["samples"] = await trio.to_thread.run_sync(body, config.rpc.socket)
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
-    samples = result["samples"]
+    samples = with_daemon(tmp_path, body, config)
     set_rows = {k: v for k, v in samples.items() if k.startswith("meshmerge_set_live{")}
     assert list(set_rows.values()) == [2.0], samples
     assert samples["meshmerge_sets"] == 1.0

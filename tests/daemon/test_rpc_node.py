@@ -16,7 +16,7 @@ import trio
 
 from meshmerge.client import Client, RpcError
 from meshmerge.crdt import tensorfile
-from meshmerge.daemon.config import StoreSection, dev_config
+from meshmerge.daemon.config import Config, StoreSection, dev_config
 from meshmerge.daemon.main import run
 
 SHAPES = {"a": (8, 4), "b": (16,)}
@@ -31,9 +31,11 @@ def model(seed: int) -> bytes:
     )
 
 
-def with_daemon(tmp_path: Path, body: Callable[[Path], Any], **store: Any) -> Any:
+def with_daemon(
+    tmp_path: Path, body: Callable[[Path], Any], config: Config | None = None, **store: Any
+) -> Any:
     """Run a daemon (no network) in trio and `body(socket_path)` in a worker thread."""
-    config = dev_config(tmp_path)
+    config = config or dev_config(tmp_path)
     if store:
         config = config.with_overrides(store=StoreSection(**store))
     result: dict[str, Any] = {}
