@@ -30,10 +30,17 @@ cdef extern from *:
     """
     #include "mm_par.h"
     #include <xmmintrin.h>
-    /* Elements per block: the float64 accumulator (64 KiB) and the float32
-       staging row (32 KiB) stay in L2 (1 MiB per core here) while every input
-       streams 32 KiB sequentially through it. */
+    /* Elements per block (at most MM_WSUM_BLOCK): the float64 accumulator and
+       the float32 staging row stay in L1/L2 while every input streams through
+       sequentially. Few inputs: 2048 (a 16 KiB accumulator in L1); many: 8192
+       (64 KiB in L2, 1 MiB per core here), so each of the N streams is read in
+       32 KiB runs the prefetchers follow. Measured on the 2-core EPYC, see
+       BENCHMARKS.md; any block size gives the same bytes. */
     #define MM_WSUM_BLOCK 8192
+    static inline Py_ssize_t mm_wsum_block_for(Py_ssize_t nk)
+    {
+        return nk <= 4 ? 2048 : (nk <= 8 ? 4096 : MM_WSUM_BLOCK);
+    }
     /* Calls over at least this many elements write the output with
        non-temporal stores: it is far larger than the caches and not re-read by
        the kernel, so the stores skip the read-for-ownership of each line. */
@@ -118,8 +125,9 @@ cdef extern from *:
                                       float *out, uint32_t *flags, double *restrict acc, int stream)
     {
         float *restrict row = (float *)(acc + MM_WSUM_BLOCK);
-        for (Py_ssize_t lo = lo0; lo < hi0; lo += MM_WSUM_BLOCK) {
-            Py_ssize_t m = hi0 - lo < MM_WSUM_BLOCK ? hi0 - lo : MM_WSUM_BLOCK;
+        const Py_ssize_t blk = mm_wsum_block_for(nk);
+        for (Py_ssize_t lo = lo0; lo < hi0; lo += blk) {
+            Py_ssize_t m = hi0 - lo < blk ? hi0 - lo : blk;
             if (b != NULL) mm_wsum_block(p, w, nk, lo, m, acc, b, 1);
             else mm_wsum_block(p, w, nk, lo, m, acc, b, 0);
             uint64_t bad = 0;
