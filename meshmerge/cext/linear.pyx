@@ -51,6 +51,9 @@ cdef extern from *:
        starting from 0.0 (so the grouping changes no bit), but the accumulator is
        loaded/stored once per four inputs and four sequential streams are in
        flight. Inlined with a constant has_base, so each case gets its own loops. */
+    /* bad gets bit 63 set iff the float64 a is NaN or Inf (integer-only, so it vectorises). */
+    #define MM_CHECK(a) do { uint64_t bits_; memcpy(&bits_, &(a), 8); \
+                             bad |= (bits_ & 0x7FF0000000000000ULL) + 0x0010000000000000ULL; } while (0)
     #define MM_V(x, j) (has_base ? (double)(x)[j] - (double)bl[j] : (double)(x)[j])
     static inline __attribute__((always_inline)) void mm_wsum_block(
         const float *const *p, const double *w, Py_ssize_t nk, Py_ssize_t lo, Py_ssize_t m,
@@ -130,19 +133,25 @@ cdef extern from *:
             Py_ssize_t m = hi0 - lo < blk ? hi0 - lo : blk;
             if (b != NULL) mm_wsum_block(p, w, nk, lo, m, acc, b, 1);
             else mm_wsum_block(p, w, nk, lo, m, acc, b, 0);
+            /* One pass over the accumulator: round to the output row and OR the
+               non-finite test of each float64 sum into `bad`. */
             uint64_t bad = 0;
-            for (Py_ssize_t j = 0; j < m; j++) {
-                uint64_t bits;
-                memcpy(&bits, &acc[j], 8);
-                bad |= (bits & 0x7FF0000000000000ULL) + 0x0010000000000000ULL;
-            }
             if (task && b != NULL) {
                 const float *bl = b + lo;
-                for (Py_ssize_t j = 0; j < m; j++) row[j] = (float)((double)bl[j] + lam * (acc[j] * inv_den));
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    MM_CHECK(acc[j]);
+                    row[j] = (float)((double)bl[j] + lam * (acc[j] * inv_den));
+                }
             } else if (task) {
-                for (Py_ssize_t j = 0; j < m; j++) row[j] = (float)(0.0 + lam * (acc[j] * inv_den));
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    MM_CHECK(acc[j]);
+                    row[j] = (float)(0.0 + lam * (acc[j] * inv_den));
+                }
             } else {
-                for (Py_ssize_t j = 0; j < m; j++) row[j] = (float)acc[j];
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    MM_CHECK(acc[j]);
+                    row[j] = (float)acc[j];
+                }
             }
             mm_put_f32(out + lo, row, m, stream);
             if (bad & 0x8000000000000000ULL) {
