@@ -29,18 +29,37 @@ cnp.import_array()
 cdef extern from *:
     """
     #include "mm_par.h"
-    #define MM_WSUM_BLOCK 2048
+    #include <xmmintrin.h>
+    /* Elements per block (at most MM_WSUM_BLOCK): the float64 accumulator and
+       the float32 staging row stay in L1/L2 while every input streams through
+       sequentially. Few inputs: 2048 (a 16 KiB accumulator in L1); many: 8192
+       (64 KiB in L2, 1 MiB per core here), so each of the N streams is read in
+       32 KiB runs the prefetchers follow. Measured on the 2-core EPYC, see
+       BENCHMARKS.md; any block size gives the same bytes. */
+    #define MM_WSUM_BLOCK 8192
+    static inline Py_ssize_t mm_wsum_block_for(Py_ssize_t nk)
+    {
+        return nk <= 4 ? 2048 : (nk <= 8 ? 4096 : MM_WSUM_BLOCK);
+    }
+    /* Calls over at least this many elements write the output with
+       non-temporal stores: it is far larger than the caches and not re-read by
+       the kernel, so the stores skip the read-for-ownership of each line. */
+    #define MM_WSUM_STREAM_MIN ((Py_ssize_t)1 << 20)
     /* One block of m elements at lo: acc[j] = sum_k w_k * v_k[j] in k order, where
-       v_k = x_k (no base) or (double)x_k - bb[j] (task vectors). Four inputs per
-       sweep: per element the additions still run k = 0, 1, 2, ... in order, but the
-       accumulator is loaded/stored once per four inputs and four streams are in
-       flight, which keeps the prefetchers busy for large N. Inlined with a
-       constant has_base, so each case gets its own loops. */
-    #define MM_V(x, j) (has_base ? (double)(x)[j] - bb[j] : (double)(x)[j])
+       v_k = x_k (no base) or (double)x_k - (double)b[j] (task vectors). Four inputs
+       per sweep: per element the additions still run k = 0, 1, 2, ... in order
+       starting from 0.0 (so the grouping changes no bit), but the accumulator is
+       loaded/stored once per four inputs and four sequential streams are in
+       flight. Inlined with a constant has_base, so each case gets its own loops. */
+    /* bad gets bit 63 set iff the float64 a is NaN or Inf (integer-only, so it vectorises). */
+    #define MM_CHECK(a) do { uint64_t bits_; memcpy(&bits_, &(a), 8); \
+                             bad |= (bits_ & 0x7FF0000000000000ULL) + 0x0010000000000000ULL; } while (0)
+    #define MM_V(x, j) (has_base ? (double)(x)[j] - (double)bl[j] : (double)(x)[j])
     static inline __attribute__((always_inline)) void mm_wsum_block(
         const float *const *p, const double *w, Py_ssize_t nk, Py_ssize_t lo, Py_ssize_t m,
-        double *acc, const double *bb, const int has_base)
+        double *restrict acc, const float *b, const int has_base)
     {
+        const float *bl = has_base ? b + lo : NULL;
         Py_ssize_t k = 0;
         if (nk >= 4) {
             const float *x0 = p[0] + lo, *x1 = p[1] + lo, *x2 = p[2] + lo, *x3 = p[3] + lo;
@@ -76,37 +95,65 @@ cdef extern from *:
         }
     }
 
-    /* Elements [lo0, hi0). Without task: out = (float)acc. With task:
-       out = (float)(bb + lam * (acc * inv_den)), bb = base or 0.0.
+    /* Copy m floats from the L1/L2-resident row to dst; with `stream`, through
+       non-temporal 16-byte stores wherever dst is 16-byte aligned (SSE, so every
+       x86-64 clone has them; the write-combining buffers merge them into full
+       lines). Moves bits only, so the bytes written are the same either way. */
+    static inline __attribute__((always_inline)) void mm_put_f32(float *dst, const float *row, Py_ssize_t m,
+                                                                 int stream)
+    {
+    #if defined(__x86_64__)
+        if (stream) {
+            Py_ssize_t j = 0;
+            while (j < m && ((uintptr_t)(dst + j) & 15) != 0) { dst[j] = row[j]; j++; }
+            for (; j + 4 <= m; j += 4) _mm_stream_ps(dst + j, _mm_loadu_ps(row + j));
+            for (; j < m; j++) dst[j] = row[j];
+            return;
+        }
+    #else
+        (void)stream;
+    #endif
+        memcpy(dst, row, (size_t)m * sizeof(float));
+    }
+
+    /* Elements [lo0, hi0), with this thread's scratch (MM_WSUM_BLOCK doubles
+       then MM_WSUM_BLOCK floats). Without task: out = (float)acc. With task:
+       out = (float)(bb + lam * (acc * inv_den)), bb = (double)base or 0.0.
        NaN/Inf: a non-finite input always makes the float64 accumulator
        non-finite (weights are finite; NaN never cancels, Inf only into NaN), so
        the inner loops do no checks; a block whose accumulator is not finite is
        rescanned to name the inputs. */
     MM_CLONES static void mm_wsum_f32(const float *const *p, const float *b, const double *w, Py_ssize_t nk,
                                       Py_ssize_t lo0, Py_ssize_t hi0, int task, double lam, double inv_den,
-                                      float *out, uint32_t *flags)
+                                      float *out, uint32_t *flags, double *restrict acc, int stream)
     {
-        double acc[MM_WSUM_BLOCK], bb[MM_WSUM_BLOCK];
-        for (Py_ssize_t lo = lo0; lo < hi0; lo += MM_WSUM_BLOCK) {
-            Py_ssize_t m = hi0 - lo < MM_WSUM_BLOCK ? hi0 - lo : MM_WSUM_BLOCK;
-            if (b != NULL) {
-                for (Py_ssize_t j = 0; j < m; j++) bb[j] = (double)b[lo + j];
-                mm_wsum_block(p, w, nk, lo, m, acc, bb, 1);
-            } else {
-                for (Py_ssize_t j = 0; j < m; j++) bb[j] = 0.0;
-                mm_wsum_block(p, w, nk, lo, m, acc, bb, 0);
-            }
+        float *restrict row = (float *)(acc + MM_WSUM_BLOCK);
+        const Py_ssize_t blk = mm_wsum_block_for(nk);
+        for (Py_ssize_t lo = lo0; lo < hi0; lo += blk) {
+            Py_ssize_t m = hi0 - lo < blk ? hi0 - lo : blk;
+            if (b != NULL) mm_wsum_block(p, w, nk, lo, m, acc, b, 1);
+            else mm_wsum_block(p, w, nk, lo, m, acc, b, 0);
+            /* One pass over the accumulator: round to the output row and OR the
+               non-finite test of each float64 sum into `bad`. */
             uint64_t bad = 0;
-            for (Py_ssize_t j = 0; j < m; j++) {
-                uint64_t bits;
-                memcpy(&bits, &acc[j], 8);
-                bad |= (bits & 0x7FF0000000000000ULL) + 0x0010000000000000ULL;
-            }
-            if (task) {
-                for (Py_ssize_t j = 0; j < m; j++) out[lo + j] = (float)(bb[j] + lam * (acc[j] * inv_den));
+            if (task && b != NULL) {
+                const float *bl = b + lo;
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    MM_CHECK(acc[j]);
+                    row[j] = (float)((double)bl[j] + lam * (acc[j] * inv_den));
+                }
+            } else if (task) {
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    MM_CHECK(acc[j]);
+                    row[j] = (float)(0.0 + lam * (acc[j] * inv_den));
+                }
             } else {
-                for (Py_ssize_t j = 0; j < m; j++) out[lo + j] = (float)acc[j];
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    MM_CHECK(acc[j]);
+                    row[j] = (float)acc[j];
+                }
             }
+            mm_put_f32(out + lo, row, m, stream);
             if (bad & 0x8000000000000000ULL) {
                 for (Py_ssize_t k = 0; k < nk; k++) {
                     const float *x = p[k] + lo;
@@ -120,21 +167,34 @@ cdef extern from *:
                 }
             }
         }
+    #if defined(__x86_64__)
+        if (stream) _mm_sfence();  /* streaming stores visible before the join */
+    #endif
     }
 
-    /* Thread t ORs its NaN/Inf flags into tflags[t * nk + k]. */
+    /* Bytes of scratch one thread needs. */
+    static inline size_t mm_wsum_scratch(void)
+    {
+        return MM_WSUM_BLOCK * (sizeof(double) + sizeof(float));
+    }
+
+    /* Thread t ORs its NaN/Inf flags into tflags[t * nk + k] and uses
+       scratch + t * mm_wsum_scratch(). */
     static void mm_wsum_f32_par(const float *const *p, const float *b, const double *w, Py_ssize_t nk,
                                 Py_ssize_t n, int task, double lam, double inv_den, float *out,
-                                uint32_t *tflags, int nt, Py_ssize_t grain)
+                                uint32_t *tflags, int nt, Py_ssize_t grain, char *scratch)
     {
+        int stream = n >= MM_WSUM_STREAM_MIN;
         MM_PAR_BLOCKS(n, grain, nt, {
-            mm_wsum_f32(p, b, w, nk, lo, hi, task, lam, inv_den, out, tflags + (Py_ssize_t)tid * nk);
+            mm_wsum_f32(p, b, w, nk, lo, hi, task, lam, inv_den, out, tflags + (Py_ssize_t)tid * nk,
+                        (double *)(scratch + (size_t)tid * mm_wsum_scratch()), stream);
         });
     }
     """
     void mm_wsum_f32_par(const float** p, const float* b, const double* w, Py_ssize_t nk, Py_ssize_t n,
                          int task, double lam, double inv_den, float* out, uint32_t* tflags, int nt,
-                         Py_ssize_t grain) nogil
+                         Py_ssize_t grain, char* scratch) nogil
+    size_t mm_wsum_scratch() nogil
     int mm_team(int want, Py_ssize_t n, Py_ssize_t grain) nogil
 
 
@@ -150,14 +210,16 @@ cdef int _wsum(list inputs, object base, const double[::1] weights, float[::1] o
         raise ValueError(f"{nk} inputs but {weights.shape[0]} weights")
     cdef const float** ptrs = <const float**>malloc(max(nk, 1) * sizeof(float*))
     cdef uint32_t* chk = <uint32_t*>calloc(max(nk, 1) * nt, sizeof(uint32_t))
-    if ptrs == NULL or chk == NULL:
-        free(ptrs); free(chk)
+    cdef char* scratch = <char*>malloc(nt * mm_wsum_scratch())
+    if ptrs == NULL or chk == NULL or scratch == NULL:
+        free(ptrs); free(chk); free(scratch)
         raise MemoryError()
     try:
         gather_f32(inputs, n, ptrs)
         if n and nk:
             with nogil:
-                mm_wsum_f32_par(ptrs, b, &weights[0], nk, n, task, lam, inv_den, &out[0], chk, nt, grain)
+                mm_wsum_f32_par(ptrs, b, &weights[0], nk, n, task, lam, inv_den, &out[0], chk, nt, grain,
+                                scratch)
         elif n:
             if task:
                 raise ValueError("no inputs")
@@ -171,6 +233,7 @@ cdef int _wsum(list inputs, object base, const double[::1] weights, float[::1] o
     finally:
         free(ptrs)
         free(chk)
+        free(scratch)
 
 
 def weighted_sum_f32(list inputs, const double[::1] weights, float[::1] out, int threads=0):

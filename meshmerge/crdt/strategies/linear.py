@@ -9,7 +9,9 @@
   w_k (x_k - b)``, to remove what the contributions taught.
 
 All accumulate in float64 in canonical order and round once to the storage
-dtype (16-bit inputs are widened exactly to float32 first).
+dtype (16-bit inputs are widened exactly to float32 first). Float32 tensors go
+to the kernel in one call (see :func:`in_place_chunk`) and the output is a
+huge-page backed array (:mod:`meshmerge.cext.outbuf`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import numpy as np
 import numpy.typing as npt
 
 from meshmerge.cext import weighted_sum_f32
+from meshmerge.cext.outbuf import empty_f32
 from meshmerge.crdt.strategies._combine import _task_chunk
-from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, task_base
+from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, in_place_chunk, task_base
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
 
 
@@ -49,8 +52,8 @@ def normalized_weights(inp: MergeInput, normalize: bool) -> npt.NDArray[np.float
 def weighted_average(inp: MergeInput, weights: npt.NDArray[np.float64], chunk: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for spec in inp.specs:
-        stream = TensorStream(inp, spec, chunk)
-        flat_out = np.empty(spec.numel, dtype=np.float32)
+        stream = TensorStream(inp, spec, in_place_chunk(spec, chunk))
+        flat_out = empty_f32(spec.numel)
         for lo, hi, xs, _ in stream.chunks():
             stream.check(weighted_sum_f32(xs, weights, flat_out[lo:hi]))
         out[spec.name] = stream.finish(flat_out)
@@ -91,8 +94,8 @@ def task_sum(inp: MergeInput, lam: float, normalize: bool, chunk: int, name: str
         inv_den = 1.0 / total
     out: dict[str, Any] = {}
     for spec in inp.specs:
-        stream = TensorStream(inp, spec, chunk, base=use_base)
-        flat = np.empty(spec.numel, dtype=np.float32)
+        stream = TensorStream(inp, spec, in_place_chunk(spec, chunk), base=use_base)
+        flat = empty_f32(spec.numel)
         for lo, hi, xs, b in stream.chunks():
             stream.check(_task_chunk(xs, b, w, flat[lo:hi], lam=lam, inv_den=inv_den))
         out[spec.name] = stream.finish(flat)
