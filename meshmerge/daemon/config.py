@@ -8,6 +8,7 @@ back to a default), and every error names the key and the rule.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,34 @@ class NetworkSection:
 
 
 @dataclass(frozen=True)
+class GossipSection:
+    """GossipSub roles and peer exchange (spec v1.1, "Recommendations for Network Operators").
+
+    PX lets the pruning peer choose whom we dial next, so it is accepted only from peers
+    scoring at least ``accept_px_threshold``; the ``[network] bootstrap`` peers get an
+    application score (P5) of ``bootstrap_score`` for this, nobody else gets any, so PX is
+    accepted from the bootstrap peers only. ``bootstrapper = true`` runs this node as such an
+    entry point: no mesh (D = D_lo = D_hi = D_out = 0), every GRAFT answered with PRUNE + PX.
+    """
+
+    bootstrapper: bool = False
+    bootstrap_score: float = 100.0
+    accept_px_threshold: float = 50.0
+
+    def validate(self) -> None:
+        for name in ("bootstrap_score", "accept_px_threshold"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+                raise ConfigError(f"[gossip] {name} must be a positive finite number, got {v!r}")
+        t = self.accept_px_threshold
+        if not self.bootstrap_score > t:
+            raise ConfigError(
+                f"[gossip] bootstrap_score ({self.bootstrap_score!r}) must exceed accept_px_threshold "
+                f"({t!r}), otherwise PX from the bootstrap peers is refused"
+            )
+
+
+@dataclass(frozen=True)
 class SyncSection:
     """Gossip announcements, blob fetches and anti-entropy."""
 
@@ -140,6 +169,7 @@ class Config:
     node: NodeSection = field(default_factory=NodeSection)
     rpc: RpcSection = field(default_factory=RpcSection)
     network: NetworkSection = field(default_factory=NetworkSection)
+    gossip: GossipSection = field(default_factory=GossipSection)
     sync: SyncSection = field(default_factory=SyncSection)
     store: StoreSection = field(default_factory=StoreSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)

@@ -89,7 +89,7 @@ async def start_network(
             if net.enable_upnp:
                 nursery.start_soon(_port_map, host)
             node.extra_status.append(nat.status)
-            gossip = await _start_gossip(host, identity, nursery)
+            gossip = await _start_gossip(host, identity, nursery, config)
             sync = SyncService(node, host, config.sync, gossip=gossip, dht=dht)
             await nursery.start(sync.run)
             addrs = [str(a) for a in host.get_addrs()]
@@ -179,10 +179,11 @@ async def _port_map(host: Any) -> None:
         log.warning("UPnP/NAT-PMP port mapping unavailable: %s", exc)
 
 
-async def _start_gossip(host: Any, identity: Identity, nursery: trio.Nursery) -> Any:
-    from meshmerge.daemon.gossip.driver import GossipConfig, GossipService
+async def _start_gossip(host: Any, identity: Identity, nursery: trio.Nursery, config: Config) -> Any:
+    from meshmerge.daemon.gossip.bootstrap import daemon_gossip_config
+    from meshmerge.daemon.gossip.driver import GossipService
 
-    gossip = GossipService(host, identity, GossipConfig())
+    gossip = GossipService(host, identity, daemon_gossip_config(config.gossip, config.network.bootstrap))
     await nursery.start(gossip.run)
     return gossip
 

@@ -8,7 +8,11 @@ Scenarios (named after the GossipSub v1.1 hardening evaluation; definitions are 
   cold_boot     like degradation, but honest nodes and Sybils boot together and the
                 whole run, boot included, is measured
   covert_flash  Sybils forward honestly (building score) until mid-run, then all stop at once
-  attack_dawn   a wave of new honest nodes joins mid-run mostly through Sybils; new nodes' delivery
+  attack_dawn   a wave of new honest nodes joins mid-run mostly through Sybils (2 honest + 8 Sybil
+                dials each) but, as any deployment configures, knows the network's bootstrap
+                nodes (--bootstrappers, spec v1.1 operators' recommendation: no mesh, PX on, P5
+                vouched by every honest node); every honest node and every Sybil is connected to
+                them too; new nodes' delivery
   ip_colocation like degradation with all Sybils behind 10 IP addresses (P6)
   degradation_unscored  degradation with peer scoring disabled (what scoring buys)
 
@@ -42,7 +46,7 @@ from meshmerge.daemon.gossip.adversary import (
     honest_ip,
     sybil_ip,
 )
-from meshmerge.daemon.gossip.params import derive_score_params
+from meshmerge.daemon.gossip.params import GossipSubParams, derive_score_params
 from meshmerge.daemon.gossip.router import GossipSubRouter
 from meshmerge.daemon.gossip.sim import Network, SimNode, Simulator
 from meshmerge.proto.gossipsub_sign import Ed25519Identity
@@ -93,10 +97,20 @@ def mesh_census(sim: Simulator, nodes: list[SimNode], label: str) -> None:
 
 
 def run(
-    name: str, n_honest: int, n_sybil: int, duration: float, seed: int, census: tuple[float, ...] = ()
+    name: str,
+    n_honest: int,
+    n_sybil: int,
+    duration: float,
+    seed: int,
+    census: tuple[float, ...] = (),
+    n_boot: int = 2,
 ) -> dict[str, object]:
     rng = random.Random(seed)
-    sp, th = derive_score_params({TOPIC: 1.0})
+    if name != "attack_dawn":
+        n_boot = 0
+    # bootstrap identities come first: every honest node's P5 vouches for them
+    boot_ids = [Ed25519Identity(rng.randbytes(32)) for _ in range(n_boot)]
+    sp, th = derive_score_params({TOPIC: 1.0}, bootstrappers=[b.peer_id for b in boot_ids])
     if name == "degradation_unscored":
         sp = th = None  # type: ignore[assignment]
     if name == "baseline":
@@ -127,9 +141,25 @@ def run(
             r.attack_at = duration / 2
         sybils.append(sim.add_node(r, ip=ip_of(i), honest=False))
 
+    boots = [
+        sim.add_node(
+            GossipSubRouter(
+                ident,
+                params=GossipSubParams.bootstrapper(),
+                score_params=sp,
+                thresholds=th,
+                rng=random.Random(rng.random()),
+                now=sim.now,
+            ),
+            ip=honest_ip(n_honest + i),
+        )
+        for i, ident in enumerate(boot_ids)
+    ]
     for n in honest:
         for m in rng.sample(honest, min(8, len(honest))):
             sim.connect(n, m)
+        for b in boots:
+            sim.connect(n, b)
     publishers = honest
     victim: SimNode | None = None
     if name == "eclipse":
@@ -147,9 +177,11 @@ def run(
         for s in sybils:
             for m in rng.sample(honest, min(10, len(honest))):
                 sim.connect(s, m)
+            for b in boots:  # Sybils flood the bootstrappers as well
+                sim.connect(s, b)
 
     start_measure = 0.0 if name == "cold_boot" else 30.0
-    for n in honest + sybils:
+    for n in boots + honest + sybils:
         assert n.router is not None
         n.router.subscribe(TOPIC, sim.now)
         sim.flush_node(n)
@@ -166,6 +198,8 @@ def run(
                     sim.connect(node, m)
                 for s in rng.sample(sybils, min(8, len(sybils))):
                     sim.connect(node, s)
+                for b in boots:
+                    sim.connect(node, b)
                 assert node.router is not None
                 node.router.subscribe(TOPIC, sim.now)
                 sim.flush_node(node)
@@ -189,7 +223,7 @@ def run(
     cpu = time.process_time() - cpu0
 
     mids = [m for m, (t, _) in sim.published.items() if start_measure <= t <= duration - 10.0]
-    stats = sim.delivery_stats(mids=mids)
+    stats = sim.delivery_stats(mids=mids, exclude=frozenset(b.index for b in boots))
     focus = "all honest"
     if victim is not None or joiners:
         targets = {victim.index} if victim is not None else {n.index for n in joiners}
@@ -201,6 +235,7 @@ def run(
         "scenario": name,
         "honest": n_honest,
         "sybils": n_sybil,
+        "boot": n_boot,
         "sim_s": duration,
         "messages": len(mids),
         "delivery_%": 100.0 * stats["ratio"],
@@ -209,6 +244,7 @@ def run(
         "p99_ms": 1000.0 * stats["p99"],
         "frames_M": sim.frames / 1e6,
         "decoded_M": sim.decodes / 1e6,
+        "px_dials": sum(n.px_dials for n in sim.nodes),
         "setup_s": setup_s,
         "wall_s": wall,
         "cpu_s": cpu,
@@ -223,6 +259,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument(
+        "--bootstrappers",
+        type=int,
+        default=2,
+        help="bootstrap nodes (no mesh, PX on) in attack_dawn; 0 = none (the attack without the defence)",
+    )
+    ap.add_argument(
         "--census",
         default="",
         help="comma-separated simulated times at which to print the honest nodes' peer states to stderr",
@@ -231,7 +273,7 @@ def main() -> None:
     rows = []
     for name in args.scenarios.split(","):
         census = tuple(float(t) for t in args.census.split(",") if t)
-        res = run(name, args.honest, args.sybils, args.duration, args.seed, census)
+        res = run(name, args.honest, args.sybils, args.duration, args.seed, census, args.bootstrappers)
         print(f"[gossip_sim] {res}", file=sys.stderr, flush=True)
         rows.append(res)
     headers = list(rows[0].keys())

@@ -31,6 +31,8 @@ def test_shipped_config_parses_and_validates() -> None:
     assert config.node.data_dir == Path("/var/lib/meshmerge")
     assert config.metrics.address == "127.0.0.1"
     assert config.store.blob_quota_bytes == 0 and config.store.gc_interval == 600.0
+    assert not config.gossip.bootstrapper
+    assert config.gossip.bootstrap_score > config.gossip.accept_px_threshold > 0
 
 
 @pytest.mark.parametrize(
@@ -50,6 +52,12 @@ def test_shipped_config_parses_and_validates() -> None:
         ("[store]\nblob_quota = 5\n", r"\[store\] unknown key\(s\) \['blob_quota'\]"),
         ("[store]\ngc_interval = 0\n", r"\[store\] gc_interval must be a positive number"),
         ("[sync\n", "not valid TOML"),
+        (
+            "[gossip]\nbootstrap_score = 10.0\n",
+            r"\[gossip\] bootstrap_score \(10.0\) must exceed accept_px_threshold",
+        ),
+        ("[gossip]\nbootstrapper = 1\n", r"\[gossip\] bootstrapper must be true or false"),
+        ("[gossip]\naccept_px_threshold = 0\n", r"\[gossip\] accept_px_threshold must be a positive finite"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, text: str, fragment: str) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "PeerScoreParams",
     "PeerScoreThresholds",
     "TopicScoreParams",
+    "bootstrap_app_score",
     "decay_convergence",
     "derive_score_params",
     "derive_topic_params",
@@ -90,13 +91,32 @@ class GossipSubParams:
     max_topics: int = 4096  # distinct topics tracked for remote subscriptions
     max_px_connect: int = 16
 
+    @classmethod
+    def bootstrapper(cls, **overrides: object) -> GossipSubParams:
+        """Parameters of a bootstrap node (spec v1.1, "Recommendations for Network Operators"):
+        no mesh (``D = D_lo = D_hi = D_out = 0``), PX on. It answers every GRAFT with a
+        PRUNE carrying PX, so joiners learn peers from it without it carrying a mesh."""
+        base: dict[str, object] = {"d": 0, "d_lo": 0, "d_hi": 0, "d_score": 0, "d_out": 0, "do_px": True}
+        base.update(overrides)
+        return cls(**base)  # type: ignore[arg-type]
+
+    @property
+    def is_bootstrapper(self) -> bool:
+        """No mesh at all (``D_hi = 0``): every GRAFT is pruned, with PX if ``do_px``."""
+        return self.d_hi == 0
+
     def validate(self) -> None:
         _finite(self)
         if not (0 <= self.d_lo <= self.d <= self.d_hi):
             raise ParamsError("GossipSubParams.d must satisfy d_lo <= d <= d_hi")
         if not (0 <= self.d_score <= self.d_hi):
             raise ParamsError("GossipSubParams.d_score must be in [0, d_hi]")
-        if not (0 <= self.d_out < self.d_lo and self.d_out <= self.d // 2):
+        if self.d_hi == 0:
+            if self.d_out != 0:
+                raise ParamsError(
+                    "GossipSubParams.d_out must be 0 when d_hi = 0 (a bootstrapper has no mesh)"
+                )
+        elif not (0 <= self.d_out < self.d_lo and self.d_out <= self.d // 2):
             raise ParamsError("GossipSubParams.d_out must be < d_lo and <= d/2")
         if not 0 <= self.gossip_factor <= 1:
             raise ParamsError("GossipSubParams.gossip_factor must be in [0, 1]")
@@ -305,6 +325,42 @@ class PeerScoreParams:
 # --------------------------------------------------------------------------- derivation
 
 
+class _BootstrapScore:
+    """P5 hook: a fixed bonus for bootstrap peers on top of another app score (a class, not
+    a closure, so it can be inspected and compared in tests and reprs)."""
+
+    __slots__ = ("base", "bonus", "peers")
+
+    def __init__(self, peers: frozenset[bytes], bonus: float, base: Callable[[bytes], float]) -> None:
+        self.peers = peers
+        self.bonus = bonus
+        self.base = base
+
+    def __call__(self, peer: bytes) -> float:
+        extra = self.bonus if peer in self.peers else 0.0
+        return self.base(peer) + extra
+
+    def __repr__(self) -> str:
+        return f"bootstrap_app_score({len(self.peers)} peers, bonus={self.bonus:g})"
+
+
+def bootstrap_app_score(
+    peers: Collection[bytes], bonus: float, base: Callable[[bytes], float] = _zero_app_score
+) -> Callable[[bytes], float]:
+    """Application score (P5) that adds ``bonus`` for the given bootstrap peer ids.
+
+    Why: the spec has the application vouch for its bootstrappers through P5 so that
+    their PX clears the accept-PX threshold while nobody else's does.
+    """
+    ids = frozenset(peers)
+    for pid in ids:
+        if not isinstance(pid, bytes) or not pid:
+            raise ParamsError(f"bootstrappers: every entry must be a non-empty peer id (bytes), got {pid!r}")
+    if not math.isfinite(bonus) or bonus <= 0:
+        raise ParamsError(f"bootstrap bonus must be a positive finite number, got {bonus!r}")
+    return _BootstrapScore(ids, float(bonus), base)
+
+
 def score_parameter_decay(
     decay_time: float, decay_interval: float = 1.0, decay_to_zero: float = 0.01
 ) -> float:
@@ -401,12 +457,21 @@ def derive_score_params(
     behaviour_penalty_threshold: float = 6.0,
     behaviour_penalty_decay_time: float = 600.0,
     retain_score: float = 3600.0,
+    bootstrappers: Collection[bytes] = (),
 ) -> tuple[PeerScoreParams, PeerScoreThresholds]:
     """Peer score parameters and thresholds for topics with expected message rates (msgs/s).
 
     Thresholds sit far below the largest positive score (Ethereum's -4000 / -8000 /
     -16000 scale relative to a max positive score of 50 per unit of topic weight),
     so only real misbehaviour, not a slow link, reaches them.
+
+    Accept-PX: PX lets a peer choose whom we dial, so (spec v1.1, "Recommendations for
+    Network Operators") it is accepted only from peers at a score "attainable only by
+    the bootstrappers". Topic behaviour is capped at ``topic_score_cap``, so the threshold
+    is ``2 · topic_score_cap``: no peer reaches it by relaying well (a covert-flash Sybil
+    included); it takes P5, the application's vouching. ``bootstrappers`` (peer ids, e.g.
+    the configured bootstrap nodes) get P5 = ``2 · accept_px_threshold`` (weight 1): their
+    PX is accepted until P4/P6/P7 penalties cost them more than the threshold itself.
     """
     weights = dict(topic_weights or {})
     topics = {
@@ -420,19 +485,23 @@ def derive_score_params(
         for t, rate in topic_rates.items()
     }
     max_positive = sum(tp.max_reward() * tp.topic_weight for tp in topics.values())
+    topic_cap = max_positive / 2.0
+    accept_px = max(2.0 * topic_cap, 1.0)
     thresholds = PeerScoreThresholds(
         gossip_threshold=-4000.0,
         publish_threshold=-8000.0,
         graylist_threshold=-16000.0,
-        accept_px_threshold=100.0,
+        accept_px_threshold=accept_px,
         opportunistic_graft_threshold=5.0,
     )
+    if bootstrappers:
+        app_specific_score = bootstrap_app_score(bootstrappers, 2.0 * accept_px, app_specific_score)
     behaviour_decay = score_parameter_decay(behaviour_penalty_decay_time, decay_interval, decay_to_zero)
     # 10 penalties above the threshold bring an otherwise neutral peer to the gossip threshold
     behaviour_weight = thresholds.gossip_threshold / 10.0**2
     params = PeerScoreParams(
         topics=topics,
-        topic_score_cap=max_positive / 2.0,
+        topic_score_cap=topic_cap,
         app_specific_score=app_specific_score,
         app_specific_weight=1.0,
         ip_colocation_factor_weight=-max(max_positive, 1.0),

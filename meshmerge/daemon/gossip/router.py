@@ -302,8 +302,14 @@ class GossipSubRouter:
         px: list[PeerInfo] = []
         if do_px and self.params.do_px:
             members = self.topics.get(topic, ())
-            cands = sorted(p for p in members if p != peer and p in self.peers and self.peer_score(p) >= 0)
+            score = self.peer_score
+            cands = sorted(p for p in members if p != peer and p in self.peers and score(p) >= 0)
             self.rng.shuffle(cands)
+            # best-scoring first, ties in random order (go picks at random among score >= 0):
+            # a bootstrapper has no mesh, so its only evidence is who delivered messages to it
+            # (P2 from flood publishes and IWANT replies); Sybils that relay nothing stay at 0
+            # and are offered only when there are not enough proven peers
+            cands.sort(key=score, reverse=True)
             lookup = self.peer_record
             px = [
                 PeerInfo(peer_id=p, signed_peer_record=lookup(p) if lookup is not None else None)
@@ -733,7 +739,8 @@ class GossipSubRouter:
                 self._add_backoff(peer, topic, p.prune_backoff, now)
                 prune.append(topic)
                 continue
-            if len(mesh) >= p.d_hi and not st.outbound:
+            if len(mesh) >= p.d_hi and (not st.outbound or p.d_hi == 0):
+                # full; outbound peers may exceed D_hi (spec), except at a bootstrapper (no mesh)
                 self._add_backoff(peer, topic, p.prune_backoff, now)
                 prune.append(topic)
                 continue
@@ -928,4 +935,3 @@ class GossipSubRouter:
         limit = self.params.seen_ttl
         for mid in [m for m, (_, t) in self.pending.items() if now - t > limit]:
             self.report_validation(mid, Validation.IGNORE, now)
-

@@ -17,6 +17,13 @@ routers never mutate the RPCs they receive.
 
 Nodes without a router ("raw" nodes) only record what they receive and send
 whatever a test scripts with :meth:`Simulator.inject`, for protocol attacks.
+
+PX is dialled as the trio driver does on real hosts: the router hands over the
+entries it accepted (at most ``max_px_connect`` per PRUNE, only from peers at or
+above the accept-PX threshold), and each node runs at most ``max_concurrent_dials``
+dials at once with up to ``max_pending_dials`` more waiting (the rest are dropped),
+the driver's defaults. A dial takes ``dial_rtts`` round trips of the new link's
+latency (TCP + security + muxer handshakes) before the link exists.
 """
 
 from __future__ import annotations
@@ -51,6 +58,9 @@ class SimNode:
     uplink_free: float = 0.0
     pump_pending: bool = False
     links: dict[bytes, float] = field(default_factory=dict)  # peer id -> latency
+    dialing: set[bytes] = field(default_factory=set)  # PX dials in progress
+    dial_queue: list[bytes] = field(default_factory=list)  # PX dials waiting for a slot
+    px_dials: int = 0  # PX dials completed
     inbox: list[tuple[float, bytes, RPC]] = field(default_factory=list)  # raw nodes only
     decode_errors: int = 0
 
@@ -65,8 +75,17 @@ class Simulator:
         seed: int = 0,
         keep_raw_inbox: int = 10000,
         decode_cache: int = 4096,
+        dial_px: bool = True,
+        max_concurrent_dials: int = 4,
+        max_pending_dials: int = 32,
+        dial_rtts: float = 3.0,
     ) -> None:
         self.net = network or Network()
+        self.dial_px = dial_px
+        self.max_concurrent_dials = max_concurrent_dials
+        self.max_pending_dials = max_pending_dials
+        self.dial_rtts = dial_rtts
+        self.px_dials_dropped = 0
         self.rng = random.Random(seed)
         self.now = 0.0
         self.nodes: list[SimNode] = []
@@ -128,6 +147,33 @@ class Simulator:
         for x, y in ((a, b), (b, a)):
             if x.router is not None:
                 x.router.remove_peer(y.peer_id, self.now)
+
+    def _dial(self, node: SimNode, peer: bytes) -> None:
+        """Bounded dial, as the driver's: ``max_concurrent_dials`` running, a bounded queue."""
+        if peer == node.peer_id or peer in node.links or peer in node.dialing or peer not in self.by_id:
+            return
+        if len(node.dialing) >= self.max_concurrent_dials:
+            if peer in node.dial_queue:
+                return
+            if len(node.dial_queue) >= self.max_pending_dials:
+                self.px_dials_dropped += 1
+                return
+            node.dial_queue.append(peer)
+            return
+        node.dialing.add(peer)
+        lat = self.rng.uniform(*self.net.latency)
+        self._push(self.now + 2.0 * lat * self.dial_rtts, _CALL, lambda: self._dialled(node, peer, lat))
+
+    def _dialled(self, node: SimNode, peer: bytes, lat: float) -> None:
+        node.dialing.discard(peer)
+        other = self.by_id.get(peer)
+        if other is not None and peer not in node.links:
+            self.connect(node, other, latency=lat)
+            node.px_dials += 1
+            self.flush_node(node)
+            self.flush_node(other)
+        while node.dial_queue and len(node.dialing) < self.max_concurrent_dials:
+            self._dial(node, node.dial_queue.pop(0))
 
     def call_at(self, at: float, fn: Callable[[], None]) -> None:
         self._push(at, _CALL, fn)
@@ -206,7 +252,11 @@ class Simulator:
         if r._connects:
             r.take_connects()  # direct-peer redials are not modelled; the topology is the scenario's
         if r._px:
-            r.take_px()  # nor is PX dialing
+            offers = r.take_px()
+            if self.dial_px:
+                for _src, pi in offers:
+                    if pi.peer_id:
+                        self._dial(node, pi.peer_id)
         if r._ready:
             self._pump(node)
 
@@ -261,9 +311,19 @@ class Simulator:
 
     # ------------------------------------------------------------------ metrics
 
-    def delivery_stats(self, honest_only: bool = True, mids: list[bytes] | None = None) -> dict[str, float]:
-        """Delivery ratio over (message, honest subscriber) pairs and latency percentiles."""
-        targets = [n for n in self.nodes if n.router is not None and (n.honest or not honest_only)]
+    def delivery_stats(
+        self,
+        honest_only: bool = True,
+        mids: list[bytes] | None = None,
+        exclude: frozenset[int] = frozenset(),
+    ) -> dict[str, float]:
+        """Delivery ratio over (message, honest subscriber) pairs and latency percentiles
+        (nodes whose index is in ``exclude``, e.g. bootstrappers, are not counted)."""
+        targets = [
+            n
+            for n in self.nodes
+            if n.router is not None and (n.honest or not honest_only) and n.index not in exclude
+        ]
         lat: list[float] = []
         want = got = 0
         for mid in mids if mids is not None else list(self.published):

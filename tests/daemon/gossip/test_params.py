@@ -13,6 +13,7 @@ from meshmerge.daemon.gossip.params import (
     PeerScoreParams,
     PeerScoreThresholds,
     TopicScoreParams,
+    bootstrap_app_score,
     decay_convergence,
     derive_score_params,
     derive_topic_params,
@@ -164,3 +165,35 @@ def test_derived_params_validate_and_defeat_non_forwarders(rate: float) -> None:
     assert thresholds.graylist_threshold < thresholds.publish_threshold < thresholds.gossip_threshold < 0
     with pytest.raises(ParamsError, match="p3_margin"):
         derive_topic_params(rate, p3_margin=1.0)
+
+
+def test_bootstrapper_params_have_no_mesh_and_do_px() -> None:
+    p = GossipSubParams.bootstrapper()
+    p.validate()
+    assert (p.d, p.d_lo, p.d_hi, p.d_score, p.d_out, p.do_px) == (0, 0, 0, 0, 0, True)
+    assert p.is_bootstrapper and not GossipSubParams().is_bootstrapper
+    with pytest.raises(ParamsError, match="d_out must be 0 when d_hi = 0"):
+        dataclasses.replace(p, d_out=1).validate()
+    # a mesh of zero is only allowed as a whole: D_lo = 0 with D_hi > 0 still needs d_out < d_lo
+    with pytest.raises(ParamsError, match="d_out"):
+        dataclasses.replace(GossipSubParams(), d_lo=0, d_out=0, d=0).validate()
+
+
+def test_accept_px_threshold_is_reachable_only_through_bootstrap_p5() -> None:
+    boot, other = b"\x01boot", b"\x02other"
+    params, th = derive_score_params({"a": 1.0}, bootstrappers=[boot])
+    # topic behaviour is capped below the threshold, so only P5 can reach it
+    assert params.topic_score_cap < th.accept_px_threshold
+    assert th.accept_px_threshold == pytest.approx(2 * params.topic_score_cap)
+    assert params.app_specific_weight * params.app_specific_score(boot) == pytest.approx(
+        2 * th.accept_px_threshold
+    )
+    assert params.app_specific_score(other) == 0.0
+    # composes with the application's own P5
+    params2, _ = derive_score_params({"a": 1.0}, bootstrappers=[boot], app_specific_score=lambda p: -3.0)
+    assert params2.app_specific_score(boot) == pytest.approx(2 * th.accept_px_threshold - 3.0)
+    assert params2.app_specific_score(other) == -3.0
+    with pytest.raises(ParamsError, match="non-empty peer id"):
+        derive_score_params({"a": 1.0}, bootstrappers=[b""])
+    with pytest.raises(ParamsError, match="positive finite"):
+        bootstrap_app_score([boot], math.inf)

@@ -15,6 +15,8 @@ from libp2p.peer.peerinfo import PeerInfo as HostPeerInfo
 from libp2p.peer.peerstore import create_signed_peer_record
 from multiaddr import Multiaddr
 
+from meshmerge.daemon.config import ConfigError, GossipSection
+from meshmerge.daemon.gossip.bootstrap import daemon_gossip_config
 from meshmerge.daemon.gossip.driver import GossipConfig
 from meshmerge.daemon.gossip.params import GossipSubParams
 from meshmerge.daemon.gossip.peer_record import PeerRecordError, open_px_record
@@ -227,3 +229,50 @@ def test_records_we_hand_out_are_ours_from_identify_and_never_oversized() -> Non
             assert a.service._signed_record(big.peer_id.to_bytes()) is None
 
     run(body, timeout=60)
+
+
+def test_daemon_bootstrapper_hands_out_px_that_its_clients_accept_and_dial() -> None:
+    """The daemon's [gossip] roles on real hosts: B runs as a bootstrapper (no mesh, PRUNE +
+    PX to every GRAFT); A is configured with B as its bootstrap peer, so B's P5 puts it above
+    A's accept-PX threshold. A meets only B, grafts it, is pruned with PX naming C, and dials C."""
+    boot_cfg = daemon_gossip_config(GossipSection(bootstrapper=True))
+
+    async def body() -> None:
+        async with gossip_nodes(2, configs=[boot_cfg, GossipConfig()]) as (b, c):
+            b_addr = f"{b.host.get_transport_addrs()[0]}/p2p/{b.host.get_id().to_base58()}"
+            client_cfg = daemon_gossip_config(GossipSection(), [b_addr])
+            async with gossip_nodes(1, configs=[client_cfg]) as (a,):
+                for n in (b, c):
+                    n.join(TOPIC)
+                await c.host.connect(b.info)
+                await wait_for(
+                    lambda: b.host.get_peerstore().get_peer_record(c.host.get_id()) is not None,
+                    what="B has C's signed record",
+                )
+                a.join(TOPIC)
+                await a.host.connect(b.info)
+                await wait_for(lambda: b.pid in a.service.router.peers, what="A added B")
+                assert a.service.router.peer_score(b.pid) >= client_cfg.thresholds.accept_px_threshold
+                await wait_for(lambda: c.pid in a.service.router.peers, what="A dialled C from B's PX")
+                assert a.service.stats.px_records >= 1 and a.service.stats.px_invalid == 0
+                await wait_for(lambda: c.pid in a.service.router.mesh[TOPIC], what="A-C mesh")
+                assert b.service.router.mesh[TOPIC] == set()  # the bootstrapper never meshes
+                assert a.service.router.peer_score(c.pid) < client_cfg.thresholds.accept_px_threshold
+                await c.service.publish(TOPIC, b"after px")
+                await wait_for(
+                    lambda: (c.pid, b"after px") in a.received[TOPIC], what="delivery over the PX link"
+                )
+
+    run(body, timeout=90)
+
+
+def test_daemon_gossip_config_rules() -> None:
+    with pytest.raises(ConfigError, match="bootstrap_score .* must exceed accept_px_threshold"):
+        daemon_gossip_config(GossipSection(bootstrap_score=10.0, accept_px_threshold=50.0))
+    with pytest.raises(ConfigError, match="accept_px_threshold must be a positive finite"):
+        daemon_gossip_config(GossipSection(accept_px_threshold=float("nan")))
+    with pytest.raises(ConfigError, match=r"\[network\] bootstrap: .*not a valid"):
+        daemon_gossip_config(GossipSection(), ["/ip4/127.0.0.1/tcp/4001"])
+    plain = daemon_gossip_config(GossipSection())
+    assert plain.score is None and plain.thresholds.accept_px_threshold == 50.0  # PX from nobody
+    assert daemon_gossip_config(GossipSection(bootstrapper=True)).params.is_bootstrapper
