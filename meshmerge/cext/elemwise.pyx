@@ -363,8 +363,7 @@ cdef extern from *:
     }
 
     /* Per contributor k: sq[l] += x*x and s1[l] += x for the elements whose global
-       index is = l (mod 8), in increasing index: exactly the (x, 1) entries of the Gram
-       kernel (cext.gram) for the pair, so the same numbers. lanes[k*16 + 0..7] = sum
+       index is = l (mod 8), in increasing index, in float64. lanes[k*16 + 0..7] = sum
        of squares, [k*16 + 8..15] = sums. Contributors run in parallel (each its own
        sums). flags[k] bit 31: x_k holds NaN/Inf. */
     MM_CLONES static void mm_moments_one(const float *x, Py_ssize_t n, uint64_t start, double *lanes,
@@ -549,8 +548,7 @@ def moment_lanes(list xs, uint64_t start, double[:, :, ::1] lanes, int threads=0
     """Add this chunk's sums of x_k^2 (``lanes[k, 0]``) and x_k (``lanes[k, 1]``) by lane.
 
     Element ``start + i`` goes to lane ``(start + i) mod 8``, each lane in
-    increasing index: the same numbers as :func:`meshmerge.cext.gram.gram_accumulate`
-    gives for the pair (x_k, ones), at O(1) work per element. Contributors run in
+    increasing index, in float64, at O(1) work per element. Contributors run in
     parallel. Returns the first input holding NaN/Inf, or -1.
     """
     cdef Py_ssize_t nk = len(xs)
