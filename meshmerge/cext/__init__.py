@@ -14,7 +14,14 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from meshmerge.cext.convert import bf16_to_f32, f32_to_bf16, has_nonfinite
-from meshmerge.cext.elemwise import della_merge, emr_elect, fisher_average, moment_lanes
+from meshmerge.cext.elemwise import (
+    della_merge,
+    emr_elect,
+    fisher_average,
+    moment_lanes,
+    safe_freeze,
+    safe_moments,
+)
 from meshmerge.cext.gram import GRAM_SPAN, gram_accumulate, gram_finalize
 from meshmerge.cext.linear import task_sum_f32, weighted_sum_f32, weighted_sum_f64
 from meshmerge.cext.prng import drop_lanes, drop_threshold, random_u64, stream_key, uniform_f64
@@ -38,6 +45,8 @@ __all__ = [
     "mag_range",
     "moment_lanes",
     "random_u64",
+    "safe_freeze",
+    "safe_moments",
     "set_threads",
     "sorted_reduce",
     "sparse_merge",

@@ -413,6 +413,68 @@ cdef extern from *:
         #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if(nt > 1)
         for (Py_ssize_t k = 0; k < nk; k++) mm_moments_one(xs[k], n, start, lanes + k * 16, flags + k);
     }
+
+    /* safe_merge, first pass on [lo0, hi0): per element, t_k = x_k - b (float64),
+       m = sum_k wn_k t_k, then var = sum_k wn_k ((t_k - m)(t_k - m)), k = 0..N-1;
+       var[e] = var, out[e] = (float)(b + m). Contributor-major over blocks so each
+       inner loop is a vectorisable stream (per element the same order). */
+    #define MM_SAFE_BLOCK 512
+    MM_CLONES static void mm_safe_moments(const float *const *xs, const float *b, const double *wn, Py_ssize_t nk,
+                                          Py_ssize_t lo0, Py_ssize_t hi0, double *var, float *out, uint32_t *flags)
+    {
+        double m[MM_SAFE_BLOCK], v[MM_SAFE_BLOCK], bb[MM_SAFE_BLOCK];
+        for (Py_ssize_t i0 = lo0; i0 < hi0; i0 += MM_SAFE_BLOCK) {
+            Py_ssize_t len = hi0 - i0 < MM_SAFE_BLOCK ? hi0 - i0 : MM_SAFE_BLOCK;
+            for (Py_ssize_t j = 0; j < len; j++) {
+                bb[j] = b != NULL ? (double)b[i0 + j] : 0.0;
+                m[j] = 0.0;
+                v[j] = 0.0;
+            }
+            for (Py_ssize_t k = 0; k < nk; k++) {
+                const float *x = xs[k] + i0;
+                const double w = wn[k];
+                uint32_t f = 0;
+                for (Py_ssize_t j = 0; j < len; j++) {
+                    uint32_t bits;
+                    memcpy(&bits, &x[j], 4);
+                    f |= (bits & 0x7F800000u) + 0x00800000u;
+                    m[j] = m[j] + w * ((double)x[j] - bb[j]);
+                }
+                flags[k] |= f;
+            }
+            for (Py_ssize_t k = 0; k < nk; k++) {
+                const float *x = xs[k] + i0;
+                const double w = wn[k];
+                for (Py_ssize_t j = 0; j < len; j++) {
+                    double d = ((double)x[j] - bb[j]) - m[j];
+                    v[j] = v[j] + w * (d * d);
+                }
+            }
+            for (Py_ssize_t j = 0; j < len; j++) {
+                var[i0 + j] = v[j];
+                out[i0 + j] = (float)(bb[j] + m[j]);
+            }
+        }
+    }
+
+    static void mm_safe_moments_par(const float *const *xs, const float *b, const double *wn, Py_ssize_t nk,
+                                    Py_ssize_t n, double *var, float *out, uint32_t *tflags, int nt,
+                                    Py_ssize_t grain)
+    {
+        MM_PAR_BLOCKS(n, grain, nt, {
+            mm_safe_moments(xs, b, wn, nk, lo, hi, var, out, tflags + (Py_ssize_t)tid * nk);
+        });
+    }
+
+    /* safe_merge, second pass: where var >= thr and var > 0 the element keeps the base:
+       out = (float)(b + 0.0) (b = 0 without a base). */
+    MM_CLONES static void mm_safe_freeze(const double *var, double thr, const float *b, Py_ssize_t n, float *out)
+    {
+        for (Py_ssize_t e = 0; e < n; e++) {
+            double bb = b != NULL ? (double)b[e] : 0.0;
+            if (var[e] >= thr && var[e] > 0.0) out[e] = (float)(bb + 0.0);
+        }
+    }
     """
     int mm_della_thresholds(const float** xs, const float* b, Py_ssize_t nk, Py_ssize_t rows,
                             Py_ssize_t cols, double density, double epsilon, uint32_t* thr, int nt) nogil
@@ -427,6 +489,9 @@ cdef extern from *:
     int mm_team(int want, Py_ssize_t n, Py_ssize_t grain) nogil
     void mm_moments(const float** xs, Py_ssize_t nk, Py_ssize_t n, uint64_t start, double* lanes,
                     uint32_t* flags, int nt) nogil
+    void mm_safe_moments_par(const float** xs, const float* b, const double* wn, Py_ssize_t nk, Py_ssize_t n,
+                             double* var, float* out, uint32_t* tflags, int nt, Py_ssize_t grain) nogil
+    void mm_safe_freeze(const double* var, double thr, const float* b, Py_ssize_t n, float* out) nogil
 
 
 cdef const float** _ptrs(list xs, Py_ssize_t n) except NULL:
@@ -575,3 +640,52 @@ def moment_lanes(list xs, uint64_t start, double[:, :, ::1] lanes, int threads=0
     finally:
         free(flags)
         free(p)
+
+
+def safe_moments(list xs, object base, const double[::1] wn, double[::1] var, float[::1] out, int threads=0):
+    """safe_merge's first pass over one chunk: weighted variance and ``b + mean``.
+
+    Per element, in float64 with k = 0..N-1 in order: ``t_k = x_k - b``,
+    ``m = sum wn_k t_k``, ``var = sum wn_k ((t_k - m)(t_k - m))``; writes ``var``
+    and ``out = float32(b + m)``. Returns the first input holding NaN/Inf, or -1.
+    """
+    cdef Py_ssize_t n = out.shape[0]
+    cdef Py_ssize_t nk = len(xs)
+    cdef Py_ssize_t grain = get_grain()
+    cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, grain)
+    if nk == 0:
+        raise ValueError("no inputs")
+    if wn.shape[0] != nk or var.shape[0] != n:
+        raise ValueError("wn needs one weight per input and var one entry per element")
+    cdef const float* b = optional_f32(base, n)
+    if n == 0:
+        return -1
+    cdef const float** px = _ptrs(xs, n)
+    cdef uint32_t* tflags = <uint32_t*>calloc(nk * nt, sizeof(uint32_t))
+    cdef Py_ssize_t k, t
+    try:
+        if tflags == NULL:
+            raise MemoryError()
+        with nogil:
+            mm_safe_moments_par(px, b, &wn[0], nk, n, &var[0], &out[0], tflags, nt, grain)
+        for k in range(nk):
+            for t in range(1, nt):
+                tflags[k] |= tflags[t * nk + k]
+            if tflags[k] & NONFINITE:
+                return k
+        return -1
+    finally:
+        free(tflags)
+        free(px)
+
+
+def safe_freeze(const double[::1] var, double thr, object base, float[::1] out):
+    """safe_merge's second pass over one chunk: ``out = float32(b + 0.0)`` where
+    ``var >= thr`` and ``var > 0`` (``b`` None means 0)."""
+    cdef Py_ssize_t n = out.shape[0]
+    if var.shape[0] != n:
+        raise ValueError("var and out must have the same length")
+    cdef const float* b = optional_f32(base, n)
+    if n:
+        with nogil:
+            mm_safe_freeze(&var[0], thr, b, n, &out[0])

@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from meshmerge.cext import della_merge, drop_lanes, emr_elect, fisher_average, moment_lanes
+from meshmerge.cext import (
+    della_merge,
+    drop_lanes,
+    emr_elect,
+    fisher_average,
+    moment_lanes,
+    safe_freeze,
+    safe_moments,
+)
 
 
 def della_reference(
@@ -131,3 +139,39 @@ def test_moment_lanes_are_sequential_float64_lane_sums(start: int) -> None:
             assert lanes[k, 0, lane] == sq and lanes[k, 1, lane] == s1
     xs[1][1000] = np.nan
     assert moment_lanes(xs, start, np.zeros((3, 2, 8))) == 1
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_safe_moments_and_freeze_match_their_numpy_definition(with_base: bool) -> None:
+    rng = np.random.default_rng(11)
+    n = 70_001
+    xs = [awkward(rng, n) for _ in range(5)]
+    base = awkward(rng, n) if with_base else None
+    wn = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
+    bb = base.astype(np.float64) if base is not None else 0.0
+    ts = [x.astype(np.float64) - bb for x in xs]
+    m = np.zeros(n)
+    for k, t in enumerate(ts):
+        m = m + wn[k] * t
+    v = np.zeros(n)
+    for k, t in enumerate(ts):
+        v = v + wn[k] * ((t - m) * (t - m))
+    thr = float(np.sort(v)[n // 2])
+    b0 = base.astype(np.float64) if base is not None else np.zeros(n)
+    ref = (b0 + np.where((v >= thr) & (v > 0.0), 0.0, m)).astype(np.float32)
+    for threads in (1, 2, 3):
+        var, out = np.empty(n), np.empty(n, np.float32)
+        assert safe_moments(xs, base, wn, var, out, threads) == -1
+        assert var.tobytes() == v.tobytes()
+        safe_freeze(var, thr, base, out)
+        assert out.tobytes() == ref.tobytes()
+    xs[3][n - 1] = np.inf
+    assert safe_moments(xs, base, wn, np.empty(n), np.empty(n, np.float32)) == 3
+
+
+def test_safe_freeze_keeps_base_plus_zero_and_never_freezes_zero_variance() -> None:
+    out = np.full(4, 7.0, np.float32)
+    safe_freeze(np.array([1.0, 1.0, 0.0, 0.5]), 0.0, np.array([-0.0, 2.0, 3.0, -1.0], np.float32), out)
+    assert out.tolist() == [0.0, 2.0, 7.0, -1.0] and not np.signbit(out[0])
+    safe_freeze(np.array([1.0, 1.0, 0.0, 0.5]), 0.75, None, out)
+    assert out.tolist() == [0.0, 0.0, 7.0, -1.0]
