@@ -48,8 +48,8 @@ BINS = 1 << 11
 #: Largest magnitude bit pattern a finite float32 can have (Inf is reported as an error).
 U_MAX = 0x7F7FFFFF
 #: Sampled magnitudes per contributor used to guess a narrow first range. Its size only
-#: sets the width of the guessed range (a wider one still resolves in the same two passes
-#: up to 2^28 bit patterns), so a small sample in cache-friendly blocks is enough.
+#: sets the width of the guessed range (a wider one still resolves in the same two passes,
+#: up to BINS^2 = 2^22 bit patterns), so a small sample in cache-friendly blocks is enough.
 SAMPLE = 1 << 14
 #: Contiguous elements per sampled block.
 SAMPLE_BLOCK = 64
