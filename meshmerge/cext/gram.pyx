@@ -13,14 +13,16 @@ chunking, the thread count or the CPU's vector width):
 * ``v_k = x_k - b`` rounded to float32 (``x_k`` itself without a base);
 * the tensor is cut into blocks of ``GRAM_BLOCK`` = 512 elements at global
   indices multiple of 512; inside a block, element ``i`` goes to float32 lane
-  ``i mod 16`` and each lane sums the float32 products ``v_j[i] * v_k[i]`` in
-  increasing ``i`` (32 products per lane);
+  ``i mod 16`` and each lane accumulates ``a = fmaf(v_j[i], v_k[i], a)`` in
+  increasing ``i`` (32 steps per lane; IEEE fusedMultiplyAdd, one rounding per
+  step, the same on every CPU: AVX-512 code where available, otherwise a
+  portable loop that gives the same bits);
 * each block's 16 lanes are widened to float64 and added lane-wise, in block
   order, into the float64 lanes of its span (``GRAM_SPAN`` = 16384 elements,
   32 blocks); a span's value is its lanes 0..15 added in order;
 * spans are added into the running float64 Gram in span order.
 
-So a Gram entry carries float32 rounding only within a block (relative error
+So a Gram entry carries float32 rounding only within a block (error at most
 about ``33 * 2^-24 * sum_i |v_j[i] v_k[i]|`` per block, usually far less),
 then float64 across blocks. A block whose largest ``|v|`` is ``2^60`` or more
 (products could overflow float32) is summed with exact float64 products in the
@@ -30,7 +32,9 @@ about ``1e-19``) lose precision to float32 underflow.
 
 Spans are the unit of work of the threads, and chunks passed to
 ``gram_accumulate`` must start at a multiple of ``GRAM_SPAN`` (the last chunk
-of a tensor may end anywhere), so every span is always seen whole.
+of a tensor may end anywhere), so every span is always seen whole. Memory:
+per thread ``N * 2048`` floats of scratch and ``N (N + 1) / 2 * 16`` doubles
+of span lanes; span values go through a buffer of at most 8 MB (or one span).
 """
 
 import numpy as np
@@ -314,16 +318,20 @@ cdef extern from *:
 
 cdef enum:
     MM_GLD_ = 2048
+    MM_GSPAN_ = 16384
     MM_GL_ = 16
 
 #: Elements per float32-accumulated block.
 GRAM_BLOCK = 512
 #: Elements per span (unit of threads); chunks must start at multiples of it.
 GRAM_SPAN = 16384
+#: Default for the most bytes of span values buffered per kernel call.
+GRAM_BUFFER_BYTES = 1 << 23
 
 
 def gram_accumulate(
-    list xs, object base, Py_ssize_t start, double[:, ::1] acc, int threads=0, bint portable=False
+    list xs, object base, Py_ssize_t start, double[:, ::1] acc, int threads=0, bint portable=False,
+    Py_ssize_t buffer_bytes=GRAM_BUFFER_BYTES,
 ):
     """Add this chunk's span values of ``sum_i v_j[i] v_k[i]`` (j <= k) into ``acc[j, k]``.
 
@@ -332,30 +340,35 @@ def gram_accumulate(
     element and must be a multiple of ``GRAM_SPAN``; only the last chunk of a
     tensor may have a length that is not. Only the upper triangle of ``acc`` is
     used. ``threads`` 0 means :func:`meshmerge.cext.threads.get_threads`;
-    ``portable`` skips the AVX-512 code (for tests: both give the same bytes).
+    ``portable`` skips the AVX-512 code and ``buffer_bytes`` bounds the span values
+    held at once (both only for tests: neither changes a byte).
     Returns the index of the first input with NaN/Inf, or -1.
     """
     cdef Py_ssize_t nk = len(xs)
     if nk == 0:
         raise ValueError("no inputs")
-    if start < 0 or start % GRAM_SPAN:
+    if start < 0 or start % MM_GSPAN_:
         raise ValueError(f"start must be a multiple of GRAM_SPAN ({GRAM_SPAN}), got {start}")
     if acc.shape[0] != nk or acc.shape[1] != nk:
         raise ValueError("acc must have shape (N, N)")
     cdef Py_ssize_t n = (<cnp.ndarray>xs[0]).size
     cdef Py_ssize_t npairs = nk * (nk + 1) // 2
-    cdef Py_ssize_t nspans = (n + GRAM_SPAN - 1) // GRAM_SPAN
-    cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, GRAM_SPAN)
+    cdef Py_ssize_t nspans = (n + MM_GSPAN_ - 1) // MM_GSPAN_
+    # Spans per kernel call: their values are buffered (at most buffer_bytes, at least one span).
+    cdef Py_ssize_t group = max(1, min(nspans, buffer_bytes // (npairs * 8)))
+    cdef int nt = mm_team(threads if threads > 0 else get_threads(), min(n, group * MM_GSPAN_), MM_GSPAN_)
     cdef const float** ptrs = <const float**>malloc(nk * sizeof(float*))
-    cdef double* res = <double*>malloc(max(nspans, 1) * npairs * sizeof(double))
+    cdef const float** gp = <const float**>malloc(nk * sizeof(float*))
+    cdef double* res = <double*>malloc(group * npairs * sizeof(double))
     cdef float* v = <float*>malloc(nt * nk * MM_GLD_ * sizeof(float))
     cdef double* sl = <double*>malloc(nt * npairs * MM_GL_ * sizeof(double))
     cdef uint32_t* flags = <uint32_t*>calloc(nt * nk, sizeof(uint32_t))
     cdef const float* b
-    cdef Py_ssize_t s, j, k, q, t
+    cdef Py_ssize_t s, j, k, q, t, g0, g1, off
+    cdef const float* gb
     cdef int bad = -1
-    if ptrs == NULL or res == NULL or v == NULL or sl == NULL or flags == NULL:
-        free(ptrs); free(res); free(v); free(sl); free(flags)
+    if ptrs == NULL or gp == NULL or res == NULL or v == NULL or sl == NULL or flags == NULL:
+        free(ptrs); free(gp); free(res); free(v); free(sl); free(flags)
         raise MemoryError()
     try:
         gather_f32(xs, n, ptrs)
@@ -363,13 +376,23 @@ def gram_accumulate(
         if n == 0:
             return -1
         with nogil:
-            mm_gram_par(ptrs, b, nk, n, res, v, sl, flags, nt, portable)
-            for s in range(nspans):
-                q = 0
-                for j in range(nk):
-                    for k in range(j, nk):
-                        acc[j, k] = acc[j, k] + res[s * npairs + q]
-                        q += 1
+            g0 = 0
+            while g0 < nspans:
+                g1 = min(nspans, g0 + group)
+                off = g0 * MM_GSPAN_
+                for k in range(nk):
+                    gp[k] = ptrs[k] + off
+                gb = b
+                if b != NULL:
+                    gb = b + off
+                mm_gram_par(gp, gb, nk, min(n, g1 * MM_GSPAN_) - off, res, v, sl, flags, nt, portable)
+                for s in range(g1 - g0):
+                    q = 0
+                    for j in range(nk):
+                        for k in range(j, nk):
+                            acc[j, k] = acc[j, k] + res[s * npairs + q]
+                            q += 1
+                g0 = g1
             for k in range(nk):
                 for t in range(1, nt):
                     flags[k] |= flags[t * nk + k]
@@ -377,7 +400,7 @@ def gram_accumulate(
                     bad = <int>k
         return bad
     finally:
-        free(ptrs); free(res); free(v); free(sl); free(flags)
+        free(ptrs); free(gp); free(res); free(v); free(sl); free(flags)
 
 
 def gram_finalize(const double[:, ::1] acc):

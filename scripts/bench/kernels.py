@@ -374,6 +374,7 @@ def ratio_cell(t: float | None, nb: int, t_ours: float) -> str:
 
 INTERLEAVED_OPS: list[tuple[str, dict[str, Any]]] = [
     ("linear", {}), ("ties", {"density": DENSITY}), ("dare_ties", {"density": DARE_DENSITY}),
+    ("karcher", {}), ("safe_merge", {}),
 ]
 
 

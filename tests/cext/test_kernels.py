@@ -56,12 +56,14 @@ def test_gram_matches_numpy_and_ignores_chunking_threads_and_cpu(n: int) -> None
     d = [(x - base).astype(np.float64) for x in xs]  # the kernel's v is x - b in float32
     ref = np.array([[np.dot(a, b) for b in d] for a in d])
     results = []
-    for chunk, threads, portable in ((m, 1, False), (GRAM_SPAN, 2, False), (2 * GRAM_SPAN, 3, False),
-                                     (m, 2, True), (GRAM_SPAN, 1, True)):
+    span_bytes = n * (n + 1) // 2 * 8  # buffer_bytes below this still holds one span
+    for chunk, threads, portable, buf in ((m, 1, False, 1 << 23), (GRAM_SPAN, 2, False, 1 << 23),
+                                          (2 * GRAM_SPAN, 3, False, 1), (m, 2, True, 2 * span_bytes),
+                                          (GRAM_SPAN, 1, True, 1 << 23)):
         acc = np.zeros((n, n))
         for lo in range(0, m, chunk):
             hi = min(lo + chunk, m)
-            got = gram_accumulate([x[lo:hi] for x in xs], base[lo:hi], lo, acc, threads, portable)
+            got = gram_accumulate([x[lo:hi] for x in xs], base[lo:hi], lo, acc, threads, portable, buf)
             assert got == -1
         results.append(gram_finalize(acc))
     for g in results:
