@@ -8,6 +8,7 @@ from meshmerge.cext import (
     drop_lanes,
     emr_elect,
     fisher_average,
+    kth_smallest_nonnegative,
     moment_lanes,
     safe_freeze,
     safe_moments,
@@ -175,3 +176,21 @@ def test_safe_freeze_keeps_base_plus_zero_and_never_freezes_zero_variance() -> N
     assert out.tolist() == [0.0, 2.0, 7.0, -1.0] and not np.signbit(out[0])
     safe_freeze(np.array([1.0, 1.0, 0.0, 0.5]), 0.75, None, out)
     assert out.tolist() == [0.0, 0.0, 7.0, -1.0]
+
+
+def test_kth_smallest_nonnegative_equals_numpy_partition() -> None:
+    rng = np.random.default_rng(3)
+    cases = [
+        rng.random(100_000) ** 8,
+        np.zeros(5_000),
+        np.full(7_000, 3.5),
+        np.where(rng.random(20_000) < 0.9, 0.25, rng.random(20_000)),
+        rng.integers(0, 3, 10_000) * 1e-300,  # subnormals and zeros
+        np.array([5.0]),
+        np.array([np.inf, 1.0, 0.0, 1e308]),
+    ]
+    for v in cases:
+        for k in sorted({0, v.size - 1, v.size // 2, v.size // 10, max(0, v.size - 7)}):
+            assert kth_smallest_nonnegative(v, k) == np.partition(v, k)[k], (v[:3], k)
+    with pytest.raises(ValueError, match="k must be"):
+        kth_smallest_nonnegative(np.ones(3), 3)

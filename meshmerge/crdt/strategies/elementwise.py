@@ -35,7 +35,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from meshmerge.cext import della_merge, emr_elect, has_nonfinite, safe_freeze, safe_moments, stream_key
+from meshmerge.cext import (
+    della_merge,
+    emr_elect,
+    has_nonfinite,
+    kth_smallest_nonnegative,
+    safe_freeze,
+    safe_moments,
+    stream_key,
+)
 from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, task_base, to_storage
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
 from meshmerge.crdt.tensors import TensorSpec
@@ -242,8 +250,9 @@ class SafeMerge(Strategy):
     contributor order: ``m = sum_k wn_k t_k``, ``var = sum_k wn_k ((t_k - m)(t_k - m))``,
     ``out = float32(b + m)``, or ``float32(b + 0.0)`` where frozen (kernels
     ``safe_moments`` / ``safe_freeze``). The variance threshold is an exact order
-    statistic (numpy partition), which holds one float64 variance per element of the
-    tensor in memory."""
+    statistic (``kth_smallest_nonnegative``: counting passes over the bit patterns;
+    variances are never -0.0 or NaN), which holds one float64 variance per element of
+    the tensor in memory."""
 
     name = "safe_merge"
     params_type = SafeMergeParams
@@ -261,7 +270,7 @@ class SafeMerge(Strategy):
                 stream.check(safe_moments(xs, b, wn, var[lo:hi], flat[lo:hi]))
             frozen = math.ceil(params.fraction * spec.numel)
             if frozen > 0:
-                thr = float(np.partition(var, spec.numel - frozen)[spec.numel - frozen])
+                thr = float(kth_smallest_nonnegative(var, spec.numel - frozen))
                 for lo, hi, b in stream.base_chunks():
                     safe_freeze(var[lo:hi], thr, b, flat[lo:hi])
             out[spec.name] = stream.finish(flat)
