@@ -15,8 +15,8 @@ chunking, the thread count or the CPU's vector width):
   indices multiple of 512; inside a block, element ``i`` goes to float32 lane
   ``i mod 16`` and each lane accumulates ``a = fmaf(v_j[i], v_k[i], a)`` in
   increasing ``i`` (32 steps per lane; IEEE fusedMultiplyAdd, one rounding per
-  step, the same on every CPU: AVX-512 code where available, otherwise a
-  portable loop that gives the same bits);
+  step, the same on every CPU: AVX-512 or AVX2 + FMA code where available,
+  otherwise a portable loop, all giving the same bits);
 * each block's 16 lanes are widened to float64 and added lane-wise, in block
   order, into the float64 lanes of its span (``GRAM_SPAN`` = 16384 elements,
   32 blocks); a span's value is its lanes 0..15 added in order;
@@ -70,7 +70,7 @@ cdef extern from *:
        sl[pair * MM_GL + lane] (float64): lane l of pair (j, k) is
        a = fmaf(v_j[i], v_k[i], a) over i = l, l + 16, ... (IEEE fusedMultiplyAdd, one
        rounding), then widened and added to sl. The AVX-512 version does exactly these
-       operations on 16 lanes at once; the portable one per lane. */
+       operations on 16 lanes at once (the AVX2 one on 2 x 8); the portable one per lane. */
     static void mm_gram_block_portable(const float *v, Py_ssize_t ld, Py_ssize_t nk, double *sl)
     {
         for (Py_ssize_t j = 0; j < nk; j++) {
@@ -94,6 +94,26 @@ cdef extern from *:
         __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
         _mm512_storeu_pd(d, _mm512_add_pd(_mm512_loadu_pd(d), lo));
         _mm512_storeu_pd(d + 8, _mm512_add_pd(_mm512_loadu_pd(d + 8), hi));
+    }
+
+    /* AVX2 + FMA: lanes 0-7 and 8-15 in two registers, one pair at a time (same bits). */
+    __attribute__((target("avx2,fma"))) static void mm_gram_block_avx2(const float *v, Py_ssize_t ld, Py_ssize_t nk, double *sl)
+    {
+        for (Py_ssize_t j = 0; j < nk; j++) {
+            for (Py_ssize_t k = j; k < nk; k++) {
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                const float *r = v + j * ld, *c = v + k * ld;
+                for (Py_ssize_t i = 0; i < MM_GB; i += MM_GL) {
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r + i), _mm256_loadu_ps(c + i), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r + i + 8), _mm256_loadu_ps(c + i + 8), a1);
+                }
+                double *d = sl + mm_pair(nk, j, k) * MM_GL;
+                _mm256_storeu_pd(d, _mm256_add_pd(_mm256_loadu_pd(d), _mm256_cvtps_pd(_mm256_castps256_ps128(a0))));
+                _mm256_storeu_pd(d + 4, _mm256_add_pd(_mm256_loadu_pd(d + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(a0, 1))));
+                _mm256_storeu_pd(d + 8, _mm256_add_pd(_mm256_loadu_pd(d + 8), _mm256_cvtps_pd(_mm256_castps256_ps128(a1))));
+                _mm256_storeu_pd(d + 12, _mm256_add_pd(_mm256_loadu_pd(d + 12), _mm256_cvtps_pd(_mm256_extractf128_ps(a1, 1))));
+            }
+        }
     }
 
     __attribute__((target("avx512f"))) static void mm_gram_block_avx512(const float *v, Py_ssize_t ld, Py_ssize_t nk, double *sl)
@@ -274,13 +294,15 @@ cdef extern from *:
        value for pair q goes to res[s * npairs + q]. Thread t uses scratch
        v + t * nk * MM_GLD, lanes sl + t * npairs * MM_GL and flags tflags + t * nk. */
     static void mm_gram_par(const float *const *p, const float *b, Py_ssize_t nk, Py_ssize_t n,
-                            double *res, float *v, double *sl, uint32_t *tflags, int nt, int portable)
+                            double *res, float *v, double *sl, uint32_t *tflags, int nt, int isa)
     {
         const Py_ssize_t npairs = nk * (nk + 1) / 2;
     #ifdef MM_GRAM_AVX512
-        const int avx512 = !portable && __builtin_cpu_supports("avx512f");
+        /* isa: 0 = best available, 1 = portable C, 2 = AVX2 + FMA at most */
+        const int avx512 = isa == 0 && __builtin_cpu_supports("avx512f");
+        const int avx2 = isa != 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     #else
-        (void)portable;
+        (void)isa;
     #endif
         MM_PAR_BLOCKS(n, MM_GSPAN, nt, {
             float *vt = v + (Py_ssize_t)tid * nk * MM_GLD;
@@ -299,6 +321,7 @@ cdef extern from *:
                     if (big >= MM_GBIG) mm_gram_block_f64(vt + i0, MM_GLD, nk, st);
     #ifdef MM_GRAM_AVX512
                     else if (avx512) mm_gram_block_avx512(vt + i0, MM_GLD, nk, st);
+                    else if (avx2) mm_gram_block_avx2(vt + i0, MM_GLD, nk, st);
     #endif
                     else mm_gram_block_portable(vt + i0, MM_GLD, nk, st);
                 }
@@ -313,7 +336,7 @@ cdef extern from *:
     }
     """
     void mm_gram_par(const float** p, const float* b, Py_ssize_t nk, Py_ssize_t n,
-                     double* res, float* v, double* sl, uint32_t* tflags, int nt, int portable) nogil
+                     double* res, float* v, double* sl, uint32_t* tflags, int nt, int isa) nogil
     int mm_team(int want, Py_ssize_t n, Py_ssize_t grain) nogil
 
 cdef enum:
@@ -330,7 +353,7 @@ GRAM_BUFFER_BYTES = 1 << 23
 
 
 def gram_accumulate(
-    list xs, object base, Py_ssize_t start, double[:, ::1] acc, int threads=0, bint portable=False,
+    list xs, object base, Py_ssize_t start, double[:, ::1] acc, int threads=0, int isa=0,
     Py_ssize_t buffer_bytes=GRAM_BUFFER_BYTES,
 ):
     """Add this chunk's span values of ``sum_i v_j[i] v_k[i]`` (j <= k) into ``acc[j, k]``.
@@ -340,8 +363,9 @@ def gram_accumulate(
     element and must be a multiple of ``GRAM_SPAN``; only the last chunk of a
     tensor may have a length that is not. Only the upper triangle of ``acc`` is
     used. ``threads`` 0 means :func:`meshmerge.cext.threads.get_threads`;
-    ``portable`` skips the AVX-512 code and ``buffer_bytes`` bounds the span values
-    held at once (both only for tests: neither changes a byte).
+    ``isa`` 0 uses the best code for this CPU, 1 the portable C, 2 at most AVX2 + FMA,
+    and ``buffer_bytes`` bounds the span values held at once (both only for tests:
+    neither changes a byte).
     Returns the index of the first input with NaN/Inf, or -1.
     """
     cdef Py_ssize_t nk = len(xs)
@@ -385,7 +409,7 @@ def gram_accumulate(
                 gb = b
                 if b != NULL:
                     gb = b + off
-                mm_gram_par(gp, gb, nk, min(n, g1 * MM_GSPAN_) - off, res, v, sl, flags, nt, portable)
+                mm_gram_par(gp, gb, nk, min(n, g1 * MM_GSPAN_) - off, res, v, sl, flags, nt, isa)
                 for s in range(g1 - g0):
                     q = 0
                     for j in range(nk):

@@ -57,13 +57,14 @@ def test_gram_matches_numpy_and_ignores_chunking_threads_and_cpu(n: int) -> None
     ref = np.array([[np.dot(a, b) for b in d] for a in d])
     results = []
     span_bytes = n * (n + 1) // 2 * 8  # buffer_bytes below this still holds one span
-    for chunk, threads, portable, buf in ((m, 1, False, 1 << 23), (GRAM_SPAN, 2, False, 1 << 23),
-                                          (2 * GRAM_SPAN, 3, False, 1), (m, 2, True, 2 * span_bytes),
-                                          (GRAM_SPAN, 1, True, 1 << 23)):
+    # isa: 0 best for this CPU, 1 portable C, 2 AVX2 + FMA at most
+    for chunk, threads, isa, buf in ((m, 1, 0, 1 << 23), (GRAM_SPAN, 2, 0, 1 << 23),
+                                     (2 * GRAM_SPAN, 3, 0, 1), (m, 2, 1, 2 * span_bytes),
+                                     (GRAM_SPAN, 1, 1, 1 << 23), (m, 2, 2, 1 << 23)):
         acc = np.zeros((n, n))
         for lo in range(0, m, chunk):
             hi = min(lo + chunk, m)
-            got = gram_accumulate([x[lo:hi] for x in xs], base[lo:hi], lo, acc, threads, portable, buf)
+            got = gram_accumulate([x[lo:hi] for x in xs], base[lo:hi], lo, acc, threads, isa, buf)
             assert got == -1
         results.append(gram_finalize(acc))
     for g in results:
@@ -83,10 +84,10 @@ def test_gram_rejects_unaligned_chunks_reports_nan_and_stays_finite_for_huge_val
     xs[1][GRAM_SPAN + 2] = np.inf
     assert gram_accumulate(xs, None, 0, np.zeros((2, 2))) == 1
     # |x| >= 2^60 would overflow float32 products: those blocks use exact float64 products
-    for portable in (False, True):
+    for isa in (0, 1, 2):
         big = [np.full(1000, 3e30, np.float32), np.full(1000, -1e25, np.float32)]
         acc = np.zeros((2, 2))
-        assert gram_accumulate(big, None, 0, acc, 1, portable) == -1
+        assert gram_accumulate(big, None, 0, acc, 1, isa) == -1
         g = gram_finalize(acc)
         assert np.all(np.isfinite(g))
         np.testing.assert_allclose(g, [[1000 * 9e60, -1000 * 3e55], [-1000 * 3e55, 1000 * 1e50]], rtol=1e-6)
