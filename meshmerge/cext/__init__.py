@@ -14,8 +14,16 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from meshmerge.cext.convert import bf16_to_f32, f32_to_bf16, has_nonfinite
-from meshmerge.cext.elemwise import della_merge, emr_elect, fisher_average, moment_lanes
-from meshmerge.cext.gram import gram_accumulate, gram_finalize
+from meshmerge.cext.elemwise import (
+    della_merge,
+    emr_elect,
+    fisher_average,
+    kth_smallest_nonnegative,
+    moment_lanes,
+    safe_freeze,
+    safe_moments,
+)
+from meshmerge.cext.gram import GRAM_SPAN, gram_accumulate, gram_finalize
 from meshmerge.cext.linear import task_sum_f32, weighted_sum_f32, weighted_sum_f64
 from meshmerge.cext.prng import drop_lanes, drop_threshold, random_u64, stream_key, uniform_f64
 from meshmerge.cext.robust import sorted_reduce
@@ -23,6 +31,7 @@ from meshmerge.cext.sparse import mag_range, sparse_merge
 from meshmerge.cext.threads import get_threads, set_threads, using_threads
 
 __all__ = [
+    "GRAM_SPAN",
     "bf16_to_f32",
     "della_merge",
     "drop_lanes",
@@ -34,9 +43,12 @@ __all__ = [
     "gram_accumulate",
     "gram_finalize",
     "has_nonfinite",
+    "kth_smallest_nonnegative",
     "mag_range",
     "moment_lanes",
     "random_u64",
+    "safe_freeze",
+    "safe_moments",
     "set_threads",
     "sorted_reduce",
     "sparse_merge",

@@ -363,8 +363,7 @@ cdef extern from *:
     }
 
     /* Per contributor k: sq[l] += x*x and s1[l] += x for the elements whose global
-       index is = l (mod 8), in increasing index: exactly the (x, 1) entries of the Gram
-       kernel (cext.gram) for the pair, so the same numbers. lanes[k*16 + 0..7] = sum
+       index is = l (mod 8), in increasing index, in float64. lanes[k*16 + 0..7] = sum
        of squares, [k*16 + 8..15] = sums. Contributors run in parallel (each its own
        sums). flags[k] bit 31: x_k holds NaN/Inf. */
     MM_CLONES static void mm_moments_one(const float *x, Py_ssize_t n, uint64_t start, double *lanes,
@@ -414,6 +413,100 @@ cdef extern from *:
         #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if(nt > 1)
         for (Py_ssize_t k = 0; k < nk; k++) mm_moments_one(xs[k], n, start, lanes + k * 16, flags + k);
     }
+
+    /* safe_merge, first pass on [lo0, hi0): per element, t_k = x_k - b (float64),
+       m = sum_k wn_k t_k, then var = sum_k wn_k ((t_k - m)(t_k - m)), k = 0..N-1;
+       var[e] = var, out[e] = (float)(b + m). Contributor-major over blocks so each
+       inner loop is a vectorisable stream (per element the same order). */
+    #define MM_SAFE_BLOCK 512
+    MM_CLONES static void mm_safe_moments(const float *const *xs, const float *b, const double *wn, Py_ssize_t nk,
+                                          Py_ssize_t lo0, Py_ssize_t hi0, double *var, float *out, uint32_t *flags)
+    {
+        double m[MM_SAFE_BLOCK], v[MM_SAFE_BLOCK], bb[MM_SAFE_BLOCK];
+        for (Py_ssize_t i0 = lo0; i0 < hi0; i0 += MM_SAFE_BLOCK) {
+            Py_ssize_t len = hi0 - i0 < MM_SAFE_BLOCK ? hi0 - i0 : MM_SAFE_BLOCK;
+            for (Py_ssize_t j = 0; j < len; j++) {
+                bb[j] = b != NULL ? (double)b[i0 + j] : 0.0;
+                m[j] = 0.0;
+                v[j] = 0.0;
+            }
+            for (Py_ssize_t k = 0; k < nk; k++) {
+                const float *x = xs[k] + i0;
+                const double w = wn[k];
+                uint32_t f = 0;
+                for (Py_ssize_t j = 0; j < len; j++) {
+                    uint32_t bits;
+                    memcpy(&bits, &x[j], 4);
+                    f |= (bits & 0x7F800000u) + 0x00800000u;
+                    m[j] = m[j] + w * ((double)x[j] - bb[j]);
+                }
+                flags[k] |= f;
+            }
+            for (Py_ssize_t k = 0; k < nk; k++) {
+                const float *x = xs[k] + i0;
+                const double w = wn[k];
+                for (Py_ssize_t j = 0; j < len; j++) {
+                    double d = ((double)x[j] - bb[j]) - m[j];
+                    v[j] = v[j] + w * (d * d);
+                }
+            }
+            for (Py_ssize_t j = 0; j < len; j++) {
+                var[i0 + j] = v[j];
+                out[i0 + j] = (float)(bb[j] + m[j]);
+            }
+        }
+    }
+
+    static void mm_safe_moments_par(const float *const *xs, const float *b, const double *wn, Py_ssize_t nk,
+                                    Py_ssize_t n, double *var, float *out, uint32_t *tflags, int nt,
+                                    Py_ssize_t grain)
+    {
+        MM_PAR_BLOCKS(n, grain, nt, {
+            mm_safe_moments(xs, b, wn, nk, lo, hi, var, out, tflags + (Py_ssize_t)tid * nk);
+        });
+    }
+
+    /* The k-th smallest (0-based) of n non-negative doubles without -0.0 or NaN, which
+       order like their bit patterns: four counting passes, each fixing the next 16 bits
+       of the answer among the values that share the bits fixed so far. hist: 65536. */
+    static double mm_kth_nonneg(const double *v, Py_ssize_t n, Py_ssize_t k, uint64_t *hist)
+    {
+        uint64_t prefix = 0;
+        for (int level = 0; level < 4; level++) {
+            const int sh = 48 - 16 * level;
+            memset(hist, 0, sizeof(uint64_t) * 65536);
+            if (level == 0) {
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    uint64_t b;
+                    memcpy(&b, &v[i], 8);
+                    hist[b >> 48]++;
+                }
+            } else {
+                const int hs = sh + 16;
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    uint64_t b;
+                    memcpy(&b, &v[i], 8);
+                    if ((b >> hs) == prefix) hist[(b >> sh) & 0xFFFF]++;
+                }
+            }
+            uint64_t d = 0;
+            while ((Py_ssize_t)hist[d] <= k) { k -= (Py_ssize_t)hist[d]; d++; }
+            prefix = (prefix << 16) | d;
+        }
+        double r;
+        memcpy(&r, &prefix, 8);
+        return r;
+    }
+
+    /* safe_merge, second pass: where var >= thr and var > 0 the element keeps the base:
+       out = (float)(b + 0.0) (b = 0 without a base). */
+    MM_CLONES static void mm_safe_freeze(const double *var, double thr, const float *b, Py_ssize_t n, float *out)
+    {
+        for (Py_ssize_t e = 0; e < n; e++) {
+            double bb = b != NULL ? (double)b[e] : 0.0;
+            if (var[e] >= thr && var[e] > 0.0) out[e] = (float)(bb + 0.0);
+        }
+    }
     """
     int mm_della_thresholds(const float** xs, const float* b, Py_ssize_t nk, Py_ssize_t rows,
                             Py_ssize_t cols, double density, double epsilon, uint32_t* thr, int nt) nogil
@@ -428,6 +521,10 @@ cdef extern from *:
     int mm_team(int want, Py_ssize_t n, Py_ssize_t grain) nogil
     void mm_moments(const float** xs, Py_ssize_t nk, Py_ssize_t n, uint64_t start, double* lanes,
                     uint32_t* flags, int nt) nogil
+    void mm_safe_moments_par(const float** xs, const float* b, const double* wn, Py_ssize_t nk, Py_ssize_t n,
+                             double* var, float* out, uint32_t* tflags, int nt, Py_ssize_t grain) nogil
+    void mm_safe_freeze(const double* var, double thr, const float* b, Py_ssize_t n, float* out) nogil
+    double mm_kth_nonneg(const double* v, Py_ssize_t n, Py_ssize_t k, uint64_t* hist) nogil
 
 
 cdef const float** _ptrs(list xs, Py_ssize_t n) except NULL:
@@ -549,8 +646,7 @@ def moment_lanes(list xs, uint64_t start, double[:, :, ::1] lanes, int threads=0
     """Add this chunk's sums of x_k^2 (``lanes[k, 0]``) and x_k (``lanes[k, 1]``) by lane.
 
     Element ``start + i`` goes to lane ``(start + i) mod 8``, each lane in
-    increasing index: the same numbers as :func:`meshmerge.cext.gram.gram_accumulate`
-    gives for the pair (x_k, ones), at O(1) work per element. Contributors run in
+    increasing index, in float64, at O(1) work per element. Contributors run in
     parallel. Returns the first input holding NaN/Inf, or -1.
     """
     cdef Py_ssize_t nk = len(xs)
@@ -577,3 +673,75 @@ def moment_lanes(list xs, uint64_t start, double[:, :, ::1] lanes, int threads=0
     finally:
         free(flags)
         free(p)
+
+
+def safe_moments(list xs, object base, const double[::1] wn, double[::1] var, float[::1] out, int threads=0):
+    """safe_merge's first pass over one chunk: weighted variance and ``b + mean``.
+
+    Per element, in float64 with k = 0..N-1 in order: ``t_k = x_k - b``,
+    ``m = sum wn_k t_k``, ``var = sum wn_k ((t_k - m)(t_k - m))``; writes ``var``
+    and ``out = float32(b + m)``. Returns the first input holding NaN/Inf, or -1.
+    """
+    cdef Py_ssize_t n = out.shape[0]
+    cdef Py_ssize_t nk = len(xs)
+    cdef Py_ssize_t grain = get_grain()
+    cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, grain)
+    if nk == 0:
+        raise ValueError("no inputs")
+    if wn.shape[0] != nk or var.shape[0] != n:
+        raise ValueError("wn needs one weight per input and var one entry per element")
+    cdef const float* b = optional_f32(base, n)
+    if n == 0:
+        return -1
+    cdef const float** px = _ptrs(xs, n)
+    cdef uint32_t* tflags = <uint32_t*>calloc(nk * nt, sizeof(uint32_t))
+    cdef Py_ssize_t k, t
+    try:
+        if tflags == NULL:
+            raise MemoryError()
+        with nogil:
+            mm_safe_moments_par(px, b, &wn[0], nk, n, &var[0], &out[0], tflags, nt, grain)
+        for k in range(nk):
+            for t in range(1, nt):
+                tflags[k] |= tflags[t * nk + k]
+            if tflags[k] & NONFINITE:
+                return k
+        return -1
+    finally:
+        free(tflags)
+        free(px)
+
+
+def safe_freeze(const double[::1] var, double thr, object base, float[::1] out):
+    """safe_merge's second pass over one chunk: ``out = float32(b + 0.0)`` where
+    ``var >= thr`` and ``var > 0`` (``b`` None means 0)."""
+    cdef Py_ssize_t n = out.shape[0]
+    if var.shape[0] != n:
+        raise ValueError("var and out must have the same length")
+    cdef const float* b = optional_f32(base, n)
+    if n:
+        with nogil:
+            mm_safe_freeze(&var[0], thr, b, n, &out[0])
+
+
+def kth_smallest_nonnegative(const double[::1] values, Py_ssize_t k):
+    """``np.partition(values, k)[k]`` for non-negative float64 values (no -0.0, no NaN).
+
+    Such values order like their bit patterns: four counting passes over the
+    array (65536 bins each) fix the answer 16 bits at a time. Exact, O(n), no
+    copy of the array (numpy's introselect copies it and is several times slower
+    at tens of millions of elements).
+    """
+    cdef Py_ssize_t n = values.shape[0]
+    if not 0 <= k < n:
+        raise ValueError(f"k must be in [0, {n}), got {k}")
+    cdef uint64_t* hist = <uint64_t*>malloc(65536 * sizeof(uint64_t))
+    cdef double r
+    if hist == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            r = mm_kth_nonneg(&values[0], n, k, hist)
+        return r
+    finally:
+        free(hist)

@@ -3,7 +3,16 @@
 import numpy as np
 import pytest
 
-from meshmerge.cext import della_merge, drop_lanes, emr_elect, fisher_average, gram_accumulate, moment_lanes
+from meshmerge.cext import (
+    della_merge,
+    drop_lanes,
+    emr_elect,
+    fisher_average,
+    kth_smallest_nonnegative,
+    moment_lanes,
+    safe_freeze,
+    safe_moments,
+)
 
 
 def della_reference(
@@ -114,17 +123,74 @@ def test_fisher_reports_first_bad_contributor_fisher_before_values() -> None:
 
 
 @pytest.mark.parametrize("start", [0, 3, 8, 13])
-def test_moment_lanes_equal_the_gram_kernel_entries_for_x_and_ones(start: int) -> None:
+def test_moment_lanes_are_sequential_float64_lane_sums(start: int) -> None:
     rng = np.random.default_rng(start)
     xs = [awkward(rng, 1001) for _ in range(3)]
     xs[2] = (rng.standard_normal(1001) * 3).astype(np.float32)
     lanes = np.zeros((3, 2, 8))
     for lo, hi in ((0, 5), (5, 600), (600, 1001)):  # chunked, starting at start + lo
         assert moment_lanes([x[lo:hi] for x in xs], start + lo, lanes, 2) == -1
+    lane_of = (start + np.arange(1001)) % 8
     for k, x in enumerate(xs):
-        gram = np.zeros((2, 2, 8))
-        gram_accumulate([x, np.ones(x.size, np.float32)], None, start, gram)
-        assert lanes[k, 0].tobytes() == gram[0, 0].tobytes()
-        assert lanes[k, 1].tobytes() == gram[0, 1].tobytes()
+        v = x.astype(np.float64)
+        for lane in range(8):
+            sel = v[lane_of == lane]
+            sq = np.cumsum(sel * sel)[-1] if sel.size else 0.0  # cumsum adds in order
+            s1 = np.cumsum(sel)[-1] if sel.size else 0.0
+            assert lanes[k, 0, lane] == sq and lanes[k, 1, lane] == s1
     xs[1][1000] = np.nan
     assert moment_lanes(xs, start, np.zeros((3, 2, 8))) == 1
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_safe_moments_and_freeze_match_their_numpy_definition(with_base: bool) -> None:
+    rng = np.random.default_rng(11)
+    n = 70_001
+    xs = [awkward(rng, n) for _ in range(5)]
+    base = awkward(rng, n) if with_base else None
+    wn = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
+    bb = base.astype(np.float64) if base is not None else 0.0
+    ts = [x.astype(np.float64) - bb for x in xs]
+    m = np.zeros(n)
+    for k, t in enumerate(ts):
+        m = m + wn[k] * t
+    v = np.zeros(n)
+    for k, t in enumerate(ts):
+        v = v + wn[k] * ((t - m) * (t - m))
+    thr = float(np.sort(v)[n // 2])
+    b0 = base.astype(np.float64) if base is not None else np.zeros(n)
+    ref = (b0 + np.where((v >= thr) & (v > 0.0), 0.0, m)).astype(np.float32)
+    for threads in (1, 2, 3):
+        var, out = np.empty(n), np.empty(n, np.float32)
+        assert safe_moments(xs, base, wn, var, out, threads) == -1
+        assert var.tobytes() == v.tobytes()
+        safe_freeze(var, thr, base, out)
+        assert out.tobytes() == ref.tobytes()
+    xs[3][n - 1] = np.inf
+    assert safe_moments(xs, base, wn, np.empty(n), np.empty(n, np.float32)) == 3
+
+
+def test_safe_freeze_keeps_base_plus_zero_and_never_freezes_zero_variance() -> None:
+    out = np.full(4, 7.0, np.float32)
+    safe_freeze(np.array([1.0, 1.0, 0.0, 0.5]), 0.0, np.array([-0.0, 2.0, 3.0, -1.0], np.float32), out)
+    assert out.tolist() == [0.0, 2.0, 7.0, -1.0] and not np.signbit(out[0])
+    safe_freeze(np.array([1.0, 1.0, 0.0, 0.5]), 0.75, None, out)
+    assert out.tolist() == [0.0, 0.0, 7.0, -1.0]
+
+
+def test_kth_smallest_nonnegative_equals_numpy_partition() -> None:
+    rng = np.random.default_rng(3)
+    cases = [
+        rng.random(100_000) ** 8,
+        np.zeros(5_000),
+        np.full(7_000, 3.5),
+        np.where(rng.random(20_000) < 0.9, 0.25, rng.random(20_000)),
+        rng.integers(0, 3, 10_000) * 1e-300,  # subnormals and zeros
+        np.array([5.0]),
+        np.array([np.inf, 1.0, 0.0, 1e308]),
+    ]
+    for v in cases:
+        for k in sorted({0, v.size - 1, v.size // 2, v.size // 10, max(0, v.size - 7)}):
+            assert kth_smallest_nonnegative(v, k) == np.partition(v, k)[k], (v[:3], k)
+    with pytest.raises(ValueError, match="k must be"):
+        kth_smallest_nonnegative(np.ones(3), 3)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from meshmerge.cext import (
+    GRAM_SPAN,
     bf16_to_f32,
     f32_to_bf16,
     gram_accumulate,
@@ -46,22 +47,50 @@ def test_bf16_roundtrip_matches_numpy_reference() -> None:
     assert np.array_equal(back.view(np.uint32)[1:], bits[1:].astype(np.uint32) << 16)
 
 
-def test_gram_matches_numpy_and_ignores_chunking() -> None:
-    rng = np.random.default_rng(4)
-    xs = [rng.standard_normal(1003).astype(np.float32) for _ in range(4)]
-    base = rng.standard_normal(1003).astype(np.float32)
-    d = [x.astype(np.float64) - base for x in xs]
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 9, 16])
+def test_gram_matches_numpy_and_ignores_chunking_threads_and_cpu(n: int) -> None:
+    m = 3 * GRAM_SPAN + 1003
+    rng = np.random.default_rng(n)
+    xs = [rng.standard_normal(m).astype(np.float32) for _ in range(n)]
+    base = rng.standard_normal(m).astype(np.float32)
+    d = [(x - base).astype(np.float64) for x in xs]  # the kernel's v is x - b in float32
     ref = np.array([[np.dot(a, b) for b in d] for a in d])
     results = []
-    for chunk in (1003, 8, 13, 64):
-        lanes = np.zeros((4, 4, 8))
-        for lo in range(0, 1003, chunk):
-            hi = min(lo + chunk, 1003)
-            assert gram_accumulate([x[lo:hi] for x in xs], base[lo:hi], lo, lanes) == -1
-        results.append(gram_finalize(lanes))
+    span_bytes = n * (n + 1) // 2 * 8  # buffer_bytes below this still holds one span
+    # isa: 0 best for this CPU, 1 portable C, 2 AVX2 + FMA at most
+    for chunk, threads, isa, buf in ((m, 1, 0, 1 << 23), (GRAM_SPAN, 2, 0, 1 << 23),
+                                     (2 * GRAM_SPAN, 3, 0, 1), (m, 2, 1, 2 * span_bytes),
+                                     (GRAM_SPAN, 1, 1, 1 << 23), (m, 2, 2, 1 << 23)):
+        acc = np.zeros((n, n))
+        for lo in range(0, m, chunk):
+            hi = min(lo + chunk, m)
+            got = gram_accumulate([x[lo:hi] for x in xs], base[lo:hi], lo, acc, threads, isa, buf)
+            assert got == -1
+        results.append(gram_finalize(acc))
     for g in results:
         assert g.tobytes() == results[0].tobytes()
-    np.testing.assert_allclose(results[0], ref, rtol=1e-12)
+    scale = np.sqrt(np.outer(np.diag(ref), np.diag(ref)))
+    # float32 products summed in float32 over 32 per lane, float64 beyond
+    assert np.max(np.abs(results[0] - ref) / scale) < 1e-6
+    assert np.array_equal(results[0], results[0].T)
+
+
+def test_gram_rejects_unaligned_chunks_reports_nan_and_stays_finite_for_huge_values() -> None:
+    xs = [np.ones(GRAM_SPAN + 5, np.float32), np.full(GRAM_SPAN + 5, 2.0, np.float32)]
+    with pytest.raises(ValueError, match="multiple of GRAM_SPAN"):
+        gram_accumulate([x[5:] for x in xs], None, 5, np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="shape"):
+        gram_accumulate(xs, None, 0, np.zeros((3, 3)))
+    xs[1][GRAM_SPAN + 2] = np.inf
+    assert gram_accumulate(xs, None, 0, np.zeros((2, 2))) == 1
+    # |x| >= 2^60 would overflow float32 products: those blocks use exact float64 products
+    for isa in (0, 1, 2):
+        big = [np.full(1000, 3e30, np.float32), np.full(1000, -1e25, np.float32)]
+        acc = np.zeros((2, 2))
+        assert gram_accumulate(big, None, 0, acc, 1, isa) == -1
+        g = gram_finalize(acc)
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, [[1000 * 9e60, -1000 * 3e55], [-1000 * 3e55, 1000 * 1e50]], rtol=1e-6)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 16])

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from meshmerge.cext import gram_accumulate, gram_finalize, task_sum_f32, weighted_sum_f32
+from meshmerge.cext import GRAM_SPAN, gram_accumulate, gram_finalize, task_sum_f32, weighted_sum_f32
 from meshmerge.crdt.strategies._stream import TensorStream
 from meshmerge.crdt.strategies.base import MergeInput
 from meshmerge.crdt.tensors import TensorSpec
@@ -42,15 +42,20 @@ def _task_chunk(
 
 
 def model_gram(inp: MergeInput, chunk: int, *, base: bool) -> list[npt.NDArray[np.float64]]:
-    """Per-tensor Gram matrices of ``x_k`` (or ``x_k - b``), in spec order."""
+    """Per-tensor Gram matrices of ``x_k`` (or ``x_k - b``), in spec order.
+
+    The kernel sums whole spans of ``GRAM_SPAN`` elements, so chunks are rounded
+    to a multiple of it (the result never depends on ``chunk``).
+    """
     n = len(inp.tensors)
+    step = max(GRAM_SPAN, chunk // GRAM_SPAN * GRAM_SPAN)
     grams = []
     for spec in inp.specs:
-        stream = TensorStream(inp, spec, chunk, base=base)
-        lanes = np.zeros((n, n, 8), dtype=np.float64)
+        stream = TensorStream(inp, spec, step, base=base)
+        acc = np.zeros((n, n), dtype=np.float64)
         for lo, _hi, xs, b in stream.chunks():
-            stream.check(gram_accumulate(xs, b, lo, lanes))
-        grams.append(gram_finalize(lanes))
+            stream.check(gram_accumulate(xs, b, lo, acc))
+        grams.append(gram_finalize(acc))
     return grams
 
 

@@ -88,6 +88,12 @@ class TensorStream:
                     raise StrategyError(f"base model tensor {self.spec.name!r} holds NaN or Inf")
             yield lo, hi, xs, b
 
+    def base_chunks(self) -> Iterator[tuple[int, int, F32 | None]]:
+        """Yield ``(lo, hi, base[lo:hi] as float32 or None)`` without touching the contributions."""
+        for lo in range(0, self.numel, self.chunk):
+            hi = min(lo + self.chunk, self.numel)
+            yield lo, hi, None if self.base is None else _widen(self.base, self.spec.dtype, lo, hi)
+
     def check(self, bad: int) -> None:
         """Raise if a kernel reported a non-finite value in input ``bad``."""
         if bad >= 0:

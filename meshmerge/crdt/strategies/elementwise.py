@@ -1,6 +1,6 @@
 """Elementwise strategies: EMR elect, DELLA, nearswap, passthrough.
 
-EMR and DELLA run in :mod:`meshmerge.cext.elemwise`, which performs exactly the
+EMR, DELLA and safe_merge run in :mod:`meshmerge.cext.elemwise`, which performs exactly the
 float64 operations written below in the same order (a stable radix sort gives
 DELLA's ranks); the rest use numpy. Elementwise ``+ - * /``, ``abs``,
 ``maximum`` and comparisons are exactly rounded / exact, and every sum runs
@@ -35,7 +35,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from meshmerge.cext import della_merge, emr_elect, has_nonfinite, stream_key
+from meshmerge.cext import (
+    della_merge,
+    emr_elect,
+    has_nonfinite,
+    kth_smallest_nonnegative,
+    safe_freeze,
+    safe_moments,
+    stream_key,
+)
 from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, task_base, to_storage
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
 from meshmerge.crdt.tensors import TensorSpec
@@ -238,9 +246,13 @@ class SafeMerge(Strategy):
     """crdt-merge's ``safe_merge`` idea: entries where the contributions disagree most
     (highest weighted variance of the task values, the top ``fraction`` per tensor; ties at
     the threshold all count; zero variance never does) are treated as safety-critical and
-    keep the base value; the rest is the weighted average. The variance threshold is an
-    exact order statistic (numpy partition), which holds one float64 variance per element
-    of the tensor in memory."""
+    keep the base value; the rest is the weighted average. Per element, in float64 and
+    contributor order: ``m = sum_k wn_k t_k``, ``var = sum_k wn_k ((t_k - m)(t_k - m))``,
+    ``out = float32(b + m)``, or ``float32(b + 0.0)`` where frozen (kernels
+    ``safe_moments`` / ``safe_freeze``). The variance threshold is an exact order
+    statistic (``kth_smallest_nonnegative``: counting passes over the bit patterns;
+    variances are never -0.0 or NaN), which holds one float64 variance per element of
+    the tensor in memory."""
 
     name = "safe_merge"
     params_type = SafeMergeParams
@@ -248,26 +260,20 @@ class SafeMerge(Strategy):
     def merge(self, inp: MergeInput, params: SafeMergeParams, chunk: int) -> dict[str, Any]:
         use_base = task_base(inp, self.name)
         w = checked_weights(inp, positive=True)
-        wn = w / float(w.sum())
+        wn = np.ascontiguousarray(w / float(w.sum()), dtype=np.float64)
         out: dict[str, Any] = {}
         for spec in inp.specs:
-            mean = np.zeros(spec.numel)
-            var = np.zeros(spec.numel)
-            base = np.zeros(spec.numel)
-            for lo, hi, ts, b in _task_chunks(inp, spec, chunk, use_base):
-                m = np.zeros(hi - lo)
-                for k, t in enumerate(ts):
-                    m = m + wn[k] * t
-                v = np.zeros(hi - lo)
-                for k, t in enumerate(ts):
-                    v = v + wn[k] * ((t - m) * (t - m))
-                mean[lo:hi], var[lo:hi], base[lo:hi] = m, v, b
+            stream = TensorStream(inp, spec, chunk, base=use_base)
+            var = np.empty(spec.numel)
+            flat = np.empty(spec.numel, dtype=np.float32)
+            for lo, hi, xs, b in stream.chunks():
+                stream.check(safe_moments(xs, b, wn, var[lo:hi], flat[lo:hi]))
             frozen = math.ceil(params.fraction * spec.numel)
             if frozen > 0:
-                thr = np.partition(var, spec.numel - frozen)[spec.numel - frozen]
-                # Entries without any disagreement are never frozen.
-                mean = np.where((var >= thr) & (var > 0.0), 0.0, mean)
-            out[spec.name] = to_storage((base + mean).astype(np.float32), spec)
+                thr = float(kth_smallest_nonnegative(var, spec.numel - frozen))
+                for lo, hi, b in stream.base_chunks():
+                    safe_freeze(var[lo:hi], thr, b, flat[lo:hi])
+            out[spec.name] = stream.finish(flat)
         return out
 
 

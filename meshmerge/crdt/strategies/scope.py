@@ -30,7 +30,7 @@ from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, Strateg
 
 
 def _lane_sums(lanes: npt.NDArray[np.float64]) -> tuple[float, float]:
-    """(sum of squares, sum): lanes 0..7 added in order, as gram_finalize does."""
+    """(sum of squares, sum): lanes 0..7 added in order."""
     sq = s1 = 0.0
     for lane in range(8):
         sq = sq + float(lanes[0, lane])

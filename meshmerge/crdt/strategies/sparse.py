@@ -44,11 +44,15 @@ SIGN_MODES = ("total", "count")
 
 
 #: Histogram bins per (contributor, rank) in one counting pass.
-BINS = 1 << 14
+BINS = 1 << 11
 #: Largest magnitude bit pattern a finite float32 can have (Inf is reported as an error).
 U_MAX = 0x7F7FFFFF
-#: Sampled magnitudes per contributor used to guess a narrow first range (blocks of 16).
-SAMPLE = 1 << 16
+#: Sampled magnitudes per contributor used to guess a narrow first range. Its size only
+#: sets the width of the guessed range (a wider one still resolves in the same two passes,
+#: up to BINS^2 = 2^22 bit patterns), so a small sample in cache-friendly blocks is enough.
+SAMPLE = 1 << 14
+#: Contiguous elements per sampled block.
+SAMPLE_BLOCK = 64
 #: Tensors at least this large start from a sampled range (smaller ones: the sample costs
 #: more than the counting pass it saves).
 SAMPLED_FROM = 16 * SAMPLE
@@ -61,16 +65,19 @@ def _shift_for(lo: int, hi: int) -> int:
     return s
 
 
-def _sample_bits(stream: TensorStream, k: int) -> npt.NDArray[np.uint32]:
-    """Magnitude bit patterns of a fixed, evenly spread sample of contributor k's task vector."""
+def _sample_bits(stream: TensorStream) -> npt.NDArray[np.uint32]:
+    """Magnitude bit patterns of a fixed, evenly spread sample of every contributor's task
+    vector, shape (N, SAMPLE): the same SAMPLE // SAMPLE_BLOCK blocks for all."""
     numel = stream.numel
-    starts = (np.arange(SAMPLE // 16, dtype=np.int64) * numel) // (SAMPLE // 16)
-    idx = (starts[:, None] + np.arange(16, dtype=np.int64)[None, :]).reshape(-1)
+    nb = SAMPLE // SAMPLE_BLOCK
+    starts = (np.arange(nb, dtype=np.int64) * numel) // nb
+    idx = (starts[:, None] + np.arange(SAMPLE_BLOCK, dtype=np.int64)[None, :]).reshape(-1)
     idx = np.minimum(idx, numel - 1)
-    x = to_f32(np.asarray(stream.flats[k][idx]), stream.spec.dtype)
+    dtype = stream.spec.dtype
+    x = np.stack([to_f32(np.asarray(f[idx]), dtype) for f in stream.flats])
     if stream.base is not None:
-        x = x - to_f32(np.asarray(stream.base[idx]), stream.spec.dtype)
-    return np.abs(x).view(np.uint32)
+        x -= to_f32(np.asarray(stream.base[idx]), dtype)
+    return np.abs(x, out=x).view(np.uint32)
 
 
 def magnitude_thresholds(stream: TensorStream, ranks: list[int]) -> npt.NDArray[np.float32]:
@@ -96,21 +103,18 @@ def magnitude_thresholds(stream: TensorStream, ranks: list[int]) -> npt.NDArray[
     hi = np.full((n, nr), U_MAX, dtype=np.uint32)
     active = np.array([[r > 0 for r in ranks]] * n, dtype=np.uint8)
     if numel >= SAMPLED_FROM:
-        for k in range(n):
-            sample = _sample_bits(stream, k)
-            for j, r in enumerate(ranks):
-                if r <= 0:
-                    continue
-                q = r / numel
-                pos = q * SAMPLE
-                delta = 5.0 * math.sqrt(SAMPLE * q * (1.0 - q)) + 16.0
-                top = max(0, math.floor(pos - delta))  # rank from the largest
-                bottom = min(SAMPLE - 1, math.ceil(pos + delta))
-                a, b = np.partition(sample, [SAMPLE - 1 - bottom, SAMPLE - 1 - top])[
-                    [SAMPLE - 1 - bottom, SAMPLE - 1 - top]
-                ]
-                hi[k, j] = b if top > 0 else U_MAX
-                lo[k, j] = a if bottom < SAMPLE - 1 else 0
+        sample = _sample_bits(stream)
+        for j, r in enumerate(ranks):
+            if r <= 0:
+                continue
+            q = r / numel
+            pos = q * SAMPLE
+            delta = 5.0 * math.sqrt(SAMPLE * q * (1.0 - q)) + 16.0
+            top = max(0, math.floor(pos - delta))  # rank from the largest
+            bottom = min(SAMPLE - 1, math.ceil(pos + delta))
+            part = np.partition(sample, [SAMPLE - 1 - bottom, SAMPLE - 1 - top], axis=1)
+            hi[:, j] = part[:, SAMPLE - 1 - top] if top > 0 else U_MAX
+            lo[:, j] = part[:, SAMPLE - 1 - bottom] if bottom < SAMPLE - 1 else 0
     while active.any():
         shift = np.zeros((n, nr), dtype=np.int32)
         for k in range(n):

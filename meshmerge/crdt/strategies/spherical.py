@@ -14,9 +14,13 @@ second pass writes ``sum_k c_k x_k`` in float64.
   weighted Karcher mean below (for two inputs of equal norm that mean is this
   slerp; for unequal norms slerp's result norm differs, as in mergekit).
 * ``karcher`` — weighted Riemannian (Karcher) mean of the directions
-  ``x_k/|x_k|`` on the unit sphere by fixed-count gradient steps
+  ``x_k/|x_k|`` on the unit sphere by Riemannian gradient steps
   ``m <- exp_m(sum_k w_k log_m(u_k))`` starting at the normalised weighted
-  Euclidean mean, rescaled to the weighted mean norm ``sum_k w_k |x_k|``.
+  Euclidean mean, rescaled to the weighted mean norm ``sum_k w_k |x_k|``;
+  at most ``steps`` steps, and it stops as soon as a step would move the
+  iterate by at most ``KARCHER_TOL`` = 1e-12 radians (converged far below the
+  float32 output's resolution; a pure function of the Gram matrix, so every
+  replica stops at the same step).
   ``multislerp`` is the same with one step (tangent-space barycentre).
   All iterates stay in the span of the x_k, so they run on N coefficients.
 * ``model_stock`` — Jang, Yun, Han 2024, "Model Stock": per tensor,
@@ -39,6 +43,8 @@ from meshmerge.crdt.strategies._stream import checked_weights, task_base
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
 
 PARALLEL = 1.0 - 1e-7
+#: A Karcher step shorter than this (radians) ends the iteration without being taken.
+KARCHER_TOL = 1e-12
 
 
 def _normalized(inp: MergeInput) -> list[float]:
@@ -97,7 +103,7 @@ def karcher_coefficients(g: npt.NDArray[np.float64], w: list[float], steps: int)
         back = math.fsum(pull)
         v = [v[k] - back * a[k] for k in range(n)]
         vn = norm_of(v)
-        if vn == 0.0:
+        if vn <= KARCHER_TOL:
             break
         cs, sn = detmath.cos(vn), detmath.sin(vn)
         a = [cs * a[k] + sn * v[k] / vn for k in range(n)]
@@ -109,7 +115,7 @@ def karcher_coefficients(g: npt.NDArray[np.float64], w: list[float], steps: int)
 @dataclass(frozen=True)
 class SlerpParams(Params):
     """t: interpolation position for two contributions (None: w1 / (w0 + w1));
-    steps: Karcher iterations used when there are more than two contributions."""
+    steps: most Karcher iterations when there are more than two contributions."""
 
     t: float | None = None
     steps: int = 10
@@ -144,7 +150,7 @@ class Slerp(Strategy):
 
 @dataclass(frozen=True)
 class KarcherParams(Params):
-    """steps: fixed number of Riemannian gradient steps."""
+    """steps: most Riemannian gradient steps (fewer once a step is below KARCHER_TOL)."""
 
     steps: int = 10
 

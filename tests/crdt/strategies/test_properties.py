@@ -8,6 +8,7 @@ import pytest
 from meshmerge.cext import using_threads
 from meshmerge.crdt import strategies
 from meshmerge.crdt.strategies import MergeInput
+from meshmerge.crdt.tensors import TensorSpec, from_f32
 from tests.crdt.strategies.cases import IDENTITY, PERMUTATION, RUNNABLE
 from tests.crdt.strategies.helpers import make_input, run, same
 
@@ -112,3 +113,24 @@ def test_outputs_have_storage_dtype_and_shape() -> None:
             assert sorted(out) == [s.name for s in inp.specs]
             for spec in inp.specs:
                 assert out[spec.name].dtype == np_dtype and out[spec.name].shape == spec.shape
+
+
+@pytest.mark.parametrize("name", ["karcher", "geometric_median", "safe_merge"])
+def test_large_tensors_give_the_same_bytes_for_any_threads_and_chunks(name: str) -> None:
+    """Tensors spanning several Gram spans (16384 elements) and kernel blocks, so threads
+    and chunk boundaries really split the work."""
+    m = 3 * 16384 + 777
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal(m).astype(np.float32)
+    xs = [base + np.float32(0.01) * rng.standard_normal(m).astype(np.float32) for _ in range(6)]
+    spec = [TensorSpec("w", "BF16" if name == "safe_merge" else "F32", (m,))]
+    if name == "safe_merge":
+        xs, base = [from_f32(x, "BF16") for x in xs], from_f32(base, "BF16")
+    inp = MergeInput([{"w": x} for x in xs], [1.0, 2.0, 1.0, 3.0, 1.0, 1.0], "weights", spec, bytes(32),
+                     {"w": base})
+    with using_threads(1):
+        ref = strategies.get(name).run(inp, {})["w"]
+    for threads, chunk in ((2, 8), (3, 16384 + 8), (2, 1 << 20)):
+        with using_threads(threads, grain=1024):
+            out = strategies.get(name).run(inp, {}, chunk_elements=chunk)["w"]
+        assert out.tobytes() == ref.tobytes(), (threads, chunk)

@@ -7,7 +7,7 @@ import pytest
 
 from meshmerge.crdt.strategies import MergeInput
 from meshmerge.crdt.strategies._stream import TensorStream
-from meshmerge.crdt.strategies.sparse import SAMPLE, SAMPLED_FROM, magnitude_thresholds
+from meshmerge.crdt.strategies.sparse import SAMPLE, SAMPLE_BLOCK, SAMPLED_FROM, magnitude_thresholds
 from meshmerge.crdt.tensors import TensorSpec, from_f32, to_f32
 
 M = SAMPLED_FROM + 1234
@@ -47,11 +47,11 @@ def test_thresholds_stay_exact_when_the_sample_is_misleading() -> None:
     """The sampled blocks hold zeros, the rest large values (and the other way round):
     the guessed range is wrong, the counting passes still find the exact value."""
     rng = np.random.default_rng(12)
-    blocks = SAMPLE // 16
+    blocks = SAMPLE // SAMPLE_BLOCK
     starts = (np.arange(blocks, dtype=np.int64) * M) // blocks
     sampled = np.zeros(M, bool)
     for s in starts:
-        sampled[s : s + 16] = True
+        sampled[s : s + SAMPLE_BLOCK] = True
     big = rng.standard_normal(M).astype(np.float32) + np.float32(10.0)
     low = np.where(sampled, np.float32(0.0), big)
     high = np.where(sampled, np.float32(1e6), rng.standard_normal(M).astype(np.float32) * np.float32(1e-3))
