@@ -112,6 +112,35 @@ class YamuxStream(IMuxedStream):
                 await self._lot.park()  # out of send window: wait for this stream's update
         await conn._backpressure()
 
+    def write_nowait(self, data: bytes) -> bool:
+        """Queue all of `data` without waiting, or nothing: False if that would need a wait.
+
+        For a caller that runs outside a task of its own (the gossip driver writes a
+        peer's frames straight from the event that produced them): it saves waking a
+        writer task per message. It refuses, leaving the stream untouched, when the
+        stream is reset or closed, the session is dead, the send window is smaller
+        than `data`, or the session's output is above `OUTPUT_HIGH_WATER`; the caller
+        then uses :meth:`write`, which waits and raises as usual.
+        """
+        if not self.can_write_nowait(len(data)):
+            return False
+        conn = self.conn
+        conn.state.send_data(self._st, data)
+        conn._kick()
+        return True
+
+    def can_write_nowait(self, n: int) -> bool:
+        """Whether :meth:`write_nowait` would take `n` bytes now."""
+        st = self._st
+        conn = self.conn
+        return not (
+            st.reset
+            or st.local_closed
+            or conn._dead
+            or n > st.send_window
+            or len(conn.state.out) > OUTPUT_HIGH_WATER
+        )
+
     async def close(self) -> None:
         """Half-close (FIN); reading stays possible until the peer closes too."""
         self.conn._close_stream(self._st)
