@@ -280,9 +280,19 @@ class NoiseSession(BaseSession):
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
-        async with self._write_lock:
-            # encrypt under the lock: nonces must reach the wire in order
+        lock = self._write_lock
+        if lock.locked():
+            async with lock:
+                # encrypt under the lock: nonces must reach the wire in order
+                await self._wire.send(self.seal(data))
+            return
+        # Uncontended (the usual case: yamux has one writer task): take the lock without
+        # `Lock.acquire`'s extra trip through the scheduler; the send still yields.
+        lock.acquire_nowait()
+        try:
             await self._wire.send(self.seal(data))
+        finally:
+            lock.release()
 
     async def close(self) -> None:
         await self._wire.raw.close()

@@ -256,3 +256,55 @@ def test_host_sockets_have_tcp_nodelay() -> None:
                 assert sock.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
     run(body, 30)
+
+
+def test_write_nowait_takes_all_or_nothing_and_keeps_order() -> None:
+    """`write_nowait` queues whole writes while the window lasts, then refuses without side effects;
+    the bytes arrive in order with those of the waiting `write` that follows."""
+    chunk = 10_000
+
+    async def body() -> None:
+        cfg = HostConfig()
+        async with running_host(cfg, Identity.generate()) as a, running_host(cfg, Identity.generate()) as b:
+            got = bytearray()
+            done = trio.Event()
+            total = trio.Event()
+
+            async def sink(stream: Any) -> None:
+                await total.wait()  # do not read until the writer has run out of window
+                try:
+                    while True:
+                        got.extend(await stream.read(65536))
+                except Exception:
+                    pass
+                done.set()
+
+            b.set_stream_handler(SINK, sink)
+            await a.connect(info_of(b))
+            stream = await a.new_stream(b.get_id(), [SINK])
+            muxed = stream.muxed_stream
+            sent = bytearray()
+            i = 0
+            while True:
+                data = bytes([i % 251]) * chunk
+                if not muxed.can_write_nowait(len(data)):
+                    assert not muxed.write_nowait(data)
+                    break
+                assert muxed.write_nowait(data)
+                sent += data
+                i += 1
+            # the initial window is all the sender may queue before the reader credits it
+            assert INITIAL_WINDOW - chunk < len(sent) <= INITIAL_WINDOW
+            assert not muxed.write_nowait(b"x" * chunk)  # still refused: nothing was queued
+            total.set()
+            tail = os.urandom(3 * INITIAL_WINDOW)
+            await muxed.write(tail)  # waits for window updates
+            sent += tail
+            await stream.close()
+            with trio.fail_after(30):
+                await done.wait()
+            assert bytes(got) == bytes(sent)
+            await muxed.reset()
+            assert not muxed.can_write_nowait(1) and not muxed.write_nowait(b"y")
+
+    run(body, 60)
