@@ -19,7 +19,11 @@ py-libp2p, when the Python driver reads it off p2pd's control socket for go
 
 Implementations:
 - ours: meshmerge GossipService (driver + sans-I/O router), derived peer-score
-  parameters (127.0.0.0/8 whitelisted for P6), async accept-all validator.
+  parameters (127.0.0.0/8 whitelisted for P6), plain (inline) accept-all validator.
+- ours-procs: the same, one OS process per node (meshmerge/testing/gossip_node.py,
+  GC tuned as the daemon does); each round's stderr line adds the nodes' GC
+  collections during the measurement and, with GOSSIP_NODE_STEPS=1, trio task
+  steps and scheduler I/O waits per message (all ten nodes).
 - stock-default: py-libp2p 0.8.1 GossipSub as a new user configures it (only
   D=6/Dlo=4/Dhi=12 given; heartbeat 120 s, 10 msg/s per-topic limit).
 - stock-tuned: the same plus heartbeat_interval=1 (the spec default) and the
@@ -174,7 +178,7 @@ async def ours_mesh(n: int) -> AsyncIterator[Mesh]:
 
             node = make()
 
-            async def validator(author: bytes, data: bytes) -> Validation:
+            def validator(author: bytes, data: bytes) -> Validation:  # plain: runs inline
                 return Validation.ACCEPT
 
             async def handler(author: bytes, data: bytes, node: Node = node) -> None:

@@ -293,6 +293,8 @@ class _PeerState:
     """The muxed stream, when it offers ``write_nowait`` (meshmerge's yamux)."""
     idle: bool = False
     """The writer task holds no frames and waits for ``wake``: direct writes are safe."""
+    gone: trio.Event = field(default_factory=trio.Event)
+    """Set once the peer task has removed the peer from the router and reset its stream."""
 
 
 class _Notifee(INotifee):
@@ -340,6 +342,8 @@ class DriverStats:
     validator_errors: int = 0
     handler_errors: int = 0
     delivered: int = 0
+    read_pauses: int = 0
+    """Times a push-mode reader stopped taking a peer's data because handlers fell behind."""
 
 
 class GossipService:
@@ -735,6 +739,7 @@ class GossipService:
                 with trio.CancelScope(shield=True), trio.move_on_after(1.0), contextlib.suppress(Exception):
                     await stream.reset()
             self._drained.unpark_all()
+            st.gone.set()
         # the connection may have outlived the stream: retry a bounded number of times
         if self._nursery is not None and self._connected(peer) and peer not in self._not_pubsub:
             # a session shorter than STABLE_SESSION_HEARTBEATS counts as a failure, so a remote that
@@ -832,9 +837,12 @@ class GossipService:
     async def _read_loop(self, peer: ID, stream: INetStream) -> None:
         pb = peer.to_bytes()
         decoder = FrameDecoder(self._codec_limits)
+        src = getattr(stream, "muxed_stream", stream)  # skip NetStream's per-call lock
+        if callable(getattr(src, "set_receiver", None)):
+            await self._push_read_loop(peer, pb, decoder, src)
+            return
         chunk = self.config.read_chunk_bytes
         r = self.router
-        src = getattr(stream, "muxed_stream", stream)  # skip NetStream's per-call lock
         while True:
             try:
                 data = await src.read(chunk)
@@ -844,21 +852,83 @@ class GossipService:
             if not data:
                 log.debug("gossip: inbound stream from %s closed", peer)
                 return
-            try:
-                rpcs = decoder.feed(data)
-            except GossipCodecError as exc:
-                self.stats.bad_frames += 1
-                if r.score is not None and pb in r.peers:
-                    r.score.add_penalty(pb, 1)
-                self._drop(peer, f"malformed frame: {exc}")
+            if not self._on_data(peer, pb, decoder, data):
                 return
-            now = time.monotonic()
-            for rpc in rpcs:
-                r.on_rpc(pb, rpc, now)
-            self._pump()
             deliveries = r.take_deliveries()  # accepted inline by plain validators
             if deliveries:
                 await self._deliver(deliveries)
+
+    async def _push_read_loop(self, peer: ID, pb: bytes, decoder: FrameDecoder, src: Any) -> None:
+        """Read loop for a stream that pushes its data (meshmerge's yamux, ``set_receiver``).
+
+        Frames are decoded and handled inside the session's reader task as they arrive;
+        this task only runs handlers for messages accepted inline. It detaches the
+        receiver while more than ``max_pending_validations`` deliveries wait, so a slow
+        handler makes the peer wait (yamux window) instead of growing a queue.
+        """
+        r = self.router
+        limit = self.config.params.max_pending_validations
+        pending: list[Delivery] = []
+        ended = detached = False
+        wake = trio.Event()
+
+        def on_data(data: bytes) -> None:
+            nonlocal ended, detached
+            if ended:
+                return
+            try:
+                ok = bool(data) and self._on_data(peer, pb, decoder, data)
+            except BaseException:
+                ok = False  # a bug below: end this stream (yamux logs it and resets the stream)
+                raise
+            finally:
+                if not ok:
+                    ended = True
+                    wake.set()
+            deliveries = r.take_deliveries()
+            if deliveries:
+                pending.extend(deliveries)
+                if len(pending) >= limit:
+                    detached = True
+                    self.stats.read_pauses += 1
+                    src.set_receiver(None)
+                wake.set()
+
+        src.set_receiver(on_data)
+        try:
+            while True:
+                if pending:
+                    batch = pending[:]
+                    pending.clear()
+                    await self._deliver(batch)
+                    if detached and not ended:
+                        detached = False
+                        src.set_receiver(on_data)  # hands over what buffered meanwhile
+                    continue
+                if ended:
+                    log.debug("gossip: inbound stream from %s ended", peer)
+                    return
+                wake = trio.Event()
+                await wake.wait()
+        finally:
+            src.set_receiver(None)
+
+    def _on_data(self, peer: ID, pb: bytes, decoder: FrameDecoder, data: bytes) -> bool:
+        """Decode and handle the frames in ``data``; False (peer dropped) on a malformed frame."""
+        r = self.router
+        try:
+            rpcs = decoder.feed(data)
+        except GossipCodecError as exc:
+            self.stats.bad_frames += 1
+            if r.score is not None and pb in r.peers:
+                r.score.add_penalty(pb, 1)
+            self._drop(peer, f"malformed frame: {exc}")
+            return False
+        now = time.monotonic()
+        for rpc in rpcs:
+            r.on_rpc(pb, rpc, now)
+        self._pump()
+        return True
 
     async def _validation_worker(self) -> None:
         r = self.router
@@ -919,6 +989,10 @@ class GossipService:
                 st = self._peers.get(peer)
                 if st is not None:
                     st.scope.cancel()
+                    # the router forgets the peer before its connections go (bounded: the task's
+                    # clean-up is)
+                    with trio.move_on_after(2.0):
+                        await st.gone.wait()
                 reader = self._readers.get(peer)
                 if reader is not None:
                     reader.cancel()

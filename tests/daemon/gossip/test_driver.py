@@ -77,6 +77,36 @@ def test_plain_validators_run_inline_and_frames_keep_their_order() -> None:
     run(body, timeout=120)
 
 
+def test_a_slow_handler_pauses_reading_instead_of_queueing() -> None:
+    """Push-mode reading stops taking a peer's data while max_pending_validations deliveries wait
+    for a slow handler; nothing is lost and order is kept."""
+    params = GossipSubParams(max_pending_validations=8)
+    config = GossipConfig(params=params, max_validation_concurrency=4)
+
+    async def body() -> None:
+        async with gossip_nodes(2, config) as (a, b):
+            got: list[int] = []
+
+            def validator(author: bytes, data: bytes) -> Validation:
+                return Validation.ACCEPT
+
+            async def slow_handler(author: bytes, data: bytes) -> None:
+                got.append(int.from_bytes(data[:4], "big"))
+                await trio.sleep(0.002)
+
+            b.service.subscribe(TOPIC, validator, slow_handler)
+            a.join(TOPIC, inline=True)
+            await a.host.connect(b.info)
+            await wait_for(lambda: mesh_ready([a, b], TOPIC, 1), what="mesh")
+            for i in range(200):
+                await a.service.publish(TOPIC, i.to_bytes(4, "big") + b"x" * 200)
+            await wait_for(lambda: len(got) == 200, what="deliveries", timeout=60)
+            assert got == list(range(200))
+            assert b.service.stats.read_pauses >= 1
+
+    run(body, timeout=90)
+
+
 def test_a_plain_validator_that_raises_ignores_the_message() -> None:
     async def body() -> None:
         async with gossip_nodes(2, _scored_config()) as (a, b):
