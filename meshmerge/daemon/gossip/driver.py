@@ -38,7 +38,7 @@ The router decides everything; this module only moves bytes and time.
 * **Validation.** A topic's validator may be a plain function or an async one.
   A plain one runs inline, inside the router's message handling, so an accepted
   message is forwarded in the same step that read it (no task switch); the
-  reader task then awaits the handler for it. An async validator's messages are
+  peer's reader task then awaits the handler for it. An async validator's messages are
   parked by the router for an asynchronous verdict:
   ``max_validation_concurrency`` worker tasks run the validator and report the
   verdict back, then hand accepted messages to the topic's handler. The router
@@ -52,6 +52,12 @@ The router decides everything; this module only moves bytes and time.
   window, connection output above its high-water mark), the writer task is woken
   and writes them with the usual timeout. Reads and writes go to the muxed
   stream under py-libp2p's ``NetStream`` (which takes an async lock per call).
+* **Reads.** On meshmerge's yamux the inbound stream pushes its data
+  (``set_receiver``): frames are decoded and routed inside the session's reader
+  task as they arrive, and the peer's reader task wakes only to run handlers.
+  While ``max_pending_validations`` deliveries wait for handlers it stops taking
+  the peer's data, so the peer waits on its yamux window instead of a queue
+  growing. Other muxers are read with ``read()`` in the reader task.
 * **Time.** ``now`` is ``time.monotonic()``; the heartbeat runs every
   ``params.heartbeat_interval``.
 
@@ -611,6 +617,8 @@ class GossipService:
         batch = []
         while (frame := r.pop_frame(pb)) is not None:
             batch.append(frame)
+        if not batch:
+            return True
         stream.write_nowait(b"".join(batch) if len(batch) > 1 else batch[0])
         if self._drained:
             self._drained.unpark_all()
