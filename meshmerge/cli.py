@@ -77,6 +77,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     import trio
 
     from meshmerge.daemon.config import Config, ConfigError, dev_config
+    from meshmerge.daemon.gctune import GcParams
     from meshmerge.daemon.main import NetworkStarter, run, setup_logging
 
     try:
@@ -94,7 +95,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         from meshmerge.daemon.network import start_network
 
         network = start_network
-    trio.run(lambda: run(config, network=network))
+    trio.run(lambda: run(config, network=network, gc_params=GcParams()))
     return 0
 
 

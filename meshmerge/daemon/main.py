@@ -1,7 +1,8 @@
 """`meshmerge daemon`: one tree of trio nurseries that owns every task.
 
 Start-up order: logging → data directory and store (exclusive lock) →
-identity → node → RPC socket → network services → READY=1 to systemd.
+identity → node → RPC socket → network services → GC tuning (if asked,
+see :mod:`meshmerge.daemon.gctune`) → READY=1 to systemd.
 SIGTERM/SIGINT cancel the tree; every service shuts down in its own
 `finally`, the store is closed last, and the RPC socket file is removed.
 """
@@ -22,6 +23,7 @@ import trio
 from meshmerge.crdt import Signer
 from meshmerge.daemon import systemd
 from meshmerge.daemon.config import Config
+from meshmerge.daemon.gctune import GcParams, tune_gc
 from meshmerge.daemon.identity import load_or_create
 from meshmerge.daemon.metrics import Metrics
 from meshmerge.daemon.node import Node
@@ -69,9 +71,14 @@ async def run(
     config: Config,
     *,
     network: NetworkStarter | None = None,
+    gc_params: GcParams | None = None,
     task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the daemon until cancelled (or SIGTERM/SIGINT)."""
+    """Run the daemon until cancelled (or SIGTERM/SIGINT).
+
+    ``gc_params``: tune the cyclic GC once start-up is done (the CLI does; in-process callers
+    such as tests leave their process's GC alone by passing None).
+    """
     data_dir = config.node.data_dir
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = load_or_create(data_dir)
@@ -100,6 +107,8 @@ async def run(
                 await nursery.start(network, node, rpc, config, identity)
             if config.metrics.enabled:
                 nursery.start_soon(metrics.refresh_loop, node, config.metrics.refresh_interval)
+            if gc_params is not None:
+                tune_gc(gc_params)
             interval = systemd.watchdog_interval()
             if interval:
                 nursery.start_soon(systemd.watchdog_loop, interval)

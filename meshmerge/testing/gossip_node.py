@@ -9,7 +9,12 @@ then one reply line per stdin request:
   {"op": "status"}                                    {"topic_peers": n, "mesh": n, "received": n}
   {"op": "publish", "index": i, "size": n}            publish (send time stamped here)
   {"op": "receipts"}                                  [[index, latency_s], ...]
+  {"op": "gc", "reset": bool}                         GC pauses since the last reset (GcPauses.summary),
+                                                      trio task steps and I/O waits (GOSSIP_NODE_STEPS=1)
 stdin EOF stops the node. Logs go to stderr.
+
+GC: the node applies the daemon's GC tuning (:func:`meshmerge.daemon.gctune.tune_gc`) once it is
+ready, unless ``GOSSIP_NODE_GC=default`` in the environment (to compare with CPython's defaults).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import struct
 import sys
 import time
@@ -27,12 +33,27 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
+from meshmerge.daemon.gctune import GcPauses, tune_gc
 from meshmerge.daemon.gossip.driver import GossipConfig, GossipService, Validation
 from meshmerge.daemon.gossip.params import derive_score_params
 from meshmerge.daemon.host import HostConfig, running_host
 from meshmerge.daemon.identity import Identity
 
 HEADER = struct.Struct(">IQ")
+
+
+class _StepCounter(trio.abc.Instrument):
+    """Counts trio task steps and scheduler I/O waits (installed if GOSSIP_NODE_STEPS is set)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.waits = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.waits += 1
 
 
 async def main(topic: str) -> None:
@@ -46,7 +67,7 @@ async def main(topic: str) -> None:
         svc = GossipService(host, ident, GossipConfig(score=score, thresholds=thresholds))
         await nursery.start(svc.run)
 
-        async def validator(author: bytes, data: bytes) -> Validation:
+        def validator(author: bytes, data: bytes) -> Validation:  # plain: runs inline
             return Validation.ACCEPT
 
         async def handler(author: bytes, data: bytes) -> None:
@@ -62,6 +83,13 @@ async def main(topic: str) -> None:
         async def reply(obj: Any) -> None:
             await out.send_all(json.dumps(obj).encode() + b"\n")
 
+        pauses = GcPauses()
+        pauses.install()
+        steps = _StepCounter()
+        if os.environ.get("GOSSIP_NODE_STEPS"):
+            trio.lowlevel.add_instrument(steps)
+        if os.environ.get("GOSSIP_NODE_GC", "tuned") != "default":
+            tune_gc()
         await reply(
             {
                 "event": "ready",
@@ -100,6 +128,11 @@ async def main(topic: str) -> None:
                     await reply({"ok": True})
                 elif op == "receipts":
                     await reply(receipts)
+                elif op == "gc":
+                    await reply({**pauses.summary(), "task_steps": steps.steps, "io_waits": steps.waits})
+                    if req.get("reset"):
+                        pauses.reset()
+                        steps.steps = steps.waits = 0
                 else:
                     await reply({"error": f"unknown op {op!r}"})
         nursery.cancel_scope.cancel()

@@ -19,7 +19,11 @@ py-libp2p, when the Python driver reads it off p2pd's control socket for go
 
 Implementations:
 - ours: meshmerge GossipService (driver + sans-I/O router), derived peer-score
-  parameters (127.0.0.0/8 whitelisted for P6), async accept-all validator.
+  parameters (127.0.0.0/8 whitelisted for P6), plain (inline) accept-all validator.
+- ours-procs: the same, one OS process per node (meshmerge/testing/gossip_node.py,
+  GC tuned as the daemon does); each round's stderr line adds the nodes' GC
+  collections during the measurement and, with GOSSIP_NODE_STEPS=1, trio task
+  steps and scheduler I/O waits per message (all ten nodes).
 - stock-default: py-libp2p 0.8.1 GossipSub as a new user configures it (only
   D=6/Dlo=4/Dhi=12 given; heartbeat 120 s, 10 msg/s per-topic limit).
 - stock-tuned: the same plus heartbeat_interval=1 (the spec default) and the
@@ -124,6 +128,8 @@ class Mesh:
     received: Callable[[], Awaitable[int]] | None = None  # default: receipts recorded in-process
     collect: Callable[[], Awaitable[None]] | None = None  # fetch receipts recorded elsewhere
     pids: list[int] = field(default_factory=list)  # node processes; empty: nodes run in this process
+    start: Callable[[], Awaitable[None]] | None = None  # called as the measurement starts
+    report: Callable[[], Awaitable[dict[str, Any]]] | None = None  # extra figures for the round's line
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -172,7 +178,7 @@ async def ours_mesh(n: int) -> AsyncIterator[Mesh]:
 
             node = make()
 
-            async def validator(author: bytes, data: bytes) -> Validation:
+            def validator(author: bytes, data: bytes) -> Validation:  # plain: runs inline
                 return Validation.ACCEPT
 
             async def handler(author: bytes, data: bytes, node: Node = node) -> None:
@@ -274,6 +280,21 @@ async def ours_proc_mesh(n: int) -> AsyncIterator[Mesh]:
                 for c, node in zip(children, nodes, strict=True):
                     node.receipts = [(int(i), float(lat)) for i, lat in await c.call(op="receipts")]
 
+            async def gc_reset() -> None:
+                for c in children:
+                    await c.call(op="gc", reset=True)
+
+            async def gc_report() -> dict[str, Any]:
+                """GC collections in the ten nodes during the measurement: count, summed and max pause."""
+                stats = [await c.call(op="gc") for c in children]
+                return {
+                    "gc_count": [int(sum(s["count"][g] for s in stats)) for g in range(3)],
+                    "gc_total_ms": [round(sum(s["total_ms"][g] for s in stats), 2) for g in range(3)],
+                    "gc_max_ms": [max(s["max_ms"][g] for s in stats) for g in range(3)],
+                    "task_steps_per_msg": sum(s["task_steps"] for s in stats) / MESSAGES,
+                    "io_waits_per_msg": sum(s["io_waits"] for s in stats) / MESSAGES,
+                }
+
             yield Mesh(
                 nodes,
                 connect,
@@ -282,6 +303,8 @@ async def ours_proc_mesh(n: int) -> AsyncIterator[Mesh]:
                 received=received,
                 collect=collect,
                 pids=[c.proc.pid for c in children],
+                start=gc_reset,
+                report=gc_report,
             )
         finally:
             for c in children:
@@ -416,6 +439,8 @@ async def run_mesh(mesh: Mesh, pace: float) -> dict[str, Any]:
         return sum(len(nd.receipts) for nd in mesh.nodes)
 
     pad = b"\x00" * max(0, SIZE - HEADER.size)
+    if mesh.start is not None:
+        await mesh.start()
     cpu0 = cpu_seconds(mesh.pids)
     t0 = time.monotonic()
     for i in range(MESSAGES):
@@ -433,6 +458,7 @@ async def run_mesh(mesh: Mesh, pace: float) -> dict[str, Any]:
     cpu = cpu_seconds(mesh.pids) - cpu0
     if mesh.collect is not None:
         await mesh.collect()
+    extra = await mesh.report() if mesh.report is not None else {}
     lat = sorted(latency for nd in mesh.nodes for _, latency in nd.receipts)
     unique = sum(len({i for i, _ in nd.receipts}) for nd in mesh.nodes)
     span = last - t0  # polled every 20 ms, so it over-states the span by up to 20 ms
@@ -445,6 +471,7 @@ async def run_mesh(mesh: Mesh, pace: float) -> dict[str, Any]:
         "p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"),
         "mean_ms": 1e3 * statistics.fmean(lat) if lat else float("nan"),
         "cpu_ms_per_msg": 1e3 * cpu / MESSAGES,
+        **extra,
     }
 
 

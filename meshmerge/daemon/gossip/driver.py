@@ -35,11 +35,29 @@ The router decides everything; this module only moves bytes and time.
   dialled only if the peerstore already knows an address, as in
   go-libp2p-pubsub. The PX entries *we* send carry the records identify
   brought us (and our own, issued at start, goes out with identify).
-* **Validation.** The router parks every message for an asynchronous verdict;
-  ``max_validation_concurrency`` worker tasks run the topic's validator and
-  report the verdict back (REJECT costs the forwarder P4), then hand accepted
-  messages to the topic's handler. The router bounds pending validations per
-  peer and in total, so the channel between them never overflows.
+* **Validation.** A topic's validator may be a plain function or an async one.
+  A plain one runs inline, inside the router's message handling, so an accepted
+  message is forwarded in the same step that read it (no task switch); the
+  peer's reader task then awaits the handler for it. An async validator's messages are
+  parked by the router for an asynchronous verdict:
+  ``max_validation_concurrency`` worker tasks run the validator and report the
+  verdict back, then hand accepted messages to the topic's handler. The router
+  bounds pending validations per peer and in total, so the channel between them
+  never overflows. Either way REJECT costs the forwarder P4.
+* **Writes.** When a peer's writer task is idle and the stream is meshmerge's
+  yamux stream, :meth:`_pump` writes the peer's queued frames straight into the
+  stream's send buffer (``write_nowait``), saving a task switch per message per
+  peer; frames stay in router-queue order because the direct path runs only
+  while the writer holds nothing. When the stream cannot take them at once (send
+  window, connection output above its high-water mark), the writer task is woken
+  and writes them with the usual timeout. Reads and writes go to the muxed
+  stream under py-libp2p's ``NetStream`` (which takes an async lock per call).
+* **Reads.** On meshmerge's yamux the inbound stream pushes its data
+  (``set_receiver``): frames are decoded and routed inside the session's reader
+  task as they arrive, and the peer's reader task wakes only to run handlers.
+  While ``max_pending_validations`` deliveries wait for handlers it stops taking
+  the peer's data, so the peer waits on its yamux window instead of a queue
+  growing. Other muxers are read with ``read()`` in the reader task.
 * **Time.** ``now`` is ``time.monotonic()``; the heartbeat runs every
   ``params.heartbeat_interval``.
 
@@ -62,6 +80,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import ipaddress
 import logging
 import random
@@ -92,6 +111,7 @@ from meshmerge.daemon.gossip.router import (
     MESHSUB_10,
     MESHSUB_11,
     MESHSUB_12,
+    Delivery,
     GossipSubRouter,
     PendingValidation,
     Validation,
@@ -104,6 +124,7 @@ __all__ = [
     "GossipConfig",
     "GossipService",
     "Handler",
+    "SyncValidator",
     "Validation",
     "Validator",
 ]
@@ -112,6 +133,8 @@ log = logging.getLogger("meshmerge.gossip")
 
 Validator = Callable[[bytes, bytes], Awaitable[Validation]]
 """``(author_peer_id_bytes, data) -> verdict``; REJECT penalises the forwarder (P4)."""
+SyncValidator = Callable[[bytes, bytes], Validation]
+"""The same without awaiting: runs inline while the message is handled (see the module docstring)."""
 Handler = Callable[[bytes, bytes], Awaitable[None]]
 """``(author_peer_id_bytes, data)``, called once per accepted message."""
 
@@ -251,8 +274,15 @@ def _conn_outbound(conn: INetConn) -> bool:
 
 @dataclass
 class _Topic:
-    validator: Validator
+    validator: Validator | SyncValidator
     handler: Handler
+    inline: bool
+    """The validator is a plain function: call it inline, not in a worker."""
+
+
+def _is_async(fn: object) -> bool:
+    # an object whose __call__ is async counts too (iscoroutinefunction looks at functions only)
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
 
 
 @dataclass
@@ -265,6 +295,12 @@ class _PeerState:
     wake: trio.Event = field(default_factory=trio.Event)
     protocol: str | None = None
     ip: str | None = None
+    direct: Any = None
+    """The muxed stream, when it offers ``write_nowait`` (meshmerge's yamux)."""
+    idle: bool = False
+    """The writer task holds no frames and waits for ``wake``: direct writes are safe."""
+    gone: trio.Event = field(default_factory=trio.Event)
+    """Set once the peer task has removed the peer from the router and reset its stream."""
 
 
 class _Notifee(INotifee):
@@ -312,6 +348,8 @@ class DriverStats:
     validator_errors: int = 0
     handler_errors: int = 0
     delivered: int = 0
+    read_pauses: int = 0
+    """Times a push-mode reader stopped taking a peer's data because handlers fell behind."""
 
 
 class GossipService:
@@ -345,6 +383,7 @@ class GossipService:
         self.stats = DriverStats()
         self._topics: dict[str, _Topic] = {}
         self._peers: dict[ID, _PeerState] = {}
+        self._by_bytes: dict[bytes, _PeerState] = {}  # the same, keyed as the router names peers
         self._failures: dict[ID, int] = {}
         self._not_pubsub: set[ID] = set()
         self._readers: dict[ID, trio.CancelScope] = {}
@@ -403,9 +442,13 @@ class GossipService:
                     await trio.sleep(0.01)
             log.info("gossip: stopped")
 
-    def subscribe(self, topic: str, validator: Validator, handler: Handler) -> None:
-        """Join ``topic``; messages are validated by ``validator`` then given to ``handler``."""
-        self._topics[topic] = _Topic(validator, handler)
+    def subscribe(self, topic: str, validator: Validator | SyncValidator, handler: Handler) -> None:
+        """Join ``topic``; messages are validated by ``validator`` then given to ``handler``.
+
+        A plain (non-async) validator runs inline and is the fast path; use an async one
+        only if validating needs to await something.
+        """
+        self._topics[topic] = _Topic(validator, handler, not _is_async(validator))
         self.router.subscribe(topic, time.monotonic())
         self._pump()
 
@@ -516,7 +559,22 @@ class GossipService:
 
     def _router_validator(self, topic: str, msg: Message, peer: bytes) -> Validation | None:
         # None parks the message for an asynchronous verdict from a worker.
-        return None if topic in self._topics else Validation.IGNORE
+        t = self._topics.get(topic)
+        if t is None:
+            return Validation.IGNORE
+        if not t.inline:
+            return None
+        try:
+            verdict = t.validator(msg.from_peer or b"", msg.data or b"")
+            if not isinstance(verdict, Validation):
+                if inspect.iscoroutine(verdict):
+                    verdict.close()
+                raise TypeError(f"validator returned {verdict!r}, not a Validation")
+        except Exception:
+            self.stats.validator_errors += 1
+            log.exception("gossip: validator for %r raised; ignoring the message", topic)
+            return Validation.IGNORE
+        return verdict
 
     def _queue_pressure(self) -> bool:
         p = self.config.params
@@ -533,8 +591,8 @@ class GossipService:
         """Carry out what the router asked for after an event. Never blocks."""
         r = self.router
         for pb in r.peers_with_output():
-            st = self._peers.get(ID(pb))
-            if st is not None:
+            st = self._by_bytes.get(pb)
+            if st is not None and not (st.idle and self._write_now(st, pb)):
                 st.wake.set()
         for pb in r.take_disconnects():
             self._drop(ID(pb), "router: outgoing queue overflow (slow peer)")
@@ -547,6 +605,24 @@ class GossipService:
                 self._val_send.send_nowait(pv)
             except trio.WouldBlock:
                 r.report_validation(pv.mid, Validation.IGNORE, time.monotonic())
+
+    def _write_now(self, st: _PeerState, pb: bytes) -> bool:
+        """Hand the peer's queued frames to its stream without waiting; False: the writer must."""
+        stream = st.direct
+        r = self.router
+        if stream is None or r.queued_bytes(pb) > self.config.max_write_batch_bytes:
+            return False
+        if not stream.can_write_nowait(r.queued_bytes(pb)):
+            return False
+        batch = []
+        while (frame := r.pop_frame(pb)) is not None:
+            batch.append(frame)
+        if not batch:
+            return True
+        stream.write_nowait(b"".join(batch) if len(batch) > 1 else batch[0])
+        if self._drained:
+            self._drained.unpark_all()
+        return True
 
     def _notify_peer(self, peer: ID) -> None:
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
@@ -585,6 +661,7 @@ class GossipService:
         st = self._peers.get(peer)
         if st is None:
             st = self._peers[peer] = _PeerState(peer)
+            self._by_bytes[peer.to_bytes()] = st
             if self._nursery is not None:
                 self._nursery.start_soon(self._peer_task, st)
         return st
@@ -640,6 +717,9 @@ class GossipService:
                 ip = _conn_ip(swarm_conns[0]) if swarm_conns else None
                 outbound = _conn_outbound(swarm_conns[0]) if swarm_conns else False
                 st.protocol, st.ip = proto, ip
+                muxed = getattr(stream, "muxed_stream", stream)
+                if callable(getattr(muxed, "write_nowait", None)):
+                    st.direct = muxed
                 self.router.add_peer(pb, proto, outbound, ip or (), time.monotonic())
                 added = True
                 joined = time.monotonic()
@@ -658,12 +738,16 @@ class GossipService:
                 self.router.remove_peer(pb, time.monotonic())
                 self.stats.peers_removed += 1
                 log.info("gossip: peer %s left", peer)
+            st.direct = None
             if self._peers.get(peer) is st:
                 del self._peers[peer]
+            if self._by_bytes.get(pb) is st:
+                del self._by_bytes[pb]
             if stream is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(1.0), contextlib.suppress(Exception):
                     await stream.reset()
             self._drained.unpark_all()
+            st.gone.set()
         # the connection may have outlived the stream: retry a bounded number of times
         if self._nursery is not None and self._connected(peer) and peer not in self._not_pubsub:
             # a session shorter than STABLE_SESSION_HEARTBEATS counts as a failure, so a remote that
@@ -697,6 +781,7 @@ class GossipService:
         r = self.router
         pb = st.peer.to_bytes()
         cap = self.config.max_write_batch_bytes
+        out = getattr(stream, "muxed_stream", stream)  # skip NetStream's per-call lock
         while True:
             st.wake = trio.Event()
             batch: list[bytes] = []
@@ -710,11 +795,15 @@ class GossipService:
             if not batch:
                 if pb not in r.peers:
                     return
-                await st.wake.wait()
+                st.idle = True
+                try:
+                    await st.wake.wait()
+                finally:
+                    st.idle = False
                 continue
             with trio.move_on_after(self.config.write_timeout) as cs:
                 try:
-                    await stream.write(b"".join(batch) if len(batch) > 1 else batch[0])
+                    await out.write(b"".join(batch) if len(batch) > 1 else batch[0])
                 except Exception as exc:
                     log.log(_level(exc), "gossip: writing to %s failed: %r", st.peer, exc)
                     return
@@ -756,29 +845,98 @@ class GossipService:
     async def _read_loop(self, peer: ID, stream: INetStream) -> None:
         pb = peer.to_bytes()
         decoder = FrameDecoder(self._codec_limits)
+        src = getattr(stream, "muxed_stream", stream)  # skip NetStream's per-call lock
+        if callable(getattr(src, "set_receiver", None)):
+            await self._push_read_loop(peer, pb, decoder, src)
+            return
         chunk = self.config.read_chunk_bytes
         r = self.router
         while True:
             try:
-                data = await stream.read(chunk)
+                data = await src.read(chunk)
             except Exception as exc:
                 log.log(_level(exc), "gossip: inbound stream from %s ended: %r", peer, exc)
                 return
             if not data:
                 log.debug("gossip: inbound stream from %s closed", peer)
                 return
-            try:
-                rpcs = decoder.feed(data)
-            except GossipCodecError as exc:
-                self.stats.bad_frames += 1
-                if r.score is not None and pb in r.peers:
-                    r.score.add_penalty(pb, 1)
-                self._drop(peer, f"malformed frame: {exc}")
+            if not self._on_data(peer, pb, decoder, data):
                 return
-            now = time.monotonic()
-            for rpc in rpcs:
-                r.on_rpc(pb, rpc, now)
-            self._pump()
+            deliveries = r.take_deliveries()  # accepted inline by plain validators
+            if deliveries:
+                await self._deliver(deliveries)
+
+    async def _push_read_loop(self, peer: ID, pb: bytes, decoder: FrameDecoder, src: Any) -> None:
+        """Read loop for a stream that pushes its data (meshmerge's yamux, ``set_receiver``).
+
+        Frames are decoded and handled inside the session's reader task as they arrive;
+        this task only runs handlers for messages accepted inline. It detaches the
+        receiver while more than ``max_pending_validations`` deliveries wait, so a slow
+        handler makes the peer wait (yamux window) instead of growing a queue.
+        """
+        r = self.router
+        limit = self.config.params.max_pending_validations
+        pending: list[Delivery] = []
+        ended = detached = False
+        wake = trio.Event()
+
+        def on_data(data: bytes) -> None:
+            nonlocal ended, detached
+            if ended:
+                return
+            try:
+                ok = bool(data) and self._on_data(peer, pb, decoder, data)
+            except BaseException:
+                ok = False  # a bug below: end this stream (yamux logs it and resets the stream)
+                raise
+            finally:
+                if not ok:
+                    ended = True
+                    wake.set()
+            deliveries = r.take_deliveries()
+            if deliveries:
+                pending.extend(deliveries)
+                if len(pending) >= limit:
+                    detached = True
+                    self.stats.read_pauses += 1
+                    src.set_receiver(None)
+                wake.set()
+
+        src.set_receiver(on_data)
+        try:
+            while True:
+                if pending:
+                    batch = pending[:]
+                    pending.clear()
+                    await self._deliver(batch)
+                    if detached and not ended:
+                        detached = False
+                        src.set_receiver(on_data)  # hands over what buffered meanwhile
+                    continue
+                if ended:
+                    log.debug("gossip: inbound stream from %s ended", peer)
+                    return
+                wake = trio.Event()
+                await wake.wait()
+        finally:
+            src.set_receiver(None)
+
+    def _on_data(self, peer: ID, pb: bytes, decoder: FrameDecoder, data: bytes) -> bool:
+        """Decode and handle the frames in ``data``; False (peer dropped) on a malformed frame."""
+        r = self.router
+        try:
+            rpcs = decoder.feed(data)
+        except GossipCodecError as exc:
+            self.stats.bad_frames += 1
+            if r.score is not None and pb in r.peers:
+                r.score.add_penalty(pb, 1)
+            self._drop(peer, f"malformed frame: {exc}")
+            return False
+        now = time.monotonic()
+        for rpc in rpcs:
+            r.on_rpc(pb, rpc, now)
+        self._pump()
+        return True
 
     async def _validation_worker(self) -> None:
         r = self.router
@@ -789,7 +947,8 @@ class GossipService:
             verdict = Validation.IGNORE
             if topic is not None:
                 try:
-                    verdict = await topic.validator(author, data)
+                    result = topic.validator(author, data)
+                    verdict = await result if inspect.isawaitable(result) else result
                     if not isinstance(verdict, Validation):
                         raise TypeError(f"validator returned {verdict!r}, not a Validation")
                 except Exception:
@@ -799,16 +958,19 @@ class GossipService:
             r.report_validation(pv.mid, verdict, time.monotonic())
             deliveries = r.take_deliveries()
             self._pump()
-            for d in deliveries:
-                t = self._topics.get(d.topic)
-                if t is None:
-                    continue
-                self.stats.delivered += 1
-                try:
-                    await t.handler(d.author, d.data)
-                except Exception:
-                    self.stats.handler_errors += 1
-                    log.exception("gossip: handler for %r raised", d.topic)
+            await self._deliver(deliveries)
+
+    async def _deliver(self, deliveries: list[Delivery]) -> None:
+        for d in deliveries:
+            t = self._topics.get(d.topic)
+            if t is None:
+                continue
+            self.stats.delivered += 1
+            try:
+                await t.handler(d.author, d.data)
+            except Exception:
+                self.stats.handler_errors += 1
+                log.exception("gossip: handler for %r raised", d.topic)
 
     # ================================================================== connections
 
@@ -835,6 +997,10 @@ class GossipService:
                 st = self._peers.get(peer)
                 if st is not None:
                     st.scope.cancel()
+                    # the router forgets the peer before its connections go (bounded: the task's
+                    # clean-up is)
+                    with trio.move_on_after(2.0):
+                        await st.gone.wait()
                 reader = self._readers.get(peer)
                 if reader is not None:
                     reader.cancel()

@@ -184,7 +184,8 @@ class NoiseSession(BaseSession):
         self._send = send
         self._recv = recv
         self._plain = bytearray()
-        self._write_lock = trio.Lock()
+        self._writing = False
+        self._write_lot = trio.lowlevel.ParkingLot()
         self._read_lock = trio.Lock()
         self._failed: NoiseError | None = None
 
@@ -268,9 +269,18 @@ class NoiseSession(BaseSession):
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
-        async with self._write_lock:
-            # encrypt under the lock: nonces must reach the wire in order
+        # One write at a time, so nonces reach the wire in order. A flag and a parking lot
+        # rather than trio.Lock: the lock's owner tracking costs more than a small Noise frame,
+        # and the writer is almost always alone (yamux has one writer task).
+        while self._writing:
+            await self._write_lot.park()
+        self._writing = True
+        try:
             await self._wire.send(self.seal(data))
+        finally:
+            self._writing = False
+            if self._write_lot:
+                self._write_lot.unpark()
 
     async def close(self) -> None:
         await self._wire.raw.close()

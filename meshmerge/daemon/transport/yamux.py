@@ -69,7 +69,9 @@ class YamuxStream(IMuxedStream):
         self.stream_id = st.sid
         self.is_initiator = is_initiator
         self._lot = trio.lowlevel.ParkingLot()
-        st.waker = self._lot
+        self._receiver: Callable[[bytes], None] | None = None
+        self._receiver_ended = False
+        st.waker = self
 
     async def read(self, n: int | None = None) -> bytes:
         if n == 0:
@@ -112,6 +114,72 @@ class YamuxStream(IMuxedStream):
             else:
                 await self._lot.park()  # out of send window: wait for this stream's update
         await conn._backpressure()
+
+    def set_receiver(self, receiver: Callable[[bytes], None] | None) -> None:
+        """Push this stream's data to `receiver` instead of waiting for :meth:`read`.
+
+        The session's reader task calls ``receiver(data)`` with every chunk as it arrives
+        (bytes already buffered are handed over at once, from the caller's task), and
+        ``receiver(b"")`` once when the peer closes or resets the stream. It saves waking
+        a reader task per chunk. The receiver must not block or raise (an exception is
+        logged and resets the stream); data it takes is credited to the peer's window, so
+        a receiver that falls behind should detach (``set_receiver(None)``): bytes then
+        stay buffered up to the window, and the peer waits.
+        """
+        self._receiver = receiver
+        if receiver is not None:
+            self._touched()
+
+    def _touched(self) -> None:
+        """The session changed this stream (data, window update, FIN, reset): wake or push."""
+        if self._lot:
+            self._lot.unpark_all()
+        receiver = self._receiver
+        if receiver is None:
+            return
+        st = self._st
+        try:
+            if st.buf:
+                data = bytes(st.buf)
+                st.buf.clear()
+                self.conn._consumed(st, len(data))
+                receiver(data)
+            if (st.reset or st.remote_closed) and not self._receiver_ended and self._receiver is receiver:
+                self._receiver_ended = True
+                receiver(b"")
+        except Exception:
+            log.exception("yamux: the receiver of stream %d raised; resetting the stream", st.sid)
+            self._receiver = None
+            self.conn._reset_stream(st)
+
+    def write_nowait(self, data: bytes) -> bool:
+        """Queue all of `data` without waiting, or nothing: False if that would need a wait.
+
+        For a caller that runs outside a task of its own (the gossip driver writes a
+        peer's frames straight from the event that produced them): it saves waking a
+        writer task per message. It refuses, leaving the stream untouched, when the
+        stream is reset or closed, the session is dead, the send window is smaller
+        than `data`, or the session's output is above `OUTPUT_HIGH_WATER`; the caller
+        then uses :meth:`write`, which waits and raises as usual.
+        """
+        if not self.can_write_nowait(len(data)):
+            return False
+        conn = self.conn
+        conn.state.send_data(self._st, data)
+        conn._kick()
+        return True
+
+    def can_write_nowait(self, n: int) -> bool:
+        """Whether :meth:`write_nowait` would take `n` bytes now."""
+        st = self._st
+        conn = self.conn
+        return not (
+            st.reset
+            or st.local_closed
+            or conn._dead
+            or n > st.send_window
+            or len(conn.state.out) > OUTPUT_HIGH_WATER
+        )
 
     async def close(self) -> None:
         """Half-close (FIN); reading stays possible until the peer closes too."""
@@ -280,9 +348,9 @@ class YamuxConn(IMuxedConn):
 
     @staticmethod
     def _wake(st: StreamState) -> None:
-        lot = st.waker
-        if lot:
-            lot.unpark_all()  # type: ignore[attr-defined]
+        stream = st.waker
+        if stream is not None:
+            stream._touched()  # type: ignore[attr-defined]
 
     def _mark_dead(self) -> None:
         if self._dead:

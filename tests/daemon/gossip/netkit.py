@@ -30,16 +30,20 @@ class GNode:
     def pid(self) -> bytes:
         return self.host.get_id().to_bytes()
 
-    def join(self, topic: str, verdict: Validation = Validation.ACCEPT) -> None:
+    def join(self, topic: str, verdict: Validation = Validation.ACCEPT, *, inline: bool = False) -> None:
+        """Subscribe with a validator returning ``verdict``: async (worker path) or plain (inline)."""
         box = self.received.setdefault(topic, [])
 
         async def validator(author: bytes, data: bytes) -> Validation:
             return verdict
 
+        def plain_validator(author: bytes, data: bytes) -> Validation:
+            return verdict
+
         async def handler(author: bytes, data: bytes) -> None:
             box.append((author, data))
 
-        self.service.subscribe(topic, validator, handler)
+        self.service.subscribe(topic, plain_validator if inline else validator, handler)
 
 
 @asynccontextmanager

@@ -6,6 +6,7 @@ import contextlib
 import ipaddress
 import json
 
+import pytest
 import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
@@ -48,6 +49,86 @@ def test_two_nodes_deliver_100_each_way() -> None:
             assert a.service.topics() == [
                 {"topic": TOPIC, "subscribed": True, "peers": 1, "mesh": 1, "fanout": 0}
             ]
+
+    run(body, timeout=60)
+
+
+def test_plain_validators_run_inline_and_frames_keep_their_order() -> None:
+    """A plain validator never parks a message for a worker; 300 x 4 KiB back to back (more than a
+    yamux window, so direct writes and the writer task's waiting writes alternate) arrive complete
+    and in publish order."""
+
+    async def body() -> None:
+        async with gossip_nodes(2) as (a, b):
+            a.join(TOPIC, inline=True)
+            b.join(TOPIC, inline=True)
+            await a.host.connect(b.info)
+            await wait_for(lambda: mesh_ready([a, b], TOPIC, 1), what="mesh")
+            parked = 0
+            for i in range(300):
+                await a.service.publish(TOPIC, i.to_bytes(4, "big") * 1024)
+                parked = max(parked, len(b.service.router.pending))
+            await wait_for(lambda: len(b.received[TOPIC]) == 300, what="deliveries", timeout=60)
+            order = [int.from_bytes(d[:4], "big") for _, d in b.received[TOPIC]]
+            assert order == list(range(300))
+            assert parked == 0 and not b.service.router.pending
+            assert b.service.stats.delivered == 300 and b.service.stats.validator_errors == 0
+
+    run(body, timeout=120)
+
+
+def test_a_slow_handler_pauses_reading_instead_of_queueing() -> None:
+    """Push-mode reading stops taking a peer's data while max_pending_validations deliveries wait
+    for a slow handler; nothing is lost and order is kept."""
+    params = GossipSubParams(max_pending_validations=8)
+    config = GossipConfig(params=params, max_validation_concurrency=4)
+
+    async def body() -> None:
+        async with gossip_nodes(2, config) as (a, b):
+            got: list[int] = []
+
+            def validator(author: bytes, data: bytes) -> Validation:
+                return Validation.ACCEPT
+
+            async def slow_handler(author: bytes, data: bytes) -> None:
+                got.append(int.from_bytes(data[:4], "big"))
+                await trio.sleep(0.002)
+
+            b.service.subscribe(TOPIC, validator, slow_handler)
+            a.join(TOPIC, inline=True)
+            await a.host.connect(b.info)
+            await wait_for(lambda: mesh_ready([a, b], TOPIC, 1), what="mesh")
+            for i in range(200):
+                await a.service.publish(TOPIC, i.to_bytes(4, "big") + b"x" * 200)
+            await wait_for(lambda: len(got) == 200, what="deliveries", timeout=60)
+            assert got == list(range(200))
+            assert b.service.stats.read_pauses >= 1
+
+    run(body, timeout=90)
+
+
+def test_a_plain_validator_that_raises_ignores_the_message() -> None:
+    async def body() -> None:
+        async with gossip_nodes(2, _scored_config()) as (a, b):
+            got: list[bytes] = []
+
+            def validator(author: bytes, data: bytes) -> Validation:
+                if data.startswith(b"boom"):
+                    raise RuntimeError("validator bug")
+                return Validation.ACCEPT
+
+            async def handler(author: bytes, data: bytes) -> None:
+                got.append(data)
+
+            a.service.subscribe(TOPIC, validator, handler)
+            b.join(TOPIC)
+            await a.host.connect(b.info)
+            await wait_for(lambda: mesh_ready([a, b], TOPIC, 1), what="mesh")
+            await b.service.publish(TOPIC, b"boom1")
+            await b.service.publish(TOPIC, b"fine")
+            await wait_for(lambda: got == [b"fine"], what="the good message")
+            assert a.service.stats.validator_errors == 1
+            assert a.service.router.peer_score(b.pid) >= 0  # IGNORE costs the forwarder nothing
 
     run(body, timeout=60)
 
@@ -99,10 +180,11 @@ def test_ten_node_mesh_delivers_100_to_every_node() -> None:
     run(body, timeout=90)
 
 
-def test_rejected_messages_cost_the_sender_p4() -> None:
+@pytest.mark.parametrize("inline", [False, True], ids=["async-validator", "plain-validator"])
+def test_rejected_messages_cost_the_sender_p4(inline: bool) -> None:
     async def body() -> None:
         async with gossip_nodes(2, _scored_config()) as (a, b):
-            a.join(TOPIC, verdict=Validation.REJECT)
+            a.join(TOPIC, verdict=Validation.REJECT, inline=inline)
             b.join(TOPIC)
             await a.host.connect(b.info)
             await wait_for(lambda: mesh_ready([a, b], TOPIC, 1), what="mesh")

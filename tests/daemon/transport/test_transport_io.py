@@ -283,3 +283,112 @@ def test_keepalive_keeps_a_live_idle_session_and_ends_a_silent_one() -> None:
             nursery.cancel_scope.cancel()
 
     run(body, 30)
+
+
+def test_write_nowait_takes_all_or_nothing_and_keeps_order() -> None:
+    """`write_nowait` queues whole writes while the window lasts, then refuses without side effects;
+    the bytes arrive in order with those of the waiting `write` that follows."""
+    chunk = 10_000
+
+    async def body() -> None:
+        cfg = HostConfig()
+        async with running_host(cfg, Identity.generate()) as a, running_host(cfg, Identity.generate()) as b:
+            got = bytearray()
+            done = trio.Event()
+            total = trio.Event()
+
+            async def sink(stream: Any) -> None:
+                await total.wait()  # do not read until the writer has run out of window
+                try:
+                    while True:
+                        got.extend(await stream.read(65536))
+                except Exception:
+                    pass
+                done.set()
+
+            b.set_stream_handler(SINK, sink)
+            await a.connect(info_of(b))
+            stream = await a.new_stream(b.get_id(), [SINK])
+            muxed = stream.muxed_stream
+            sent = bytearray()
+            i = 0
+            while True:
+                data = bytes([i % 251]) * chunk
+                if not muxed.can_write_nowait(len(data)):
+                    assert not muxed.write_nowait(data)
+                    break
+                assert muxed.write_nowait(data)
+                sent += data
+                i += 1
+            # the initial window is all the sender may queue before the reader credits it
+            assert INITIAL_WINDOW - chunk < len(sent) <= INITIAL_WINDOW
+            assert not muxed.write_nowait(b"x" * chunk)  # still refused: nothing was queued
+            total.set()
+            tail = os.urandom(3 * INITIAL_WINDOW)
+            await muxed.write(tail)  # waits for window updates
+            sent += tail
+            await stream.close()
+            with trio.fail_after(30):
+                await done.wait()
+            assert bytes(got) == bytes(sent)
+            await muxed.reset()
+            assert not muxed.can_write_nowait(1) and not muxed.write_nowait(b"y")
+
+    run(body, 60)
+
+
+def test_set_receiver_pushes_data_buffers_while_detached_and_reports_the_end() -> None:
+    async def body() -> None:
+        cfg = HostConfig()
+        async with running_host(cfg, Identity.generate()) as a, running_host(cfg, Identity.generate()) as b:
+            arrived: list[Any] = []
+            handed = trio.Event()
+
+            async def keep(stream: Any) -> None:
+                arrived.append(stream)
+                handed.set()
+                await trio.sleep_forever()
+
+            b.set_stream_handler(SINK, keep)
+            await a.connect(info_of(b))
+            stream = await a.new_stream(b.get_id(), [SINK])
+            await stream.write(b"before")  # buffered: nobody reads or listens yet
+            with trio.fail_after(10):
+                await handed.wait()
+                inbound = arrived[0].muxed_stream
+                while not inbound._st.buf:
+                    await trio.sleep(0.01)
+            chunks: list[bytes] = []
+            inbound.set_receiver(chunks.append)
+            assert chunks == [b"before"]  # what was buffered is handed over at once
+            await stream.write(b"one")
+            with trio.fail_after(10):
+                while chunks[-1] != b"one":
+                    await trio.sleep(0.01)
+            inbound.set_receiver(None)
+            await stream.write(b"two")
+            await trio.sleep(0.2)
+            assert chunks == [b"before", b"one"]  # detached: stays in the stream's buffer
+            inbound.set_receiver(chunks.append)
+            assert chunks == [b"before", b"one", b"two"]
+            await stream.close()
+            with trio.fail_after(10):
+                while chunks[-1] != b"":
+                    await trio.sleep(0.01)
+            assert chunks.count(b"") == 1  # the end is reported once
+
+            def broken(data: bytes) -> None:
+                raise RuntimeError("receiver bug")
+
+            stream2 = await a.new_stream(b.get_id(), [SINK])
+            await stream2.write(b"x")
+            with trio.fail_after(10):
+                while len(arrived) < 2 or not arrived[1].muxed_stream._st.buf:
+                    await trio.sleep(0.01)
+            arrived[1].muxed_stream.set_receiver(broken)  # raises inside: the stream is reset
+            assert arrived[1].muxed_stream._st.reset
+            with trio.fail_after(10), pytest.raises(Exception):  # noqa: B017 - any reset error
+                while True:
+                    await stream2.muxed_stream.read(10)
+
+    run(body, 60)
