@@ -200,7 +200,7 @@ class SyncService:
             await trio.sleep(delay)
             self._wake_sync.set()
 
-    async def _validate_announcement(self, sender: bytes, data: bytes) -> Any:
+    def _validate_announcement(self, sender: bytes, data: bytes) -> Any:
         from meshmerge.daemon.gossip.driver import Validation
 
         try:
