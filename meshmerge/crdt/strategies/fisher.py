@@ -57,9 +57,9 @@ class FisherMerge(Strategy):
             fspec = by_name[spec.name + params.suffix]
             if fspec.shape != spec.shape:
                 raise StrategyError(f"Fisher tensor {fspec.name!r} shape {fspec.shape} != {spec.shape}")
-            # One kernel call per float32 tensor pair (see in_place_chunk); both
-            # tensors must be F32 for that, or their chunks would not line up.
-            step = in_place_chunk(spec, chunk) if fspec.dtype == spec.dtype else chunk
+            # One kernel call when both tensors are F32 (see in_place_chunk); a 16-bit
+            # tensor of the pair keeps ``chunk``, since its chunks are widened copies.
+            step = min(in_place_chunk(spec, chunk), in_place_chunk(fspec, chunk))
             xs_stream = TensorStream(inp, spec, step)
             fs_stream = TensorStream(inp, fspec, step)
             flat = empty_f32(spec.numel)
