@@ -1,4 +1,5 @@
-/* Shared by the kernels: target clones and the split of work over threads.
+/* Shared by the kernels: target clones, the split of work over threads and
+   streaming stores for large outputs.
 
    Determinism: a clone only changes vector width (same IEEE operations in the
    same order, -ffp-contract=off), and threads get disjoint element ranges, so
