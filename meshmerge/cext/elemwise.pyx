@@ -312,53 +312,131 @@ cdef extern from *:
     }
 
     /* Fisher-weighted average on [lo0, hi0): fw = (f + eps) * w_k, num += fw * x,
-       den += fw, fsum += f * w_k (k = 0..N-1 per element); out = num / den,
-       fout = fsum / total. Blocks, contributor-major inside a block so the loops
-       vectorise. Flags (integer tests only): bad_f[k] bit 31 when a Fisher value is
-       NaN, Inf or < 0 (-0.0 is fine); bad_x[k] bit 31 when a value is NaN or Inf. */
-    #define MM_FISHER_BLOCK 1024
+       den += fw, fsum += f * w_k (k = 0..N-1 per element, from 0.0); out = num / den,
+       fout = fsum / total. Blocks of MM_FISHER_BLOCK elements whose three float64
+       accumulators stay in L1/L2 while the inputs stream through four
+       contributors per sweep (eight sequential streams; per element the additions
+       still run k = 0, 1, 2, ... in order, so the grouping changes no bit).
+       Flags: bad_f[k] bit 31 when a Fisher value is NaN, Inf or < 0 (-0.0 is
+       fine); bad_x[k] bit 31 when a value is NaN or Inf. The sweeps only OR the
+       Fisher sign bits: a finite number times NaN/Inf is NaN/Inf (0 * Inf is
+       NaN), so a NaN/Inf Fisher value makes fsum non-finite, a NaN/Inf value
+       makes num non-finite (fw is finite or the Fisher value is bad), and a
+       non-finite float64 sum stays so; a block with finite sums and no Fisher
+       sign bit has no bad input, and any other block is rescanned to set the
+       exact flags. Any block size gives the same bytes. */
+    #define MM_FISHER_BLOCK 4096
+    /* Calls over at least this many elements write both outputs with
+       non-temporal stores (see mm_put_f32). */
+    #define MM_FISHER_STREAM_MIN ((Py_ssize_t)1 << 20)
+    /* bad gets bit 63 set iff the float64 a is NaN or Inf (integer-only, so it vectorises). */
+    #define MM_FCHECK(a) do { uint64_t bits_; memcpy(&bits_, &(a), 8); \
+                              bad |= (bits_ & 0x7FF0000000000000ULL) + 0x0010000000000000ULL; } while (0)
+    #define MM_FSTEP(x, f, wk, j) do { \
+            double fd_ = (double)(f)[j]; \
+            double fw_ = (fd_ + eps) * (wk); \
+            nu = nu + fw_ * (double)(x)[j]; \
+            de = de + fw_; \
+            fs_ = fs_ + fd_ * (wk); \
+            uint32_t sb_; memcpy(&sb_, &(f)[j], 4); sgn |= sb_; \
+        } while (0)
     MM_CLONES static void mm_fisher(const float *const *xs, const float *const *fs, const double *w,
                                     Py_ssize_t nk, Py_ssize_t lo0, Py_ssize_t hi0, double eps, double total,
-                                    float *out, float *fout, uint32_t *bad_f, uint32_t *bad_x)
+                                    float *out, float *fout, uint32_t *bad_f, uint32_t *bad_x,
+                                    double *restrict scratch, int stream)
     {
-        double num[MM_FISHER_BLOCK], den[MM_FISHER_BLOCK], fsum[MM_FISHER_BLOCK];
+        double *restrict num = scratch, *restrict den = scratch + MM_FISHER_BLOCK;
+        double *restrict fsum = scratch + 2 * MM_FISHER_BLOCK;
+        float *restrict row = (float *)(scratch + 3 * MM_FISHER_BLOCK);
+        float *restrict frow = row + MM_FISHER_BLOCK;
         for (Py_ssize_t lo = lo0; lo < hi0; lo += MM_FISHER_BLOCK) {
             Py_ssize_t m = hi0 - lo < MM_FISHER_BLOCK ? hi0 - lo : MM_FISHER_BLOCK;
-            for (Py_ssize_t j = 0; j < m; j++) { num[j] = 0.0; den[j] = 0.0; fsum[j] = 0.0; }
-            for (Py_ssize_t k = 0; k < nk; k++) {
-                const float *x = xs[k] + lo, *f = fs[k] + lo;
-                const double wk = w[k];
-                uint32_t bf = 0, bx = 0;
+            uint32_t sgn = 0;
+            Py_ssize_t k = 0;
+            if (nk >= 4) {
+                const float *x0 = xs[0] + lo, *x1 = xs[1] + lo, *x2 = xs[2] + lo, *x3 = xs[3] + lo;
+                const float *f0 = fs[0] + lo, *f1 = fs[1] + lo, *f2 = fs[2] + lo, *f3 = fs[3] + lo;
+                const double w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
                 for (Py_ssize_t j = 0; j < m; j++) {
-                    uint32_t fb, xb;
-                    memcpy(&fb, &f[j], 4);
-                    memcpy(&xb, &x[j], 4);
-                    /* bad iff fb > 0x7F7FFFFF (Inf, NaN or negative) and not -0.0 */
-                    bf |= (uint32_t)(fb > 0x7F7FFFFFu && fb != 0x80000000u) << 31;
-                    bx |= (xb & 0x7F800000u) + 0x00800000u;
-                    double fd = (double)f[j];
-                    double fw = (fd + eps) * wk;
-                    num[j] = num[j] + fw * (double)x[j];
-                    den[j] = den[j] + fw;
-                    fsum[j] = fsum[j] + fd * wk;
+                    double nu = 0.0, de = 0.0, fs_ = 0.0;
+                    MM_FSTEP(x0, f0, w0, j);
+                    MM_FSTEP(x1, f1, w1, j);
+                    MM_FSTEP(x2, f2, w2, j);
+                    MM_FSTEP(x3, f3, w3, j);
+                    num[j] = nu; den[j] = de; fsum[j] = fs_;
                 }
-                bad_f[k] |= bf;
-                bad_x[k] |= bx;
+                k = 4;
+            } else {
+                for (Py_ssize_t j = 0; j < m; j++) { num[j] = 0.0; den[j] = 0.0; fsum[j] = 0.0; }
             }
+            for (; k + 4 <= nk; k += 4) {
+                const float *x0 = xs[k] + lo, *x1 = xs[k + 1] + lo, *x2 = xs[k + 2] + lo, *x3 = xs[k + 3] + lo;
+                const float *f0 = fs[k] + lo, *f1 = fs[k + 1] + lo, *f2 = fs[k + 2] + lo, *f3 = fs[k + 3] + lo;
+                const double w0 = w[k], w1 = w[k + 1], w2 = w[k + 2], w3 = w[k + 3];
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    double nu = num[j], de = den[j], fs_ = fsum[j];
+                    MM_FSTEP(x0, f0, w0, j);
+                    MM_FSTEP(x1, f1, w1, j);
+                    MM_FSTEP(x2, f2, w2, j);
+                    MM_FSTEP(x3, f3, w3, j);
+                    num[j] = nu; den[j] = de; fsum[j] = fs_;
+                }
+            }
+            for (; k < nk; k++) {
+                const float *x0 = xs[k] + lo, *f0 = fs[k] + lo;
+                const double w0 = w[k];
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    double nu = num[j], de = den[j], fs_ = fsum[j];
+                    MM_FSTEP(x0, f0, w0, j);
+                    num[j] = nu; den[j] = de; fsum[j] = fs_;
+                }
+            }
+            uint64_t bad = 0;
             for (Py_ssize_t j = 0; j < m; j++) {
-                out[lo + j] = (float)(num[j] / den[j]);
-                fout[lo + j] = (float)(fsum[j] / total);
+                MM_FCHECK(num[j]);
+                MM_FCHECK(fsum[j]);
+                row[j] = (float)(num[j] / den[j]);
+                frow[j] = (float)(fsum[j] / total);
+            }
+            mm_put_f32(out + lo, row, m, stream);
+            mm_put_f32(fout + lo, frow, m, stream);
+            if ((bad & 0x8000000000000000ULL) || (sgn & 0x80000000u)) {
+                for (Py_ssize_t q = 0; q < nk; q++) {
+                    const float *x = xs[q] + lo, *f = fs[q] + lo;
+                    uint32_t bf = 0, bx = 0;
+                    for (Py_ssize_t j = 0; j < m; j++) {
+                        uint32_t fb, xb;
+                        memcpy(&fb, &f[j], 4);
+                        memcpy(&xb, &x[j], 4);
+                        /* bad iff fb > 0x7F7FFFFF (Inf, NaN or negative) and not -0.0 */
+                        bf |= (uint32_t)(fb > 0x7F7FFFFFu && fb != 0x80000000u) << 31;
+                        bx |= (xb & 0x7F800000u) + 0x00800000u;
+                    }
+                    bad_f[q] |= bf;
+                    bad_x[q] |= bx;
+                }
             }
         }
+    #if defined(__x86_64__)
+        if (stream) _mm_sfence();  /* streaming stores visible before the join */
+    #endif
+    }
+
+    /* Bytes of scratch one thread of mm_fisher_par needs. */
+    static inline size_t mm_fisher_scratch(void)
+    {
+        return MM_FISHER_BLOCK * (3 * sizeof(double) + 2 * sizeof(float));
     }
 
     static void mm_fisher_par(const float *const *xs, const float *const *fs, const double *w, Py_ssize_t nk,
                               Py_ssize_t n, double eps, double total, float *out, float *fout,
-                              uint32_t *tbad, int nt, Py_ssize_t grain)
+                              uint32_t *tbad, int nt, Py_ssize_t grain, char *scratch)
     {
+        int stream = n >= MM_FISHER_STREAM_MIN;
         MM_PAR_BLOCKS(n, grain, nt, {
             uint32_t *mine = tbad + (Py_ssize_t)tid * 2 * nk;
-            mm_fisher(xs, fs, w, nk, lo, hi, eps, total, out, fout, mine, mine + nk);
+            mm_fisher(xs, fs, w, nk, lo, hi, eps, total, out, fout, mine, mine + nk,
+                      (double *)(scratch + (size_t)tid * mm_fisher_scratch()), stream);
         });
     }
 
@@ -517,7 +595,8 @@ cdef extern from *:
                     float* out, int nt, Py_ssize_t grain) nogil
     void mm_fisher_par(const float** xs, const float** fs, const double* w, Py_ssize_t nk, Py_ssize_t n,
                        double eps, double total, float* out, float* fout, uint32_t* tbad, int nt,
-                       Py_ssize_t grain) nogil
+                       Py_ssize_t grain, char* scratch) nogil
+    size_t mm_fisher_scratch() nogil
     int mm_team(int want, Py_ssize_t n, Py_ssize_t grain) nogil
     void mm_moments(const float** xs, Py_ssize_t nk, Py_ssize_t n, uint64_t start, double* lanes,
                     uint32_t* flags, int nt) nogil
@@ -621,12 +700,14 @@ def fisher_average(list xs, list fs, const double[::1] weights, double epsilon, 
     cdef const float** px = _ptrs(xs, n)
     cdef const float** pf = NULL
     cdef uint32_t* tbad = <uint32_t*>calloc(2 * nk * nt, sizeof(uint32_t))
+    cdef char* scratch = <char*>malloc(nt * mm_fisher_scratch())
     try:
-        if tbad == NULL:
+        if tbad == NULL or scratch == NULL:
             raise MemoryError()
         pf = _ptrs(fs, n)
         with nogil:
-            mm_fisher_par(px, pf, &weights[0], nk, n, epsilon, total, &out[0], &fout[0], tbad, nt, grain)
+            mm_fisher_par(px, pf, &weights[0], nk, n, epsilon, total, &out[0], &fout[0], tbad, nt, grain,
+                          scratch)
         for k in range(nk):
             for t in range(1, nt):
                 tbad[k] |= tbad[t * 2 * nk + k]
@@ -638,6 +719,7 @@ def fisher_average(list xs, list fs, const double[::1] weights, double epsilon, 
         return -1, 0
     finally:
         free(tbad)
+        free(scratch)
         free(px)
         free(pf)
 

@@ -29,7 +29,6 @@ cnp.import_array()
 cdef extern from *:
     """
     #include "mm_par.h"
-    #include <xmmintrin.h>
     /* Elements per block (at most MM_WSUM_BLOCK): the float64 accumulator and
        the float32 staging row stay in L1/L2 while every input streams through
        sequentially. Few inputs: 2048 (a 16 KiB accumulator in L1); many: 8192
@@ -93,27 +92,6 @@ cdef extern from *:
             const double wk = w[k];
             for (Py_ssize_t j = 0; j < m; j++) acc[j] = acc[j] + wk * MM_V(x, j);
         }
-    }
-
-    /* Copy m floats from the L1/L2-resident row to dst; with `stream`, through
-       non-temporal 16-byte stores wherever dst is 16-byte aligned (SSE, so every
-       x86-64 clone has them; the write-combining buffers merge them into full
-       lines). Moves bits only, so the bytes written are the same either way. */
-    static inline __attribute__((always_inline)) void mm_put_f32(float *dst, const float *row, Py_ssize_t m,
-                                                                 int stream)
-    {
-    #if defined(__x86_64__)
-        if (stream) {
-            Py_ssize_t j = 0;
-            while (j < m && ((uintptr_t)(dst + j) & 15) != 0) { dst[j] = row[j]; j++; }
-            for (; j + 4 <= m; j += 4) _mm_stream_ps(dst + j, _mm_loadu_ps(row + j));
-            for (; j < m; j++) dst[j] = row[j];
-            return;
-        }
-    #else
-        (void)stream;
-    #endif
-        memcpy(dst, row, (size_t)m * sizeof(float));
     }
 
     /* Elements [lo0, hi0), with this thread's scratch (MM_WSUM_BLOCK doubles

@@ -1,4 +1,5 @@
-/* Shared by the kernels: target clones and the split of work over threads.
+/* Shared by the kernels: target clones, the split of work over threads and
+   streaming stores for large outputs.
 
    Determinism: a clone only changes vector width (same IEEE operations in the
    same order, -ffp-contract=off), and threads get disjoint element ranges, so
@@ -11,6 +12,9 @@
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__x86_64__)
+#include <xmmintrin.h>
 #endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -62,6 +66,27 @@ static inline Py_ssize_t mm_cut(Py_ssize_t n, int nt, int t, Py_ssize_t align)
     Py_ssize_t units = (n + align - 1) / align;
     Py_ssize_t c = (units * (Py_ssize_t)t / nt) * align;
     return c < n ? c : n;
+}
+
+/* Copy m floats from the L1/L2-resident row to dst; with `stream`, through
+   non-temporal 16-byte stores wherever dst is 16-byte aligned (SSE, so every
+   x86-64 clone has them; the write-combining buffers merge them into full
+   lines). Moves bits only, so the bytes written are the same either way. */
+static inline __attribute__((always_inline)) void mm_put_f32(float *dst, const float *row, Py_ssize_t m,
+                                                             int stream)
+{
+#if defined(__x86_64__)
+    if (stream) {
+        Py_ssize_t j = 0;
+        while (j < m && ((uintptr_t)(dst + j) & 15) != 0) { dst[j] = row[j]; j++; }
+        for (; j + 4 <= m; j += 4) _mm_stream_ps(dst + j, _mm_loadu_ps(row + j));
+        for (; j < m; j++) dst[j] = row[j];
+        return;
+    }
+#else
+    (void)stream;
+#endif
+    memcpy(dst, row, (size_t)m * sizeof(float));
 }
 
 #endif

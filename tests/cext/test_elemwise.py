@@ -122,6 +122,59 @@ def test_fisher_reports_first_bad_contributor_fisher_before_values() -> None:
     assert fisher_average(xs, fs, w, 1e-8, 3.0, out, fout, 2) == (1, 0)
 
 
+def fisher_reference(
+    xs: list[np.ndarray], fs: list[np.ndarray], w: np.ndarray, eps: float, total: float
+) -> tuple[np.ndarray, np.ndarray]:
+    n = xs[0].size
+    num, den, fsum = np.zeros(n), np.zeros(n), np.zeros(n)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for k in range(len(xs)):
+            f = fs[k].astype(np.float64)
+            fw = (f + eps) * w[k]
+            num = num + fw * xs[k].astype(np.float64)
+            den = den + fw
+            fsum = fsum + f * w[k]
+        return (num / den).astype(np.float32), (fsum / total).astype(np.float32)
+
+
+# 1 << 20 elements and more take the streaming-store path; + 4099 leaves a partial block
+@pytest.mark.parametrize("nk", [1, 3, 4, 7, 16])
+@pytest.mark.parametrize("n", [5000, (1 << 20) + 4099])
+def test_fisher_matches_reference_for_any_grouping_and_threads(nk: int, n: int) -> None:
+    rng = np.random.default_rng(nk * 7 + n)
+    xs = [awkward(rng, n) for _ in range(nk)]
+    fs = [np.abs(awkward(rng, n)) for _ in range(nk)]
+    fs[0][::5] = -0.0  # a negative zero is a valid Fisher value
+    w = rng.uniform(0.1, 3.0, nk)
+    want, fwant = fisher_reference(xs, fs, w, 1e-8, float(w.sum()))
+    for threads in (1, 2):
+        # out[1:] is not 16-byte aligned: the streaming stores start after a scalar prologue
+        out, fout = np.empty(n + 1, np.float32), np.empty(n + 1, np.float32)
+        assert fisher_average(xs, fs, w, 1e-8, float(w.sum()), out[1:], fout[1:], threads) == (-1, 0)
+        assert out[1:].tobytes() == want.tobytes()
+        assert fout[1:].tobytes() == fwant.tobytes()
+
+
+@pytest.mark.parametrize("k", [0, 2, 4, 6])
+def test_fisher_finds_bad_inputs_in_any_sweep_and_block(k: int) -> None:
+    n, nk = (1 << 20) + 77, 7  # k 0-3: first sweep of four, 4-6: the single-input tail
+    xs = [np.full(n, 0.5, np.float32) for _ in range(nk)]
+    fs = [np.full(n, 2.0, np.float32) for _ in range(nk)]
+    w = np.ones(nk)
+    out, fout = np.empty(n, np.float32), np.empty(n, np.float32)
+    for i, bad in enumerate([np.inf, -np.inf, np.nan]):
+        xs[k][n - 1 - i] = bad
+        assert fisher_average(xs, fs, w, 1e-8, 7.0, out, fout, 2) == (k, 1)
+        xs[k][n - 1 - i] = 0.5
+        fs[k][700_000 + i] = bad
+        assert fisher_average(xs, fs, w, 1e-8, 7.0, out, fout, 2) == (k, 0)
+        fs[k][700_000 + i] = 2.0
+    fs[k][123_456] = -1e-30
+    assert fisher_average(xs, fs, w, 1e-8, 7.0, out, fout, 1) == (k, 0)
+    fs[k][123_456] = -0.0
+    assert fisher_average(xs, fs, w, 1e-8, 7.0, out, fout, 1) == (-1, 0)
+
+
 @pytest.mark.parametrize("start", [0, 3, 8, 13])
 def test_moment_lanes_are_sequential_float64_lane_sums(start: int) -> None:
     rng = np.random.default_rng(start)

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from meshmerge.cext import fisher_average
-from meshmerge.crdt.strategies._stream import TensorStream, checked_weights
+from meshmerge.cext.outbuf import empty_f32
+from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, in_place_chunk
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
 
 
@@ -56,10 +57,13 @@ class FisherMerge(Strategy):
             fspec = by_name[spec.name + params.suffix]
             if fspec.shape != spec.shape:
                 raise StrategyError(f"Fisher tensor {fspec.name!r} shape {fspec.shape} != {spec.shape}")
-            xs_stream = TensorStream(inp, spec, chunk)
-            fs_stream = TensorStream(inp, fspec, chunk)
-            flat = np.empty(spec.numel, dtype=np.float32)
-            fflat = np.empty(spec.numel, dtype=np.float32)
+            # One kernel call when both tensors are F32 (see in_place_chunk); a 16-bit
+            # tensor of the pair keeps ``chunk``, since its chunks are widened copies.
+            step = min(in_place_chunk(spec, chunk), in_place_chunk(fspec, chunk))
+            xs_stream = TensorStream(inp, spec, step)
+            fs_stream = TensorStream(inp, fspec, step)
+            flat = empty_f32(spec.numel)
+            fflat = empty_f32(spec.numel)
             for (lo, hi, xs, _), (_, _, fs, _) in zip(xs_stream.chunks(), fs_stream.chunks(), strict=True):
                 bad, what = fisher_average(xs, fs, w, eps, total, flat[lo:hi], fflat[lo:hi])
                 if bad >= 0 and what == 0:

@@ -37,9 +37,10 @@ from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
+from meshmerge.proto.varint import encode_uvarint
 from meshmerge.testing.interop import p2pd_control_pb2 as pb
 from meshmerge.testing.interop.common import PeerInfo, PubsubMessage
-from meshmerge.testing.interop.framing import BufferedStream, FramingError, encode_uvarint
+from meshmerge.testing.interop.framing import BufferedStream, FramingError
 from meshmerge.testing.interop.process import ManagedProcess, PeerProcessError
 from meshmerge.testing.interop.tools import InteropTools, locate_tools
 

@@ -357,6 +357,40 @@ def test_fisher_merge_exact() -> None:
         assert out[s.name + ".fisher"].tobytes() == (fs / total).astype(np.float32).tobytes()
 
 
+@pytest.mark.parametrize(("dtype", "fdtype"), [("F16", "F16"), ("BF16", "BF16"), ("F32", "BF16"), ("BF16", "F32")])
+@pytest.mark.parametrize("chunk", [None, 40])
+def test_fisher_merge_exact_in_every_dtype_and_chunking(dtype: str, fdtype: str, chunk: int | None) -> None:
+    """16-bit tensors are merged chunk by chunk and F32 ones in one call; a value tensor and
+    its Fisher companion of different dtypes must still be walked in the same chunks."""
+    from meshmerge.crdt.strategies import MergeInput
+    from meshmerge.crdt.tensors import TensorSpec, from_f32
+
+    inp = make_input(5, dtype=dtype)
+    specs = list(inp.specs) + [TensorSpec(s.name + ".fisher", fdtype, s.shape) for s in inp.specs]
+    specs.sort(key=lambda s: s.name)
+    tensors = []
+    for k, t in enumerate(inp.tensors):
+        t = dict(t)
+        for s in inp.specs:
+            fisher = np.abs(f32(t[s.name], dtype)).astype(np.float32) * np.float32(k + 1)
+            t[s.name + ".fisher"] = from_f32(fisher, fdtype).reshape(s.shape)
+        tensors.append(t)
+    finp = MergeInput(tensors, inp.weights, "weights", specs, inp.seed, inp.base)
+    out = run("fisher_merge", finp, {"epsilon": 1e-3}, **({} if chunk is None else {"chunk_elements": chunk}))
+    total = sum(inp.weights)
+    for s in inp.specs:
+        num, den, fs = np.zeros(s.numel), np.zeros(s.numel), np.zeros(s.numel)
+        for k, t in enumerate(tensors):
+            f = f32(t[s.name + ".fisher"], fdtype)
+            fw = (f + 1e-3) * inp.weights[k]
+            num = num + fw * f32(t[s.name], dtype)
+            den = den + fw
+            fs = fs + f * inp.weights[k]
+        fspec = TensorSpec(s.name + ".fisher", fdtype, s.shape)
+        assert out[s.name].tobytes() == storage(num / den, s).tobytes()
+        assert out[fspec.name].tobytes() == storage(fs / total, fspec).tobytes()
+
+
 def test_emr_elect_exact() -> None:
     inp = make_input(4)
     out = run("emr", inp, {"scaling": 0.9})
