@@ -400,39 +400,84 @@ class PeerScore:
         return ran
 
     def _refresh(self, now: float) -> None:
+        """Decay every connected peer's counters and, in the same pass, cache its new score.
+
+        Decay changes every score and the router's heartbeat asks for nearly all of
+        them right after, so each peer's score is computed here while its counters
+        are at hand: the same operations in the same order as :meth:`_compute`
+        (tests check the two agree bit for bit).
+        """
         p = self.params
         dz = p.decay_to_zero
+        cap = p.topic_score_cap
+        app_weight = p.app_specific_weight
+        app_score = p.app_specific_score
+        ip_penalty = self._ip_penalty if p.ip_colocation_factor_weight != 0 else None
+        bp_decay = p.behaviour_penalty_decay
+        bp_threshold = p.behaviour_penalty_threshold
+        bp_weight = p.behaviour_penalty_weight
+        floor = math.floor
+        cache = self._cache
+        cache.clear()
         gone: list[bytes] = []
         for peer, ps in self._peers.items():
             if not ps.connected:
                 if now > ps.expire:
                     gone.append(peer)
                 continue
+            score = 0.0
             for ts in ps.topics.values():
                 tp = ts.tp
-                ts.first_deliveries *= tp.first_message_deliveries_decay
-                if ts.first_deliveries < dz:
-                    ts.first_deliveries = 0.0
-                ts.mesh_deliveries *= tp.mesh_message_deliveries_decay
-                if ts.mesh_deliveries < dz:
-                    ts.mesh_deliveries = 0.0
-                ts.mesh_failure_penalty *= tp.mesh_failure_penalty_decay
-                if ts.mesh_failure_penalty < dz:
-                    ts.mesh_failure_penalty = 0.0
-                ts.invalid_deliveries *= tp.invalid_message_deliveries_decay
-                if ts.invalid_deliveries < dz:
-                    ts.invalid_deliveries = 0.0
+                first = ts.first_deliveries * tp.first_message_deliveries_decay
+                if first < dz:
+                    first = 0.0
+                ts.first_deliveries = first
+                mesh = ts.mesh_deliveries * tp.mesh_message_deliveries_decay
+                if mesh < dz:
+                    mesh = 0.0
+                ts.mesh_deliveries = mesh
+                failure = ts.mesh_failure_penalty * tp.mesh_failure_penalty_decay
+                if failure < dz:
+                    failure = 0.0
+                ts.mesh_failure_penalty = failure
+                invalid = ts.invalid_deliveries * tp.invalid_message_deliveries_decay
+                if invalid < dz:
+                    invalid = 0.0
+                ts.invalid_deliveries = invalid
+                topic_score = 0.0
                 if ts.in_mesh:
-                    ts.mesh_time = now - ts.graft_time
-                    if ts.mesh_time > tp.mesh_message_deliveries_activation:
+                    mesh_time = ts.mesh_time = now - ts.graft_time
+                    if mesh_time > tp.mesh_message_deliveries_activation:
                         ts.mesh_deliveries_active = True
-            ps.behaviour_penalty *= p.behaviour_penalty_decay
-            if ps.behaviour_penalty < dz:
-                ps.behaviour_penalty = 0.0
+                    p1 = float(floor(mesh_time / tp.time_in_mesh_quantum))
+                    if p1 > tp.time_in_mesh_cap:
+                        p1 = tp.time_in_mesh_cap
+                    topic_score += p1 * tp.time_in_mesh_weight
+                topic_score += first * tp.first_message_deliveries_weight
+                if ts.mesh_deliveries_active and mesh < tp.mesh_message_deliveries_threshold:
+                    deficit = tp.mesh_message_deliveries_threshold - mesh
+                    topic_score += deficit * deficit * tp.mesh_message_deliveries_weight
+                topic_score += failure * tp.mesh_failure_penalty_weight
+                topic_score += invalid * invalid * tp.invalid_message_deliveries_weight
+                score += topic_score * tp.topic_weight
+            behaviour = ps.behaviour_penalty * bp_decay
+            if behaviour < dz:
+                behaviour = 0.0
+            ps.behaviour_penalty = behaviour
+            if cap > 0 and score > cap:
+                score = cap
+            if app_weight != 0:
+                score += app_score(peer) * app_weight
+            if ip_penalty is not None:
+                for ip in ps.ips:
+                    score += ip_penalty.get(ip, 0.0)
+            excess = behaviour - bp_threshold
+            if excess > 0:
+                score += excess * excess * bp_weight
+            cache[peer] = score
         for peer in gone:
-            self._set_ips(peer, self._peers[peer], ())
+            self._set_ips(peer, self._peers[peer], ())  # clears the cache (P6 may change)
             del self._peers[peer]
-        self._cache.clear()
 
     def _gc_deliveries(self, now: float) -> None:
         q = self._delivery_expiry
