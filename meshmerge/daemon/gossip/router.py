@@ -906,11 +906,15 @@ class GossipSubRouter:
         gt = self.thresholds.gossip_threshold
         cands = self._candidates(topic, exclude, lambda q: score(q) >= gt)
         target = max(p.d_lazy, int(p.gossip_factor * len(cands)))
+        shared: ControlIHave | None = None  # one object for every target: encoded once per flush
         for q in cands[:target]:
-            ids = mids
-            if len(ids) > p.max_ihave_length:
-                ids = self.rng.sample(ids, p.max_ihave_length)
-            self._ctl(q).ihave.append(ControlIHave(topic, list(ids)))
+            if len(mids) > p.max_ihave_length:
+                ih = ControlIHave(topic, self.rng.sample(mids, p.max_ihave_length))
+            else:
+                if shared is None:
+                    shared = ControlIHave(topic, list(mids))
+                ih = shared
+            self._ctl(q).ihave.append(ih)
 
     def _apply_broken_promises(self, now: float) -> None:
         if not self.promises:
