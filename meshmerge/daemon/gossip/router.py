@@ -576,7 +576,7 @@ class GossipSubRouter:
             if sc is not None:
                 sc.reject_message(peer, mid, topic, RejectReason.SELF_ORIGIN, now)
             return
-        if mid in self.seen:
+        if mid in self.seen.ids:
             self.stats.messages_duplicate += 1
             if sc is not None:
                 sc.duplicate_message(peer, mid, topic, now)
@@ -661,11 +661,12 @@ class GossipSubRouter:
             return []
         want: dict[bytes, None] = {}
         budget = p.max_ihave_length - st.iasked
+        seen = self.seen.ids
         for ih in ihaves:
             if ih.topic is None or ih.topic not in self.mesh:
                 continue
             for mid in ih.message_ids[: p.max_ihave_length]:
-                if mid not in self.seen and mid not in want:
+                if mid not in seen and mid not in want:
                     want[mid] = None
                     if len(want) >= budget:
                         break
