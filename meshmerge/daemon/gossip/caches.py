@@ -72,28 +72,28 @@ class MessageCache:
 class SeenCache:
     """Message ids seen in the last ``ttl`` seconds (first-seen expiry, like go's default)."""
 
-    __slots__ = ("_expiry", "_ids", "_ttl")
+    __slots__ = ("_expiry", "_ttl", "ids")
 
     def __init__(self, ttl: float) -> None:
         self._ttl = ttl
-        self._ids: set[bytes] = set()
+        self.ids: set[bytes] = set()  # live view for hot membership tests; never replaced
         self._expiry: deque[tuple[float, bytes]] = deque()
 
     def add(self, mid: bytes, now: float) -> bool:
         """Mark ``mid`` seen; False if it already was."""
-        if mid in self._ids:
+        if mid in self.ids:
             return False
-        self._ids.add(mid)
+        self.ids.add(mid)
         self._expiry.append((now + self._ttl, mid))
         return True
 
     def __contains__(self, mid: bytes) -> bool:
-        return mid in self._ids
+        return mid in self.ids
 
     def expire(self, now: float) -> None:
         q = self._expiry
         while q and q[0][0] <= now:
-            self._ids.discard(q.popleft()[1])
+            self.ids.discard(q.popleft()[1])
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self.ids)

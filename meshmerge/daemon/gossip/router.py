@@ -206,6 +206,9 @@ class GossipSubRouter:
         self.direct = set(direct_peers)
         self.rng = rng or random.Random()
         self.verify_signatures = verify_signatures
+        # the signature check; a simulator may swap in a memo shared by its routers
+        # (the verdict is a pure function of the message fields)
+        self.verify: Callable[[Message], None] = verify_message
         self.peer_record = peer_record
         self.stats = RouterStats()
 
@@ -579,7 +582,7 @@ class GossipSubRouter:
             if sc is not None:
                 sc.reject_message(peer, mid, topic, RejectReason.SELF_ORIGIN, now)
             return
-        if mid in self.seen:
+        if mid in self.seen.ids:
             self.stats.messages_duplicate += 1
             if sc is not None:
                 sc.duplicate_message(peer, mid, topic, now)
@@ -590,7 +593,7 @@ class GossipSubRouter:
             return
         if self.verify_signatures:
             try:
-                verify_message(msg)
+                self.verify(msg)
             except SignatureError as exc:
                 self.stats.messages_invalid_signature += 1
                 if sc is not None:
@@ -664,11 +667,12 @@ class GossipSubRouter:
             return []
         want: dict[bytes, None] = {}
         budget = p.max_ihave_length - st.iasked
+        seen = self.seen.ids
         for ih in ihaves:
             if ih.topic is None or ih.topic not in self.mesh:
                 continue
             for mid in ih.message_ids[: p.max_ihave_length]:
-                if mid not in self.seen and mid not in want:
+                if mid not in seen and mid not in want:
                     want[mid] = None
                     if len(want) >= budget:
                         break
@@ -910,11 +914,15 @@ class GossipSubRouter:
         gt = self.thresholds.gossip_threshold
         cands = self._candidates(topic, exclude, lambda q: score(q) >= gt)
         target = max(p.d_lazy, int(p.gossip_factor * len(cands)))
+        shared: ControlIHave | None = None  # one object for every target: encoded once per flush
         for q in cands[:target]:
-            ids = mids
-            if len(ids) > p.max_ihave_length:
-                ids = self.rng.sample(ids, p.max_ihave_length)
-            self._ctl(q).ihave.append(ControlIHave(topic, list(ids)))
+            if len(mids) > p.max_ihave_length:
+                ih = ControlIHave(topic, self.rng.sample(mids, p.max_ihave_length))
+            else:
+                if shared is None:
+                    shared = ControlIHave(topic, list(mids))
+                ih = shared
+            self._ctl(q).ihave.append(ih)
 
     def _apply_broken_promises(self, now: float) -> None:
         if not self.promises:

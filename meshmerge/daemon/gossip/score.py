@@ -25,16 +25,25 @@ validated, rejected or seen again, a protocol misbehaviour) and asks for
 Scores are cached per peer and invalidated by every change to that peer's
 counters; P5 comes from outside, so the application calls :meth:`invalidate`
 when its own opinion changes.
+
+The per-topic counters and the P1–P4 arithmetic (decay, then
+``topic_weight · (w1·P1 + w2·P2 + w3·P3 + w3b·P3b + w4·P4)``) are compiled in
+:mod:`meshmerge.cext.gossip_score`: every router re-scores every peer once per
+decay interval, which dominated the attack simulator. The compiled code does the
+same double operations in the same order (tests compare it with the formulas in
+Python, bit for bit).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import math
 from collections import deque
 from collections.abc import Iterable
 
-from meshmerge.daemon.gossip.params import PeerScoreParams, TopicScoreParams
+from meshmerge.cext.gossip_score import COUNTERS, refresh_peers, topics_score
+from meshmerge.cext.gossip_score import PeerStats as _PeerStats
+from meshmerge.cext.gossip_score import TopicStats as _TopicStats
+from meshmerge.daemon.gossip.params import PeerScoreParams
 
 __all__ = ["PeerScore", "RejectReason"]
 
@@ -54,42 +63,6 @@ class RejectReason:
 
 
 _UNKNOWN, _VALID, _INVALID, _THROTTLED, _IGNORED = range(5)
-
-
-class _TopicStats:
-    __slots__ = (
-        "first_deliveries",
-        "graft_time",
-        "in_mesh",
-        "invalid_deliveries",
-        "mesh_deliveries",
-        "mesh_deliveries_active",
-        "mesh_failure_penalty",
-        "mesh_time",
-        "tp",
-    )
-
-    def __init__(self, tp: TopicScoreParams) -> None:
-        self.tp = tp  # this topic's parameters, looked up once
-        self.in_mesh = False
-        self.graft_time = 0.0
-        self.mesh_time = 0.0
-        self.first_deliveries = 0.0
-        self.mesh_deliveries = 0.0
-        self.mesh_deliveries_active = False
-        self.mesh_failure_penalty = 0.0
-        self.invalid_deliveries = 0.0
-
-
-class _PeerStats:
-    __slots__ = ("behaviour_penalty", "connected", "expire", "ips", "topics")
-
-    def __init__(self) -> None:
-        self.connected = True
-        self.expire = 0.0
-        self.topics: dict[str, _TopicStats] = {}
-        self.ips: tuple[str, ...] = ()
-        self.behaviour_penalty = 0.0
 
 
 class _DeliveryRecord:
@@ -152,30 +125,14 @@ class PeerScore:
         ts = ps.topics.get(topic) if ps else None
         if ts is None:
             return {}
-        return {name: getattr(ts, name) for name in _TopicStats.__slots__ if name != "tp"}
+        return {name: getattr(ts, name) for name in COUNTERS}
 
     def _compute(self, peer: bytes) -> float:
         ps = self._peers.get(peer)
         if ps is None:
             return 0.0
         p = self.params
-        score = 0.0
-        for ts in ps.topics.values():
-            tp = ts.tp
-            topic_score = 0.0
-            if ts.in_mesh:
-                p1 = float(math.floor(ts.mesh_time / tp.time_in_mesh_quantum))
-                if p1 > tp.time_in_mesh_cap:
-                    p1 = tp.time_in_mesh_cap
-                topic_score += p1 * tp.time_in_mesh_weight
-            topic_score += ts.first_deliveries * tp.first_message_deliveries_weight
-            if ts.mesh_deliveries_active and ts.mesh_deliveries < tp.mesh_message_deliveries_threshold:
-                deficit = tp.mesh_message_deliveries_threshold - ts.mesh_deliveries
-                topic_score += deficit * deficit * tp.mesh_message_deliveries_weight
-            topic_score += ts.mesh_failure_penalty * tp.mesh_failure_penalty_weight
-            invalid = ts.invalid_deliveries
-            topic_score += invalid * invalid * tp.invalid_message_deliveries_weight
-            score += topic_score * tp.topic_weight
+        score = topics_score(ps.topics)  # P1-P4, weighted
         if p.topic_score_cap > 0 and score > p.topic_score_cap:
             score = p.topic_score_cap
         if p.app_specific_weight != 0:
@@ -400,39 +357,31 @@ class PeerScore:
         return ran
 
     def _refresh(self, now: float) -> None:
+        """Decay every connected peer's counters and, in the same pass, cache its new score.
+
+        Decay changes every score and the router's heartbeat asks for nearly all of
+        them right after, so each peer's score is computed here while its counters
+        are at hand: the same operations in the same order as :meth:`_compute`
+        (tests check the two agree bit for bit).
+        """
         p = self.params
-        dz = p.decay_to_zero
-        gone: list[bytes] = []
-        for peer, ps in self._peers.items():
-            if not ps.connected:
-                if now > ps.expire:
-                    gone.append(peer)
-                continue
-            for ts in ps.topics.values():
-                tp = ts.tp
-                ts.first_deliveries *= tp.first_message_deliveries_decay
-                if ts.first_deliveries < dz:
-                    ts.first_deliveries = 0.0
-                ts.mesh_deliveries *= tp.mesh_message_deliveries_decay
-                if ts.mesh_deliveries < dz:
-                    ts.mesh_deliveries = 0.0
-                ts.mesh_failure_penalty *= tp.mesh_failure_penalty_decay
-                if ts.mesh_failure_penalty < dz:
-                    ts.mesh_failure_penalty = 0.0
-                ts.invalid_deliveries *= tp.invalid_message_deliveries_decay
-                if ts.invalid_deliveries < dz:
-                    ts.invalid_deliveries = 0.0
-                if ts.in_mesh:
-                    ts.mesh_time = now - ts.graft_time
-                    if ts.mesh_time > tp.mesh_message_deliveries_activation:
-                        ts.mesh_deliveries_active = True
-            ps.behaviour_penalty *= p.behaviour_penalty_decay
-            if ps.behaviour_penalty < dz:
-                ps.behaviour_penalty = 0.0
-        for peer in gone:
-            self._set_ips(peer, self._peers[peer], ())
-            del self._peers[peer]
         self._cache.clear()
+        gone = refresh_peers(
+            self._peers,
+            self._cache,
+            now,
+            p.decay_to_zero,
+            p.topic_score_cap,
+            p.app_specific_weight,
+            p.app_specific_score,
+            self._ip_penalty if p.ip_colocation_factor_weight != 0 else None,
+            p.behaviour_penalty_decay,
+            p.behaviour_penalty_threshold,
+            p.behaviour_penalty_weight,
+        )
+        for peer in gone:
+            self._set_ips(peer, self._peers[peer], ())  # clears the cache (P6 may change)
+            del self._peers[peer]
 
     def _gc_deliveries(self, now: float) -> None:
         q = self._delivery_expiry

@@ -13,7 +13,14 @@ real codec (:func:`meshmerge.proto.gossipsub.decode_rpc`) at the receiver.
 Decoding is a pure function of the bytes, so byte-identical frames (one message
 forwarded by many nodes, one IHAVE sent to many peers) are decoded once and the
 result is shared from a small bounded memo (``decode_cache``; 0 turns it off);
-routers never mutate the RPCs they receive.
+routers never mutate the RPCs they receive. Likewise a signature verdict is a
+pure function of the message fields, so routers that verify signatures share a
+:class:`SignatureMemo` (real hosts verify every message they accept).
+
+The event queue is a calendar of 1 ms buckets: events of later buckets wait in
+plain lists, only the current bucket is a heap, so the per-event heap work is
+that of a few dozen entries, not of every frame in flight. Events still run in
+exactly (time, insertion) order.
 
 Nodes without a router ("raw" nodes) only record what they receive and send
 whatever a test scripts with :meth:`Simulator.inject`, for protocol attacks.
@@ -34,11 +41,43 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from meshmerge.daemon.gossip.router import MESHSUB_12, GossipSubRouter
-from meshmerge.proto.gossipsub import RPC, GossipCodecError, decode_rpc, encode_frame
+from meshmerge.proto.gossipsub import RPC, GossipCodecError, Message, decode_rpc, encode_frame
+from meshmerge.proto.gossipsub_sign import verify_message
 
-__all__ = ["Network", "SimNode", "Simulator"]
+__all__ = ["Network", "SignatureMemo", "SimNode", "Simulator"]
 
 _HEARTBEAT, _FRAME, _PUMP, _CALL = range(4)
+_BUCKETS_PER_S = 1000.0  # calendar queue resolution (ordering never depends on it)
+
+_Event = tuple[float, int, int, object]  # (time, insertion seq, kind, payload)
+
+
+class SignatureMemo:
+    """:func:`verify_message` that remembers the messages that passed.
+
+    Keyed by every field the check reads, so a forged copy of a known message
+    (other data, other signature) is a different key and is verified. Failures
+    are not remembered: they raise as before. Bounded: cleared when full.
+    """
+
+    __slots__ = ("_limit", "_ok", "checks", "hits")
+
+    def __init__(self, limit: int = 65536) -> None:
+        self._ok: set[tuple[bytes | str | None, ...]] = set()
+        self._limit = limit
+        self.checks = 0  # signatures actually verified
+        self.hits = 0
+
+    def verify(self, msg: Message) -> None:
+        key = (msg.from_peer, msg.seqno, msg.topic, msg.data, msg.signature, msg.key)
+        if key in self._ok:
+            self.hits += 1
+            return
+        verify_message(msg)
+        self.checks += 1
+        if len(self._ok) >= self._limit:
+            self._ok.clear()
+        self._ok.add(key)
 
 
 @dataclass(slots=True)
@@ -79,6 +118,7 @@ class Simulator:
         max_concurrent_dials: int = 4,
         max_pending_dials: int = 32,
         dial_rtts: float = 3.0,
+        signature_memo: int = 65536,
     ) -> None:
         self.net = network or Network()
         self.dial_px = dial_px
@@ -90,7 +130,12 @@ class Simulator:
         self.now = 0.0
         self.nodes: list[SimNode] = []
         self.by_id: dict[bytes, SimNode] = {}
-        self._heap: list[tuple[float, int, int, object]] = []
+        # calendar queue: _cur is a heap holding every event of buckets <= _cur_bucket;
+        # later events sit unsorted in _buckets, whose keys are also in the heap _bucket_ids
+        self._cur: list[_Event] = []
+        self._cur_bucket = -1
+        self._buckets: dict[int, list[_Event]] = {}
+        self._bucket_ids: list[int] = []
         self._seq = 0
         self.published: dict[bytes, tuple[float, int]] = {}  # mid -> (time, publisher index)
         self.delivered: dict[bytes, dict[int, float]] = {}  # mid -> node index -> time
@@ -102,12 +147,35 @@ class Simulator:
         self._decoded: dict[bytes, RPC] = {}
         self._decode_cache = decode_cache
         self.decodes = 0  # frames actually run through the codec (the rest hit the memo)
+        self.signatures = SignatureMemo(signature_memo) if signature_memo else None
 
     # ------------------------------------------------------------------ setup
 
     def _push(self, at: float, kind: int, payload: object) -> None:
         self._seq += 1
-        heapq.heappush(self._heap, (at, self._seq, kind, payload))
+        b = int(at * _BUCKETS_PER_S)
+        if b <= self._cur_bucket:
+            heapq.heappush(self._cur, (at, self._seq, kind, payload))
+            return
+        lst = self._buckets.get(b)
+        if lst is None:
+            self._buckets[b] = [(at, self._seq, kind, payload)]
+            heapq.heappush(self._bucket_ids, b)
+        else:
+            lst.append((at, self._seq, kind, payload))
+
+    def _next_time(self) -> float | None:
+        """Time of the earliest pending event (moving to the next bucket if needed)."""
+        cur = self._cur
+        while not cur:
+            if not self._bucket_ids:
+                return None
+            b = heapq.heappop(self._bucket_ids)
+            cur = self._buckets.pop(b)
+            heapq.heapify(cur)
+            self._cur = cur
+            self._cur_bucket = b
+        return cur[0][0]
 
     def add_node(
         self, router: GossipSubRouter | None, *, peer_id: bytes | None = None, ip: str, honest: bool = True
@@ -118,6 +186,8 @@ class Simulator:
         node = SimNode(len(self.nodes), pid, ip, router, honest)
         self.nodes.append(node)
         self.by_id[pid] = node
+        if router is not None and router.verify_signatures and self.signatures is not None:
+            router.verify = self.signatures.verify
         if router is not None:
             interval = router.params.heartbeat_interval
             self._push(self.now + self.rng.uniform(0.0, interval), _HEARTBEAT, node)
@@ -263,12 +333,22 @@ class Simulator:
     # ------------------------------------------------------------------ loop
 
     def run_until(self, t_end: float) -> None:
-        heap = self._heap
         decoded = self._decoded
-        while heap and heap[0][0] <= t_end:
-            at, _, kind, payload = heapq.heappop(heap)
+        heappop = heapq.heappop
+        next_time = self._next_time
+        events = 0
+        while True:
+            cur = self._cur
+            if not cur:
+                t = next_time()
+                if t is None:
+                    break
+                cur = self._cur
+            if cur[0][0] > t_end:
+                break
+            at, _, kind, payload = heappop(cur)
             self.now = at
-            self.events += 1
+            events += 1
             if kind == _FRAME:
                 src: bytes
                 dst: SimNode
@@ -307,6 +387,7 @@ class Simulator:
             else:
                 fn: Callable[[], None] = payload  # type: ignore[assignment]
                 fn()
+        self.events += events
         self.now = max(self.now, t_end)
 
     # ------------------------------------------------------------------ metrics

@@ -7,7 +7,9 @@ the per-heartbeat IHAVE budget must still start afresh on every heartbeat.
 
 from __future__ import annotations
 
+import heapq
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -136,3 +138,123 @@ def test_ihave_budget_restarts_on_every_heartbeat() -> None:
     assert spam(0.1) == 5
     r.on_heartbeat(1.0)
     assert spam(1.1) == 5  # a fresh budget, not an exhausted one
+
+
+class _HeapQueue:
+    """The plain (time, insertion) heap the calendar queue replaced: the reference order."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.events = 0
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = 0
+
+    def call_at(self, at: float, fn: Callable[[], None]) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (at, self._seq, fn))
+
+    def run_until(self, t_end: float) -> None:
+        while self._heap and self._heap[0][0] <= t_end:
+            at, _, fn = heapq.heappop(self._heap)
+            self.now = at
+            self.events += 1
+            fn()
+        self.now = max(self.now, t_end)
+
+
+def _queue_trace(sim: Simulator | _HeapQueue) -> list[tuple[float, int, float]]:
+    rng = random.Random(3)
+    ran: list[tuple[float, int, float]] = []
+    count = [0]
+
+    def schedule(at: float) -> None:
+        n = count[0]
+        count[0] += 1
+
+        def fn() -> None:
+            ran.append((sim.now, n, at))
+            if n < 3000 and rng.random() < 0.5:
+                # from inside an event: the same time, the same 1 ms bucket, the past, later
+                schedule(rng.choice([sim.now, sim.now + 1e-4, sim.now - 0.5, sim.now + rng.random() * 3]))
+
+        sim.call_at(at, fn)
+
+    for t in [rng.random() * 5 for _ in range(500)] + [1.0] * 20 + [2.0005] * 5 + [-0.25]:
+        schedule(t)
+    for stop in (0.5, 1.0, 1.0, 2.0004, 2.0005, 7.0, 100.0):
+        sim.run_until(stop)
+        ran.append((sim.now, -1, stop))
+    assert sim.events == count[0]
+    return ran
+
+
+def test_calendar_queue_runs_events_in_the_plain_heap_order() -> None:
+    trace = _queue_trace(Simulator(seed=3))
+    assert len(trace) > 1000
+    assert trace == _queue_trace(_HeapQueue())
+
+
+def test_signature_memo_rejects_forged_copies_and_leaves_the_run_unchanged() -> None:
+    from meshmerge.daemon.gossip.sim import SignatureMemo
+    from meshmerge.proto.gossipsub_sign import SignatureError, sign_message
+
+    ident = Ed25519Identity(bytes(range(32)))
+    good = sign_message(ident, Message(data=b"hello", seqno=b"\x00" * 8, topic="t"))
+    memo = SignatureMemo(limit=4)
+    memo.verify(good)
+    memo.verify(Message(good.from_peer, good.data, good.seqno, good.topic, good.signature))
+    assert (memo.checks, memo.hits) == (1, 1)
+    for forged in (
+        Message(good.from_peer, b"HELLO", good.seqno, good.topic, good.signature),
+        Message(good.from_peer, good.data, good.seqno, good.topic, bytes(64)),
+        Message(good.from_peer, good.data, b"\x00" * 7 + b"\x01", good.topic, good.signature),
+    ):
+        with pytest.raises(SignatureError):
+            memo.verify(forged)
+        with pytest.raises(SignatureError):  # failures are never remembered as passes
+            memo.verify(forged)
+    for i in range(10):  # bounded
+        memo.verify(sign_message(ident, Message(data=bytes([i]), seqno=bytes(8), topic="t")))
+        assert len(memo._ok) <= 4
+
+    def run(signature_memo: int) -> Simulator:
+        sp, th = derive_score_params({"t": 1.0})
+        sim = Simulator(Network(latency=(0.01, 0.05)), seed=5, signature_memo=signature_memo)
+        swarm = build_swarm(20, 10, sim=sim, score_params=sp, thresholds=th, seed=5)
+        for k in range(8):
+            sim.call_at(2.0 + k, lambda k=k: sim.publish(swarm.honest[k], "t", bytes([k]) * 100))
+        sim.run_until(15.0)
+        return sim
+
+    plain, memo_run = run(0), run(65536)
+    assert plain.signatures is None
+    assert memo_run.signatures is not None and memo_run.signatures.hits > memo_run.signatures.checks > 0
+    assert memo_run.delivered == plain.delivered and memo_run.frames == plain.frames
+    for a, b in zip(plain.nodes, memo_run.nodes, strict=True):
+        assert a.router is not None and b.router is not None
+        assert a.router.stats == b.router.stats
+        assert {p: a.router.peer_score(p) for p in a.router.peers} == {
+            p: b.router.peer_score(p) for p in b.router.peers
+        }
+
+
+def test_one_ihave_object_shared_by_many_rpcs_is_encoded_once() -> None:
+    ih = ControlIHave("t", [bytes([i]) * 20 for i in range(7)])
+    rpcs = [
+        RPC(control=ControlMessage(ihave=[ih])),
+        RPC(control=ControlMessage(ihave=[ih], graft=[ControlGraft("t")])),
+        RPC(
+            subscriptions=[SubOpts(True, "t")],
+            publish=[_msg(3, 50)],
+            control=ControlMessage(
+                ihave=[ControlIHave("u", [b"x" * 300]), ih],
+                iwant=[ControlIWant([b"c"])],
+                prune=[ControlPrune("t", [PeerInfo(b"p", b"r" * 200)], 60)],
+                idontwant=[ControlIDontWant([b"d" * 32])],
+            ),
+        ),
+        RPC(control=ControlMessage(ihave=[ControlIHave(None, [])])),
+    ]
+    enc = FrameEncoder()
+    assert [enc.encode(r) for r in rpcs] == [encode_frame(r) for r in rpcs]
+    assert enc.hits == 2  # ih encoded once, spliced twice more
