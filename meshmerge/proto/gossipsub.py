@@ -39,7 +39,6 @@ __all__ = [
     "encode_frame",
     "encode_message",
     "encode_rpc",
-    "uvarint",
 ]
 
 
@@ -167,13 +166,11 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _U64_MAX = (1 << 64) - 1
 
 
-uvarint = encode_uvarint
-"""Protobuf base-128 varint of a non-negative int (the shared encoder, by its codec name)."""
 
 
 def _put_bytes(out: bytearray, fieldno: int, value: bytes) -> None:
     out.append((fieldno << 3) | _LEN)
-    out += uvarint(len(value))
+    out += encode_uvarint(len(value))
     out += value
 
 
@@ -182,7 +179,7 @@ def _put_ids(out: bytearray, fieldno: int, ids: list[bytes]) -> None:
     for mid in ids:
         n = len(mid)
         out += tag
-        out += bytes((n,)) if n < 0x80 else uvarint(n)
+        out += bytes((n,)) if n < 0x80 else encode_uvarint(n)
         out += mid
 
 
@@ -240,7 +237,7 @@ def _encode_control(ctl: ControlMessage) -> bytes:
             if not 0 <= pr.backoff <= _U64_MAX:
                 raise ValueError(f"ControlPrune.backoff out of uint64 range: {pr.backoff}")
             sub.append((3 << 3) | _VARINT)
-            sub += uvarint(pr.backoff)
+            sub += encode_uvarint(pr.backoff)
         _put_bytes(out, 4, bytes(sub))
     for idw in ctl.idontwant:
         sub = bytearray()
@@ -269,7 +266,7 @@ def encode_rpc(rpc: RPC) -> bytes:
 def encode_frame(rpc: RPC) -> bytes:
     """Encode an RPC with its uvarint length prefix, as written on the stream."""
     body = encode_rpc(rpc)
-    return uvarint(len(body)) + body
+    return encode_uvarint(len(body)) + body
 
 
 # --------------------------------------------------------------------------- decoding

@@ -24,8 +24,8 @@ from meshmerge.proto.gossipsub import (
     encode_frame,
     encode_message,
     encode_rpc,
-    uvarint,
 )
+from meshmerge.proto.varint import encode_uvarint
 
 __all__ = ["FrameEncoder"]
 
@@ -62,7 +62,7 @@ class FrameEncoder:
             self.hits += 1
             return entry[1]
         body = encode_message(msg)
-        field = _PUBLISH_TAG + uvarint(len(body)) + body
+        field = _PUBLISH_TAG + encode_uvarint(len(body)) + body
         self._memo[id(msg)] = (msg, field)
         return field
 
@@ -84,7 +84,7 @@ class FrameEncoder:
             rest = ControlMessage(iwant=ctl.iwant, graft=ctl.graft, prune=ctl.prune, idontwant=ctl.idontwant)
             parts.append(_field_value(encode_rpc(RPC(control=rest))))
         body = b"".join(parts)
-        return _CONTROL_TAG + uvarint(len(body)) + body
+        return _CONTROL_TAG + encode_uvarint(len(body)) + body
 
     def encode(self, rpc: RPC) -> bytes:
         ctl = rpc.control
@@ -97,7 +97,7 @@ class FrameEncoder:
         if ctl is not None:
             parts.append(self._control_field(ctl))
         body = b"".join(parts)
-        return uvarint(len(body)) + body
+        return encode_uvarint(len(body)) + body
 
     def reset(self) -> None:
         self._memo.clear()
