@@ -272,13 +272,7 @@ class SyncService:
                 pulled += 1
                 continue
             reply = await self._request(peer, SYNC_PROTOCOL, {"t": "state", "set": set_id}, MAX_STATE_FRAME)
-            raw = reply.get("state") if isinstance(reply, dict) else None
-            if not isinstance(raw, bytes):
-                raise SyncError("malformed state answer")
-            try:
-                msg = StateMessage.from_obj(decode(raw, Limits(max_message_bytes=MAX_STATE_FRAME)))
-            except CodecError as exc:
-                raise SyncError(f"bad state for {cids.to_text(set_id)}: {exc}") from None
+            msg = _state_in(reply, "state", set_id)
             if msg.set_id != set_id or (state is None and msg.schema is None):
                 raise SyncError("state answer for the wrong set or without a schema")
             report = await self.node.apply_remote(set_id, msg)
@@ -306,16 +300,11 @@ class SyncService:
             return True  # same operations; the roots differed only for a moment
         request = {"t": "ops", "set": set_id, "bits": bits, "buckets": wanted}
         reply = await self._request(peer, SYNC_PROTOCOL_RECONCILE, request, MAX_STATE_FRAME)
-        raw = reply.get("state") if isinstance(reply, dict) else None
-        if not isinstance(raw, bytes):
-            raise SyncError("malformed ops answer")
-        try:
-            msg = StateMessage.from_obj(decode(raw, Limits(max_message_bytes=MAX_STATE_FRAME)))
-        except CodecError as exc:
-            raise SyncError(f"bad ops for {cids.to_text(set_id)}: {exc}") from None
+        msg = _state_in(reply, "ops", set_id)
         if msg.set_id != set_id or msg.full or msg.schema is not None:
             raise SyncError("ops answer for the wrong set, or not a delta")
-        if any(reconcile.bucket_of(k, bits) not in set(wanted) for k in _keys(msg)):
+        asked = set(wanted)
+        if any(reconcile.bucket_of(k, bits) not in asked for k in _keys(msg)):
             raise SyncError("ops answer holds operations outside the buckets asked for")
         report = await self.node.apply_remote(set_id, msg)
         if report is not None and report.rejected:
@@ -537,6 +526,17 @@ class SyncService:
         key = str(peer)
         self.stats.bad_peers[key] = self.stats.bad_peers.get(key, 0) + 1
         log.info("peer %s: %s", key, why)
+
+
+def _state_in(reply: Any, what: str, set_id: bytes) -> StateMessage:
+    """The StateMessage a peer's ``what`` answer carries under "state"; SyncError if it is bad."""
+    raw = reply.get("state") if isinstance(reply, dict) else None
+    if not isinstance(raw, bytes):
+        raise SyncError(f"malformed {what} answer")
+    try:
+        return StateMessage.from_obj(decode(raw, Limits(max_message_bytes=MAX_STATE_FRAME)))
+    except CodecError as exc:
+        raise SyncError(f"bad {what} for {cids.to_text(set_id)}: {exc}") from None
 
 
 def _parse_digests(answer: Any, bits: int) -> reconcile.Digests:
