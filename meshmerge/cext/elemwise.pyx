@@ -444,6 +444,17 @@ cdef extern from *:
        index is = l (mod 8), in increasing index, in float64. lanes[k*16 + 0..7] = sum
        of squares, [k*16 + 8..15] = sums. Contributors run in parallel (each its own
        sums). flags[k] bit 31: x_k holds NaN/Inf. */
+    /* One element into its lane: the NaN/Inf flag bits, the square and the value. */
+    static inline void mm_moment_step(float xi, double *sq, double *s1, int l, uint32_t *f)
+    {
+        double v = (double)xi;
+        uint32_t bits;
+        memcpy(&bits, &xi, 4);
+        *f |= (bits & 0x7F800000u) + 0x00800000u;
+        sq[l] = sq[l] + v * v;
+        s1[l] = s1[l] + v * 1.0;
+    }
+
     MM_CLONES static void mm_moments_one(const float *x, Py_ssize_t n, uint64_t start, double *lanes,
                                          uint32_t *flag)
     {
@@ -453,34 +464,13 @@ cdef extern from *:
         Py_ssize_t i = 0;
         Py_ssize_t head = (Py_ssize_t)((8 - (start & 7)) & 7);
         if (head > n) head = n;
-        for (; i < head; i++) {
-            int l = (int)((start + (uint64_t)i) & 7);
-            double v = (double)x[i];
-            uint32_t bits;
-            memcpy(&bits, &x[i], 4);
-            f |= (bits & 0x7F800000u) + 0x00800000u;
-            sq[l] = sq[l] + v * v;
-            s1[l] = s1[l] + v * 1.0;
-        }
-        for (; i + 8 <= n; i += 8) {
-            for (int l = 0; l < 8; l++) {
-                double v = (double)x[i + l];
-                uint32_t bits;
-                memcpy(&bits, &x[i + l], 4);
-                f |= (bits & 0x7F800000u) + 0x00800000u;
-                sq[l] = sq[l] + v * v;
-                s1[l] = s1[l] + v * 1.0;
-            }
-        }
-        for (; i < n; i++) {
-            int l = (int)((start + (uint64_t)i) & 7);
-            double v = (double)x[i];
-            uint32_t bits;
-            memcpy(&bits, &x[i], 4);
-            f |= (bits & 0x7F800000u) + 0x00800000u;
-            sq[l] = sq[l] + v * v;
-            s1[l] = s1[l] + v * 1.0;
-        }
+        for (; i < head; i++)
+            mm_moment_step(x[i], sq, s1, (int)((start + (uint64_t)i) & 7), &f);
+        for (; i + 8 <= n; i += 8)
+            for (int l = 0; l < 8; l++)
+                mm_moment_step(x[i + l], sq, s1, l, &f);
+        for (; i < n; i++)
+            mm_moment_step(x[i], sq, s1, (int)((start + (uint64_t)i) & 7), &f);
         for (int l = 0; l < 8; l++) { lanes[l] = sq[l]; lanes[8 + l] = s1[l]; }
         *flag = f;
     }

@@ -105,28 +105,21 @@ def decay_and_score(dict topics, double now, double decay_to_zero):
     return _decay_and_score(topics, now, decay_to_zero)
 
 
+cdef inline double _decayed(double value, double decay, double decay_to_zero) noexcept:
+    """One decay step of a counter: multiply, then snap to 0 below ``decay_to_zero`` (go's rule)."""
+    cdef double x = value * decay
+    return 0.0 if x < decay_to_zero else x
+
+
 cdef double _decay_and_score(dict topics, double now, double decay_to_zero) except? -1.0:
     cdef double score = 0.0
-    cdef double x
     cdef TopicStats ts
     for obj in topics.values():
         ts = <TopicStats>obj
-        x = ts.first_deliveries * ts.decay2
-        if x < decay_to_zero:
-            x = 0.0
-        ts.first_deliveries = x
-        x = ts.mesh_deliveries * ts.decay3
-        if x < decay_to_zero:
-            x = 0.0
-        ts.mesh_deliveries = x
-        x = ts.mesh_failure_penalty * ts.decay3b
-        if x < decay_to_zero:
-            x = 0.0
-        ts.mesh_failure_penalty = x
-        x = ts.invalid_deliveries * ts.decay4
-        if x < decay_to_zero:
-            x = 0.0
-        ts.invalid_deliveries = x
+        ts.first_deliveries = _decayed(ts.first_deliveries, ts.decay2, decay_to_zero)
+        ts.mesh_deliveries = _decayed(ts.mesh_deliveries, ts.decay3, decay_to_zero)
+        ts.mesh_failure_penalty = _decayed(ts.mesh_failure_penalty, ts.decay3b, decay_to_zero)
+        ts.invalid_deliveries = _decayed(ts.invalid_deliveries, ts.decay4, decay_to_zero)
         if ts.in_mesh:
             ts.mesh_time = now - ts.graft_time
             if ts.mesh_time > ts.activation3:
@@ -179,9 +172,7 @@ def refresh_peers(
                 gone.append(peer)
             continue
         score = _decay_and_score(ps.topics, now, decay_to_zero)
-        behaviour = ps.behaviour_penalty * behaviour_penalty_decay
-        if behaviour < decay_to_zero:
-            behaviour = 0.0
+        behaviour = _decayed(ps.behaviour_penalty, behaviour_penalty_decay, decay_to_zero)
         ps.behaviour_penalty = behaviour
         if topic_score_cap > 0 and score > topic_score_cap:
             score = topic_score_cap
