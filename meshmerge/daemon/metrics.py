@@ -85,7 +85,7 @@ class _SnapshotCollector(Collector):
                 continue
             if isinstance(value, bool | int | float):
                 yield _gauge(f"meshmerge_{key}", f"`meshmerge status` field {key}", float(value))
-            elif isinstance(value, str) and key in ("reachability",):
+            elif key == "reachability" and isinstance(value, str):
                 family = GaugeMetricFamily(
                     f"meshmerge_{key}", f"`meshmerge status` {key} (1 = current)", labels=["state"]
                 )
