@@ -72,8 +72,6 @@ class Node:
         self._sets: dict[bytes, SetHandle] = {}
         self._listeners: list[ChangeListener] = []
         self._leave_listeners: list[Callable[[bytes], None]] = []
-        #: sets this node left: peers' copies are not pulled or applied until it rejoins
-        self._left: set[bytes] = {schema.id for schema in store.left_sets()}
         self._gc_lock = trio.Lock()
         self.extra_status: list[Callable[[], Mapping[str, Any]]] = []
         for schema in store.sets():
@@ -105,7 +103,8 @@ class Node:
         return list(self._sets)
 
     def has_left(self, set_id: bytes) -> bool:
-        return set_id in self._left
+        """Peers' copies of a set this node left are not pulled or applied until it rejoins."""
+        return self.store.has_left(set_id)
 
     def state(self, set_id: bytes) -> MergeState | None:
         handle = self._sets.get(set_id)
@@ -132,10 +131,9 @@ class Node:
     async def create_set(self, schema: SetSchema) -> bytes:
         """Create a set, or rejoin one this node left (peers' operations are pulled again)."""
         if schema.id not in self._sets:
+            verb = "rejoined" if self.has_left(schema.id) else "created"
             await trio.to_thread.run_sync(self.store.add_set, schema)
             self._sets[schema.id] = SetHandle(MergeState(schema), trio.Lock())
-            verb = "rejoined" if schema.id in self._left else "created"
-            self._left.discard(schema.id)
             log.info("%s merge set %s (%s)", verb, schema.name, cids.to_text(schema.id))
             self._notify(schema.id, StateMessage(schema.id, schema=schema), True)
         return schema.id
@@ -239,7 +237,7 @@ class Node:
         """
         handle = self._sets.get(set_id)
         if handle is None:
-            if ops.schema is None or set_id in self._left:
+            if ops.schema is None or self.has_left(set_id):
                 return None
             handle = await self.ensure_set(ops.schema)
         async with handle.lock:
@@ -309,7 +307,6 @@ class Node:
             except (StoreError, OSError) as exc:
                 raise RpcError("storage_error", f"could not leave {name!r}: {_why(exc)}") from None
             del self._sets[set_id]
-            self._left.add(set_id)
         log.info("left merge set %s (%s)", name, cids.to_text(set_id))
         for listener in self._leave_listeners:
             listener(set_id)
@@ -318,9 +315,10 @@ class Node:
 
     async def rejoin_set(self, ref: str) -> dict[str, Any]:
         """Follow a set this node left again, by its id text or unique name."""
-        left = [s for s in self.store.left_sets() if ref in (cids.to_text(s.id), s.name)]
+        every = self.store.left_sets()
+        left = [s for s in every if ref in (cids.to_text(s.id), s.name)]
         if len(left) != 1:
-            names = sorted(s.name for s in self.store.left_sets())
+            names = sorted(s.name for s in every)
             what = "several" if left else "no"
             raise RpcError("unknown_set", f"{what} left merge set(s) match {ref!r}; left sets: {names}")
         set_id = await self.create_set(left[0])
@@ -422,7 +420,7 @@ class Node:
             "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started, 1),
             "sets": len(self._sets),
-            "sets_left": len(self._left),
+            "sets_left": len(self.store.left_sets()),
         }
         usage = self.store.blob_usage()
         info["blobs"] = usage.blobs

@@ -351,6 +351,10 @@ class Store:
         with self._registry:
             return [schema for _, schema in sorted(self._left.items())]
 
+    def has_left(self, set_id: bytes) -> bool:
+        with self._registry:
+            return set_id in self._left
+
     def add_set(self, schema: SetSchema) -> None:
         """Durably create a merge set, or rejoin one this node left (idempotent otherwise)."""
         self._check_open()
