@@ -128,20 +128,26 @@ class DigestCache:
     """Bucket digests per (set, bits), recomputed only after the set has grown.
 
     Every peer's anti-entropy round asks for our digests, and hashing a
-    10,000-operation state takes ~0.1 s. An OR-Set only grows (adds, removals
-    and evidence are never dropped), so equal operation counts mean equal
-    operations and a cached answer is still exact.
+    10,000-operation state takes ~0.1 s. One OR-Set state only grows (adds,
+    removals and evidence are never dropped), so for the *same* state object
+    equal operation counts mean equal operations and a cached answer is still
+    exact. A different state object for the set (left and rejoined, reloaded)
+    never matches; ``forget`` drops a set's entries.
     """
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[bytes, int], tuple[tuple[int, int, int], Digests]] = {}
+        self._entries: dict[tuple[bytes, int], tuple[MergeState, tuple[int, int, int], Digests]] = {}
 
     def get(self, state: MergeState, bits: int) -> Digests | None:
         entry = self._entries.get((state.set_id, bits))
-        if entry is None or entry[0] != op_counts(state):
+        if entry is None or entry[0] is not state or entry[1] != op_counts(state):
             return None
-        return entry[1]
+        return entry[2]
 
     def put(self, state: MergeState, bits: int, counts: tuple[int, int, int], value: Digests) -> None:
         """Remember ``value``, computed from a snapshot taken when the counts were ``counts``."""
-        self._entries[(state.set_id, bits)] = (counts, value)
+        self._entries[(state.set_id, bits)] = (state, counts, value)
+
+    def forget(self, set_id: bytes) -> None:
+        for key in [k for k in self._entries if k[0] == set_id]:
+            del self._entries[key]

@@ -174,6 +174,7 @@ class SyncService:
             self._queue_missing_blobs([set_id])
 
     def _on_leave(self, set_id: bytes) -> None:
+        self._digest_cache.forget(set_id)
         if self.gossip is not None and set_id in self._subscribed:
             self._subscribed.discard(set_id)
             self.gossip.unsubscribe(topic_for(set_id))

@@ -98,3 +98,15 @@ def test_a_digest_snapshot_ignores_later_growth() -> None:
     for op in ops[3:]:
         state.apply(op)
     assert rc.digests_of(keys, 1) == before
+
+
+def test_digest_cache_never_answers_for_another_state_of_the_set() -> None:
+    """A set left and rejoined starts a new state: equal counts prove nothing about it."""
+    ops = POOL.ops()
+    first, again = replica(ops[:1]), replica(ops[1:2])
+    assert rc.op_counts(first) == rc.op_counts(again) and rc.digests(first, 1) != rc.digests(again, 1)
+    cache = rc.DigestCache()
+    cache.put(first, 1, rc.op_counts(first), rc.digests(first, 1))
+    assert cache.get(again, 1) is None
+    cache.forget(first.set_id)
+    assert cache.get(first, 1) is None
