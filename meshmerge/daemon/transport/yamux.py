@@ -440,7 +440,8 @@ class YamuxConn(IMuxedConn):
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_GRACE):
                     await self.close(GO_AWAY_INTERNAL_ERROR)
                 return
-            self._kick()
+            if self.state.out:  # a ping was queued
+                self._kick()
 
 
 class YamuxMultistream(MuxerMultistream):
