@@ -285,30 +285,105 @@ cdef extern from *:
         return 0;
     }
 
-    /* EMR elect on elements [lo, hi): sign of sum_k t_k, magnitude max |t_k| over
-       entries of that sign, out = bb + scaling * (sign * mag). */
-    MM_CLONES static void mm_emr(const float *const *xs, const float *b, Py_ssize_t nk, Py_ssize_t lo,
-                                 Py_ssize_t hi, double scaling, float *out)
+    /* bad gets bit 63 set iff the float64 a is NaN or Inf (integer-only, so it vectorises). */
+    #define MM_FCHECK(a) do { uint64_t bits_; memcpy(&bits_, &(a), 8); \
+                              bad |= (bits_ & 0x7FF0000000000000ULL) + 0x0010000000000000ULL; } while (0)
+
+    /* EMR elect on elements [lo0, hi0): sign of sum_k t_k (float64, k = 0..N-1 in
+       order), magnitude max |t_k| over entries of that sign, out = bb + scaling *
+       (sign * mag). One sweep: t_k = fl(x_k - b) is monotone in x_k, so the largest
+       positive t_k is fl(max_k x_k - b) and the most negative one fl(min_k x_k - b);
+       the float32 extremes ride along with the sum. Blocks of MM_EMR_BLOCK elements
+       keep the accumulators in L1 while four contributors stream through per sweep
+       (per element the additions still run k = 0, 1, 2, ... in order, so the grouping
+       changes no bit). bad[k] bit 31: x_k holds NaN/Inf; a non-finite x makes the
+       block's sum non-finite (the base is checked by the caller), so only such
+       blocks are rescanned. */
+    #define MM_EMR_BLOCK 2048
+    #define MM_EMR_STREAM_MIN ((Py_ssize_t)1 << 20)
+    /* t_k of element j: (double)x - (double)b, or (double)x without a base. */
+    #define MM_EMR_T(x, j) (has_base ? (double)(x)[j] - (double)bl[j] : (double)(x)[j])
+    /* One block of m elements at `start` into row[0..m); inlined with a constant
+       has_base, so each case gets its own loops (no conditional load to stop the
+       vectoriser). */
+    static inline __attribute__((always_inline)) void mm_emr_block(
+        const float *const *xs, const float *b, Py_ssize_t nk, Py_ssize_t start, Py_ssize_t m,
+        double scaling, double *restrict tot, float *restrict xmax, float *restrict xmin,
+        float *restrict row, const int has_base)
     {
-        for (Py_ssize_t e = lo; e < hi; e++) {
-            double total = 0.0;
-            for (Py_ssize_t k = 0; k < nk; k++) total = total + mm_task(xs[k], b, e);
-            double sign = (double)((total > 0.0) - (total < 0.0));
-            double mag = 0.0;
-            for (Py_ssize_t k = 0; k < nk; k++) {
-                double t = mm_task(xs[k], b, e);
-                double c = t * sign > 0.0 ? fabs(t) : 0.0;
-                mag = c > mag ? c : mag;
+        const float *bl = has_base ? b + start : NULL;
+        for (Py_ssize_t j = 0; j < m; j++) { tot[j] = 0.0; xmax[j] = -FLT_MAX; xmin[j] = FLT_MAX; }
+        Py_ssize_t k = 0;
+        for (; k + 4 <= nk; k += 4) {
+            const float *x0 = xs[k] + start, *x1 = xs[k + 1] + start;
+            const float *x2 = xs[k + 2] + start, *x3 = xs[k + 3] + start;
+            for (Py_ssize_t j = 0; j < m; j++)
+                tot[j] = (((tot[j] + MM_EMR_T(x0, j)) + MM_EMR_T(x1, j)) + MM_EMR_T(x2, j)) + MM_EMR_T(x3, j);
+        }
+        for (; k < nk; k++) {
+            const float *x0 = xs[k] + start;
+            for (Py_ssize_t j = 0; j < m; j++) tot[j] = tot[j] + MM_EMR_T(x0, j);
+        }
+        for (k = 0; k < nk; k++) {
+            const float *x0 = xs[k] + start;
+            for (Py_ssize_t j = 0; j < m; j++) {
+                float v = x0[j];
+                xmax[j] = v > xmax[j] ? v : xmax[j];
+                xmin[j] = v < xmin[j] ? v : xmin[j];
             }
-            double bb = b != NULL ? (double)b[e] : 0.0;
-            out[e] = (float)(bb + scaling * (sign * mag));
+        }
+        for (Py_ssize_t j = 0; j < m; j++) {
+            /* Without a base, "+ 0.0" (which only turns -0.0 into +0.0, and both give
+               mag 0) keeps GCC from rewriting the tests as float32 compares, which it
+               then does not vectorise. */
+            double tmax = has_base ? MM_EMR_T(xmax, j) : (double)xmax[j] + 0.0;
+            double tmin = has_base ? MM_EMR_T(xmin, j) : (double)xmin[j] + 0.0, s = tot[j];
+            double pos = tmax > 0.0 ? tmax : 0.0, neg = tmin < 0.0 ? -tmin : 0.0;
+            double neg_or_0 = s < 0.0 ? neg : 0.0, minus_or_0 = s < 0.0 ? -1.0 : 0.0;
+            double mag = s > 0.0 ? pos : neg_or_0, sign = s > 0.0 ? 1.0 : minus_or_0;
+            if (has_base) row[j] = (float)((double)bl[j] + scaling * (sign * mag));
+            else row[j] = (float)(0.0 + scaling * (sign * mag));
         }
     }
+    #undef MM_EMR_T
+    MM_CLONES static void mm_emr(const float *const *xs, const float *b, Py_ssize_t nk, Py_ssize_t lo0,
+                                 Py_ssize_t hi0, double scaling, float *out, uint32_t *bad_x, int stream)
+    {
+        double tot[MM_EMR_BLOCK];
+        float xmax[MM_EMR_BLOCK], xmin[MM_EMR_BLOCK], row[MM_EMR_BLOCK];
+        for (Py_ssize_t start = lo0; start < hi0; start += MM_EMR_BLOCK) {
+            Py_ssize_t m = hi0 - start < MM_EMR_BLOCK ? hi0 - start : MM_EMR_BLOCK;
+            if (b != NULL) mm_emr_block(xs, b, nk, start, m, scaling, tot, xmax, xmin, row, 1);
+            else mm_emr_block(xs, b, nk, start, m, scaling, tot, xmax, xmin, row, 0);
+            uint64_t bad = 0;
+            for (Py_ssize_t j = 0; j < m; j++) MM_FCHECK(tot[j]);
+            mm_put_f32(out + start, row, m, stream);
+            if (bad & 0x8000000000000000ULL) {
+                for (Py_ssize_t q = 0; q < nk; q++) {
+                    const float *x = xs[q] + start;
+                    uint32_t bx = 0;
+                    for (Py_ssize_t j = 0; j < m; j++) {
+                        uint32_t xb;
+                        memcpy(&xb, &x[j], 4);
+                        bx |= (xb & 0x7F800000u) + 0x00800000u;
+                    }
+                    bad_x[q] |= bx;
+                }
+            }
+        }
+    #if defined(__x86_64__)
+        if (stream) _mm_sfence();
+    #endif
+    }
+    #undef MM_EMR_T
 
     static void mm_emr_par(const float *const *xs, const float *b, Py_ssize_t nk, Py_ssize_t n,
-                           double scaling, float *out, int nt, Py_ssize_t grain)
+                           double scaling, float *out, uint32_t *tbad, int nt, Py_ssize_t grain)
     {
-        MM_PAR_BLOCKS(n, grain, nt, { mm_emr(xs, b, nk, lo, hi, scaling, out); });
+        int stream = n >= MM_EMR_STREAM_MIN;
+        MM_PAR_BLOCKS(n, grain, nt, {
+            mm_emr(xs, b, nk, lo, hi, scaling, out, tbad + (Py_ssize_t)tid * nk, stream);
+        });
     }
 
     /* Fisher-weighted average on [lo0, hi0): fw = (f + eps) * w_k, num += fw * x,
@@ -329,9 +404,6 @@ cdef extern from *:
     /* Calls over at least this many elements write both outputs with
        non-temporal stores (see mm_put_f32). */
     #define MM_FISHER_STREAM_MIN ((Py_ssize_t)1 << 20)
-    /* bad gets bit 63 set iff the float64 a is NaN or Inf (integer-only, so it vectorises). */
-    #define MM_FCHECK(a) do { uint64_t bits_; memcpy(&bits_, &(a), 8); \
-                              bad |= (bits_ & 0x7FF0000000000000ULL) + 0x0010000000000000ULL; } while (0)
     #define MM_FSTEP(x, f, wk, j) do { \
             double fd_ = (double)(f)[j]; \
             double fw_ = (fd_ + eps) * (wk); \
@@ -582,7 +654,7 @@ cdef extern from *:
                              const uint32_t* thr, Py_ssize_t nk, Py_ssize_t n, uint64_t g0, int consensus,
                              double inv_total, double scaling, float* out, int nt, Py_ssize_t grain) nogil
     void mm_emr_par(const float** xs, const float* b, Py_ssize_t nk, Py_ssize_t n, double scaling,
-                    float* out, int nt, Py_ssize_t grain) nogil
+                    float* out, uint32_t* tbad, int nt, Py_ssize_t grain) nogil
     void mm_fisher_par(const float** xs, const float** fs, const double* w, Py_ssize_t nk, Py_ssize_t n,
                        double eps, double total, float* out, float* fout, uint32_t* tbad, int nt,
                        Py_ssize_t grain, char* scratch) nogil
@@ -654,19 +726,34 @@ def della_merge(list xs, object base, const double[::1] weights, const uint64_t[
 
 
 def emr_elect(list xs, object base, double scaling, float[::1] out, int threads=0):
-    """EMR elect step on one chunk; ``xs`` finite float32, ``base`` float32 or None."""
+    """EMR elect step on one chunk; ``xs`` float32, ``base`` float32 (finite) or None.
+
+    Returns the first k whose chunk holds NaN or Inf (the output is then
+    meaningless), or -1.
+    """
     cdef Py_ssize_t n = out.shape[0]
     cdef Py_ssize_t nk = len(xs)
     cdef Py_ssize_t grain = get_grain()
     cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, grain)
+    cdef Py_ssize_t k, t
     if n == 0:
-        return
+        return -1
     cdef const float* b = optional_f32(base, n)
     cdef const float** p = _ptrs(xs, n)
+    cdef uint32_t* tbad = <uint32_t*>calloc(max(nk, 1) * nt, sizeof(uint32_t))
     try:
+        if tbad == NULL:
+            raise MemoryError()
         with nogil:
-            mm_emr_par(p, b, nk, n, scaling, &out[0], nt, grain)
+            mm_emr_par(p, b, nk, n, scaling, &out[0], tbad, nt, grain)
+        for k in range(nk):
+            for t in range(1, nt):
+                tbad[k] |= tbad[t * nk + k]
+            if tbad[k] & NONFINITE:
+                return k
+        return -1
     finally:
+        free(tbad)
         free(p)
 
 

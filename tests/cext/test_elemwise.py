@@ -84,12 +84,13 @@ def test_della_rejects_partial_rows() -> None:
                     np.empty(10, np.float32))
 
 
+@pytest.mark.parametrize("nk", [1, 4, 7, 16])
 @pytest.mark.parametrize("with_base", [False, True])
-def test_emr_matches_reference(with_base: bool) -> None:
-    rng = np.random.default_rng(5)
+def test_emr_matches_reference(with_base: bool, nk: int) -> None:
+    rng = np.random.default_rng(5 + nk)
     n = 5000
-    xs = [awkward(rng, n) for _ in range(4)]
-    b = rng.standard_normal(n).astype(np.float32) if with_base else None
+    xs = [awkward(rng, n) for _ in range(nk)]
+    b = awkward(rng, n) if with_base else None
     bb = b.astype(np.float64) if b is not None else 0.0
     ts = [x.astype(np.float64) - bb for x in xs]
     total = np.zeros(n)
@@ -247,3 +248,18 @@ def test_kth_smallest_nonnegative_equals_numpy_partition() -> None:
             assert kth_smallest_nonnegative(v, k) == np.partition(v, k)[k], (v[:3], k)
     with pytest.raises(ValueError, match="k must be"):
         kth_smallest_nonnegative(np.ones(3), 3)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_emr_reports_first_contributor_with_nan_or_inf(threads: int) -> None:
+    n = 5000
+    xs = [np.full(n, 0.5, np.float32) for _ in range(5)]
+    xs[3][4321] = np.inf
+    xs[1][17] = np.nan
+    out = np.empty(n, np.float32)
+    assert emr_elect(xs, None, 1.0, out, threads) == 1
+    xs[1][17] = 0.0
+    assert emr_elect(xs, None, 1.0, out, threads) == 3
+    xs[3][4321] = 0.0
+    assert emr_elect(xs, np.zeros(n, np.float32), 1.0, out, threads) == -1
+    assert np.all(out == 0.5)

@@ -44,7 +44,14 @@ from meshmerge.cext import (
     safe_moments,
     stream_key,
 )
-from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, task_base, to_storage
+from meshmerge.cext.outbuf import empty_f32
+from meshmerge.crdt.strategies._stream import (
+    TensorStream,
+    checked_weights,
+    in_place_chunk,
+    task_base,
+    to_storage,
+)
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
 from meshmerge.crdt.tensors import TensorSpec
 
@@ -87,12 +94,11 @@ class Emr(Strategy):
         use_base = task_base(inp, self.name)
         out: dict[str, Any] = {}
         for spec in inp.specs:
-            flat = np.empty(spec.numel, dtype=np.float32)
-            stream = TensorStream(inp, spec, chunk, base=use_base)
+            flat = empty_f32(spec.numel)
+            stream = TensorStream(inp, spec, in_place_chunk(spec, chunk), base=use_base)
             for lo, hi, xs, b in stream.chunks():
-                _check_finite(stream, xs)
-                emr_elect(xs, b, params.scaling, flat[lo:hi])
-            out[spec.name] = to_storage(flat, spec)
+                stream.check(emr_elect(xs, b, params.scaling, flat[lo:hi]))
+            out[spec.name] = stream.finish(flat)
         return out
 
 
