@@ -9,7 +9,8 @@ import numpy as np
 import numpy.typing as npt
 
 from meshmerge.cext import GRAM_SPAN, gram_accumulate, gram_finalize, task_sum_f32, weighted_sum_f32
-from meshmerge.crdt.strategies._stream import TensorStream
+from meshmerge.cext.outbuf import empty_f32
+from meshmerge.crdt.strategies._stream import TensorStream, in_place_chunk
 from meshmerge.crdt.strategies.base import MergeInput
 from meshmerge.crdt.tensors import TensorSpec
 
@@ -18,8 +19,8 @@ def combine_tensor(
     inp: MergeInput, spec: TensorSpec, coef: npt.NDArray[np.float64], chunk: int, *, base: bool
 ) -> npt.NDArray[Any]:
     """``b + sum_k c_k (x_k - b)`` (or ``sum_k c_k x_k`` without base), float64 accumulation."""
-    stream = TensorStream(inp, spec, chunk, base=base)
-    out = np.empty(spec.numel, dtype=np.float32)
+    stream = TensorStream(inp, spec, in_place_chunk(spec, chunk), base=base)
+    out = empty_f32(spec.numel)
     c = np.ascontiguousarray(coef, dtype=np.float64)
     for lo, hi, xs, b in stream.chunks():
         if b is None:
