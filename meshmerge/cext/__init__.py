@@ -25,6 +25,7 @@ from meshmerge.cext.elemwise import (
 )
 from meshmerge.cext.gram import GRAM_SPAN, gram_accumulate, gram_finalize
 from meshmerge.cext.linear import task_sum_f32, weighted_sum_f32, weighted_sum_f64
+from meshmerge.cext.overlap import overlap_counts, overlap_merge
 from meshmerge.cext.prng import drop_lanes, drop_threshold, random_u64, stream_key, uniform_f64
 from meshmerge.cext.robust import sorted_reduce
 from meshmerge.cext.sparse import mag_range, sparse_merge
@@ -46,6 +47,8 @@ __all__ = [
     "kth_smallest_nonnegative",
     "mag_range",
     "moment_lanes",
+    "overlap_counts",
+    "overlap_merge",
     "random_u64",
     "safe_freeze",
     "safe_moments",
