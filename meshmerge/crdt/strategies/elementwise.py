@@ -36,17 +36,29 @@ import numpy as np
 import numpy.typing as npt
 
 from meshmerge.cext import (
+    EXACT_LIMBS,
     della_merge,
     emr_elect,
+    exact_round,
     has_nonfinite,
     kth_smallest_nonnegative,
+    led_select,
+    nearswap_merge,
     safe_freeze,
     safe_moments,
+    sce_combine,
+    sce_energy,
+    sce_variance,
     stream_key,
 )
-from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, task_base, to_storage
+from meshmerge.crdt.strategies._stream import (
+    TensorStream,
+    checked_weights,
+    in_place_chunk,
+    task_base,
+    to_storage,
+)
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
-from meshmerge.crdt.tensors import TensorSpec
 
 F64 = npt.NDArray[np.float64]
 
@@ -56,17 +68,6 @@ def _check_finite(stream: TensorStream, xs: list[npt.NDArray[np.float32]]) -> No
     for k, x in enumerate(xs):
         if has_nonfinite(x):
             stream.check(k)
-
-
-def _task_chunks(inp: MergeInput, spec: TensorSpec, chunk: int, use_base: bool) -> Any:
-    """Yield (lo, hi, [t_k float64], b float64 or 0.0) with finiteness checked."""
-    stream = TensorStream(inp, spec, chunk, base=use_base)
-    for lo, hi, xs, b in stream.chunks():
-        for k, x in enumerate(xs):
-            if not np.all(np.isfinite(x)):
-                stream.check(k)
-        bb: F64 | float = b.astype(np.float64) if b is not None else 0.0
-        yield lo, hi, [x.astype(np.float64) - bb for x in xs], bb
 
 
 @dataclass(frozen=True)
@@ -174,12 +175,10 @@ class Nearswap(Strategy):
         out: dict[str, Any] = {}
         for spec in inp.specs:
             flat = np.empty(spec.numel, dtype=np.float32)
-            for lo, hi, ts, b in _task_chunks(inp, spec, chunk, True):
-                dist = np.abs(ts[0])
-                wgt = np.where(dist == 0.0, 1.0, np.minimum(1.0, params.t / np.where(dist == 0.0, 1.0, dist)))
-                x = ts[0] + b
-                flat[lo:hi] = wgt * x + (1.0 - wgt) * b
-            out[spec.name] = to_storage(flat, spec)
+            stream = TensorStream(inp, spec, in_place_chunk(spec, chunk), base=True)
+            for lo, hi, xs, b in stream.chunks():
+                stream.check(nearswap_merge(xs[0], b, params.t, flat[lo:hi]))
+            out[spec.name] = stream.finish(flat)
         return out
 
 
@@ -211,23 +210,14 @@ class LedMerge(Strategy):
 
     def merge(self, inp: MergeInput, params: Params, chunk: int) -> dict[str, Any]:
         w = checked_weights(inp, positive=True)
-        wn = w / float(w.sum())
+        wn = np.ascontiguousarray(w / float(w.sum()), dtype=np.float64)
         out: dict[str, Any] = {}
         for spec in inp.specs:
             flat = np.empty(spec.numel, dtype=np.float32)
-            for lo, hi, xs, _b in _task_chunks(inp, spec, chunk, False):
-                mean = np.zeros(hi - lo)
-                for k, x in enumerate(xs):
-                    mean = mean + wn[k] * x
-                best = xs[0].copy()
-                dist = np.abs(best - mean)
-                for x in xs[1:]:
-                    d = np.abs(x - mean)
-                    better = (d < dist) | ((d == dist) & (x < best))
-                    best = np.where(better, x, best)
-                    dist = np.where(better, d, dist)
-                flat[lo:hi] = best
-            out[spec.name] = to_storage(flat, spec)
+            stream = TensorStream(inp, spec, in_place_chunk(spec, chunk))
+            for lo, hi, xs, _b in stream.chunks():
+                stream.check(led_select(xs, wn, flat[lo:hi]))
+            out[spec.name] = stream.finish(flat)
         return out
 
 
@@ -305,37 +295,23 @@ class Sce(Strategy):
         n = len(inp.tensors)
         out: dict[str, Any] = {}
         for spec in inp.specs:
-            var = np.zeros(spec.numel)
-            for lo, hi, ts, _b in _task_chunks(inp, spec, chunk, use_base):
-                m = np.zeros(hi - lo)
-                for t in ts:
-                    m = m + t
-                m = m * (1.0 / n)
-                v = np.zeros(hi - lo)
-                for t in ts:
-                    v = v + (t - m) * (t - m)
-                var[lo:hi] = v
+            stream = TensorStream(inp, spec, in_place_chunk(spec, chunk), base=use_base)
             keep = math.ceil(params.select_topk * spec.numel)
-            thr = np.partition(var, spec.numel - keep)[spec.numel - keep] if 0 < keep < spec.numel else -1.0
-            energy = [0.0] * n
-            for lo, hi, ts, _b in _task_chunks(inp, spec, chunk, use_base):
-                sel = var[lo:hi] >= thr
-                for k, t in enumerate(ts):
-                    energy[k] = math.fsum([energy[k], math.fsum(np.where(sel, t * t, 0.0).tolist())])
+            var: F64 | None = None
+            thr = -1.0
+            if 0 < keep < spec.numel:
+                var = np.empty(spec.numel)
+                for lo, hi, xs, b in stream.chunks():
+                    stream.check(sce_variance(xs, b, 1.0 / n, var[lo:hi]))
+                thr = float(kth_smallest_nonnegative(var, spec.numel - keep))
+            acc = np.zeros((n, EXACT_LIMBS), dtype=np.uint64)
+            for lo, hi, xs, b in stream.chunks():
+                stream.check(sce_energy(xs, b, None if var is None else var[lo:hi], thr, acc))
+            energy = exact_round(acc)
             total = math.fsum(energy)
-            c = [e / total if total > 0.0 else 1.0 / n for e in energy]
+            c = np.array([e / total if total > 0.0 else 1.0 / n for e in energy], dtype=np.float64)
             flat = np.empty(spec.numel, dtype=np.float32)
-            for lo, hi, ts, b in _task_chunks(inp, spec, chunk, use_base):
-                sel = var[lo:hi] >= thr
-                s = np.zeros(hi - lo)
-                for k, t in enumerate(ts):
-                    s = s + c[k] * t
-                num = np.zeros(hi - lo)
-                den = np.zeros(hi - lo)
-                for k, t in enumerate(ts):
-                    agree = sel & (((t > 0) & (s > 0)) | ((t < 0) & (s < 0)))
-                    num = num + np.where(agree, c[k] * t, 0.0)
-                    den = den + np.where(agree, c[k], 0.0)
-                flat[lo:hi] = b + num / np.where(den == 0.0, 1.0, den)
-            out[spec.name] = to_storage(flat, spec)
+            for lo, hi, xs, b in stream.chunks():
+                stream.check(sce_combine(xs, b, None if var is None else var[lo:hi], thr, c, flat[lo:hi]))
+            out[spec.name] = stream.finish(flat)
         return out
