@@ -35,25 +35,12 @@ cdef extern from *:
     /* Exact sums of finite non-negative doubles. A double is mant * 2^(p - 1074) with
        mant < 2^53 and p = max(biased exponent - 1, 0) <= 2045, so it is the integer
        mant << p in units of 2^-1074: bits 0..2097. Digit i (32 bits, limb i) holds bits
-       32i..32i+31; an add spreads mant << (p mod 32) over three limbs, each part < 2^32,
-       and carries are only propagated by mm_xs_carry, so a limb may take 2^31 adds
-       between carries. 72 limbs = 2304 bits leave 206 bits of headroom for the count of
-       terms. A NaN/Inf lands in limbs 63..65 (no out-of-bounds write); callers flag it. */
+       32i..32i+31. Values are first summed per exponent in integer bins (mantissas,
+       < 2^64 for up to 2048 of them); a bin then spreads over three limbs, each part
+       < 2^32, and carries are propagated by mm_xs_carry after every span, so limbs never
+       overflow. 72 limbs = 2304 bits leave 206 bits of headroom for the count of terms.
+       A NaN/Inf lands in limbs 63..65 (no out-of-bounds write); callers flag it. */
     #define MM_XS_LIMBS 72
-    #define MM_XS_SPAN 4096   /* elements per contributor between carries */
-
-    static inline void mm_xs_add(uint64_t *acc, double v)
-    {
-        uint64_t bits;
-        memcpy(&bits, &v, 8);
-        uint64_t e = (bits >> 52) & 0x7FF, mant = bits & 0xFFFFFFFFFFFFFULL, p = 0;
-        if (e != 0) { mant |= 1ULL << 52; p = e - 1; }
-        unsigned __int128 s = (unsigned __int128)mant << (p & 31);
-        uint64_t *a = acc + (p >> 5);
-        a[0] += (uint64_t)s & 0xFFFFFFFFULL;
-        a[1] += (uint64_t)(s >> 32) & 0xFFFFFFFFULL;
-        a[2] += (uint64_t)(s >> 64);
-    }
 
     /* Propagate carries so every limb is a digit (< 2^32); the value is unchanged. */
     static void mm_xs_carry(uint64_t *acc)
@@ -147,28 +134,60 @@ cdef extern from *:
         });
     }
 
+    /* Add the bins of exponents [lo, hi] to acc and clear them: bins[e] holds a sum of
+       mantissas of doubles with biased exponent e (< 2^64), in units of 2^(p - 1074),
+       p = max(e - 1, 0); it spreads over three limbs (from limb p / 32), each part < 2^32. */
+    static void mm_xs_flush(uint64_t *acc, uint64_t *bins, int lo, int hi)
+    {
+        for (int e = lo; e <= hi; e++) {
+            uint64_t m = bins[e];
+            if (m == 0) continue;
+            bins[e] = 0;
+            int p = e > 0 ? e - 1 : 0;
+            unsigned __int128 s = (unsigned __int128)m << (p & 31);
+            uint64_t *a = acc + (p >> 5);
+            a[0] += (uint64_t)s & 0xFFFFFFFFULL;
+            a[1] += (uint64_t)(s >> 32) & 0xFFFFFFFFULL;
+            a[2] += (uint64_t)(s >> 64);  /* < 2^31: m < 2^64 shifted by at most 31 */
+        }
+    }
+
     /* SCE, calculate step on [lo0, hi0): add t_k * t_k (rounded to double) of the
        selected elements (var == NULL: all; else var >= thr; others add 0.0, which
-       changes nothing and costs no mispredicted branch) to contributor k's
-       accumulator acc + k * MM_XS_LIMBS, carried after every span. */
+       changes nothing and costs no mispredicted branch) exactly to contributor k's
+       accumulator acc + k * MM_XS_LIMBS. Per span, each square's 53-bit mantissa is
+       added to the integer bin of its exponent (one add, no shifts; 2048 of them fit
+       in 64 bits), then the touched bins go to the accumulator, which is carried. */
+    #define MM_BIN_SPAN 2048
     static void mm_sce_energy(const float *const *xs, const float *b, Py_ssize_t nk, const double *var,
                               double thr, Py_ssize_t lo0, Py_ssize_t hi0, uint64_t *acc, uint32_t *flags)
     {
-        for (Py_ssize_t i0 = lo0; i0 < hi0; i0 += MM_XS_SPAN) {
-            Py_ssize_t len = hi0 - i0 < MM_XS_SPAN ? hi0 - i0 : MM_XS_SPAN;
+        uint64_t bins[2048];
+        memset(bins, 0, sizeof(bins));
+        for (Py_ssize_t i0 = lo0; i0 < hi0; i0 += MM_BIN_SPAN) {
+            Py_ssize_t len = hi0 - i0 < MM_BIN_SPAN ? hi0 - i0 : MM_BIN_SPAN;
             for (Py_ssize_t k = 0; k < nk; k++) {
                 const float *x = xs[k] + i0;
-                uint64_t *a = acc + k * MM_XS_LIMBS;
                 uint32_t f = 0;
+                uint64_t emin = 2047, emax = 0;
                 for (Py_ssize_t j = 0; j < len; j++) {
                     f |= mm_nonfinite(x[j]);
                     double t = b != NULL ? (double)x[j] - (double)b[i0 + j] : (double)x[j];
                     double v = t * t;
                     if (var != NULL) v = var[i0 + j] >= thr ? v : 0.0;
-                    mm_xs_add(a, v);
+                    uint64_t bits;
+                    memcpy(&bits, &v, 8);
+                    uint64_t e = (bits >> 52) & 0x7FF;  /* a NaN may carry a sign bit */
+                    bins[e] += (bits & 0xFFFFFFFFFFFFFULL) | ((uint64_t)(e != 0) << 52);
+                    emin = e < emin ? e : emin;
+                    emax = e > emax ? e : emax;
                 }
                 flags[k] |= f;
-                mm_xs_carry(a);
+                if (emin <= emax) {
+                    uint64_t *a = acc + k * MM_XS_LIMBS;
+                    mm_xs_flush(a, bins, (int)emin, (int)emax);
+                    mm_xs_carry(a);
+                }
             }
         }
     }

@@ -94,6 +94,9 @@ def test_kernels_report_the_first_nonfinite_input() -> None:
     assert sce_combine(xs, None, None, -1.0, np.full(4, 0.25), out, 2) == 2
     assert led_select(xs, np.full(4, 0.25), out, 2) == 2
     assert nearswap_merge(xs[3], xs[0], 0.1, out, 2) == 0
+    neg_nan = np.array([0xFFC00000, 0xFF800001], np.uint32).view(np.float32)  # NaNs with the sign bit
+    for x in (neg_nan, -neg_nan):
+        assert sce_energy([np.ones(2, np.float32), x], None, None, -1.0, np.zeros((2, EXACT_LIMBS), np.uint64)) == 1
     assert nearswap_merge(xs[0], xs[1], 0.1, out, 2) == -1
 
 
