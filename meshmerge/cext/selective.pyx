@@ -179,7 +179,9 @@ cdef extern from *:
                     memcpy(&bits, &v, 8);
                     uint64_t e = (bits >> 52) & 0x7FF;  /* a NaN may carry a sign bit */
                     bins[e] += (bits & 0xFFFFFFFFFFFFFULL) | ((uint64_t)(e != 0) << 52);
-                    emin = e < emin ? e : emin;
+                    /* a zero adds nothing, and must not widen the range of bins to flush */
+                    uint64_t elo = bits != 0 ? e : 2047;
+                    emin = elo < emin ? elo : emin;
                     emax = e > emax ? e : emax;
                 }
                 flags[k] |= f;

@@ -1,8 +1,9 @@
 """Elementwise strategies: EMR elect, DELLA, nearswap, passthrough.
 
-EMR, DELLA and safe_merge run in :mod:`meshmerge.cext.elemwise`, which performs exactly the
+EMR, DELLA and safe_merge run in :mod:`meshmerge.cext.elemwise`, SCE, nearswap
+and led_merge in :mod:`meshmerge.cext.selective`; both perform exactly the
 float64 operations written below in the same order (a stable radix sort gives
-DELLA's ranks); the rest use numpy. Elementwise ``+ - * /``, ``abs``,
+DELLA's ranks). Elementwise ``+ - * /``, ``abs``,
 ``maximum`` and comparisons are exactly rounded / exact, and every sum runs
 over contributors in canonical order, so the bytes are the same on every
 replica and for every chunk size and thread count.
@@ -22,7 +23,9 @@ replica and for every chunk size and thread count.
   ``lane < round(p * 65536)``.
 * ``nearswap`` — mergekit's nearswap: one contribution x and the base b,
   ``w = clip(t / |b - x|, 0, 1)`` (1 where they are equal) and
-  ``out = w x + (1 - w) b``: take x where it is near the base.
+  ``out = w x + (1 - w) b``: take x where it is near the base. In float64:
+  ``d = x - b``, ``w = 1`` where ``d == 0`` else ``min(1, t / |d|)``,
+  ``out = float32(w (d + b) + (1 - w) b)``.
 * ``passthrough`` — exactly one contribution, returned unchanged.
 """
 
@@ -203,7 +206,8 @@ class LedMerge(Strategy):
     """Per element, the contribution value closest to the weighted mean (crdt-merge's
     ``led_merge``, "layer-wise evaluation-driven" best-source selection without an
     evaluator): a coordinate-wise medoid that never invents a value. Ties go to the
-    smaller value, so the choice does not depend on arrival order."""
+    smaller value, so the choice does not depend on arrival order. In float64:
+    ``mean = sum_k wn_k x_k`` (k in order, ``wn = w / sum w``), distances ``|x_k - mean|``."""
 
     name = "led_merge"
     kinds = frozenset({"weights", "delta"})
@@ -283,7 +287,19 @@ class Sce(Strategy):
     values across contributions (ties at the threshold all count); calculate each
     contribution's coefficient as its share of the squared task values on the selected
     entries; erase entries whose sign disagrees with the sign of the coefficient-weighted
-    sum; output ``b + sum c_k t_k / sum c_k`` over the agreeing selected entries. The
+    sum; output ``b + sum c_k t_k / sum c_k`` over the agreeing selected entries.
+
+    Exactly, per element in float64 with k = 0..N-1 in order: ``t_k = x_k - b``;
+    ``m = (sum t_k) * (1/N)``, ``var = sum (t_k - m)(t_k - m)``; the threshold is the
+    order statistic ``var[numel - keep]`` (``keep = ceil(select_topk * numel)``; no
+    threshold when keep is numel), found by ``kth_smallest_nonnegative``; ``e_k`` is the
+    exact sum of ``t_k * t_k`` (each square rounded to float64) over the selected
+    entries of the whole tensor, rounded once (= ``math.fsum``); ``c_k = e_k / fsum(e)``
+    (``1/N`` each if that is 0); ``s = sum c_k t_k``; ``num``, ``den`` add ``c_k t_k``,
+    ``c_k`` where selected and ``t_k``, ``s`` are both > 0 or both < 0;
+    ``out = float32(b + num / den)`` (den 0 counts as 1). The first numpy version rounded
+    the energy sums once per chunk; the bytes are the same for any tensor that fitted one
+    chunk. Three passes over the contributions (two when every entry is selected); the
     variance threshold holds one float64 per element of the tensor in memory."""
 
     name = "sce"
