@@ -247,7 +247,8 @@ cdef extern from *:
                     const double *v = vb + k * MM_DELLA_BLOCK;
                     const double wk = w[k];
                     for (Py_ssize_t j = 0; j < m; j++) {
-                        int agree = (v[j] > 0.0 && s[j] > 0.0) || (v[j] < 0.0 && s[j] < 0.0);
+                        /* & and |, not && and ||: no branches, so the loop vectorises */
+                        int agree = ((v[j] > 0.0) & (s[j] > 0.0)) | ((v[j] < 0.0) & (s[j] < 0.0));
                         num[j] = num[j] + (agree ? wk * v[j] : 0.0);
                         den[j] = den[j] + (agree ? wk : 0.0);
                     }
@@ -262,9 +263,10 @@ cdef extern from *:
                 }
                 for (Py_ssize_t j = 0; j < m; j++) num[j] = num[j] * inv_total;
             }
-            for (Py_ssize_t j = 0; j < m; j++) {
-                double bb = b != NULL ? (double)b[lo + j] : 0.0;
-                out[lo + j] = (float)(bb + scaling * num[j]);
+            if (b != NULL) {
+                for (Py_ssize_t j = 0; j < m; j++) out[lo + j] = (float)((double)b[lo + j] + scaling * num[j]);
+            } else {
+                for (Py_ssize_t j = 0; j < m; j++) out[lo + j] = (float)(0.0 + scaling * num[j]);
             }
         }
     }
