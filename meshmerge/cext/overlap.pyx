@@ -15,7 +15,7 @@ cimport numpy as cnp
 from libc.stdint cimport int64_t, uint32_t
 from libc.stdlib cimport calloc, free, malloc
 
-from meshmerge.cext._common cimport NONFINITE, gather_f32, optional_f32
+from meshmerge.cext._common cimport first_nonfinite, gather_f32, optional_f32
 from meshmerge.cext.threads import get_grain, get_threads
 
 cnp.import_array()
@@ -163,16 +163,6 @@ cdef extern from *:
     int mm_team(int want, Py_ssize_t n, Py_ssize_t grain) nogil
 
 
-cdef int _first_bad(uint32_t* tflags, Py_ssize_t nk, int nt) noexcept:
-    cdef Py_ssize_t k, t
-    for k in range(nk):
-        for t in range(1, nt):
-            tflags[k] |= tflags[t * nk + k]
-        if tflags[k] & NONFINITE:
-            return <int>k
-    return -1
-
-
 def overlap_counts(list xs, object base, double eps, int64_t[::1] shared, int64_t[::1] unique,
                    int threads=0):
     """Add each contributor's shared and sole contributing entries of this chunk to
@@ -204,7 +194,7 @@ def overlap_counts(list xs, object base, double eps, int64_t[::1] shared, int64_
             for t in range(nt):
                 shared[k] += tsh[t * nk + k]
                 unique[k] += tun[t * nk + k]
-        return _first_bad(tflags, nk, nt)
+        return first_nonfinite(tflags, nk, nt)
     finally:
         free(p); free(tsh); free(tun); free(tflags)
 
@@ -236,6 +226,6 @@ def overlap_merge(list xs, object base, const double[::1] weights, const double[
             return -1
         with nogil:
             mm_overlap_merge_par(p, b, &weights[0], &lam[0], nk, n, eps, &out[0], tflags, nt, grain)
-        return _first_bad(tflags, nk, nt)
+        return first_nonfinite(tflags, nk, nt)
     finally:
         free(p); free(tflags)
