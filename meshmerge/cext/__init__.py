@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from meshmerge.cext.convert import bf16_to_f32, f32_to_bf16, has_nonfinite
+from meshmerge.cext.datafree import LOG_SPAN, abs_log_spans, det_log, regmean_average
 from meshmerge.cext.elemwise import (
     della_merge,
     emr_elect,
@@ -32,8 +33,11 @@ from meshmerge.cext.threads import get_threads, set_threads, using_threads
 
 __all__ = [
     "GRAM_SPAN",
+    "LOG_SPAN",
+    "abs_log_spans",
     "bf16_to_f32",
     "della_merge",
+    "det_log",
     "drop_lanes",
     "drop_threshold",
     "emr_elect",
@@ -47,6 +51,7 @@ __all__ = [
     "mag_range",
     "moment_lanes",
     "random_u64",
+    "regmean_average",
     "safe_freeze",
     "safe_moments",
     "set_threads",

@@ -14,6 +14,7 @@ from meshmerge.crdt.strategies.base import (
     StrategyError,
     UnknownStrategy,
 )
+from meshmerge.crdt.strategies.datafree import AdaMerging, Dam, RegressionMean
 from meshmerge.crdt.strategies.elementwise import (
     Della,
     DellaLinear,
@@ -95,6 +96,9 @@ register(Sce())
 register(WeightScopeAlignment())
 register(EvolutionaryMerge())
 register(GeneticMerge())
+register(RegressionMean())
+register(AdaMerging())
+register(Dam())
 for _s in UNSUPPORTED:
     register(_s)
 

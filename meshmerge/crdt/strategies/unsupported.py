@@ -47,24 +47,9 @@ UNSUPPORTED = [
         "to implement; use negative_merge for task negation",
     ),
     unsupported(
-        "regression_mean",
-        "RegMean (Jin et al. 2023) solves a least-squares problem with the Gram matrices of each "
-        "layer's input activations, which contributions do not carry",
-    ),
-    unsupported(
-        "ada_merging",
-        "AdaMerging (Yang et al. 2024) learns merge coefficients by entropy minimisation on unlabeled "
-        "test data, which the merge layer does not have",
-    ),
-    unsupported(
         "representation_surgery",
         "Representation Surgery (Yang et al. 2024) trains a module on the merged model's representations "
         "of task data, which the merge layer does not have",
-    ),
-    unsupported(
-        "dam",
-        "DAM (Gauthier-Caron et al. 2024) learns per-feature scaling coefficients by gradient descent "
-        "on data, which the merge layer does not have",
     ),
     unsupported(
         "adarank",

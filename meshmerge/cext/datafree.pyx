@@ -1,0 +1,300 @@
+# cython: language_level=3
+"""Kernels for the data-free proxies of data-driven merges (RegMean, AdaMerging).
+
+``regmean_average``: per element, in float64 with contributors k = 0..N-1 in
+order, ``g_k = w_k * (x_k * x_k + lam)`` (or ``w_k * (f_k + lam)`` with a
+companion tensor ``f_k``), ``num = num + g_k * x_k``, ``den = den + g_k``,
+``out = float32(num / den)``; with companions also
+``fout = float32(sum_k w_k * f_k)``. Each ``+ - * /`` is exactly rounded and
+nothing is contracted into an FMA (setup.py), so the bytes depend on neither
+the chunking nor the thread count.
+
+``abs_log_spans``: the sums ``sum_i a_i`` and ``sum_i a_i log a_i`` with
+``a_i = |x_i - b_i|`` (float64 difference), per span of ``LOG_SPAN`` elements
+at global indices that are multiples of ``LOG_SPAN``. Inside a span, element
+``i`` goes to lane ``i mod 8``, each lane adds in increasing ``i``, and the
+span value is lanes 0..7 added in order; the caller adds span values with a
+correctly rounded sum. ``log`` is computed here with IEEE operations only
+(exponent from the bits, mantissa reduced to [sqrt(1/2), sqrt(2)), then
+``2 atanh(s)`` as a degree-17 odd polynomial in ``s = (m - 1)/(m + 1)``,
+``|s| <= 0.1716``, truncation error below 3e-16), so it is the same on every
+machine, unlike libm's ``log``; its error is a few ulp.
+"""
+
+cimport numpy as cnp
+from libc.stdlib cimport calloc, free, malloc
+from libc.stdint cimport uint32_t
+
+from meshmerge.cext._common cimport NONFINITE, gather_f32, optional_f32
+from meshmerge.cext.threads import get_grain, get_threads
+
+cnp.import_array()
+
+LOG_SPAN = 16384
+
+
+cdef extern from *:
+    """
+    #include <math.h>
+    #include "mm_par.h"
+
+    #define MM_RM_BLOCK 2048
+    #define MM_LOG_SPAN 16384
+
+    /* One element of contributor k into the block sums (see the module docstring). */
+    #define MM_RM_STEP_FREE(x, wk, j) do { \
+            double xd_ = (double)(x)[j]; \
+            double g_ = (xd_ * xd_ + lam) * (wk); \
+            num[j] = num[j] + g_ * xd_; \
+            den[j] = den[j] + g_; \
+        } while (0)
+    #define MM_RM_STEP_COMP(x, f, wk, j) do { \
+            double xd_ = (double)(x)[j]; \
+            double fd_ = (double)(f)[j]; \
+            double g_ = (fd_ + lam) * (wk); \
+            num[j] = num[j] + g_ * xd_; \
+            den[j] = den[j] + g_; \
+            fsum[j] = fsum[j] + fd_ * (wk); \
+        } while (0)
+
+    static inline uint32_t mm_bits32(float x) { uint32_t b; memcpy(&b, &x, 4); return b; }
+
+    /* Elements [lo0, hi0): out (and fout with companions), block by block. bad_x[k] /
+       bad_f[k] get bit 31 if x_k is NaN/Inf / f_k is NaN, Inf or negative (not -0.0). */
+    MM_CLONES static void mm_regmean(const float *const *xs, const float *const *fs, const double *w,
+                                     Py_ssize_t nk, Py_ssize_t lo0, Py_ssize_t hi0, double lam,
+                                     float *out, float *fout, uint32_t *bad_x, uint32_t *bad_f,
+                                     double *restrict scratch)
+    {
+        double *restrict num = scratch, *restrict den = scratch + MM_RM_BLOCK;
+        double *restrict fsum = scratch + 2 * MM_RM_BLOCK;
+        for (Py_ssize_t lo = lo0; lo < hi0; lo += MM_RM_BLOCK) {
+            Py_ssize_t m = hi0 - lo < MM_RM_BLOCK ? hi0 - lo : MM_RM_BLOCK;
+            for (Py_ssize_t j = 0; j < m; j++) { num[j] = 0.0; den[j] = 0.0; fsum[j] = 0.0; }
+            for (Py_ssize_t k = 0; k < nk; k++) {
+                const float *x = xs[k] + lo;
+                const double wk = w[k];
+                uint32_t bx = 0, bf = 0;
+                if (fs == NULL) {
+                    for (Py_ssize_t j = 0; j < m; j++) MM_RM_STEP_FREE(x, wk, j);
+                } else {
+                    const float *f = fs[k] + lo;
+                    for (Py_ssize_t j = 0; j < m; j++) MM_RM_STEP_COMP(x, f, wk, j);
+                    for (Py_ssize_t j = 0; j < m; j++) {
+                        uint32_t fb = mm_bits32(f[j]);
+                        bf |= (uint32_t)(fb > 0x7F7FFFFFu && fb != 0x80000000u) << 31;
+                    }
+                }
+                for (Py_ssize_t j = 0; j < m; j++) bx |= (mm_bits32(x[j]) & 0x7F800000u) + 0x00800000u;
+                bad_x[k] |= bx;
+                bad_f[k] |= bf;
+            }
+            for (Py_ssize_t j = 0; j < m; j++) out[lo + j] = (float)(num[j] / den[j]);
+            if (fout != NULL)
+                for (Py_ssize_t j = 0; j < m; j++) fout[lo + j] = (float)fsum[j];
+        }
+    }
+
+    static inline size_t mm_regmean_scratch(void) { return 3 * MM_RM_BLOCK * sizeof(double); }
+
+    static void mm_regmean_par(const float *const *xs, const float *const *fs, const double *w, Py_ssize_t nk,
+                               Py_ssize_t n, double lam, float *out, float *fout, uint32_t *tbad, int nt,
+                               Py_ssize_t grain, char *scratch)
+    {
+        MM_PAR_BLOCKS(n, grain, nt, {
+            uint32_t *mine = tbad + (Py_ssize_t)tid * 2 * nk;
+            mm_regmean(xs, fs, w, nk, lo, hi, lam, out, fout, mine, mine + nk,
+                       (double *)(scratch + (size_t)tid * mm_regmean_scratch()));
+        });
+    }
+
+    /* Natural log of a > 0 (finite) with IEEE operations only; see the module docstring. */
+    static inline double mm_det_log(double a)
+    {
+        uint64_t u;
+        memcpy(&u, &a, 8);
+        int e = (int)((u >> 52) & 0x7FF);
+        if (e == 0) {                      /* subnormal: scale into the normal range (exact) */
+            a = a * 18446744073709551616.0;
+            memcpy(&u, &a, 8);
+            e = (int)((u >> 52) & 0x7FF) - 64;
+        }
+        e -= 1023;
+        u = (u & 0x000FFFFFFFFFFFFFULL) | 0x3FF0000000000000ULL;
+        double m;
+        memcpy(&m, &u, 8);
+        int up = m > 1.4142135623730951;
+        m = up ? m * 0.5 : m;
+        e += up;
+        double s = (m - 1.0) / (m + 1.0);
+        double s2 = s * s;
+        double p = 1.0 / 17.0;
+        p = p * s2 + 1.0 / 15.0;
+        p = p * s2 + 1.0 / 13.0;
+        p = p * s2 + 1.0 / 11.0;
+        p = p * s2 + 1.0 / 9.0;
+        p = p * s2 + 1.0 / 7.0;
+        p = p * s2 + 1.0 / 5.0;
+        p = p * s2 + 1.0 / 3.0;
+        p = p * s2 + 1.0;
+        return (double)e * 0.6931471805599453 + 2.0 * (s * p);
+    }
+
+    /* One span [lo, hi) of x (minus b): sums[0] = sum a, sums[1] = sum a log a, by 8 lanes. */
+    MM_CLONES static void mm_abslog_span(const float *x, const float *b, Py_ssize_t lo, Py_ssize_t hi,
+                                         double *sums, uint32_t *bad)
+    {
+        double s1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        uint32_t bx = 0;
+        for (Py_ssize_t i = lo; i < hi; i++) {
+            double t = b != NULL ? (double)x[i] - (double)b[i] : (double)x[i];
+            double a = fabs(t);
+            double la = mm_det_log(a > 0.0 ? a : 1.0);
+            int l = (int)(i & 7);
+            s1[l] = s1[l] + a;
+            s2[l] = s2[l] + a * la;
+            bx |= (mm_bits32(x[i]) & 0x7F800000u) + 0x00800000u;
+        }
+        double t1 = 0.0, t2 = 0.0;
+        for (int l = 0; l < 8; l++) { t1 = t1 + s1[l]; t2 = t2 + s2[l]; }
+        sums[0] = t1;
+        sums[1] = t2;
+        *bad |= bx;
+    }
+
+    /* Every span of every contributor; spans[(k * nspan + s) * 2 + 0/1]. Spans are the
+       threads' unit of work. */
+    static void mm_abslog_par(const float *const *xs, const float *b, Py_ssize_t nk, Py_ssize_t n,
+                              double *spans, uint32_t *tbad, int nt)
+    {
+        Py_ssize_t nspan = (n + MM_LOG_SPAN - 1) / MM_LOG_SPAN;
+        MM_PAR_BLOCKS(n, MM_LOG_SPAN, nt, {
+            Py_ssize_t s = lo / MM_LOG_SPAN;
+            for (Py_ssize_t k = 0; k < nk; k++)
+                mm_abslog_span(xs[k], b, lo, hi, spans + (k * nspan + s) * 2, tbad + (Py_ssize_t)tid * nk + k);
+        });
+    }
+    """
+    void mm_regmean_par(const float** xs, const float** fs, const double* w, Py_ssize_t nk, Py_ssize_t n,
+                        double lam, float* out, float* fout, uint32_t* tbad, int nt, Py_ssize_t grain,
+                        char* scratch) nogil
+    size_t mm_regmean_scratch() nogil
+    void mm_abslog_par(const float** xs, const float* b, Py_ssize_t nk, Py_ssize_t n, double* spans,
+                       uint32_t* tbad, int nt) nogil
+    double mm_det_log(double a) nogil
+    int mm_team(int want, Py_ssize_t n, Py_ssize_t grain) nogil
+
+
+cdef const float** _ptrs(list xs, Py_ssize_t n) except NULL:
+    cdef const float** p = <const float**>malloc(max(len(xs), 1) * sizeof(float*))
+    if p == NULL:
+        raise MemoryError()
+    try:
+        gather_f32(xs, n, p)
+    except BaseException:
+        free(p)
+        raise
+    return p
+
+
+def regmean_average(list xs, object fs, const double[::1] weights, double lam, float[::1] out,
+                    object fout, int threads=0):
+    """RegMean-style weighted average of one chunk into ``out`` (see the module docstring).
+
+    ``fs``: the N companion float32 chunks, or None for the data-free form
+    ``g_k = x_k^2 + lam``; ``fout`` (float32, same length) receives
+    ``sum_k w_k f_k`` when ``fs`` is given. ``weights`` should be normalised by
+    the caller. Returns ``(k, what)`` for the first contributor k whose chunk
+    is bad, checking companions first: what 0 = a companion value is NaN, Inf
+    or negative, 1 = a value is NaN or Inf; ``(-1, 0)`` if all are fine.
+    """
+    cdef Py_ssize_t n = out.shape[0]
+    cdef Py_ssize_t nk = len(xs)
+    cdef Py_ssize_t grain = get_grain()
+    cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, grain)
+    cdef Py_ssize_t k, t
+    cdef float[::1] fo
+    cdef float* fop = NULL
+    if nk == 0 or weights.shape[0] != nk:
+        raise ValueError("xs and weights must be non-empty and match")
+    if (fs is None) != (fout is None):
+        raise ValueError("give both fs and fout, or neither")
+    if fs is not None and len(fs) != nk:
+        raise ValueError("fs must have one chunk per contributor")
+    if n == 0:
+        return -1, 0
+    if fout is not None:
+        fo = fout
+        if fo.shape[0] != n:
+            raise ValueError("fout must match out")
+        fop = &fo[0]
+    cdef const float** px = _ptrs(xs, n)
+    cdef const float** pf = NULL
+    cdef uint32_t* tbad = <uint32_t*>calloc(2 * nk * nt, sizeof(uint32_t))
+    cdef char* scratch = <char*>malloc(nt * mm_regmean_scratch())
+    try:
+        if tbad == NULL or scratch == NULL:
+            raise MemoryError()
+        if fs is not None:
+            pf = _ptrs(fs, n)
+        with nogil:
+            mm_regmean_par(px, pf, &weights[0], nk, n, lam, &out[0], fop, tbad, nt, grain, scratch)
+        for k in range(nk):
+            for t in range(1, nt):
+                tbad[k] |= tbad[t * 2 * nk + k]
+                tbad[nk + k] |= tbad[t * 2 * nk + nk + k]
+            if tbad[nk + k] & NONFINITE:
+                return k, 0
+            if tbad[k] & NONFINITE:
+                return k, 1
+        return -1, 0
+    finally:
+        free(tbad)
+        free(scratch)
+        free(px)
+        free(pf)
+
+
+def abs_log_spans(list xs, object base, double[:, :, ::1] spans, int threads=0):
+    """Per span of ``LOG_SPAN`` elements: ``spans[k, s] = (sum a, sum a log a)``, ``a = |x_k - base|``.
+
+    The chunk must start at a multiple of ``LOG_SPAN`` in its tensor (only the
+    last chunk may end elsewhere); ``spans`` has shape ``(N, ceil(n / LOG_SPAN), 2)``.
+    Returns the first input holding NaN/Inf, or -1.
+    """
+    cdef Py_ssize_t nk = len(xs)
+    if nk == 0:
+        raise ValueError("no inputs")
+    cdef Py_ssize_t n = (<cnp.ndarray>xs[0]).size
+    cdef Py_ssize_t nspan = (n + LOG_SPAN - 1) // LOG_SPAN
+    if spans.shape[0] != nk or spans.shape[1] != nspan or spans.shape[2] != 2:
+        raise ValueError(f"spans must have shape ({nk}, {nspan}, 2)")
+    cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, LOG_SPAN)
+    cdef Py_ssize_t k, t
+    if n == 0:
+        return -1
+    cdef const float** px = _ptrs(xs, n)
+    cdef const float* b
+    cdef uint32_t* tbad = <uint32_t*>calloc(nk * nt, sizeof(uint32_t))
+    try:
+        if tbad == NULL:
+            raise MemoryError()
+        b = optional_f32(base, n)
+        with nogil:
+            mm_abslog_par(px, b, nk, n, &spans[0, 0, 0], tbad, nt)
+        for k in range(nk):
+            for t in range(1, nt):
+                tbad[k] |= tbad[t * nk + k]
+            if tbad[k] & NONFINITE:
+                return k
+        return -1
+    finally:
+        free(tbad)
+        free(px)
+
+
+def det_log(double a):
+    """The kernel's natural log of ``a > 0`` (exposed for tests and per-tensor scalars)."""
+    if not a > 0.0 or a != a or a == float("inf"):
+        raise ValueError("det_log needs a finite a > 0")
+    return mm_det_log(a)
