@@ -29,13 +29,21 @@ bytes on every replica.
   ``e_k = mean((sum_j c_j x_j - x_k)^2)`` is how badly the current merge
   reconstructs contribution k. ``e_k = (c^T G c - 2 (G c)_k + G_kk) / M`` with
   ``G`` the Gram matrix of the contributions (one streaming pass), so a step
-  costs O(N^2), not a pass over the model.
+  costs O(N^2), not a pass over the model. This feedback is self-reinforcing:
+  contributions near the current merge gain weight and outliers lose it, and
+  with many steps or a large ``learning_rate`` the coefficients settle on a
+  single contribution near the centre. Each step keeps a share ``1 - lr`` of
+  the current coefficients, so with the defaults (crdt-merge's: learning_rate
+  0.01, 100 steps for ``ada_merging``, 50 for ``dam``) at least 37% / 61% of
+  the result is still the prior.
 * ``dam`` — DAM (Gauthier-Caron et al. 2024, "Merging in a Bottle") learns
   per-feature scaling coefficients by gradient descent on the KL divergence
   between the merged model's and each input model's outputs on data. We run the
-  same data-free refinement as ``ada_merging``, toward coefficients under which
-  the merge reconstructs every contribution about equally well, from the
-  weights as prior (crdt-merge starts from uniform), per tensor by default.
+  same data-free refinement as ``ada_merging`` (weight moves toward the
+  contributions the merge reconstructs best, away from outliers), from the
+  weights as prior (crdt-merge starts from uniform), per tensor by default:
+  per-feature coefficients would need per-feature Gram matrices and the data
+  DAM optimises on.
 
 For ``ada_merging`` and ``dam`` with ``weights`` contributions and a base
 model, ``x_k`` above is the task vector ``x_k - b`` and the result is
@@ -235,7 +243,7 @@ def entropy_prior(h: list[float], w: list[float], offset: float) -> list[float]:
 class _Refined(Strategy):
     """Coefficients from a prior refined on the Gram matrix, then one weighted combination."""
 
-    params_type: Any = RefineParams
+    params_type = RefineParams
 
     def prior(
         self, inp: MergeInput, params: Any, specs: list[TensorSpec], sums: dict[str, Any], w: list[float]
@@ -245,32 +253,39 @@ class _Refined(Strategy):
     def needs_sums(self) -> bool:
         return False
 
-    def merge(self, inp: MergeInput, params: Any, chunk: int) -> dict[str, Any]:
+    def coefficients(self, inp: MergeInput, params: Any, chunk: int) -> list[list[float]]:
+        """One coefficient list per tensor (spec order), each summing to 1."""
         n = len(inp.tensors)
         w = _normalised(checked_weights(inp, positive=True).tolist())
-        use_base = inp.kind == "weights" and inp.base is not None
+        use_base = _uses_base(inp)
         grams = model_gram(inp, chunk, base=use_base)
         sums = {s.name: _abs_log_sums(inp, s, chunk, use_base) for s in inp.specs} if self.needs_sums() else {}
         specs = list(inp.specs)
-        coefs: list[list[float]]
         if params.granularity == "task":
-            m = sum(s.numel for s in specs)
             c0 = self.prior(inp, params, specs, sums, w)
-            c = refine(total_gram(grams, n), m, w, c0, params)
-            coefs = [c] * len(specs)
-        else:
-            coefs = []
-            for spec, g in zip(specs, grams, strict=True):
-                c0 = self.prior(inp, params, [spec], sums, w)
-                coefs.append(refine(g.tolist(), spec.numel, w, c0, params))
+            c = refine(total_gram(grams, n), sum(s.numel for s in specs), w, c0, params)
+            return [c] * len(specs)
+        coefs = []
+        for spec, g in zip(specs, grams, strict=True):
+            c0 = self.prior(inp, params, [spec], sums, w)
+            coefs.append(refine(g.tolist(), spec.numel, w, c0, params))
+        return coefs
+
+    def merge(self, inp: MergeInput, params: Any, chunk: int) -> dict[str, Any]:
+        coefs = self.coefficients(inp, params, chunk)
+        use_base = _uses_base(inp)
         return {
             spec.name: combine_tensor(inp, spec, np.asarray(c, dtype=np.float64), chunk, base=use_base)
-            for spec, c in zip(specs, coefs, strict=True)
+            for spec, c in zip(inp.specs, coefs, strict=True)
         }
 
 
+def _uses_base(inp: MergeInput) -> bool:
+    return inp.kind == "weights" and inp.base is not None
+
+
 class AdaMerging(_Refined):
-    """Entropy prior on ``|x_k|`` times the weights, refined toward equal reconstruction error."""
+    """Entropy prior on ``|x_k|`` times the weights, refined toward the best-reconstructed contributions."""
 
     name = "ada_merging"
     params_type = AdaParams
@@ -293,6 +308,6 @@ class AdaMerging(_Refined):
 
 
 class Dam(_Refined):
-    """The weights as prior, refined toward equal reconstruction error (per tensor by default)."""
+    """The weights as prior, refined toward the best-reconstructed contributions (per tensor by default)."""
 
     name = "dam"

@@ -39,6 +39,9 @@ RUNNABLE: dict[str, dict[str, Any]] = {
     "weight_scope_alignment": {},
     "sce": {"select_topk": 0.5},
     "nuslerp": {},
+    "regression_mean": {},
+    "ada_merging": {"steps": 20},
+    "dam": {},
 }
 
 # name -> params under which N identical contributions must give the contribution back
@@ -68,6 +71,9 @@ IDENTITY: dict[str, dict[str, Any]] = {
     "weight_scope_alignment": {},
     "sce": {"select_topk": 0.5},
     "nuslerp": {},
+    "regression_mean": {},
+    "ada_merging": {},
+    "dam": {},
 }
 
 # Symmetric strategies whose float64 accumulation is exact on quantised inputs with equal
@@ -82,4 +88,6 @@ PERMUTATION: dict[str, dict[str, Any]] = {
     "trimmed_mean": {"trim": 0.25},
     "krum": {},
     "multi_krum": {},
+    # lam = 2^-8: every product and sum of the quantised inputs is exact in float64
+    "regression_mean": {"regularization": 0.00390625},
 }
