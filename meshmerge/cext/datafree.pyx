@@ -18,7 +18,8 @@ correctly rounded sum. ``log`` is computed here with IEEE operations only
 (exponent from the bits, mantissa reduced to [sqrt(1/2), sqrt(2)), then
 ``2 atanh(s)`` as a degree-17 odd polynomial in ``s = (m - 1)/(m + 1)``,
 ``|s| <= 0.1716``, truncation error below 3e-16), so it is the same on every
-machine, unlike libm's ``log``; its error is a few ulp.
+machine, unlike libm's ``log``; its error is a few ulp. Every ``a`` here is a
+difference of float32 values, so never a float64 subnormal.
 """
 
 cimport numpy as cnp
@@ -38,94 +39,170 @@ cdef extern from *:
     #include <math.h>
     #include "mm_par.h"
 
-    #define MM_RM_BLOCK 2048
+    #define MM_RM_BLOCK 1024
     #define MM_LOG_SPAN 16384
+    /* Calls over at least this many elements write the output with non-temporal stores. */
+    #define MM_RM_STREAM_MIN ((Py_ssize_t)1 << 20)
 
-    /* One element of contributor k into the block sums (see the module docstring). */
-    #define MM_RM_STEP_FREE(x, wk, j) do { \
+    /* One element of one contributor into the running sums (see the module docstring);
+       x, f are the block's pointers, wk its weight. */
+    #define MM_RM_FREE(x, wk) do { \
             double xd_ = (double)(x)[j]; \
             double g_ = (xd_ * xd_ + lam) * (wk); \
-            num[j] = num[j] + g_ * xd_; \
-            den[j] = den[j] + g_; \
+            nu = nu + g_ * xd_; \
+            de = de + g_; \
         } while (0)
-    #define MM_RM_STEP_COMP(x, f, wk, j) do { \
+    #define MM_RM_COMP(x, f, wk) do { \
             double xd_ = (double)(x)[j]; \
             double fd_ = (double)(f)[j]; \
             double g_ = (fd_ + lam) * (wk); \
-            num[j] = num[j] + g_ * xd_; \
-            den[j] = den[j] + g_; \
-            fsum[j] = fsum[j] + fd_ * (wk); \
+            nu = nu + g_ * xd_; \
+            de = de + g_; \
+            fs_ = fs_ + fd_ * (wk); \
         } while (0)
 
     static inline uint32_t mm_bits32(float x) { uint32_t b; memcpy(&b, &x, 4); return b; }
+
+    /* Contributors [k, k + 4) (or the one at k) over a block of m elements: the running sums
+       live in num/den/fsum between groups and in registers inside one. */
+    #define MM_RM_GROUP(STEP4, STEP1) do { \
+            Py_ssize_t k = 0; \
+            for (; k + 4 <= nk; k += 4) { \
+                const float *x0 = xs[k] + lo, *x1 = xs[k + 1] + lo, *x2 = xs[k + 2] + lo, *x3 = xs[k + 3] + lo; \
+                const double w0 = w[k], w1 = w[k + 1], w2 = w[k + 2], w3 = w[k + 3]; \
+                const int first = k == 0; \
+                STEP4 \
+            } \
+            for (; k < nk; k++) { \
+                const float *x0 = xs[k] + lo; \
+                const double w0 = w[k]; \
+                const int first = k == 0; \
+                STEP1 \
+            } \
+        } while (0)
 
     /* Elements [lo0, hi0): out (and fout with companions), block by block. bad_x[k] /
        bad_f[k] get bit 31 if x_k is NaN/Inf / f_k is NaN, Inf or negative (not -0.0). */
     MM_CLONES static void mm_regmean(const float *const *xs, const float *const *fs, const double *w,
                                      Py_ssize_t nk, Py_ssize_t lo0, Py_ssize_t hi0, double lam,
                                      float *out, float *fout, uint32_t *bad_x, uint32_t *bad_f,
-                                     double *restrict scratch)
+                                     double *restrict scratch, int stream)
     {
         double *restrict num = scratch, *restrict den = scratch + MM_RM_BLOCK;
         double *restrict fsum = scratch + 2 * MM_RM_BLOCK;
+        float *restrict row = (float *)(scratch + 3 * MM_RM_BLOCK);
+        float *restrict frow = row + MM_RM_BLOCK;
         for (Py_ssize_t lo = lo0; lo < hi0; lo += MM_RM_BLOCK) {
             Py_ssize_t m = hi0 - lo < MM_RM_BLOCK ? hi0 - lo : MM_RM_BLOCK;
-            for (Py_ssize_t j = 0; j < m; j++) { num[j] = 0.0; den[j] = 0.0; fsum[j] = 0.0; }
-            for (Py_ssize_t k = 0; k < nk; k++) {
-                const float *x = xs[k] + lo;
-                const double wk = w[k];
-                uint32_t bx = 0, bf = 0;
-                if (fs == NULL) {
-                    for (Py_ssize_t j = 0; j < m; j++) MM_RM_STEP_FREE(x, wk, j);
-                } else {
-                    const float *f = fs[k] + lo;
-                    for (Py_ssize_t j = 0; j < m; j++) MM_RM_STEP_COMP(x, f, wk, j);
+            if (fs == NULL) {
+                MM_RM_GROUP({
                     for (Py_ssize_t j = 0; j < m; j++) {
-                        uint32_t fb = mm_bits32(f[j]);
-                        bf |= (uint32_t)(fb > 0x7F7FFFFFu && fb != 0x80000000u) << 31;
+                        double nu = first ? 0.0 : num[j]; double de = first ? 0.0 : den[j];
+                        MM_RM_FREE(x0, w0); MM_RM_FREE(x1, w1); MM_RM_FREE(x2, w2); MM_RM_FREE(x3, w3);
+                        num[j] = nu; den[j] = de;
                     }
-                }
-                for (Py_ssize_t j = 0; j < m; j++) bx |= (mm_bits32(x[j]) & 0x7F800000u) + 0x00800000u;
-                bad_x[k] |= bx;
-                bad_f[k] |= bf;
+                }, {
+                    for (Py_ssize_t j = 0; j < m; j++) {
+                        double nu = first ? 0.0 : num[j]; double de = first ? 0.0 : den[j];
+                        MM_RM_FREE(x0, w0);
+                        num[j] = nu; den[j] = de;
+                    }
+                });
+            } else {
+                MM_RM_GROUP({
+                    const float *f0 = fs[k] + lo; const float *f1 = fs[k + 1] + lo;
+                    const float *f2 = fs[k + 2] + lo; const float *f3 = fs[k + 3] + lo;
+                    for (Py_ssize_t j = 0; j < m; j++) {
+                        double nu = first ? 0.0 : num[j]; double de = first ? 0.0 : den[j];
+                        double fs_ = first ? 0.0 : fsum[j];
+                        MM_RM_COMP(x0, f0, w0); MM_RM_COMP(x1, f1, w1);
+                        MM_RM_COMP(x2, f2, w2); MM_RM_COMP(x3, f3, w3);
+                        num[j] = nu; den[j] = de; fsum[j] = fs_;
+                    }
+                }, {
+                    const float *f0 = fs[k] + lo;
+                    for (Py_ssize_t j = 0; j < m; j++) {
+                        double nu = first ? 0.0 : num[j]; double de = first ? 0.0 : den[j];
+                        double fs_ = first ? 0.0 : fsum[j];
+                        MM_RM_COMP(x0, f0, w0);
+                        num[j] = nu; den[j] = de; fsum[j] = fs_;
+                    }
+                });
             }
-            for (Py_ssize_t j = 0; j < m; j++) out[lo + j] = (float)(num[j] / den[j]);
-            if (fout != NULL)
-                for (Py_ssize_t j = 0; j < m; j++) fout[lo + j] = (float)fsum[j];
+            /* A non-finite input makes num or den non-finite (g > 0, so x^2 or x * g is
+               Inf/NaN); only then are the block's inputs rescanned for the exact flags.
+               Companion signs are always checked (a negative g can cancel to finite sums). */
+            uint64_t badsum = 0;
+            for (Py_ssize_t j = 0; j < m; j++) {
+                double q = num[j] / den[j];
+                uint64_t b1, b2; memcpy(&b1, &num[j], 8); memcpy(&b2, &den[j], 8);
+                badsum |= ((b1 & 0x7FF0000000000000ULL) + 0x0010000000000000ULL)
+                        | ((b2 & 0x7FF0000000000000ULL) + 0x0010000000000000ULL);
+                row[j] = (float)q;
+            }
+            mm_put_f32(out + lo, row, m, stream);
+            uint32_t sgn = 0;
+            if (fout != NULL) {
+                for (Py_ssize_t j = 0; j < m; j++) frow[j] = (float)fsum[j];
+                mm_put_f32(fout + lo, frow, m, stream);
+                for (Py_ssize_t q = 0; q < nk; q++) {
+                    const float *f = fs[q] + lo;
+                    for (Py_ssize_t j = 0; j < m; j++) sgn |= mm_bits32(f[j]);
+                }
+            }
+            if ((badsum & 0x8000000000000000ULL) || (sgn & 0x80000000u)) {
+                for (Py_ssize_t q = 0; q < nk; q++) {
+                    const float *x = xs[q] + lo;
+                    uint32_t bx = 0, bf = 0;
+                    for (Py_ssize_t j = 0; j < m; j++) bx |= (mm_bits32(x[j]) & 0x7F800000u) + 0x00800000u;
+                    if (fs != NULL) {
+                        const float *f = fs[q] + lo;
+                        for (Py_ssize_t j = 0; j < m; j++) {
+                            uint32_t fb = mm_bits32(f[j]);
+                            bf |= (uint32_t)(fb > 0x7F7FFFFFu && fb != 0x80000000u) << 31;
+                        }
+                    }
+                    bad_x[q] |= bx;
+                    bad_f[q] |= bf;
+                }
+            }
         }
+    #if defined(__x86_64__)
+        if (stream) _mm_sfence();  /* streaming stores visible before the join */
+    #endif
     }
 
-    static inline size_t mm_regmean_scratch(void) { return 3 * MM_RM_BLOCK * sizeof(double); }
+    static inline size_t mm_regmean_scratch(void)
+    {
+        return MM_RM_BLOCK * (3 * sizeof(double) + 2 * sizeof(float));
+    }
 
     static void mm_regmean_par(const float *const *xs, const float *const *fs, const double *w, Py_ssize_t nk,
                                Py_ssize_t n, double lam, float *out, float *fout, uint32_t *tbad, int nt,
                                Py_ssize_t grain, char *scratch)
     {
+        int stream = n >= MM_RM_STREAM_MIN;
         MM_PAR_BLOCKS(n, grain, nt, {
             uint32_t *mine = tbad + (Py_ssize_t)tid * 2 * nk;
             mm_regmean(xs, fs, w, nk, lo, hi, lam, out, fout, mine, mine + nk,
-                       (double *)(scratch + (size_t)tid * mm_regmean_scratch()));
+                       (double *)(scratch + (size_t)tid * mm_regmean_scratch()), stream);
         });
     }
 
-    /* Natural log of a > 0 (finite) with IEEE operations only; see the module docstring. */
-    static inline double mm_det_log(double a)
+    /* Natural log of a normal, finite a > 0, plus e0 * ln 2, with IEEE operations only
+       (see the module docstring). Branch-free, so the span loop vectorises. */
+    static inline double mm_log_normal(double a, int e0)
     {
         uint64_t u;
         memcpy(&u, &a, 8);
-        int e = (int)((u >> 52) & 0x7FF);
-        if (e == 0) {                      /* subnormal: scale into the normal range (exact) */
-            a = a * 18446744073709551616.0;
-            memcpy(&u, &a, 8);
-            e = (int)((u >> 52) & 0x7FF) - 64;
-        }
-        e -= 1023;
-        u = (u & 0x000FFFFFFFFFFFFFULL) | 0x3FF0000000000000ULL;
+        uint64_t frac = u & 0x000FFFFFFFFFFFFFULL;
+        /* mantissa 1.frac > sqrt(2) (0x6A09E667F3BCD is sqrt(2)'s fraction): halve it, exactly,
+           by giving it exponent -1; arithmetic, not ?:, so the loop has no branch to vectorise around */
+        int up = frac > 0x6A09E667F3BCDULL;
+        int e = (int)((u >> 52) & 0x7FF) - 1023 + e0 + up;
+        u = frac | (0x3FF0000000000000ULL - ((uint64_t)up << 52));
         double m;
         memcpy(&m, &u, 8);
-        int up = m > 1.4142135623730951;
-        m = up ? m * 0.5 : m;
-        e += up;
         double s = (m - 1.0) / (m + 1.0);
         double s2 = s * s;
         double p = 1.0 / 17.0;
@@ -140,20 +217,42 @@ cdef extern from *:
         return (double)e * 0.6931471805599453 + 2.0 * (s * p);
     }
 
-    /* One span [lo, hi) of x (minus b): sums[0] = sum a, sums[1] = sum a log a, by 8 lanes. */
+    /* Natural log of any finite a > 0: subnormals are scaled by 2^64 first (exact). */
+    static inline double mm_det_log(double a)
+    {
+        return a < 2.2250738585072014e-308 ? mm_log_normal(a * 18446744073709551616.0, -64)
+                                            : mm_log_normal(a, 0);
+    }
+
+    /* Element i (value t) into lane l: a = |t|, s1 += a, s2 += a log a (a = 0 takes log 1 = 0;
+       selected by integer arithmetic on the bits, which keeps the loop branch-free). */
+    #define MM_ABSLOG_STEP(t, l, xi) do { \
+            double a_ = fabs(t); \
+            uint64_t ua_; memcpy(&ua_, &a_, 8); \
+            ua_ = ua_ | ((uint64_t)(ua_ == 0) << 52) * 0x3FFULL; \
+            double one_or_a_; memcpy(&one_or_a_, &ua_, 8); \
+            double la_ = mm_log_normal(one_or_a_, 0); \
+            s1[l] = s1[l] + a_; \
+            s2[l] = s2[l] + a_ * la_; \
+            bx |= (mm_bits32(xi) & 0x7F800000u) + 0x00800000u; \
+        } while (0)
+
+    /* One span [lo, hi) of x (minus b): sums[0] = sum a, sums[1] = sum a log a, by 8 lanes.
+       lo is a multiple of 8 (of MM_LOG_SPAN), so lane l of a group of 8 is element i + l. */
     MM_CLONES static void mm_abslog_span(const float *x, const float *b, Py_ssize_t lo, Py_ssize_t hi,
                                          double *sums, uint32_t *bad)
     {
         double s1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         uint32_t bx = 0;
-        for (Py_ssize_t i = lo; i < hi; i++) {
-            double t = b != NULL ? (double)x[i] - (double)b[i] : (double)x[i];
-            double a = fabs(t);
-            double la = mm_det_log(a > 0.0 ? a : 1.0);
-            int l = (int)(i & 7);
-            s1[l] = s1[l] + a;
-            s2[l] = s2[l] + a * la;
-            bx |= (mm_bits32(x[i]) & 0x7F800000u) + 0x00800000u;
+        Py_ssize_t i = lo;
+        if (b != NULL) {
+            for (; i + 8 <= hi; i += 8)
+                for (int l = 0; l < 8; l++) MM_ABSLOG_STEP((double)x[i + l] - (double)b[i + l], l, x[i + l]);
+            for (; i < hi; i++) MM_ABSLOG_STEP((double)x[i] - (double)b[i], (int)(i & 7), x[i]);
+        } else {
+            for (; i + 8 <= hi; i += 8)
+                for (int l = 0; l < 8; l++) MM_ABSLOG_STEP((double)x[i + l], l, x[i + l]);
+            for (; i < hi; i++) MM_ABSLOG_STEP((double)x[i], (int)(i & 7), x[i]);
         }
         double t1 = 0.0, t2 = 0.0;
         for (int l = 0; l < 8; l++) { t1 = t1 + s1[l]; t2 = t2 + s2[l]; }
