@@ -314,6 +314,8 @@ COVERAGE: list[tuple[str, str, dict[str, Any], dict[str, Any], int]] = [
     ("regression_mean", "regression_mean", {}, {}, 10_000_000),
     ("ada_merging", "ada_merging", {"granularity": "layer"}, {}, 250_000),
     ("dam", "dam", {}, {}, 500_000),
+    ("representation_surgery", "representation_surgery", {"correction": "rescale"},
+     {"correction_method": "rescale"}, 10_000_000),
 ]
 
 

@@ -14,7 +14,7 @@ from meshmerge.crdt.strategies.base import (
     StrategyError,
     UnknownStrategy,
 )
-from meshmerge.crdt.strategies.datafree import AdaMerging, Dam, RegressionMean
+from meshmerge.crdt.strategies.datafree import AdaMerging, Dam, RegressionMean, RepresentationSurgery
 from meshmerge.crdt.strategies.elementwise import (
     Della,
     DellaLinear,
@@ -99,6 +99,7 @@ register(GeneticMerge())
 register(RegressionMean())
 register(AdaMerging())
 register(Dam())
+register(RepresentationSurgery())
 for _s in UNSUPPORTED:
     register(_s)
 

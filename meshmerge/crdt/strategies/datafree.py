@@ -2,9 +2,10 @@
 
 A merge here is a pure function of the signed contributions, so a method that
 needs activations or unlabeled test data at merge time cannot run as its paper
-defines it. These three have data-free proxies that crdt-merge 0.11.0 also
+defines it. These four have data-free proxies that crdt-merge 0.11.0 also
 offers under the same names; ours compute the same kind of thing, but respect
-contribution weights (crdt-merge ignores them for all three) and give the same
+contribution weights (crdt-merge ignores them for the first three and uses
+plain means of the input statistics in the fourth) and give the same
 bytes on every replica.
 
 * ``regression_mean`` — RegMean (Jin et al. 2023, "Dataless Knowledge Fusion
@@ -45,6 +46,22 @@ bytes on every replica.
   per-feature coefficients would need per-feature Gram matrices and the data
   DAM optimises on.
 
+* ``representation_surgery`` — Representation Surgery (Yang et al. 2024)
+  trains a small module that removes the bias between the merged model's and
+  each task model's representations on task data. crdt-merge instead corrects
+  each merged tensor's statistics, which is what we compute: the weighted
+  average ``y = sum_k w_k x_k / sum_k w_k`` (rounded to float32), then
+  ``out = s (y - mean(y)) + mean(y) + d`` with ``d = sum_k w_k (mu_k - mean(y)) / sum w``
+  (``mu_k`` the mean of ``x_k``) and, for ``correction="rescale"``,
+  ``s = sqrt(sum_k w_k (var_k / var(y)) / sum w)``, restoring the spread that
+  averaging shrinks (``s = 1`` for ``"center"``, or when ``var(y) = 0``).
+  Unlike crdt-merge the input statistics are weighted, so ``"center"`` only
+  undoes the float32 rounding drift of the mean; crdt-merge's ``"whiten"``
+  needs an eigendecomposition and is not offered (no deterministic kernel).
+  Statistics are float64 sums in a fixed lane order
+  (:func:`meshmerge.cext.moment_lanes`); the correction is one more weighted
+  sum of ``(y, 1)``. Peak memory: two float32 copies of the largest tensor.
+
 For ``ada_merging`` and ``dam`` with ``weights`` contributions and a base
 model, ``x_k`` above is the task vector ``x_k - b`` and the result is
 ``b + sum_k c_k (x_k - b)``; without a base the weights themselves are used
@@ -68,7 +85,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from meshmerge.cext import LOG_SPAN, abs_log_spans, regmean_average
+from meshmerge.cext import LOG_SPAN, abs_log_spans, moment_lanes, regmean_average, weighted_sum_f32
 from meshmerge.cext.outbuf import empty_f32
 from meshmerge.crdt.strategies import detmath
 from meshmerge.crdt.strategies._combine import combine_tensor, matvec, model_gram, quad, total_gram
@@ -311,3 +328,68 @@ class Dam(_Refined):
     """The weights as prior, refined toward the best-reconstructed contributions (per tensor by default)."""
 
     name = "dam"
+
+
+CORRECTIONS = ("rescale", "center")
+
+
+@dataclass(frozen=True)
+class SurgeryParams(Params):
+    """correction: "rescale" (restore the input spread and mean) or "center" (restore the mean only)."""
+
+    correction: str = "rescale"
+
+    def validate(self) -> None:
+        self._choice("correction", CORRECTIONS)
+
+
+def _moments(lanes: npt.NDArray[np.float64], m: int) -> tuple[float, float]:
+    """(mean, variance) from moment_lanes' lanes (lanes 0..7 added in order)."""
+    sq = s1 = 0.0
+    for lane in range(8):
+        sq = sq + float(lanes[0, lane])
+        s1 = s1 + float(lanes[1, lane])
+    mu = s1 / m
+    return mu, max(0.0, sq / m - mu * mu)
+
+
+class RepresentationSurgery(Strategy):
+    """Weighted average, then an affine correction of each tensor toward the inputs' statistics."""
+
+    name = "representation_surgery"
+    params_type = SurgeryParams
+
+    def merge(self, inp: MergeInput, params: SurgeryParams, chunk: int) -> dict[str, Any]:
+        w = checked_weights(inp, positive=True).tolist()
+        total = math.fsum(w)
+        wn = np.asarray([x / total for x in w], dtype=np.float64)
+        n = len(w)
+        out: dict[str, Any] = {}
+        for spec in inp.specs:
+            m = spec.numel
+            stream = TensorStream(inp, spec, in_place_chunk(spec, chunk))
+            merged = empty_f32(m)
+            lanes = np.zeros((n, 2, 8), dtype=np.float64)
+            for lo, hi, xs, _ in stream.chunks():
+                stream.check(moment_lanes(xs, lo, lanes))
+                stream.check(weighted_sum_f32(xs, wn, merged[lo:hi]))
+            if m == 0:
+                out[spec.name] = stream.finish(merged)
+                continue
+            mlanes = np.zeros((1, 2, 8), dtype=np.float64)
+            moment_lanes([merged], 0, mlanes)
+            mu_m, var_m = _moments(mlanes[0], m)
+            stats = [_moments(lanes[k], m) for k in range(n)]
+            # Differences from the merged statistics, so identical inputs give exactly 0 and 1.
+            shift = math.fsum([w[k] * (stats[k][0] - mu_m) for k in range(n)]) / total
+            scale = 1.0
+            if params.correction == "rescale" and var_m > 0.0:
+                scale = math.sqrt(math.fsum([w[k] * (stats[k][1] / var_m) for k in range(n)]) / total)
+            coef = np.array([scale, (mu_m + shift) - scale * mu_m], dtype=np.float64)
+            res = empty_f32(m)
+            ones = np.ones(min(m, chunk), dtype=np.float32)
+            for lo in range(0, m, chunk):
+                hi = min(lo + chunk, m)
+                weighted_sum_f32([merged[lo:hi], ones[: hi - lo]], coef, res[lo:hi])
+            out[spec.name] = stream.finish(res)
+        return out

@@ -47,11 +47,6 @@ UNSUPPORTED = [
         "to implement; use negative_merge for task negation",
     ),
     unsupported(
-        "representation_surgery",
-        "Representation Surgery (Yang et al. 2024) trains a module on the merged model's representations "
-        "of task data, which the merge layer does not have",
-    ),
-    unsupported(
         "adarank",
         "AdaRank (Lee et al. 2025) picks singular components by test-time entropy minimisation on data, "
         "which the merge layer does not have",

@@ -42,6 +42,7 @@ RUNNABLE: dict[str, dict[str, Any]] = {
     "regression_mean": {},
     "ada_merging": {"steps": 20},
     "dam": {},
+    "representation_surgery": {},
 }
 
 # name -> params under which N identical contributions must give the contribution back
@@ -74,6 +75,7 @@ IDENTITY: dict[str, dict[str, Any]] = {
     "regression_mean": {},
     "ada_merging": {},
     "dam": {},
+    "representation_surgery": {},
 }
 
 # Symmetric strategies whose float64 accumulation is exact on quantised inputs with equal

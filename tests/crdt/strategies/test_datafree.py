@@ -333,3 +333,62 @@ def test_large_tensors_give_the_same_bytes_for_any_threads_and_chunks() -> None:
             with using_threads(threads, grain=1024):
                 out = run(name, inp, chunk_elements=chunk)
             assert same(out["w"], ref["w"]), (name, threads, chunk)
+
+
+# -- representation_surgery ----------------------------------------------------------------------
+
+
+def np_moments(v: npt.NDArray[np.float64]) -> tuple[float, float]:
+    """Mean and variance with moment_lanes' order: lane i mod 8 in increasing i, lanes in order."""
+    pad = (-v.size) % 8
+    rows = np.concatenate([v, np.zeros(pad)]).reshape(-1, 8)
+    sq, s1 = np.zeros(8), np.zeros(8)
+    for row in rows:
+        sq = sq + row * row
+        s1 = s1 + row
+    tq = t1 = 0.0
+    for lane in range(8):
+        tq += sq[lane]
+        t1 += s1[lane]
+    mu = t1 / v.size
+    return mu, max(0.0, tq / v.size - mu * mu)
+
+
+@pytest.mark.parametrize("correction", ["rescale", "center"])
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+@pytest.mark.parametrize("kind", ["weights", "delta"])
+def test_representation_surgery_exact(correction: str, dtype: str, kind: str) -> None:
+    inp = make_input(4, dtype=dtype, kind=kind, weights=[1.0, 2.0, 0.5, 3.0], spread=0.3)
+    out = run("representation_surgery", inp, {"correction": correction}, chunk_elements=64)
+    w = inp.weights
+    total = math.fsum(w)
+    wn = [x / total for x in w]
+    for s in inp.specs:
+        xs = [f32(t[s.name], dtype) for t in inp.tensors]
+        acc = np.zeros(s.numel)
+        for k, x in enumerate(xs):
+            acc = acc + wn[k] * x
+        y = acc.astype(np.float32).astype(np.float64)
+        mu_m, var_m = np_moments(y)
+        stats = [np_moments(x) for x in xs]
+        shift = math.fsum([w[k] * (stats[k][0] - mu_m) for k in range(4)]) / total
+        scale = 1.0
+        if correction == "rescale":
+            scale = math.sqrt(math.fsum([w[k] * (stats[k][1] / var_m) for k in range(4)]) / total)
+        ref = scale * y + ((mu_m + shift) - scale * mu_m)
+        assert same(out[s.name], storage(ref, s)), s.name
+        if correction == "rescale":
+            got = f32(out[s.name], dtype)
+            target = math.fsum([w[k] * stats[k][1] for k in range(4)]) / total
+            assert abs(float(got.var()) - target) < 0.02 * target
+            if kind == "delta":  # averaging independent deltas shrank the spread; surgery restores it
+                assert float(got.var()) > 1.5 * var_m
+
+
+def test_representation_surgery_constant_tensor_and_errors() -> None:
+    spec = [TensorSpec("w", "F32", (100,))]
+    tensors = [{"w": np.full(100, v, dtype=np.float32)} for v in (1.0, 3.0)]
+    out = run("representation_surgery", MergeInput(tensors, [1.0, 1.0], "delta", spec, bytes(32)))
+    assert same(out["w"], np.full(100, 2.0, dtype=np.float32))
+    with pytest.raises(StrategyError, match=r"correction must be one of \['rescale', 'center'\]"):
+        run("representation_surgery", make_input(2), {"correction": "whiten"})
