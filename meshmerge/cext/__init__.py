@@ -14,7 +14,14 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from meshmerge.cext.convert import bf16_to_f32, f32_to_bf16, has_nonfinite
-from meshmerge.cext.datafree import LOG_SPAN, abs_log_spans, det_log, regmean_average
+from meshmerge.cext.datafree import (
+    LOG_SPAN,
+    abs_log_spans,
+    det_log,
+    keep_base_at_most,
+    mean_abs,
+    regmean_average,
+)
 from meshmerge.cext.elemwise import (
     della_merge,
     emr_elect,
@@ -47,8 +54,10 @@ __all__ = [
     "gram_accumulate",
     "gram_finalize",
     "has_nonfinite",
+    "keep_base_at_most",
     "kth_smallest_nonnegative",
     "mag_range",
+    "mean_abs",
     "moment_lanes",
     "random_u64",
     "regmean_average",

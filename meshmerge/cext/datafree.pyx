@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Kernels for the data-free proxies of data-driven merges (RegMean, AdaMerging).
+"""Kernels for the data-free proxies of data-driven merges (RegMean, AdaMerging, SUM).
 
 ``regmean_average``: per element, in float64 with contributors k = 0..N-1 in
 order, ``g_k = w_k * (x_k * x_k + lam)`` (or ``w_k * (f_k + lam)`` with a
@@ -20,6 +20,10 @@ correctly rounded sum. ``log`` is computed here with IEEE operations only
 ``|s| <= 0.1716``, truncation error below 3e-16), so it is the same on every
 machine, unlike libm's ``log``; its error is a few ulp. Every ``a`` here is a
 difference of float32 values, so never a float64 subnormal.
+
+``mean_abs`` / ``keep_base_at_most``: split_unlearn_merge's weighted mean
+magnitude ``sum_k w_k |x_k - b|`` (float64, k in order) and the pass that puts
+the base back where it is at most a threshold.
 """
 
 cimport numpy as cnp
@@ -273,6 +277,47 @@ cdef extern from *:
                 mm_abslog_span(xs[k], b, lo, hi, spans + (k * nspan + s) * 2, tbad + (Py_ssize_t)tid * nk + k);
         });
     }
+
+    /* mag[e] = sum_k w_k |x_k[e] - b[e]| (float64, k in order) over [lo0, hi0); bad[k] bit 31
+       if x_k is NaN/Inf there. */
+    MM_CLONES static void mm_mean_abs(const float *const *xs, const float *b, const double *w, Py_ssize_t nk,
+                                      Py_ssize_t lo0, Py_ssize_t hi0, double *mag, uint32_t *bad)
+    {
+        for (Py_ssize_t k = 0; k < nk; k++) {
+            const float *x = xs[k];
+            const double wk = w[k];
+            uint32_t bx = 0;
+            if (b != NULL) {
+                for (Py_ssize_t e = lo0; e < hi0; e++) {
+                    double a = fabs((double)x[e] - (double)b[e]) * wk;
+                    mag[e] = k == 0 ? a : mag[e] + a;
+                    bx |= (mm_bits32(x[e]) & 0x7F800000u) + 0x00800000u;
+                }
+            } else {
+                for (Py_ssize_t e = lo0; e < hi0; e++) {
+                    double a = fabs((double)x[e]) * wk;
+                    mag[e] = k == 0 ? a : mag[e] + a;
+                    bx |= (mm_bits32(x[e]) & 0x7F800000u) + 0x00800000u;
+                }
+            }
+            bad[k] |= bx;
+        }
+    }
+
+    static void mm_mean_abs_par(const float *const *xs, const float *b, const double *w, Py_ssize_t nk,
+                                Py_ssize_t n, double *mag, uint32_t *tbad, int nt, Py_ssize_t grain)
+    {
+        MM_PAR_BLOCKS(n, grain, nt, {
+            mm_mean_abs(xs, b, w, nk, lo, hi, mag, tbad + (Py_ssize_t)tid * nk);
+        });
+    }
+
+    /* out[e] = float32(b[e] + 0.0) (0 without a base) wherever v[e] <= thr. */
+    static void mm_keep_base(const double *v, double thr, const float *b, Py_ssize_t n, float *out)
+    {
+        for (Py_ssize_t e = 0; e < n; e++)
+            if (v[e] <= thr) out[e] = b != NULL ? (float)((double)b[e] + 0.0) : 0.0f;
+    }
     """
     void mm_regmean_par(const float** xs, const float** fs, const double* w, Py_ssize_t nk, Py_ssize_t n,
                         double lam, float* out, float* fout, uint32_t* tbad, int nt, Py_ssize_t grain,
@@ -281,6 +326,9 @@ cdef extern from *:
     void mm_abslog_par(const float** xs, const float* b, Py_ssize_t nk, Py_ssize_t n, double* spans,
                        uint32_t* tbad, int nt) nogil
     double mm_det_log(double a) nogil
+    void mm_mean_abs_par(const float** xs, const float* b, const double* w, Py_ssize_t nk, Py_ssize_t n,
+                         double* mag, uint32_t* tbad, int nt, Py_ssize_t grain) nogil
+    void mm_keep_base(const double* v, double thr, const float* b, Py_ssize_t n, float* out) nogil
     int mm_team(int want, Py_ssize_t n, Py_ssize_t grain) nogil
 
 
@@ -397,3 +445,49 @@ def det_log(double a):
     if not a > 0.0 or a != a or a == float("inf"):
         raise ValueError("det_log needs a finite a > 0")
     return mm_det_log(a)
+
+
+def mean_abs(list xs, object base, const double[::1] weights, double[::1] mag, int threads=0):
+    """``mag = sum_k w_k |x_k - base|`` per element (float64, k in order; ``base`` None means 0).
+
+    Returns the first input holding NaN/Inf, or -1.
+    """
+    cdef Py_ssize_t n = mag.shape[0]
+    cdef Py_ssize_t nk = len(xs)
+    cdef Py_ssize_t grain = get_grain()
+    cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, grain)
+    cdef Py_ssize_t k, t
+    if nk == 0 or weights.shape[0] != nk:
+        raise ValueError("xs and weights must be non-empty and match")
+    if n == 0:
+        return -1
+    cdef const float** px = _ptrs(xs, n)
+    cdef const float* b
+    cdef uint32_t* tbad = <uint32_t*>calloc(nk * nt, sizeof(uint32_t))
+    try:
+        if tbad == NULL:
+            raise MemoryError()
+        b = optional_f32(base, n)
+        with nogil:
+            mm_mean_abs_par(px, b, &weights[0], nk, n, &mag[0], tbad, nt, grain)
+        for k in range(nk):
+            for t in range(1, nt):
+                tbad[k] |= tbad[t * nk + k]
+            if tbad[k] & NONFINITE:
+                return k
+        return -1
+    finally:
+        free(tbad)
+        free(px)
+
+
+def keep_base_at_most(const double[::1] values, double threshold, object base, float[::1] out):
+    """Where ``values <= threshold``: ``out = float32(base + 0.0)`` (0 if ``base`` is None)."""
+    cdef Py_ssize_t n = out.shape[0]
+    if values.shape[0] != n:
+        raise ValueError("values and out must have the same length")
+    if n == 0:
+        return
+    cdef const float* b = optional_f32(base, n)
+    with nogil:
+        mm_keep_base(&values[0], threshold, b, n, &out[0])

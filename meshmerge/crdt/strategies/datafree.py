@@ -2,10 +2,10 @@
 
 A merge here is a pure function of the signed contributions, so a method that
 needs activations or unlabeled test data at merge time cannot run as its paper
-defines it. These four have data-free proxies that crdt-merge 0.11.0 also
+defines it. These five have data-free proxies that crdt-merge 0.11.0 also
 offers under the same names; ours compute the same kind of thing, but respect
-contribution weights (crdt-merge ignores them for the first three and uses
-plain means of the input statistics in the fourth) and give the same
+contribution weights (crdt-merge ignores them in the first three and in the
+mask of the fifth, and uses plain means of the input statistics in the fourth) and give the same
 bytes on every replica.
 
 * ``regression_mean`` — RegMean (Jin et al. 2023, "Dataless Knowledge Fusion
@@ -62,6 +62,22 @@ bytes on every replica.
   (:func:`meshmerge.cext.moment_lanes`); the correction is one more weighted
   sum of ``(y, 1)``. Peak memory: two float32 copies of the largest tensor.
 
+* ``split_unlearn_merge`` — SUM (Kadhe et al. 2024, "Split, Unlearn, Merge")
+  splits the forget data by attribute, unlearns each split on a copy of the
+  model (gradient steps on data) and merges the results with task arithmetic;
+  none of that can run without the data. crdt-merge's proxy, which we compute
+  per tensor: the normalised weighted task-vector average
+  ``b + sum_k w_k (x_k - b) / sum w``, with a ``fraction`` of the entries reset
+  to the base: ``"magnitude"`` resets those whose weighted mean magnitude
+  ``sum_k w_k |x_k - b| / sum w`` is at most the ``floor(fraction * M)``-th
+  smallest (ties included, exact selection), ``"random"`` resets each entry
+  with probability ``fraction`` from the counter-based PRNG keyed by the seed
+  (the Merkle root) and the tensor name. Unlike crdt-merge, weights enter the
+  magnitude score, and ``fraction = 0`` resets nothing (crdt-merge always
+  resets at least one entry). It needs task vectors (delta contributions, or
+  weights with the base). Peak memory: a float64 score of the largest tensor
+  besides the output.
+
 For ``ada_merging`` and ``dam`` with ``weights`` contributions and a base
 model, ``x_k`` above is the task vector ``x_k - b`` and the result is
 ``b + sum_k c_k (x_k - b)``; without a base the weights themselves are used
@@ -85,11 +101,29 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from meshmerge.cext import LOG_SPAN, abs_log_spans, moment_lanes, regmean_average, weighted_sum_f32
+from meshmerge.cext import (
+    LOG_SPAN,
+    abs_log_spans,
+    keep_base_at_most,
+    kth_smallest_nonnegative,
+    mean_abs,
+    moment_lanes,
+    regmean_average,
+    stream_key,
+    uniform_f64,
+    weighted_sum_f32,
+)
 from meshmerge.cext.outbuf import empty_f32
 from meshmerge.crdt.strategies import detmath
-from meshmerge.crdt.strategies._combine import combine_tensor, matvec, model_gram, quad, total_gram
-from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, in_place_chunk
+from meshmerge.crdt.strategies._combine import (
+    _task_chunk,
+    combine_tensor,
+    matvec,
+    model_gram,
+    quad,
+    total_gram,
+)
+from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, in_place_chunk, task_base
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
 from meshmerge.crdt.tensors import TensorSpec
 
@@ -392,4 +426,55 @@ class RepresentationSurgery(Strategy):
                 hi = min(lo + chunk, m)
                 weighted_sum_f32([merged[lo:hi], ones[: hi - lo]], coef, res[lo:hi])
             out[spec.name] = stream.finish(res)
+        return out
+
+
+METHODS = ("magnitude", "random")
+#: PRNG stream of split_unlearn_merge's random mask (distinct from the per-contribution streams).
+SUM_STREAM = 0x53554D00
+
+
+@dataclass(frozen=True)
+class SplitUnlearnParams(Params):
+    """fraction: share of each tensor's entries reset to the base; method: which entries."""
+
+    fraction: float = 0.1
+    method: str = "magnitude"
+
+    def validate(self) -> None:
+        self._number("fraction", 0.0, 1.0)
+        self._choice("method", METHODS)
+
+
+class SplitUnlearnMerge(Strategy):
+    """Weighted task-vector average with a fraction of each tensor's entries reset to the base."""
+
+    name = "split_unlearn_merge"
+    params_type = SplitUnlearnParams
+
+    def merge(self, inp: MergeInput, params: SplitUnlearnParams, chunk: int) -> dict[str, Any]:
+        use_base = task_base(inp, self.name)
+        w = checked_weights(inp, positive=True).tolist()
+        total = math.fsum(w)
+        wn = np.asarray([x / total for x in w], dtype=np.float64)
+        out: dict[str, Any] = {}
+        for spec in inp.specs:
+            m = spec.numel
+            stream = TensorStream(inp, spec, in_place_chunk(spec, chunk), base=use_base)
+            flat = empty_f32(m)
+            k = int(m * params.fraction) if params.method == "magnitude" else 0
+            score = np.empty(m, dtype=np.float64)
+            for lo, hi, xs, b in stream.chunks():
+                if params.method == "magnitude":
+                    stream.check(mean_abs(xs, b, wn, score[lo:hi]))
+                stream.check(_task_chunk(xs, b, wn, flat[lo:hi]))
+            if params.method == "random":
+                uniform_f64(stream_key(inp.seed, spec.name, SUM_STREAM), 0, score)
+                threshold = math.nextafter(float(params.fraction), 0.0) if params.fraction > 0.0 else -1.0
+            else:
+                threshold = kth_smallest_nonnegative(score, k - 1) if k > 0 else -1.0
+            if threshold >= 0.0:
+                for lo, hi, b in stream.base_chunks():
+                    keep_base_at_most(score[lo:hi], threshold, b, flat[lo:hi])
+            out[spec.name] = stream.finish(flat)
         return out

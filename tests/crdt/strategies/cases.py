@@ -43,6 +43,7 @@ RUNNABLE: dict[str, dict[str, Any]] = {
     "ada_merging": {"steps": 20},
     "dam": {},
     "representation_surgery": {},
+    "split_unlearn_merge": {"fraction": 0.2},
 }
 
 # name -> params under which N identical contributions must give the contribution back
@@ -76,6 +77,7 @@ IDENTITY: dict[str, dict[str, Any]] = {
     "ada_merging": {},
     "dam": {},
     "representation_surgery": {},
+    "split_unlearn_merge": {"fraction": 0.0},
 }
 
 # Symmetric strategies whose float64 accumulation is exact on quantised inputs with equal
@@ -92,4 +94,5 @@ PERMUTATION: dict[str, dict[str, Any]] = {
     "multi_krum": {},
     # lam = 2^-8: every product and sum of the quantised inputs is exact in float64
     "regression_mean": {"regularization": 0.00390625},
+    "split_unlearn_merge": {"fraction": 0.3},
 }

@@ -392,3 +392,62 @@ def test_representation_surgery_constant_tensor_and_errors() -> None:
     assert same(out["w"], np.full(100, 2.0, dtype=np.float32))
     with pytest.raises(StrategyError, match=r"correction must be one of \['rescale', 'center'\]"):
         run("representation_surgery", make_input(2), {"correction": "whiten"})
+
+
+# -- split_unlearn_merge -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+@pytest.mark.parametrize("kind", ["weights", "delta"])
+def test_split_unlearn_merge_exact(method: str, dtype: str, kind: str) -> None:
+    from meshmerge.cext import stream_key, uniform_f64
+    from meshmerge.crdt.strategies.datafree import SUM_STREAM
+
+    inp = make_input(4, dtype=dtype, kind=kind, weights=[1.0, 2.0, 0.5, 3.0])
+    out = run("split_unlearn_merge", inp, {"fraction": 0.3, "method": method}, chunk_elements=64)
+    total = math.fsum(inp.weights)
+    wn = [x / total for x in inp.weights]
+    for s in inp.specs:
+        b = f32(inp.base[s.name], dtype) if kind == "weights" else np.zeros(s.numel)
+        ts = [f32(t[s.name], dtype) - b for t in inp.tensors]
+        acc, score = np.zeros(s.numel), np.zeros(s.numel)
+        for k, t in enumerate(ts):
+            acc = acc + wn[k] * t
+            score = score + np.abs(t) * wn[k]
+        if method == "magnitude":
+            k = int(s.numel * 0.3)
+            reset = score <= np.partition(score, k - 1)[k - 1]
+            assert reset.sum() >= k
+        else:
+            u = np.empty(s.numel)
+            uniform_f64(stream_key(inp.seed, s.name, SUM_STREAM), 0, u)
+            reset = u < 0.3
+        ref = np.where(reset, b + 0.0, b + acc)
+        assert same(out[s.name], storage(ref, s)), s.name
+
+
+def test_split_unlearn_merge_fraction_bounds() -> None:
+    inp = make_input(3, kind="delta")
+    none = run("split_unlearn_merge", inp, {"fraction": 0.0})
+    avg = run("linear", inp)
+    everything = run("split_unlearn_merge", inp, {"fraction": 1.0})
+    rnd = run("split_unlearn_merge", inp, {"fraction": 1.0, "method": "random"})
+    for s in inp.specs:
+        assert same(none[s.name], avg[s.name])
+        assert not np.any(everything[s.name]) and not np.any(rnd[s.name])
+    with pytest.raises(StrategyError, match=r"fraction must lie in \[0.0, 1.0\]"):
+        run("split_unlearn_merge", inp, {"fraction": 1.5})
+    with pytest.raises(StrategyError, match="method must be one of"):
+        run("split_unlearn_merge", inp, {"method": "gradient"})
+    with pytest.raises(StrategyError, match="task vectors"):
+        run("split_unlearn_merge", make_input(3, with_base=False))
+
+
+def test_split_unlearn_random_mask_depends_on_the_seed() -> None:
+    inp = make_input(3, kind="delta")
+    other = MergeInput(inp.tensors, inp.weights, inp.kind, inp.specs, bytes(32), inp.base)
+    a = run("split_unlearn_merge", inp, {"method": "random", "fraction": 0.5})
+    b = run("split_unlearn_merge", other, {"method": "random", "fraction": 0.5})
+    name = inp.specs[-1].name
+    assert not same(a[name], b[name])
