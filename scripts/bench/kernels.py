@@ -316,6 +316,7 @@ COVERAGE: list[tuple[str, str, dict[str, Any], dict[str, Any], int]] = [
     ("dam", "dam", {}, {}, 500_000),
     ("representation_surgery", "representation_surgery", {"correction": "rescale"},
      {"correction_method": "rescale"}, 10_000_000),
+    ("split_unlearn_merge", "split_unlearn_merge", {"fraction": 0.1}, {"target_fraction": 0.1}, 250_000),
 ]
 
 

@@ -58,8 +58,10 @@ bytes on every replica.
   Unlike crdt-merge the input statistics are weighted, so ``"center"`` only
   undoes the float32 rounding drift of the mean; crdt-merge's ``"whiten"``
   needs an eigendecomposition and is not offered (no deterministic kernel).
-  Statistics are float64 sums in a fixed lane order
-  (:func:`meshmerge.cext.moment_lanes`); the correction is one more weighted
+  One pass reads the contributions and writes ``y`` together with their sums
+  and sums of squares (float64, per span of 16384 elements in a fixed lane
+  order, spans added with a correctly rounded sum:
+  :func:`meshmerge.cext.span_moments`); the correction is one more weighted
   sum of ``(y, 1)``. Peak memory: two float32 copies of the largest tensor.
 
 * ``split_unlearn_merge`` — SUM (Kadhe et al. 2024, "Split, Unlearn, Merge")
@@ -107,8 +109,8 @@ from meshmerge.cext import (
     keep_base_at_most,
     kth_smallest_nonnegative,
     mean_abs,
-    moment_lanes,
     regmean_average,
+    span_moments,
     stream_key,
     uniform_f64,
     weighted_sum_f32,
@@ -377,14 +379,10 @@ class SurgeryParams(Params):
         self._choice("correction", CORRECTIONS)
 
 
-def _moments(lanes: npt.NDArray[np.float64], m: int) -> tuple[float, float]:
-    """(mean, variance) from moment_lanes' lanes (lanes 0..7 added in order)."""
-    sq = s1 = 0.0
-    for lane in range(8):
-        sq = sq + float(lanes[0, lane])
-        s1 = s1 + float(lanes[1, lane])
-    mu = s1 / m
-    return mu, max(0.0, sq / m - mu * mu)
+def _moments(spans: npt.NDArray[np.float64], m: int) -> tuple[float, float]:
+    """(mean, variance) from span_moments' span values (added with a correctly rounded sum)."""
+    mu = math.fsum(spans[:, 0].tolist()) / m
+    return mu, max(0.0, math.fsum(spans[:, 1].tolist()) / m - mu * mu)
 
 
 class RepresentationSurgery(Strategy):
@@ -401,19 +399,22 @@ class RepresentationSurgery(Strategy):
         out: dict[str, Any] = {}
         for spec in inp.specs:
             m = spec.numel
-            stream = TensorStream(inp, spec, in_place_chunk(spec, chunk))
+            step = in_place_chunk(spec, max(LOG_SPAN, chunk // LOG_SPAN * LOG_SPAN))
+            stream = TensorStream(inp, spec, step)
             merged = empty_f32(m)
-            lanes = np.zeros((n, 2, 8), dtype=np.float64)
+            parts = []
             for lo, hi, xs, _ in stream.chunks():
-                stream.check(moment_lanes(xs, lo, lanes))
-                stream.check(weighted_sum_f32(xs, wn, merged[lo:hi]))
+                spans = np.zeros((n, (hi - lo + LOG_SPAN - 1) // LOG_SPAN, 2), dtype=np.float64)
+                stream.check(span_moments(xs, wn, spans, merged[lo:hi]))
+                parts.append(spans)
             if m == 0:
                 out[spec.name] = stream.finish(merged)
                 continue
-            mlanes = np.zeros((1, 2, 8), dtype=np.float64)
-            moment_lanes([merged], 0, mlanes)
-            mu_m, var_m = _moments(mlanes[0], m)
-            stats = [_moments(lanes[k], m) for k in range(n)]
+            mspans = np.zeros((1, (m + LOG_SPAN - 1) // LOG_SPAN, 2), dtype=np.float64)
+            span_moments([merged], np.ones(1), mspans, None)
+            mu_m, var_m = _moments(mspans[0], m)
+            allspans = np.concatenate(parts, axis=1)
+            stats = [_moments(allspans[k], m) for k in range(n)]
             # Differences from the merged statistics, so identical inputs give exactly 0 and 1.
             shift = math.fsum([w[k] * (stats[k][0] - mu_m) for k in range(n)]) / total
             scale = 1.0
