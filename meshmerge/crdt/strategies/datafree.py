@@ -5,8 +5,9 @@ needs activations or unlabeled test data at merge time cannot run as its paper
 defines it. These five have data-free proxies that crdt-merge 0.11.0 also
 offers under the same names; ours compute the same kind of thing, but respect
 contribution weights (crdt-merge ignores them in the first three and in the
-mask of the fifth, and uses plain means of the input statistics in the fourth) and give the same
-bytes on every replica.
+mask of the fifth, and takes plain means of the input statistics in the
+fourth) and give the same bytes on every replica. Kinds: weights and delta
+(LoRA factors cannot be combined this way).
 
 * ``regression_mean`` — RegMean (Jin et al. 2023, "Dataless Knowledge Fusion
   by Merging Weights of Language Models") solves, per linear layer, the least
@@ -45,12 +46,11 @@ bytes on every replica.
   weights as prior (crdt-merge starts from uniform), per tensor by default:
   per-feature coefficients would need per-feature Gram matrices and the data
   DAM optimises on.
-
 * ``representation_surgery`` — Representation Surgery (Yang et al. 2024)
   trains a small module that removes the bias between the merged model's and
   each task model's representations on task data. crdt-merge instead corrects
-  each merged tensor's statistics, which is what we compute: the weighted
-  average ``y = sum_k w_k x_k / sum_k w_k`` (rounded to float32), then
+  each merged tensor's statistics, which is what we compute, on the values as
+  given (weights or deltas; the base is not used): the weighted average ``y = sum_k w_k x_k / sum_k w_k`` (rounded to float32), then
   ``out = s (y - mean(y)) + mean(y) + d`` with ``d = sum_k w_k (mu_k - mean(y)) / sum w``
   (``mu_k`` the mean of ``x_k``) and, for ``correction="rescale"``,
   ``s = sqrt(sum_k w_k (var_k / var(y)) / sum w)``, restoring the spread that
@@ -63,7 +63,6 @@ bytes on every replica.
   order, spans added with a correctly rounded sum:
   :func:`meshmerge.cext.span_moments`); the correction is one more weighted
   sum of ``(y, 1)``. Peak memory: two float32 copies of the largest tensor.
-
 * ``split_unlearn_merge`` — SUM (Kadhe et al. 2024, "Split, Unlearn, Merge")
   splits the forget data by attribute, unlearns each split on a copy of the
   model (gradient steps on data) and merges the results with task arithmetic;
