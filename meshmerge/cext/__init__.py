@@ -21,7 +21,6 @@ from meshmerge.cext.datafree import (
     keep_base_at_most,
     mean_abs,
     regmean_average,
-    span_moments,
 )
 from meshmerge.cext.elemwise import (
     della_merge,
@@ -66,7 +65,6 @@ __all__ = [
     "safe_moments",
     "set_threads",
     "sorted_reduce",
-    "span_moments",
     "sparse_merge",
     "stream_key",
     "task_sum_f32",

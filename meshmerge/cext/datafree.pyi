@@ -32,10 +32,3 @@ def keep_base_at_most(
     base: npt.NDArray[np.float32] | None,
     out: npt.NDArray[np.float32],
 ) -> None: ...
-def span_moments(
-    xs: list[npt.NDArray[np.float32]],
-    weights: npt.NDArray[np.float64],
-    spans: npt.NDArray[np.float64],
-    out: npt.NDArray[np.float32] | None,
-    threads: int = 0,
-) -> int: ...

@@ -318,60 +318,6 @@ cdef extern from *:
         for (Py_ssize_t e = 0; e < n; e++)
             if (v[e] <= thr) out[e] = b != NULL ? (float)((double)b[e] + 0.0) : 0.0f;
     }
-
-    /* One span [lo, hi) (lo a multiple of 8): per contributor k, 8-lane sums of x and x^2
-       into sums[k * nspan * 2 + 0/1] (lane order as in mm_abslog_span), and, if out is
-       given, out = float32(sum_k w_k x_k) (float64, k in order) through acc. */
-    MM_CLONES static void mm_moments_span(const float *const *xs, const double *w, Py_ssize_t nk,
-                                          Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t nspan, double *sums,
-                                          float *out, double *restrict acc, uint32_t *bad)
-    {
-        Py_ssize_t m = hi - lo;
-        for (Py_ssize_t k = 0; k < nk; k++) {
-            const float *x = xs[k] + lo;
-            const double wk = w[k];
-            double s1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sq[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            uint32_t bx = 0;
-            Py_ssize_t i = 0;
-            for (; i + 8 <= m; i += 8) {
-                for (int l = 0; l < 8; l++) {
-                    double v = (double)x[i + l];
-                    s1[l] = s1[l] + v;
-                    sq[l] = sq[l] + v * v;
-                    bx |= (mm_bits32(x[i + l]) & 0x7F800000u) + 0x00800000u;
-                }
-            }
-            for (; i < m; i++) {
-                double v = (double)x[i];
-                int l = (int)(i & 7);
-                s1[l] = s1[l] + v;
-                sq[l] = sq[l] + v * v;
-                bx |= (mm_bits32(x[i]) & 0x7F800000u) + 0x00800000u;
-            }
-            if (out != NULL) {
-                if (k == 0) for (Py_ssize_t j = 0; j < m; j++) acc[j] = 0.0 + wk * (double)x[j];
-                else for (Py_ssize_t j = 0; j < m; j++) acc[j] = acc[j] + wk * (double)x[j];
-            }
-            double t1 = 0.0, tq = 0.0;
-            for (int l = 0; l < 8; l++) { t1 = t1 + s1[l]; tq = tq + sq[l]; }
-            double *dst = sums + (k * nspan + lo / MM_LOG_SPAN) * 2;
-            dst[0] = t1;
-            dst[1] = tq;
-            bad[k] |= bx;
-        }
-        if (out != NULL)
-            for (Py_ssize_t j = 0; j < m; j++) out[lo + j] = (float)acc[j];
-    }
-
-    static void mm_moments_par(const float *const *xs, const double *w, Py_ssize_t nk, Py_ssize_t n,
-                               double *sums, float *out, double *scratch, uint32_t *tbad, int nt)
-    {
-        Py_ssize_t nspan = (n + MM_LOG_SPAN - 1) / MM_LOG_SPAN;
-        MM_PAR_BLOCKS(n, MM_LOG_SPAN, nt, {
-            mm_moments_span(xs, w, nk, lo, hi, nspan, sums, out, scratch + (Py_ssize_t)tid * MM_LOG_SPAN,
-                            tbad + (Py_ssize_t)tid * nk);
-        });
-    }
     """
     void mm_regmean_par(const float** xs, const float** fs, const double* w, Py_ssize_t nk, Py_ssize_t n,
                         double lam, float* out, float* fout, uint32_t* tbad, int nt, Py_ssize_t grain,
@@ -383,8 +329,6 @@ cdef extern from *:
     void mm_mean_abs_par(const float** xs, const float* b, const double* w, Py_ssize_t nk, Py_ssize_t n,
                          double* mag, uint32_t* tbad, int nt, Py_ssize_t grain) nogil
     void mm_keep_base(const double* v, double thr, const float* b, Py_ssize_t n, float* out) nogil
-    void mm_moments_par(const float** xs, const double* w, Py_ssize_t nk, Py_ssize_t n, double* sums,
-                        float* out, double* scratch, uint32_t* tbad, int nt) nogil
     int mm_team(int want, Py_ssize_t n, Py_ssize_t grain) nogil
 
 
@@ -547,51 +491,3 @@ def keep_base_at_most(const double[::1] values, double threshold, object base, f
     cdef const float* b = optional_f32(base, n)
     with nogil:
         mm_keep_base(&values[0], threshold, b, n, &out[0])
-
-
-def span_moments(list xs, const double[::1] weights, double[:, :, ::1] spans, object out, int threads=0):
-    """Per span of ``LOG_SPAN`` elements: ``spans[k, s] = (sum x_k, sum x_k^2)``; and ``out = sum_k w_k x_k``.
-
-    Lane order inside a span as in :func:`abs_log_spans`; the chunk must start
-    at a multiple of ``LOG_SPAN``. ``out`` (float32, or None to skip it) gets
-    ``float32(sum_k w_k x_k)``, float64 with k in order, so the same bytes as
-    :func:`meshmerge.cext.weighted_sum_f32`. Returns the first input holding
-    NaN/Inf, or -1.
-    """
-    cdef Py_ssize_t nk = len(xs)
-    if nk == 0 or weights.shape[0] != nk:
-        raise ValueError("xs and weights must be non-empty and match")
-    cdef Py_ssize_t n = (<cnp.ndarray>xs[0]).size
-    cdef Py_ssize_t nspan = (n + LOG_SPAN - 1) // LOG_SPAN
-    if spans.shape[0] != nk or spans.shape[1] != nspan or spans.shape[2] != 2:
-        raise ValueError(f"spans must have shape ({nk}, {nspan}, 2)")
-    cdef float[::1] o
-    cdef float* op = NULL
-    if out is not None:
-        o = out
-        if o.shape[0] != n:
-            raise ValueError("out must match the inputs")
-        if n > 0:
-            op = &o[0]
-    if n == 0:
-        return -1
-    cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, LOG_SPAN)
-    cdef Py_ssize_t k, t
-    cdef const float** px = _ptrs(xs, n)
-    cdef uint32_t* tbad = <uint32_t*>calloc(nk * nt, sizeof(uint32_t))
-    cdef double* scratch = <double*>malloc(nt * LOG_SPAN * sizeof(double))
-    try:
-        if tbad == NULL or scratch == NULL:
-            raise MemoryError()
-        with nogil:
-            mm_moments_par(px, &weights[0], nk, n, &spans[0, 0, 0], op, scratch, tbad, nt)
-        for k in range(nk):
-            for t in range(1, nt):
-                tbad[k] |= tbad[t * nk + k]
-            if tbad[k] & NONFINITE:
-                return k
-        return -1
-    finally:
-        free(tbad)
-        free(scratch)
-        free(px)

@@ -50,7 +50,8 @@ fourth) and give the same bytes on every replica. Kinds: weights and delta
   trains a small module that removes the bias between the merged model's and
   each task model's representations on task data. crdt-merge instead corrects
   each merged tensor's statistics, which is what we compute, on the values as
-  given (weights or deltas; the base is not used): the weighted average ``y = sum_k w_k x_k / sum_k w_k`` (rounded to float32), then
+  given (weights or deltas; the base is not used): the weighted average
+  ``y = sum_k w_k x_k / sum_k w_k`` (rounded to float32), then
   ``out = s (y - mean(y)) + mean(y) + d`` with ``d = sum_k w_k (mu_k - mean(y)) / sum w``
   (``mu_k`` the mean of ``x_k``) and, for ``correction="rescale"``,
   ``s = sqrt(sum_k w_k (var_k / var(y)) / sum w)``, restoring the spread that
@@ -58,11 +59,11 @@ fourth) and give the same bytes on every replica. Kinds: weights and delta
   Unlike crdt-merge the input statistics are weighted, so ``"center"`` only
   undoes the float32 rounding drift of the mean; crdt-merge's ``"whiten"``
   needs an eigendecomposition and is not offered (no deterministic kernel).
-  One pass reads the contributions and writes ``y`` together with their sums
-  and sums of squares (float64, per span of 16384 elements in a fixed lane
-  order, spans added with a correctly rounded sum:
-  :func:`meshmerge.cext.span_moments`); the correction is one more weighted
-  sum of ``(y, 1)``. Peak memory: two float32 copies of the largest tensor.
+  Statistics are float64 sums in a fixed lane order by element index
+  (:func:`meshmerge.cext.moment_lanes`, contributors in parallel); ``y`` and
+  the correction are weighted sums (the second of ``(y, 1)``). Peak memory:
+  two float32 copies of the largest tensor. (A single fused pass reading each
+  contribution once for both was measured slower than these two passes.)
 * ``split_unlearn_merge`` — SUM (Kadhe et al. 2024, "Split, Unlearn, Merge")
   splits the forget data by attribute, unlearns each split on a copy of the
   model (gradient steps on data) and merges the results with task arithmetic;
@@ -108,8 +109,8 @@ from meshmerge.cext import (
     keep_base_at_most,
     kth_smallest_nonnegative,
     mean_abs,
+    moment_lanes,
     regmean_average,
-    span_moments,
     stream_key,
     uniform_f64,
     weighted_sum_f32,
@@ -378,10 +379,14 @@ class SurgeryParams(Params):
         self._choice("correction", CORRECTIONS)
 
 
-def _moments(spans: npt.NDArray[np.float64], m: int) -> tuple[float, float]:
-    """(mean, variance) from span_moments' span values (added with a correctly rounded sum)."""
-    mu = math.fsum(spans[:, 0].tolist()) / m
-    return mu, max(0.0, math.fsum(spans[:, 1].tolist()) / m - mu * mu)
+def _moments(lanes: npt.NDArray[np.float64], m: int) -> tuple[float, float]:
+    """(mean, variance) from moment_lanes' lanes (lanes 0..7 added in order)."""
+    sq = s1 = 0.0
+    for lane in range(8):
+        sq = sq + float(lanes[0, lane])
+        s1 = s1 + float(lanes[1, lane])
+    mu = s1 / m
+    return mu, max(0.0, sq / m - mu * mu)
 
 
 class RepresentationSurgery(Strategy):
@@ -398,22 +403,19 @@ class RepresentationSurgery(Strategy):
         out: dict[str, Any] = {}
         for spec in inp.specs:
             m = spec.numel
-            step = in_place_chunk(spec, max(LOG_SPAN, chunk // LOG_SPAN * LOG_SPAN))
-            stream = TensorStream(inp, spec, step)
+            stream = TensorStream(inp, spec, in_place_chunk(spec, chunk))
             merged = empty_f32(m)
-            parts = []
+            lanes = np.zeros((n, 2, 8), dtype=np.float64)
             for lo, hi, xs, _ in stream.chunks():
-                spans = np.zeros((n, (hi - lo + LOG_SPAN - 1) // LOG_SPAN, 2), dtype=np.float64)
-                stream.check(span_moments(xs, wn, spans, merged[lo:hi]))
-                parts.append(spans)
+                stream.check(moment_lanes(xs, lo, lanes))
+                stream.check(weighted_sum_f32(xs, wn, merged[lo:hi]))
             if m == 0:
                 out[spec.name] = stream.finish(merged)
                 continue
-            mspans = np.zeros((1, (m + LOG_SPAN - 1) // LOG_SPAN, 2), dtype=np.float64)
-            span_moments([merged], np.ones(1), mspans, None)
-            mu_m, var_m = _moments(mspans[0], m)
-            allspans = np.concatenate(parts, axis=1)
-            stats = [_moments(allspans[k], m) for k in range(n)]
+            mlanes = np.zeros((1, 2, 8), dtype=np.float64)
+            moment_lanes([merged], 0, mlanes)
+            mu_m, var_m = _moments(mlanes[0], m)
+            stats = [_moments(lanes[k], m) for k in range(n)]
             # Differences from the merged statistics, so identical inputs give exactly 0 and 1.
             shift = math.fsum([w[k] * (stats[k][0] - mu_m) for k in range(n)]) / total
             scale = 1.0

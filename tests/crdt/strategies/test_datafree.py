@@ -339,45 +339,18 @@ def test_large_tensors_give_the_same_bytes_for_any_threads_and_chunks() -> None:
 
 
 def np_moments(v: npt.NDArray[np.float64]) -> tuple[float, float]:
-    """Mean and variance as span_moments sums them: per span of LOG_SPAN elements, lane i mod 8
-    in increasing i, lanes in order; spans with a correctly rounded sum."""
-    s1s, sqs = [], []
-    for lo in range(0, v.size, LOG_SPAN):
-        part = v[lo:lo + LOG_SPAN]
-        rows = np.concatenate([part, np.zeros((-part.size) % 8)]).reshape(-1, 8)
-        sq, s1 = np.zeros(8), np.zeros(8)
-        for row in rows:
-            sq = sq + row * row
-            s1 = s1 + row
-        tq = t1 = 0.0
-        for lane in range(8):
-            tq += sq[lane]
-            t1 += s1[lane]
-        s1s.append(t1)
-        sqs.append(tq)
-    mu = math.fsum(s1s) / v.size
-    return mu, max(0.0, math.fsum(sqs) / v.size - mu * mu)
-
-
-def test_span_moments_multi_span_threads() -> None:
-    from meshmerge.cext import span_moments, weighted_sum_f32
-
-    n = 2 * LOG_SPAN + 333
-    xs = [det_values(f"mom/{k}", n, 2.0) for k in range(3)]
-    w = np.array([0.2, 0.5, 0.3])
-    ref_out = np.empty(n, dtype=np.float32)
-    weighted_sum_f32(xs, w, ref_out)
-    for threads in (1, 2, 3):
-        spans = np.zeros((3, 3, 2))
-        out = np.empty(n, dtype=np.float32)
-        with using_threads(threads, grain=8):
-            assert span_moments(xs, w, spans, out) == -1
-        assert same(out, ref_out)
-        for k in range(3):
-            mu, var = np_moments(xs[k].astype(np.float64))
-            got_mu = math.fsum(spans[k, :, 0].tolist()) / n
-            assert got_mu == mu
-            assert max(0.0, math.fsum(spans[k, :, 1].tolist()) / n - mu * mu) == var
+    """Mean and variance with moment_lanes' order: lane i mod 8 in increasing i, lanes in order."""
+    rows = np.concatenate([v, np.zeros((-v.size) % 8)]).reshape(-1, 8)
+    sq, s1 = np.zeros(8), np.zeros(8)
+    for row in rows:
+        sq = sq + row * row
+        s1 = s1 + row
+    tq = t1 = 0.0
+    for lane in range(8):
+        tq += sq[lane]
+        t1 += s1[lane]
+    mu = t1 / v.size
+    return mu, max(0.0, tq / v.size - mu * mu)
 
 
 @pytest.mark.parametrize("correction", ["rescale", "center"])
