@@ -156,6 +156,12 @@ class RegressionMean(Strategy):
         companions = {s.name for s in inp.specs if s.name.endswith(params.suffix)}
         plain = [s for s in inp.specs if s.name not in companions]
         if companions:
+            orphans = sorted(c for c in companions if c[: -len(params.suffix)] not in by_name)
+            if orphans:
+                raise StrategyError(
+                    f"regression_mean: Gram companion(s) {orphans[:5]} have no tensor to go with "
+                    f"(no '<name>' for '<name>{params.suffix}')"
+                )
             missing = [s.name for s in plain if s.name + params.suffix not in by_name]
             if missing:
                 raise StrategyError(

@@ -97,6 +97,11 @@ def test_regression_mean_companion_errors() -> None:
                          inp.seed, inp.base)
     with pytest.raises(StrategyError, match="missing for"):
         run("regression_mean", partial)
+    plain = inp.specs[0].name
+    orphan = MergeInput(inp.tensors, inp.weights, inp.kind, [s for s in inp.specs if s.name != plain],
+                        inp.seed, inp.base)
+    with pytest.raises(StrategyError, match="have no tensor to go with"):
+        run("regression_mean", orphan)
     with pytest.raises(StrategyError, match=r"regularization must lie in \(0.0"):
         run("regression_mean", inp, {"regularization": 0.0})
     with pytest.raises(StrategyError, match="weight to be > 0"):
