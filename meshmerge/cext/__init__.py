@@ -14,6 +14,14 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from meshmerge.cext.convert import bf16_to_f32, f32_to_bf16, has_nonfinite
+from meshmerge.cext.datafree import (
+    LOG_SPAN,
+    abs_log_spans,
+    det_log,
+    keep_base_at_most,
+    mean_abs,
+    regmean_average,
+)
 from meshmerge.cext.elemwise import (
     della_merge,
     emr_elect,
@@ -43,8 +51,11 @@ from meshmerge.cext.threads import get_threads, set_threads, using_threads
 __all__ = [
     "EXACT_LIMBS",
     "GRAM_SPAN",
+    "LOG_SPAN",
+    "abs_log_spans",
     "bf16_to_f32",
     "della_merge",
+    "det_log",
     "drop_lanes",
     "drop_threshold",
     "emr_elect",
@@ -55,14 +66,17 @@ __all__ = [
     "gram_accumulate",
     "gram_finalize",
     "has_nonfinite",
+    "keep_base_at_most",
     "kth_smallest_nonnegative",
     "led_select",
     "mag_range",
+    "mean_abs",
     "moment_lanes",
     "nearswap_merge",
     "overlap_counts",
     "overlap_merge",
     "random_u64",
+    "regmean_average",
     "safe_freeze",
     "safe_moments",
     "sce_combine",

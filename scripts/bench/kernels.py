@@ -309,6 +309,14 @@ COVERAGE: list[tuple[str, str, dict[str, Any], dict[str, Any], int]] = [
     ("weight_scope_alignment", "weight_scope_alignment", {}, {}, 2_500_000),
     ("evolutionary_merge", "evolutionary_merge", {}, {}, 1_000),
     ("genetic_merge", "genetic_merge", {}, {}, 1_000),
+    # Data-free proxies (meshmerge/crdt/strategies/datafree.py); crdt-merge's ada_merging and
+    # dam redo a full float64 merge per refinement step (100 / 50 steps), ours one Gram pass.
+    ("regression_mean", "regression_mean", {}, {}, 10_000_000),
+    ("ada_merging", "ada_merging", {"granularity": "layer"}, {}, 250_000),
+    ("dam", "dam", {}, {}, 500_000),
+    ("representation_surgery", "representation_surgery", {"correction": "rescale"},
+     {"correction_method": "rescale"}, 10_000_000),
+    ("split_unlearn_merge", "split_unlearn_merge", {"fraction": 0.1}, {"target_fraction": 0.1}, 250_000),
 ]
 
 

@@ -14,6 +14,13 @@ from meshmerge.crdt.strategies.base import (
     StrategyError,
     UnknownStrategy,
 )
+from meshmerge.crdt.strategies.datafree import (
+    AdaMerging,
+    Dam,
+    RegressionMean,
+    RepresentationSurgery,
+    SplitUnlearnMerge,
+)
 from meshmerge.crdt.strategies.elementwise import (
     Della,
     DellaLinear,
@@ -100,6 +107,11 @@ register(RamPlus())
 register(ArceeFusion())
 register(EvolutionaryMerge())
 register(GeneticMerge())
+register(RegressionMean())
+register(AdaMerging())
+register(Dam())
+register(RepresentationSurgery())
+register(SplitUnlearnMerge())
 for _s in UNSUPPORTED:
     register(_s)
 

@@ -4,8 +4,8 @@ They are registered under their usual names so that asking for one gives a
 clear explanation instead of an "unknown strategy" error or a silent
 substitute. A merge here is a pure function of the signed contributions, so a
 method that needs data, activations or gradient steps at merge time cannot
-run as defined; SVD-based methods wait for a deterministic SVD kernel; one
-name has no definition precise enough to implement.
+run as defined; SVD-based methods wait for a deterministic SVD kernel.
+(Data-driven methods with a data-free proxy live in :mod:`.datafree`.)
 """
 
 from __future__ import annotations
@@ -40,32 +40,6 @@ UNSUPPORTED = [
         "svd_knot_tying", "KnOTS (Stoica et al. 2025) aligns LoRA updates in a joint SVD basis: " + _SVD
     ),
     unsupported("dual_projection", "dual-projection merging projects updates onto SVD subspaces: " + _SVD),
-    unsupported(
-        "split_unlearn_merge",
-        "its only available description (crdt-merge: split parameters by magnitude, unlearn a targeted "
-        "fraction, merge the rest) does not define what is unlearned, so there is no honest definition "
-        "to implement; use negative_merge for task negation",
-    ),
-    unsupported(
-        "regression_mean",
-        "RegMean (Jin et al. 2023) solves a least-squares problem with the Gram matrices of each "
-        "layer's input activations, which contributions do not carry",
-    ),
-    unsupported(
-        "ada_merging",
-        "AdaMerging (Yang et al. 2024) learns merge coefficients by entropy minimisation on unlabeled "
-        "test data, which the merge layer does not have",
-    ),
-    unsupported(
-        "representation_surgery",
-        "Representation Surgery (Yang et al. 2024) trains a module on the merged model's representations "
-        "of task data, which the merge layer does not have",
-    ),
-    unsupported(
-        "dam",
-        "DAM (Gauthier-Caron et al. 2024) learns per-feature scaling coefficients by gradient descent "
-        "on data, which the merge layer does not have",
-    ),
     unsupported(
         "adarank",
         "AdaRank (Lee et al. 2025) picks singular components by test-time entropy minimisation on data, "

@@ -41,6 +41,11 @@ RUNNABLE: dict[str, dict[str, Any]] = {
     "nuslerp": {},
     "ram": {"epsilon": 0.01},
     "ramplus_tl": {"epsilon": 0.01, "r": 0.5, "alpha": 1.0},
+    "regression_mean": {},
+    "ada_merging": {"steps": 20},
+    "dam": {},
+    "representation_surgery": {},
+    "split_unlearn_merge": {"fraction": 0.2},
 }
 
 # name -> params under which N identical contributions must give the contribution back
@@ -72,6 +77,11 @@ IDENTITY: dict[str, dict[str, Any]] = {
     "nuslerp": {},
     "ram": {"epsilon": 0.0},
     "ramplus_tl": {"epsilon": 0.0},
+    "regression_mean": {},
+    "ada_merging": {},
+    "dam": {},
+    "representation_surgery": {},
+    "split_unlearn_merge": {"fraction": 0.0},
 }
 
 # Symmetric strategies whose float64 accumulation is exact on quantised inputs with equal
@@ -88,4 +98,7 @@ PERMUTATION: dict[str, dict[str, Any]] = {
     "multi_krum": {},
     "ram": {"epsilon": 0.01},
     "ramplus_tl": {"epsilon": 0.01, "r": 0.5, "alpha": 1.0},
+    # lam = 2^-8: every product and sum of the quantised inputs is exact in float64
+    "regression_mean": {"regularization": 0.00390625},
+    "split_unlearn_merge": {"fraction": 0.3},
 }
