@@ -27,7 +27,7 @@ from meshmerge.cext.gram import GRAM_SPAN, gram_accumulate, gram_finalize
 from meshmerge.cext.linear import task_sum_f32, weighted_sum_f32, weighted_sum_f64
 from meshmerge.cext.prng import drop_lanes, drop_threshold, random_u64, stream_key, uniform_f64
 from meshmerge.cext.robust import sorted_reduce
-from meshmerge.cext.sparse import mag_range, sparse_merge
+from meshmerge.cext.sparse import mag_range, mag_select, sparse_merge
 from meshmerge.cext.threads import get_threads, set_threads, using_threads
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "has_nonfinite",
     "kth_smallest_nonnegative",
     "mag_range",
+    "mag_select",
     "moment_lanes",
     "random_u64",
     "safe_freeze",
