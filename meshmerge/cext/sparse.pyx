@@ -75,6 +75,38 @@ cdef extern from *:
                 bb[j] = b == NULL ? 0.0 : (double)b[i0 + j];
                 s[j] = 0.0; num[j] = 0.0; den[j] = 0.0;
             }
+            if (keys == NULL && consensus == 0) {
+                /* No drop mask and no election: nothing needs every v_k of an element
+                   before the sums, so each value is added as it is made (the same
+                   operations in the same order as the general path below, without the
+                   round trip through vals). */
+                for (Py_ssize_t k = 0; k < nk; k++) {
+                    const float *x = p[k] + i0;
+                    const float lok = lo[k], hik = hi[k];
+                    const double wk = w[k];
+                    uint32_t f = 0;
+                    if (!disjoint) {
+                        for (Py_ssize_t j = 0; j < m; j++) {
+                            f |= mm_nonfinite_bits(x[j]);
+                            double t = (double)x[j] - bb[j];
+                            float a = (float)fabs(t);
+                            double v = (t * rescale) * (double)((a >= lok) & (a < hik));
+                            num[j] = num[j] + wk * v;
+                        }
+                    } else {
+                        for (Py_ssize_t j = 0; j < m; j++) {
+                            f |= mm_nonfinite_bits(x[j]);
+                            double t = (double)x[j] - bb[j];
+                            float a = (float)fabs(t);
+                            double v = (t * rescale) * (double)((a >= lok) & (a < hik));
+                            num[j] = num[j] + wk * v;
+                            den[j] = den[j] + wk * (double)(v != 0.0);
+                        }
+                    }
+                    flags[k] |= f;
+                }
+                goto finish;
+            }
             for (Py_ssize_t k = 0; k < nk; k++) {
                 const float *x = p[k] + i0;
                 double *vk = vals + k * MM_SPARSE_BLOCK;
@@ -144,6 +176,7 @@ cdef extern from *:
                     }
                 }
             }
+        finish:
             if (disjoint) {
                 for (Py_ssize_t j = 0; j < m; j++) {
                     double e = num[j] / (den[j] + (double)(den[j] == 0.0));
