@@ -139,6 +139,7 @@ def magnitude_thresholds(
         size = sample_size(numel)
         sample = _sample_bits(stream, size)
         budget = cand_bytes
+        brackets: list[tuple[int, int, int]] = []  # (rank index, top, bottom) in sample ranks
         for j, r in enumerate(ranks):
             if r <= 0:
                 continue
@@ -147,7 +148,10 @@ def magnitude_thresholds(
             delta = BRACKET_SIGMAS * math.sqrt(size * q * (1.0 - q)) + 16.0
             top = max(0, math.floor(pos - delta))  # rank from the largest
             bottom = min(size - 1, math.ceil(pos + delta))
-            part = np.partition(sample, [size - 1 - bottom, size - 1 - top], axis=1)
+            brackets.append((j, top, bottom))
+        # One partition places every bracket end (each kth is exact on its own).
+        part = np.partition(sample, sorted({size - 1 - e for _, t, b in brackets for e in (t, b)}), axis=1)
+        for j, top, bottom in brackets:
             hi[:, j] = part[:, size - 1 - top] if top > 0 else U_MAX
             lo[:, j] = part[:, size - 1 - bottom] if bottom < size - 1 else 0
             expected = numel * (bottom - top + 1) / size
