@@ -46,6 +46,15 @@ cdef extern from *:
     #include <math.h>
     #include "mm_par.h"
     #define MM_SPARSE_BLOCK 512
+    /* Elements ahead of the current block that each input's next lines are requested
+       from (into L2): N + 1 interleaved short streams are followed badly by the hardware
+       prefetchers. A hint only; it changes no value. */
+    #define MM_SPARSE_AHEAD (2 * MM_SPARSE_BLOCK)
+    static inline void mm_prefetch_block(const float *x, Py_ssize_t i0, Py_ssize_t hi0)
+    {
+        Py_ssize_t a = i0 + MM_SPARSE_AHEAD, e = a + MM_SPARSE_BLOCK < hi0 ? a + MM_SPARSE_BLOCK : hi0;
+        for (; a < e; a += 16) __builtin_prefetch(x + a, 0, 2);
+    }
 
     static inline uint64_t mm_splitmix64_at(uint64_t key, uint64_t index) {
         uint64_t z = key + (index + 1) * 0x9E3779B97F4A7C15ULL;
@@ -71,6 +80,7 @@ cdef extern from *:
         double s[MM_SPARSE_BLOCK], num[MM_SPARSE_BLOCK], den[MM_SPARSE_BLOCK], bb[MM_SPARSE_BLOCK];
         for (Py_ssize_t i0 = lo0; i0 < hi0; i0 += MM_SPARSE_BLOCK) {
             Py_ssize_t m = hi0 - i0 < MM_SPARSE_BLOCK ? hi0 - i0 : MM_SPARSE_BLOCK;
+            if (b != NULL) mm_prefetch_block(b, i0, hi0);
             for (Py_ssize_t j = 0; j < m; j++) {
                 bb[j] = b == NULL ? 0.0 : (double)b[i0 + j];
                 s[j] = 0.0; num[j] = 0.0; den[j] = 0.0;
@@ -85,6 +95,7 @@ cdef extern from *:
                     const float lok = lo[k], hik = hi[k];
                     const double wk = w[k];
                     uint32_t f = 0;
+                    mm_prefetch_block(p[k], i0, hi0);
                     if (!disjoint) {
                         for (Py_ssize_t j = 0; j < m; j++) {
                             f |= mm_nonfinite_bits(x[j]);
@@ -110,6 +121,7 @@ cdef extern from *:
             for (Py_ssize_t k = 0; k < nk; k++) {
                 const float *x = p[k] + i0;
                 double *vk = vals + k * MM_SPARSE_BLOCK;
+                mm_prefetch_block(p[k], i0, hi0);
                 const float lok = lo[k], hik = hi[k];
                 const double wk = w[k];
                 uint32_t f = 0;
