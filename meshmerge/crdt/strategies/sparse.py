@@ -36,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from meshmerge.cext import drop_threshold, mag_range, mag_select, sparse_merge, stream_key
+from meshmerge.cext.outbuf import empty_f32
 from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, in_place_chunk, task_base
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
 from meshmerge.crdt.tensors import to_f32
@@ -253,7 +254,7 @@ def sparse_task_merge(inp: MergeInput, plan: _Plan, chunk: int, name: str) -> di
         keys = None
         if drop_thr:
             keys = np.array([stream_key(inp.seed, spec.name, k) for k in range(n)], dtype=np.uint64)
-        flat = np.empty(numel, dtype=np.float32)
+        flat = empty_f32(numel)  # recycled huge-page mapping when large: no fresh page zeroing
         for lo, hi, xs, b in stream.chunks():
             bad = sparse_merge(
                 xs, b, w, lo_thr, hi_thr, keys, drop_thr, rescale,
