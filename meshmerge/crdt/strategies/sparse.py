@@ -66,8 +66,8 @@ BRACKET_SIGMAS = 5.0
 CAND_SLACK = 2.0
 CAND_EXTRA = 4096
 #: ...and at most this many bytes of capacity for one tensor over all contributors and
-#: ranks (ranks are taken in order while they fit; the others histogram, which costs one
-#: more pass). Only the copies actually made are resident memory: 4 bytes per value
+#: ranks (ranks, then contributors, are taken in order while they fit; the others
+#: histogram, which costs them one more pass). Only the copies actually made are resident memory: 4 bytes per value
 #: inside a guessed range, about 1.6-3.3% of the elements per contributor and rank at
 #: density 0.2 (sample of 2^16 / 2^14).
 CAND_BYTES = 64 << 20
@@ -118,8 +118,8 @@ def magnitude_thresholds(
     For large tensors the first range is guessed from a fixed sample (a bracket
     around the sampled quantile), and the first pass copies the values inside the
     bracket instead of histogramming them (capacity per contributor and rank:
-    ``CAND_SLACK`` x the count the sample predicts + ``CAND_EXTRA``; a rank whose
-    copies would not fit ``cand_bytes`` for the tensor histograms instead). When
+    ``CAND_SLACK`` x the count the sample predicts + ``CAND_EXTRA``; targets whose
+    copies would not fit ``cand_bytes`` for the tensor histogram instead). When
     the counts show the rank inside the bracket and the copies are complete, the
     threshold is selected from the copies (``mag_select``): ONE pass over the data.
     A wrong guess or an overflowing copy only costs further counting passes (for
@@ -157,9 +157,9 @@ def magnitude_thresholds(
             lo[:, j] = part[:, size - 1 - bottom] if bottom < size - 1 else 0
             expected = numel * (bottom - top + 1) / size
             cap = min(numel, math.ceil(CAND_SLACK * expected) + CAND_EXTRA) if cand_cap is None else cand_cap
-            if cap > 0 and n * cap * 4 <= budget:
-                caps[:, j] = cap
-                budget -= n * cap * 4
+            fits = max(0, min(n, budget // (cap * 4))) if cap > 0 else 0  # contributors whose copies fit
+            caps[:fits, j] = cap
+            budget -= fits * cap * 4
     offs = np.ascontiguousarray((np.cumsum(caps.reshape(-1)) - caps.reshape(-1)).reshape(n, nr), dtype=np.uint64)
     cand = np.empty(int(caps.sum()), dtype=np.uint32) if caps.any() else None
     fill = np.zeros((n, nr), dtype=np.uint64)

@@ -81,12 +81,15 @@ RANKS = [M // 100, M // 5, (9 * M) // 10, M - 3]
 
 
 @pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
-@pytest.mark.parametrize("mode", ["copies", "overflow", "histogram"])
+@pytest.mark.parametrize("mode", ["copies", "overflow", "histogram", "partial"])
 def test_one_pass_copies_and_both_fallbacks_give_the_exact_thresholds(dtype: str, mode: str) -> None:
-    """Copies (one pass), copies that overflow (cand_cap=1) and no copies at all
-    (cand_bytes=0: the histogram passes) all give the full partition's values."""
+    """Copies (one pass), copies that overflow (cand_cap=1), no copies at all
+    (cand_bytes=0: the histogram passes) and a budget that fits only some targets'
+    copies (both kinds in one pass) all give the full partition's values."""
     xs, base = _task_vectors(dtype)
-    kw: dict[str, int] = {"overflow": {"cand_cap": 1}, "histogram": {"cand_bytes": 0}}.get(mode, {})
+    kw: dict[str, int] = {
+        "overflow": {"cand_cap": 1}, "histogram": {"cand_bytes": 0}, "partial": {"cand_bytes": 400_000},
+    }.get(mode, {})
     got = magnitude_thresholds(_stream(xs, base, dtype), RANKS, **kw)
     for j, r in enumerate(RANKS):
         assert got[:, j].tolist() == _reference(xs, base, dtype, r), (mode, r)
