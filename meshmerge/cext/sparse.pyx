@@ -217,6 +217,7 @@ cdef extern from *:
 
     #define MM_MAG_BLOCK 256
     #define MM_MAG_SPAN 8192
+    #define MM_MAG_AHEAD 1024
     /* Candidate copies per (contributor, target) a thread gathers before it moves them
        to the shared buffer (one atomic reservation per MM_CAND_T hits). */
     #define MM_CAND_T 2048
@@ -338,8 +339,21 @@ cdef extern from *:
                 if (!any) continue;
                 const float *x = p[k];
                 uint32_t f = 0;
+                /* The next input's span is where the stream goes after this one: ask for
+                   its lines while this span is swept, MM_MAG_AHEAD elements ahead of the
+                   read position (a hint only; it changes no value). */
+                const float *nx = k + 1 < nk ? p[k + 1] : NULL;
                 for (Py_ssize_t i0 = s0; i0 < s1; i0 += MM_MAG_BLOCK) {
                     Py_ssize_t m = s1 - i0 < MM_MAG_BLOCK ? s1 - i0 : MM_MAG_BLOCK;
+                    Py_ssize_t ahead = i0 + MM_MAG_AHEAD;
+                    if (ahead < s1) {
+                        for (Py_ssize_t q = 0; q < MM_MAG_BLOCK && ahead + q < s1; q += 16)
+                            __builtin_prefetch(x + ahead + q, 0, 2);
+                    } else if (nx != NULL) {
+                        Py_ssize_t a2 = s0 + (ahead - s1);
+                        for (Py_ssize_t q = 0; q < MM_MAG_BLOCK && a2 + q < s1; q += 16)
+                            __builtin_prefetch(nx + a2 + q, 0, 2);
+                    }
                     if (b == NULL) {
                         for (Py_ssize_t j = 0; j < m; j++) {
                             uint32_t bits;
