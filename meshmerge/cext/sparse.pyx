@@ -309,8 +309,10 @@ cdef extern from *:
         }
         return mm_avx512_range;
     }
+    static void mm_set_portable_range(int on) { mm_avx512_range = on ? 0 : -1; }
     #else
     #define MM_HAVE_AVX512_RANGE 0
+    static void mm_set_portable_range(int on) { (void)on; }
     #endif
 
     /* Magnitude bit patterns u = bits(|x - b|_f32) (non-negative floats order like
@@ -501,6 +503,7 @@ cdef extern from *:
                        uint64_t need, uint32_t* scratch, uint64_t* bins, Py_ssize_t nbins,
                        uint32_t* out) nogil
     int mm_team(int want, Py_ssize_t n, Py_ssize_t grain) nogil
+    void mm_set_portable_range(int on)
 
 
 cdef enum:
@@ -641,6 +644,13 @@ def mag_range(
         return _first_bad(fl, nk, nt)
     finally:
         free(ab); free(hb); free(fl); free(tbuf); free(tcnt)
+
+
+def use_portable_sweep(bint portable):
+    """Tests: make ``mag_range`` use its portable sweep (True) or pick by CPU again (False).
+
+    Both give the same counts and copies; this lets one machine test both."""
+    mm_set_portable_range(portable)
 
 
 def mag_select(const uint32_t[::1] values, uint32_t lo, uint32_t hi, uint64_t need):

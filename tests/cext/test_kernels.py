@@ -122,7 +122,7 @@ def _mag_range(xs, base, lo, hi, shift, nbins=64, threads=1):
     return bad, above, hist
 
 
-def test_magnitude_range_counts_match_numpy() -> None:
+def test_magnitude_range_counts_match_numpy(sweep: bool) -> None:
     rng = np.random.default_rng(5)
     xs = [rng.standard_normal(5000).astype(np.float32) for _ in range(3)]
     base = rng.standard_normal(5000).astype(np.float32)
@@ -244,8 +244,18 @@ def _mag_copies(xs, base, lo, hi, cap, threads=1, grain=None):
     return bad, above, fill, copies
 
 
+@pytest.fixture(params=[False, True], ids=["by-cpu", "portable"])
+def sweep(request: pytest.FixtureRequest):
+    """Run a test with mag_range's CPU-specific sweep and again with the portable one."""
+    from meshmerge.cext.sparse import use_portable_sweep
+
+    use_portable_sweep(request.param)
+    yield request.param
+    use_portable_sweep(False)
+
+
 @pytest.mark.parametrize(("threads", "grain"), [(1, None), (2, 512), (3, 300)])
-def test_magnitude_range_copies_exactly_the_values_in_range(threads: int, grain: int | None) -> None:
+def test_magnitude_range_copies_exactly_the_values_in_range(threads: int, grain: int | None, sweep: bool) -> None:
     rng = np.random.default_rng(21)
     xs = [rng.standard_normal(20_000).astype(np.float32) for _ in range(3)]
     base = rng.standard_normal(20_000).astype(np.float32)
@@ -262,7 +272,7 @@ def test_magnitude_range_copies_exactly_the_values_in_range(threads: int, grain:
             assert np.array_equal(copies[k * 2 + r], want)
 
 
-def test_magnitude_range_copies_report_overflow() -> None:
+def test_magnitude_range_copies_report_overflow(sweep: bool) -> None:
     x = [np.arange(10_000, dtype=np.float32)]
     lo, hi = int(np.float32(100).view(np.uint32)), int(np.float32(5000).view(np.uint32))
     bad, above, fill, copies = _mag_copies(x, None, [[lo]], [[hi]], 1000, threads=2, grain=256)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from meshmerge.cext import sparse as sparse_kernels
+from meshmerge.cext import using_threads
 from meshmerge.crdt.strategies import MergeInput
 from meshmerge.crdt.strategies._stream import TensorStream
 from meshmerge.crdt.strategies.sparse import SAMPLE, SAMPLE_BLOCK, SAMPLED_FROM, magnitude_thresholds
@@ -116,16 +118,21 @@ def test_the_common_case_is_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(calls) >= 2 * chunks
 
 
+@pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_thresholds_do_not_depend_on_threads(threads: int) -> None:
-    from meshmerge.cext import using_threads
-
+def test_thresholds_do_not_depend_on_threads_or_the_sweep(threads: int, portable: bool) -> None:
     xs, base = _task_vectors("F32", seed=14)
     want = [_reference(xs, base, "F32", r) for r in RANKS]
-    with using_threads(threads, grain=4096):
-        got = magnitude_thresholds(_stream(xs, base), RANKS)
+    sparse_kernels.use_portable_sweep(portable)
+    try:
+        with using_threads(threads, grain=4096):
+            got = magnitude_thresholds(_stream(xs, base), RANKS)
+            hist_only = magnitude_thresholds(_stream(xs, base), RANKS, cand_bytes=0)
+    finally:
+        sparse_kernels.use_portable_sweep(False)
     for j in range(len(RANKS)):
         assert got[:, j].tolist() == want[j]
+        assert hist_only[:, j].tolist() == want[j]
 
 
 @pytest.mark.parametrize("cap", [None, 1])
