@@ -29,6 +29,7 @@ found by counting passes (no sort; see :func:`magnitude_thresholds`).
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,9 +68,10 @@ CAND_SLACK = 2.0
 CAND_EXTRA = 4096
 #: ...and at most this many bytes of capacity for one tensor over all contributors and
 #: ranks (ranks, then contributors, are taken in order while they fit; the others
-#: histogram, which costs them one more pass). Only the copies actually made are resident memory: 4 bytes per value
-#: inside a guessed range, about 1.6-3.3% of the elements per contributor and rank at
-#: density 0.2 (sample of 2^16 / 2^14).
+#: histogram, which costs them one more pass). Only the copies actually made are
+#: resident memory (see _lazy_u32): 4 bytes per value inside a guessed range, about
+#: 1.6-3.3% of the elements per contributor and rank at density 0.2 (sample of 2^16 /
+#: 2^14); e.g. 26 MB for TIES at N = 16, M = 25M.
 CAND_BYTES = 64 << 20
 #: Elements per counting-pass call for float32 tensors read in place (the kernel's
 #: per-thread counts are 32-bit).
@@ -101,6 +103,15 @@ def _sample_bits(stream: TensorStream, size: int) -> npt.NDArray[np.uint32]:
     if stream.base is not None:
         x -= to_f32(np.asarray(stream.base[idx]), dtype)
     return np.abs(x, out=x).view(np.uint32)
+
+
+def _lazy_u32(count: int) -> npt.NDArray[np.uint32]:
+    """An uninitialised uint32 array whose pages become resident only when written.
+
+    A plain anonymous mapping: numpy asks for transparent huge pages on large arrays,
+    which would make a sparsely filled copy buffer resident in 2 MiB steps."""
+    buf = mmap.mmap(-1, max(count, 1) * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(buf, dtype=np.uint32, count=count)
 
 
 def magnitude_thresholds(
@@ -161,7 +172,7 @@ def magnitude_thresholds(
             caps[:fits, j] = cap
             budget -= fits * cap * 4
     offs = np.ascontiguousarray((np.cumsum(caps.reshape(-1)) - caps.reshape(-1)).reshape(n, nr), dtype=np.uint64)
-    cand = np.empty(int(caps.sum()), dtype=np.uint32) if caps.any() else None
+    cand = _lazy_u32(int(caps.sum())) if caps.any() else None
     fill = np.zeros((n, nr), dtype=np.uint64)
     while active.any():
         copying = cand is not None
