@@ -25,8 +25,9 @@ signed zero, which no later sum can observe (every accumulator starts at +0).
 Every sum runs over k = 0..N-1 in order in float64, per element, so results
 do not depend on chunking or threads. Magnitude thresholds are exact order
 statistics of the float32 bit patterns, found by counting passes of
-``mag_range`` (a count above a range plus a histogram inside it): O(n) time per
-pass, O(bins) extra memory per contributor, no sort.
+``mag_range`` (a count above a range plus a histogram inside it, or copies of the
+values inside it, which ``mag_select`` then selects from): O(n) time per pass,
+O(bins) or O(copies) extra memory per contributor, no sort.
 """
 
 import numpy as np
