@@ -45,7 +45,7 @@ from meshmerge.cext.selective import (
     sce_energy,
     sce_variance,
 )
-from meshmerge.cext.sparse import mag_range, sparse_merge
+from meshmerge.cext.sparse import mag_range, mag_select, sparse_merge
 from meshmerge.cext.threads import get_threads, set_threads, using_threads
 
 __all__ = [
@@ -70,6 +70,7 @@ __all__ = [
     "kth_smallest_nonnegative",
     "led_select",
     "mag_range",
+    "mag_select",
     "mean_abs",
     "moment_lanes",
     "nearswap_merge",

@@ -122,7 +122,7 @@ def _mag_range(xs, base, lo, hi, shift, nbins=64, threads=1):
     return bad, above, hist
 
 
-def test_magnitude_range_counts_match_numpy() -> None:
+def test_magnitude_range_counts_match_numpy(sweep: bool) -> None:
     rng = np.random.default_rng(5)
     xs = [rng.standard_normal(5000).astype(np.float32) for _ in range(3)]
     base = rng.standard_normal(5000).astype(np.float32)
@@ -219,3 +219,81 @@ def test_task_sum_matches_the_untrimmed_sparse_merge(with_base: bool) -> None:
     assert a.tobytes() == b.tobytes()
     xs[4][4000] = np.nan
     assert task_sum_f32(xs, base, w, 0.7, 1.0, a) == 4
+
+
+def _mag_copies(xs, base, lo, hi, cap, threads=1, grain=None):
+    """mag_range with copies for every target: (bad, above, fill, [sorted copies per target])."""
+    from meshmerge.cext import using_threads
+
+    n, r = len(xs), len(lo[0])
+    caps = np.full((n, r), cap, np.uint64)
+    offs = (np.arange(n * r, dtype=np.uint64) * np.uint64(cap)).reshape(n, r)
+    fill = np.zeros((n, r), np.uint64)
+    cand = np.full(n * r * cap, 0xFFFFFFFF, np.uint32)
+    above = np.zeros((n, r), np.uint64)
+    hist = np.zeros((n, r, 64), np.uint64)
+    lo_a, hi_a = np.array(lo, np.uint32), np.array(hi, np.uint32)
+    shift = np.array([[max(0, (int(h) - int(lo_)).bit_length() - 6) for lo_, h in zip(a, b, strict=True)]
+                      for a, b in zip(lo_a, hi_a, strict=True)], np.int32)
+    with using_threads(threads, grain=grain):
+        bad = mag_range(xs, base, lo_a, hi_a, shift, np.ones((n, r), np.uint8), above, hist, 0,
+                        cand, offs, caps, fill)
+    assert not hist.any()  # targets with copies are not histogrammed
+    copies = [np.sort(cand[int(o) : int(o) + min(int(f), cap)])
+              for o, f in zip(offs.reshape(-1), fill.reshape(-1), strict=True)]
+    return bad, above, fill, copies
+
+
+@pytest.fixture(params=[False, True], ids=["by-cpu", "portable"])
+def sweep(request: pytest.FixtureRequest):
+    """Run a test with mag_range's CPU-specific sweep and again with the portable one."""
+    from meshmerge.cext.sparse import use_portable_sweep
+
+    use_portable_sweep(request.param)
+    yield request.param
+    use_portable_sweep(False)
+
+
+@pytest.mark.parametrize(("threads", "grain"), [(1, None), (2, 512), (3, 300)])
+def test_magnitude_range_copies_exactly_the_values_in_range(threads: int, grain: int | None, sweep: bool) -> None:
+    rng = np.random.default_rng(21)
+    xs = [rng.standard_normal(20_000).astype(np.float32) for _ in range(3)]
+    base = rng.standard_normal(20_000).astype(np.float32)
+    u = [np.abs(x - base).view(np.uint32) for x in xs]  # float32 difference, as the kernel
+    lo = [[int(np.quantile(v, 0.40)), int(np.quantile(v, 0.97))] for v in u]
+    hi = [[int(np.quantile(v, 0.45)), int(v.max())] for v in u]
+    bad, above, fill, copies = _mag_copies(xs, base, lo, hi, 20_000, threads, grain)
+    assert bad == -1
+    for k in range(3):
+        for r in range(2):
+            want = np.sort(u[k][(u[k] >= lo[k][r]) & (u[k] <= hi[k][r])])
+            assert int(above[k, r]) == int((u[k] > hi[k][r]).sum())
+            assert int(fill[k, r]) == want.size
+            assert np.array_equal(copies[k * 2 + r], want)
+
+
+def test_magnitude_range_copies_report_overflow(sweep: bool) -> None:
+    x = [np.arange(10_000, dtype=np.float32)]
+    lo, hi = int(np.float32(100).view(np.uint32)), int(np.float32(5000).view(np.uint32))
+    bad, above, fill, copies = _mag_copies(x, None, [[lo]], [[hi]], 1000, threads=2, grain=256)
+    assert bad == -1 and int(fill[0, 0]) == 4901 and int(above[0, 0]) == 4999
+    assert copies[0].size == 1000  # the first 1000 reserved slots, some of the values in range
+
+
+def test_mag_select_matches_numpy() -> None:
+    from meshmerge.cext import mag_select
+
+    rng = np.random.default_rng(22)
+    v = rng.integers(0, 1 << 31, 50_000).astype(np.uint32)
+    v[:5000] = 123456  # a run of equal values
+    for lo, hi in [(0, (1 << 32) - 1), (100_000, 1 << 30), (123456, 123456)]:
+        inr = np.sort(v[(v >= lo) & (v <= hi)])[::-1]
+        for need in [1, 2, inr.size // 3, inr.size - 1, inr.size]:
+            if need >= 1:
+                assert mag_select(v, lo, hi, need) == int(inr[need - 1]), (lo, hi, need)
+    with pytest.raises(ValueError, match="fewer than"):
+        mag_select(v, 5, 6, 1)
+    with pytest.raises(ValueError, match="fewer than"):
+        mag_select(v, 0, 10, 0)
+    with pytest.raises(ValueError, match="hi must be"):
+        mag_select(v, 10, 5, 1)
