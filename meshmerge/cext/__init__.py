@@ -23,6 +23,7 @@ from meshmerge.cext.elemwise import (
     safe_freeze,
     safe_moments,
 )
+from meshmerge.cext.eigen import jacobi_eigh, matmul
 from meshmerge.cext.gram import GRAM_SPAN, gram_accumulate, gram_finalize
 from meshmerge.cext.linear import task_sum_f32, weighted_sum_f32, weighted_sum_f64
 from meshmerge.cext.prng import drop_lanes, drop_threshold, random_u64, stream_key, uniform_f64
@@ -43,8 +44,10 @@ __all__ = [
     "gram_accumulate",
     "gram_finalize",
     "has_nonfinite",
+    "jacobi_eigh",
     "kth_smallest_nonnegative",
     "mag_range",
+    "matmul",
     "moment_lanes",
     "random_u64",
     "safe_freeze",

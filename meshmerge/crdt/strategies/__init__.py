@@ -37,6 +37,7 @@ from meshmerge.crdt.strategies.robust import (
 )
 from meshmerge.crdt.strategies.scope import WeightScopeAlignment
 from meshmerge.crdt.strategies.search import EvolutionaryMerge, GeneticMerge
+from meshmerge.crdt.strategies.spectral import AdaRank, DualProjection, Star, SvdKnotTying
 from meshmerge.crdt.strategies.sparse import Breadcrumbs, BreadcrumbsTies, Dare, DareTies, Ties
 from meshmerge.crdt.strategies.spherical import Karcher, ModelStock, MultiSlerp, Slerp
 from meshmerge.crdt.strategies.unsupported import UNSUPPORTED
@@ -95,6 +96,10 @@ register(Sce())
 register(WeightScopeAlignment())
 register(EvolutionaryMerge())
 register(GeneticMerge())
+register(Star())
+register(SvdKnotTying())
+register(DualProjection())
+register(AdaRank())
 for _s in UNSUPPORTED:
     register(_s)
 

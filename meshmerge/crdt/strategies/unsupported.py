@@ -4,8 +4,7 @@ They are registered under their usual names so that asking for one gives a
 clear explanation instead of an "unknown strategy" error or a silent
 substitute. A merge here is a pure function of the signed contributions, so a
 method that needs data, activations or gradient steps at merge time cannot
-run as defined; SVD-based methods wait for a deterministic SVD kernel; one
-name has no definition precise enough to implement.
+run as defined; one name has no definition precise enough to implement.
 """
 
 from __future__ import annotations
@@ -28,18 +27,7 @@ def unsupported(name: str, reason: str) -> Unsupported:
     return cls()
 
 
-_SVD = (
-    "it needs singular value decompositions, and LAPACK/BLAS SVDs differ in the last bits between "
-    "builds and CPUs, which would break byte-identical merges across replicas; meshmerge has no "
-    "deterministic SVD kernel yet"
-)
-
 UNSUPPORTED = [
-    unsupported("star", "STAR (spectral truncation and rescale, Lee et al. 2025): " + _SVD),
-    unsupported(
-        "svd_knot_tying", "KnOTS (Stoica et al. 2025) aligns LoRA updates in a joint SVD basis: " + _SVD
-    ),
-    unsupported("dual_projection", "dual-projection merging projects updates onto SVD subspaces: " + _SVD),
     unsupported(
         "split_unlearn_merge",
         "its only available description (crdt-merge: split parameters by magnitude, unlearn a targeted "
@@ -65,10 +53,5 @@ UNSUPPORTED = [
         "dam",
         "DAM (Gauthier-Caron et al. 2024) learns per-feature scaling coefficients by gradient descent "
         "on data, which the merge layer does not have",
-    ),
-    unsupported(
-        "adarank",
-        "AdaRank (Lee et al. 2025) picks singular components by test-time entropy minimisation on data, "
-        "which the merge layer does not have",
     ),
 ]

@@ -39,6 +39,10 @@ RUNNABLE: dict[str, dict[str, Any]] = {
     "weight_scope_alignment": {},
     "sce": {"select_topk": 0.5},
     "nuslerp": {},
+    "star": {"rank_fraction": 0.5},
+    "adarank": {"energy": 0.8},
+    "svd_knot_tying": {"density": 0.5},
+    "dual_projection": {"stability": 0.5, "rank_fraction": 0.4},
 }
 
 # name -> params under which N identical contributions must give the contribution back
