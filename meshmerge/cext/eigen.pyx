@@ -66,6 +66,18 @@ cdef extern from *:
         }
     }
 
+    /* Columns p and q of a from rows p and q (the diagonal 2x2 block is set by the caller). */
+    static void mm_mirror(double *restrict a, Py_ssize_t n, Py_ssize_t p, Py_ssize_t q)
+    {
+        const double *rp = a + p * n, *rq = a + q * n;
+        double *col = a;
+        for (Py_ssize_t r = 0; r < p; r++, col += n) { col[p] = rp[r]; col[q] = rq[r]; }
+        col += n;
+        for (Py_ssize_t r = p + 1; r < q; r++, col += n) { col[p] = rp[r]; col[q] = rq[r]; }
+        col += n;
+        for (Py_ssize_t r = q + 1; r < n; r++, col += n) { col[p] = rp[r]; col[q] = rq[r]; }
+    }
+
     /* Cyclic Jacobi on symmetric a (n x n, row-major, overwritten: diagonal = eigenvalues);
        vt (n x n) must hold the identity and receives the eigenvectors as rows.
        Returns the sweeps run, or -1 if MAX_SWEEPS ran out. */
@@ -100,11 +112,7 @@ cdef extern from *:
                     a[q * n + q] = aqq + t * apq;
                     a[p * n + q] = 0.0;
                     a[q * n + p] = 0.0;
-                    for (Py_ssize_t r = 0; r < n; r++) {
-                        if (r == p || r == q) continue;
-                        a[r * n + p] = a[p * n + r];
-                        a[r * n + q] = a[q * n + r];
-                    }
+                    mm_mirror(a, n, p, q);
                     rotated++;
                 }
             }

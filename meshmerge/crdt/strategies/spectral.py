@@ -71,6 +71,7 @@ naming the tensor. Memory: the float64 matrices of one tensor (for
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -81,7 +82,14 @@ import numpy.typing as npt
 from meshmerge.cext import has_nonfinite
 from meshmerge.cext.eigen import jacobi_eigh, matmul
 from meshmerge.crdt.strategies._combine import combine_tensor, model_gram
-from meshmerge.crdt.strategies._stream import TensorStream, _widen, checked_weights, task_base, to_storage
+from meshmerge.crdt.strategies._stream import (
+    TensorStream,
+    _flat,
+    _widen,
+    checked_weights,
+    task_base,
+    to_storage,
+)
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
 from meshmerge.crdt.tensors import TensorSpec
 
@@ -91,6 +99,45 @@ F64 = npt.NDArray[np.float64]
 MAX_RANK = 512
 #: Eigenvalues of the joint Gram at or below ``m * DROP * lambda_max`` are treated as zero.
 DROP = 2.0**-52
+
+
+def _nonfinite(flat: npt.NDArray[Any], dtype: str) -> bool:
+    if dtype == "F32":
+        return bool(has_nonfinite(np.ascontiguousarray(flat)))
+    if dtype == "BF16":
+        return bool(np.any((flat & 0x7F80) == 0x7F80))
+    return not bool(np.all(np.isfinite(flat)))
+
+
+def content_order(inp: MergeInput) -> MergeInput:
+    """The same input with contributions sorted by (sha256 of their tensors, weight).
+
+    Sums over contributions in float64 and Jacobi on a permuted matrix are not
+    bit-for-bit invariant under reordering; sorting by content first makes the
+    result independent of the order the contributions come in. Also checks
+    every contribution's tensors (shape, dtype, NaN/Inf) under its original index.
+    """
+    keys = []
+    for k, t in enumerate(inp.tensors):
+        h = hashlib.sha256()
+        for spec in inp.specs:
+            flat = _flat(t, spec, f"contribution {k}")
+            if _nonfinite(flat, spec.dtype):
+                raise StrategyError(
+                    f"contribution {k} tensor {spec.name!r} holds NaN or Inf; "
+                    "non-finite contributions cannot be merged"
+                )
+            h.update(np.ascontiguousarray(flat).view(np.uint8))
+        keys.append((h.digest(), float(inp.weights[k])))
+    order = sorted(range(len(keys)), key=lambda k: keys[k])
+    return MergeInput(
+        [inp.tensors[k] for k in order],
+        [inp.weights[k] for k in order],
+        inp.kind,
+        inp.specs,
+        inp.seed,
+        inp.base,
+    )
 
 
 def unit_weights(inp: MergeInput) -> list[float]:
@@ -104,7 +151,10 @@ def unit_weights(inp: MergeInput) -> list[float]:
 
 
 class TaskMatrices:
-    """The task matrices ``x_k - b`` (or ``x_k``) of one tensor in the ``m x L`` orientation."""
+    """The task matrices ``x_k - b`` (or ``x_k``) of one tensor in the ``m x L`` orientation.
+
+    Contributions must have passed :func:`content_order` (which checks them).
+    """
 
     def __init__(self, inp: MergeInput, spec: TensorSpec, use_base: bool, strategy: str) -> None:
         self.spec = spec
@@ -130,10 +180,7 @@ class TaskMatrices:
         return len(self.stream.flats)
 
     def get(self, k: int) -> F64:
-        x = _widen(self.stream.flats[k], self.spec.dtype, 0, self.spec.numel)
-        if has_nonfinite(x):
-            self.stream.check(k)
-        v = x.astype(np.float64)
+        v = _widen(self.stream.flats[k], self.spec.dtype, 0, self.spec.numel).astype(np.float64)
         if self.base is not None:
             v = v - self.base
         mat = v.reshape(self.rows, self.cols)
@@ -199,6 +246,8 @@ class _Truncating(Strategy):
 
     def merge(self, inp: MergeInput, params: Any, chunk: int) -> dict[str, Any]:
         use_base = task_base(inp, self.name)
+        unit_weights(inp)  # reject bad weights before reading any tensor
+        inp = content_order(inp)
         w = unit_weights(inp)
         out: dict[str, Any] = {}
         for spec in inp.specs:
@@ -302,6 +351,8 @@ class SvdKnotTying(Strategy):
 
     def merge(self, inp: MergeInput, params: KnotParams, chunk: int) -> dict[str, Any]:
         use_base = task_base(inp, self.name)
+        unit_weights(inp)  # reject bad weights before reading any tensor
+        inp = content_order(inp)
         w = unit_weights(inp)
         out: dict[str, Any] = {}
         for spec in inp.specs:
@@ -363,6 +414,8 @@ class DualProjection(Strategy):
 
     def merge(self, inp: MergeInput, params: DualProjectionParams, chunk: int) -> dict[str, Any]:
         use_base = task_base(inp, self.name)
+        unit_weights(inp)  # reject bad weights before reading any tensor
+        inp = content_order(inp)
         w = unit_weights(inp)
         grams = model_gram(inp, chunk, base=use_base)
         return {
