@@ -42,7 +42,7 @@ over threads (disjoint rows, so the thread count changes no byte).
 import numpy as np
 cimport numpy as cnp
 
-from meshmerge.cext.threads import get_threads
+from meshmerge.cext.threads import get_grain, get_threads
 
 cnp.import_array()
 
@@ -136,18 +136,18 @@ cdef extern from *:
         }
     }
 
+    /* Blocks of rows holding at least `grain` multiply-adds each, handed out to threads. */
     static void mm_matmul(const double *a, const double *b, double *out,
-                          Py_ssize_t p, Py_ssize_t q, Py_ssize_t s, int want)
+                          Py_ssize_t p, Py_ssize_t q, Py_ssize_t s, int want, Py_ssize_t grain)
     {
-        Py_ssize_t grain = 4;
-        int nt = mm_team(want, p * q * s / 65536 + 1, 1);
-        if (nt > p / grain) nt = (int)(p / grain) > 0 ? (int)(p / grain) : 1;
-        MM_PAR_BLOCKS(p, grain, nt, { (void)tid; mm_matmul_rows(a, b, out, lo, hi, q, s); });
+        Py_ssize_t rows = grain / (q * s) + 1;
+        int nt = mm_team(want, p, rows);
+        MM_PAR_BLOCKS(p, rows, nt, { (void)tid; mm_matmul_rows(a, b, out, lo, hi, q, s); });
     }
     """
     int mm_jacobi(double *a, double *vt, Py_ssize_t n, int max_sweeps) nogil
     void mm_matmul(const double *a, const double *b, double *out,
-                   Py_ssize_t p, Py_ssize_t q, Py_ssize_t s, int want) nogil
+                   Py_ssize_t p, Py_ssize_t q, Py_ssize_t s, int want, Py_ssize_t grain) nogil
 
 #: Sweep cap of the Jacobi iteration (part of the definition of the result).
 MAX_SWEEPS = 60
@@ -205,7 +205,8 @@ def matmul(a, b):
     out = np.zeros((p, s), dtype=np.float64)
     cdef double[:, ::1] ov = out
     cdef int want = get_threads()
+    cdef Py_ssize_t grain = get_grain()
     if p > 0 and s > 0 and q > 0:
         with nogil:
-            mm_matmul(&av[0, 0], &bv[0, 0], &ov[0, 0], p, q, s, want)
+            mm_matmul(&av[0, 0], &bv[0, 0], &ov[0, 0], p, q, s, want, grain)
     return out
