@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from meshmerge.cext.convert import bf16_to_f32, f32_to_bf16, has_nonfinite
+from meshmerge.cext.eigen import jacobi_eigh, matmul
 from meshmerge.cext.elemwise import (
     della_merge,
     emr_elect,
@@ -23,7 +24,6 @@ from meshmerge.cext.elemwise import (
     safe_freeze,
     safe_moments,
 )
-from meshmerge.cext.eigen import jacobi_eigh, matmul
 from meshmerge.cext.gram import GRAM_SPAN, gram_accumulate, gram_finalize
 from meshmerge.cext.linear import task_sum_f32, weighted_sum_f32, weighted_sum_f64
 from meshmerge.cext.prng import drop_lanes, drop_threshold, random_u64, stream_key, uniform_f64

@@ -37,8 +37,8 @@ from meshmerge.crdt.strategies.robust import (
 )
 from meshmerge.crdt.strategies.scope import WeightScopeAlignment
 from meshmerge.crdt.strategies.search import EvolutionaryMerge, GeneticMerge
-from meshmerge.crdt.strategies.spectral import AdaRank, DualProjection, Star, SvdKnotTying
 from meshmerge.crdt.strategies.sparse import Breadcrumbs, BreadcrumbsTies, Dare, DareTies, Ties
+from meshmerge.crdt.strategies.spectral import AdaRank, DualProjection, Star, SvdKnotTying
 from meshmerge.crdt.strategies.spherical import Karcher, ModelStock, MultiSlerp, Slerp
 from meshmerge.crdt.strategies.unsupported import UNSUPPORTED
 

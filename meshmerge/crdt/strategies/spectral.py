@@ -127,7 +127,7 @@ def content_order(inp: MergeInput) -> MergeInput:
                     f"contribution {k} tensor {spec.name!r} holds NaN or Inf; "
                     "non-finite contributions cannot be merged"
                 )
-            h.update(np.ascontiguousarray(flat).view(np.uint8))
+            h.update(np.ascontiguousarray(flat).view(np.uint8).data)
         keys.append((h.digest(), float(inp.weights[k])))
     order = sorted(range(len(keys)), key=lambda k: keys[k])
     return MergeInput(
@@ -370,7 +370,7 @@ class SvdKnotTying(Strategy):
                 g = gram(b) if g is None else g + gram(b)
             assert g is not None
             lam, u = spectrum(g)
-            live = [j for j, x in enumerate(lam) if x > mats.m * DROP * lam[0]] if lam[0] > 0.0 else []
+            live = [j for j, x in enumerate(lam) if x > mats.m * DROP * lam[0]] if lam and lam[0] > 0.0 else []
             if not live:
                 out[spec.name] = mats.finish(np.zeros_like(bs[0]))
                 continue
