@@ -56,8 +56,10 @@ naming the tensor. Memory: the float64 matrices of one tensor (for
   signal and are dropped. crdt-merge instead Procrustes-rotates each task's
   own left singular vectors onto the first task's, which depends on which
   contribution comes first.
-* ``dual_projection`` — dual-projection merging as in crdt-merge's
-  ``DualProjectionMerge`` (after Yuan et al. 2025): the stacked task vectors
+* ``dual_projection`` — dual-projection merging as crdt-merge defines it
+  (``DualProjectionMerge``; it cites Yuan et al., NeurIPS 2025, whose
+  continual-learning projections need per-task data we do not have): the
+  stacked task vectors
   ``D`` (N rows) are split by the projection onto their top ``k = max(1,
   min(N, floor(rank_fraction * N + 1/2)))`` right singular vectors into a
   shared part and a task-specific rest, and the merge is ``b + sum_i w_i
@@ -73,13 +75,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from meshmerge.cext import has_nonfinite
+from meshmerge.cext import get_threads, has_nonfinite
 from meshmerge.cext.eigen import jacobi_eigh, matmul
 from meshmerge.crdt.strategies._combine import combine_tensor, model_gram
 from meshmerge.crdt.strategies._stream import (
@@ -97,6 +100,8 @@ F64 = npt.NDArray[np.float64]
 
 #: Largest min(rows, cols) of a matrix the spectral strategies decompose.
 MAX_RANK = 512
+#: Smallest min(rows, cols) for which contributions are decomposed on several threads.
+PARALLEL_RANK = 32
 #: Eigenvalues of the joint Gram at or below ``m * DROP * lambda_max`` are treated as zero.
 DROP = 2.0**-52
 
@@ -252,13 +257,21 @@ class _Truncating(Strategy):
         out: dict[str, Any] = {}
         for spec in inp.specs:
             mats = TaskMatrices(inp, spec, use_base, self.name)
-            acc: F64 | None = None
-            for k in range(len(mats)):
+
+            def truncated(k: int, mats: TaskMatrices = mats) -> tuple[float, F64]:
                 b = mats.get(k)
                 lam, u = spectrum(gram(b))
                 rank, factor = self.rank(lam, params)
-                part = b if rank >= mats.m else project(u, rank, b)
-                acc = accumulate(acc, w[k] * factor, part)
+                return w[k] * factor, b if rank >= mats.m else project(u, rank, b)
+
+            # Contributions are independent (the kernels release the GIL), so matrices worth
+            # it run on the kernel threads; the sum is still taken in contribution order.
+            acc: F64 | None = None
+            workers = min(get_threads(), len(mats)) if mats.m >= PARALLEL_RANK else 1
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                parts = pool.map(truncated, range(len(mats))) if workers > 1 else map(truncated, range(len(mats)))
+                for coef, part in parts:
+                    acc = accumulate(acc, coef, part)
             assert acc is not None
             out[spec.name] = mats.finish(acc)
         return out
