@@ -66,34 +66,34 @@ cdef extern from *:
         }
     }
 
-    /* Columns p and q of a from rows p and q (the diagonal 2x2 block is set by the caller). */
-    static void mm_mirror(double *restrict a, Py_ssize_t n, Py_ssize_t p, Py_ssize_t q)
+    /* Column q of a from row q, except rows p and q (their entries are set by the caller). */
+    static void mm_mirror(double *restrict a, Py_ssize_t n, Py_ssize_t ld, Py_ssize_t p, Py_ssize_t q)
     {
-        const double *rp = a + p * n, *rq = a + q * n;
-        double *col = a;
-        for (Py_ssize_t r = 0; r < p; r++, col += n) { col[p] = rp[r]; col[q] = rq[r]; }
-        col += n;
-        for (Py_ssize_t r = p + 1; r < q; r++, col += n) { col[p] = rp[r]; col[q] = rq[r]; }
-        col += n;
-        for (Py_ssize_t r = q + 1; r < n; r++, col += n) { col[p] = rp[r]; col[q] = rq[r]; }
+        const double *rq = a + q * ld;
+        for (Py_ssize_t r = 0; r < n; r++) {
+            if (r != p && r != q) a[r * ld + q] = rq[r];
+        }
     }
 
-    /* Cyclic Jacobi on symmetric a (n x n, row-major, overwritten: diagonal = eigenvalues);
+    /* Cyclic Jacobi on symmetric a (n x n, rows ld apart, overwritten: diagonal = eigenvalues);
        vt (n x n) must hold the identity and receives the eigenvectors as rows.
        Returns the sweeps run, or -1 if MAX_SWEEPS ran out. */
-    static int mm_jacobi(double *a, double *vt, Py_ssize_t n, int max_sweeps)
+    static int mm_jacobi(double *a, Py_ssize_t ld, double *vt, Py_ssize_t n, int max_sweeps)
     {
         for (int sweep = 1; sweep <= max_sweeps; sweep++) {
             Py_ssize_t rotated = 0;
             for (Py_ssize_t p = 0; p + 1 < n; p++) {
+                /* Column p is only read again after this round (row q's entry at column p
+                   only feeds positions the rotation overwrites), so it is copied from row p
+                   once at the end of the round instead of after every rotation. */
                 for (Py_ssize_t q = p + 1; q < n; q++) {
-                    double apq = a[p * n + q];
+                    double apq = a[p * ld + q];
                     if (apq == 0.0) continue;
-                    double app = a[p * n + p], aqq = a[q * n + q];
+                    double app = a[p * ld + p], aqq = a[q * ld + q];
                     if (fabs(apq) <= MM_EIG_SKIP * sqrt(fabs(app)) * sqrt(fabs(aqq))
                         || fabs(apq) < MM_EIG_TINY) {
-                        a[p * n + q] = 0.0;
-                        a[q * n + p] = 0.0;
+                        a[p * ld + q] = 0.0;
+                        a[q * ld + p] = 0.0;
                         continue;
                     }
                     double theta = (aqq - app) / (2.0 * apq);
@@ -106,14 +106,17 @@ cdef extern from *:
                     }
                     double c = 1.0 / sqrt(t * t + 1.0);
                     double s = t * c;
-                    mm_rot_rows(a + p * n, a + q * n, n, c, s);
+                    mm_rot_rows(a + p * ld, a + q * ld, n, c, s);
                     mm_rot_rows(vt + p * n, vt + q * n, n, c, s);
-                    a[p * n + p] = app - t * apq;
-                    a[q * n + q] = aqq + t * apq;
-                    a[p * n + q] = 0.0;
-                    a[q * n + p] = 0.0;
-                    mm_mirror(a, n, p, q);
+                    a[p * ld + p] = app - t * apq;
+                    a[q * ld + q] = aqq + t * apq;
+                    a[p * ld + q] = 0.0;
+                    a[q * ld + p] = 0.0;
+                    mm_mirror(a, n, ld, p, q);
                     rotated++;
+                }
+                for (Py_ssize_t r = 0; r < n; r++) {
+                    if (r != p) a[r * ld + p] = a[p * ld + r];
                 }
             }
             if (rotated == 0) return sweep;
@@ -145,7 +148,7 @@ cdef extern from *:
         MM_PAR_BLOCKS(p, rows, nt, { (void)tid; mm_matmul_rows(a, b, out, lo, hi, q, s); });
     }
     """
-    int mm_jacobi(double *a, double *vt, Py_ssize_t n, int max_sweeps) nogil
+    int mm_jacobi(double *a, Py_ssize_t ld, double *vt, Py_ssize_t n, int max_sweeps) nogil
     void mm_matmul(const double *a, const double *b, double *out,
                    Py_ssize_t p, Py_ssize_t q, Py_ssize_t s, int want, Py_ssize_t grain) nogil
 
@@ -175,16 +178,22 @@ def jacobi_eigh(a):
     if not np.array_equal(arr, arr.T):
         raise ValueError("matrix is not exactly symmetric")
     n = arr.shape[0]
-    work = np.array(arr, dtype=np.float64, order="C", copy=True)
+    # Rows 64-byte aligned and an odd number of cache lines apart: the column writes
+    # then spread over all cache sets (a power-of-two stride would hit one set).
+    ld = (n + 7) // 8 * 8
+    if ld // 8 % 2 == 0:
+        ld += 8
+    work = np.zeros((n, ld), dtype=np.float64)
+    work[:, :n] = arr
     vt = np.eye(n, dtype=np.float64)
     cdef double[:, ::1] wv = work
     cdef double[:, ::1] vv = vt
-    cdef Py_ssize_t nn = n
+    cdef Py_ssize_t nn = n, lld = ld
     cdef int cap = MAX_SWEEPS
     if n > 0:
         with nogil:
-            mm_jacobi(&wv[0, 0], &vv[0, 0], nn, cap)
-    diag = np.diagonal(work).copy()
+            mm_jacobi(&wv[0, 0], lld, &vv[0, 0], nn, cap)
+    diag = np.diagonal(work[:, :n]).copy()
     order = np.argsort(diag, kind="stable")
     values = diag[order]
     vectors = vt[order]
