@@ -20,13 +20,17 @@ going through the Gram matrix squares the condition number, so singular
 values below about ``1e-8 * s_max`` are noise; the truncations here keep the
 largest ones, whose subspaces are accurate to about ``1e-16 * s_1^2 /
 gap(s_k^2, s_{k+1}^2)``. A vector (``m = 1``) has one singular value, so rank
-truncation keeps it whole (crdt-merge switches to magnitude pruning for
-vectors, a different method: use ``ties`` or ``breadcrumbs`` for that).
+truncation keeps it whole and ``star``/``adarank`` give the weighted task
+average there (crdt-merge switches to magnitude pruning for vectors, a
+different method: use ``ties`` or ``breadcrumbs`` for that); for
+``svd_knot_tying`` the shared basis of vectors is trivial, so it is TIES (or
+the linear average) of the task vectors (crdt-merge: the weighted average).
 
 **Cost and limit.** Per matrix: the Gram (``m^2 L`` multiply-adds, threaded),
-a Jacobi eigensolve (about ``12 m^3`` flops per sweep, 6-12 sweeps,
-single-threaded: ~0.4 s at m = 256, ~5 s at m = 512 on this machine) and the
-projection (``2 k m L``). ``m`` is capped at :data:`MAX_RANK` = 512 so a merge
+a Jacobi eigensolve (about ``12 m^3`` flops per sweep, about 10 sweeps,
+single-threaded: ~0.13 s at m = 256, ~1.1 s at m = 512, ~16 s at m = 1024 on
+the shared 2-core development machine) and the projection (``2 k m L``);
+contributions are decomposed in parallel on the kernel threads. ``m`` is capped at :data:`MAX_RANK` = 512 so a merge
 cannot run for minutes per tensor; larger matrices raise a StrategyError
 naming the tensor. Memory: the float64 matrices of one tensor (for
 ``svd_knot_tying`` all N task matrices of one tensor at once).
