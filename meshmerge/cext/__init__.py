@@ -26,18 +26,30 @@ from meshmerge.cext.elemwise import (
 )
 from meshmerge.cext.gram import GRAM_SPAN, gram_accumulate, gram_finalize
 from meshmerge.cext.linear import task_sum_f32, weighted_sum_f32, weighted_sum_f64
+from meshmerge.cext.overlap import overlap_counts, overlap_merge
 from meshmerge.cext.prng import drop_lanes, drop_threshold, random_u64, stream_key, uniform_f64
 from meshmerge.cext.robust import sorted_reduce
+from meshmerge.cext.selective import (
+    EXACT_LIMBS,
+    exact_round,
+    led_select,
+    nearswap_merge,
+    sce_combine,
+    sce_energy,
+    sce_variance,
+)
 from meshmerge.cext.sparse import mag_range, sparse_merge
 from meshmerge.cext.threads import get_threads, set_threads, using_threads
 
 __all__ = [
+    "EXACT_LIMBS",
     "GRAM_SPAN",
     "bf16_to_f32",
     "della_merge",
     "drop_lanes",
     "drop_threshold",
     "emr_elect",
+    "exact_round",
     "f32_to_bf16",
     "fisher_average",
     "get_threads",
@@ -46,12 +58,19 @@ __all__ = [
     "has_nonfinite",
     "jacobi_eigh",
     "kth_smallest_nonnegative",
+    "led_select",
     "mag_range",
     "matmul",
     "moment_lanes",
+    "nearswap_merge",
+    "overlap_counts",
+    "overlap_merge",
     "random_u64",
     "safe_freeze",
     "safe_moments",
+    "sce_combine",
+    "sce_energy",
+    "sce_variance",
     "set_threads",
     "sorted_reduce",
     "sparse_merge",

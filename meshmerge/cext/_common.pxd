@@ -70,3 +70,16 @@ cdef inline uint32_t nonfinite_bits(float x) noexcept nogil:
     Integer-only so an OR-reduction over it vectorises without fast-math.
     """
     return (f32_bits(x) & 0x7F800000u) + 0x00800000u
+
+
+cdef inline int first_nonfinite(uint32_t* tflags, Py_ssize_t nk, int nt) noexcept nogil:
+    """OR each input's per-thread NaN/Inf flags (thread t's flag for input k at
+    ``tflags[t * nk + k]``) into ``tflags[k]``; return the first flagged k, or -1."""
+    cdef Py_ssize_t k, t
+    cdef int bad = -1
+    for k in range(nk):
+        for t in range(1, nt):
+            tflags[k] |= tflags[t * nk + k]
+        if (tflags[k] & NONFINITE) and bad < 0:
+            bad = <int>k
+    return bad

@@ -17,7 +17,7 @@ cimport numpy as cnp
 from libc.stdlib cimport calloc, free, malloc
 from libc.stdint cimport uint32_t, uint64_t
 
-from meshmerge.cext._common cimport NONFINITE, gather_f32, optional_f32
+from meshmerge.cext._common cimport NONFINITE, first_nonfinite, gather_f32, optional_f32
 from meshmerge.cext.threads import get_grain, get_threads
 
 cnp.import_array()
@@ -247,7 +247,8 @@ cdef extern from *:
                     const double *v = vb + k * MM_DELLA_BLOCK;
                     const double wk = w[k];
                     for (Py_ssize_t j = 0; j < m; j++) {
-                        int agree = (v[j] > 0.0 && s[j] > 0.0) || (v[j] < 0.0 && s[j] < 0.0);
+                        /* & and |, not && and ||: no branches, so the loop vectorises */
+                        int agree = ((v[j] > 0.0) & (s[j] > 0.0)) | ((v[j] < 0.0) & (s[j] < 0.0));
                         num[j] = num[j] + (agree ? wk * v[j] : 0.0);
                         den[j] = den[j] + (agree ? wk : 0.0);
                     }
@@ -262,9 +263,10 @@ cdef extern from *:
                 }
                 for (Py_ssize_t j = 0; j < m; j++) num[j] = num[j] * inv_total;
             }
-            for (Py_ssize_t j = 0; j < m; j++) {
-                double bb = b != NULL ? (double)b[lo + j] : 0.0;
-                out[lo + j] = (float)(bb + scaling * num[j]);
+            if (b != NULL) {
+                for (Py_ssize_t j = 0; j < m; j++) out[lo + j] = (float)((double)b[lo + j] + scaling * num[j]);
+            } else {
+                for (Py_ssize_t j = 0; j < m; j++) out[lo + j] = (float)(0.0 + scaling * num[j]);
             }
         }
     }
@@ -358,18 +360,7 @@ cdef extern from *:
             uint64_t bad = 0;
             for (Py_ssize_t j = 0; j < m; j++) MM_FCHECK(tot[j]);
             mm_put_f32(out + start, row, m, stream);
-            if (bad & 0x8000000000000000ULL) {
-                for (Py_ssize_t q = 0; q < nk; q++) {
-                    const float *x = xs[q] + start;
-                    uint32_t bx = 0;
-                    for (Py_ssize_t j = 0; j < m; j++) {
-                        uint32_t xb;
-                        memcpy(&xb, &x[j], 4);
-                        bx |= (xb & 0x7F800000u) + 0x00800000u;
-                    }
-                    bad_x[q] |= bx;
-                }
-            }
+            if (bad & 0x8000000000000000ULL) mm_flag_nonfinite(xs, nk, start, m, bad_x);
         }
     #if defined(__x86_64__)
         if (stream) _mm_sfence();
@@ -735,7 +726,6 @@ def emr_elect(list xs, object base, double scaling, float[::1] out, int threads=
     cdef Py_ssize_t nk = len(xs)
     cdef Py_ssize_t grain = get_grain()
     cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, grain)
-    cdef Py_ssize_t k, t
     if n == 0:
         return -1
     cdef const float* b = optional_f32(base, n)
@@ -746,12 +736,7 @@ def emr_elect(list xs, object base, double scaling, float[::1] out, int threads=
             raise MemoryError()
         with nogil:
             mm_emr_par(p, b, nk, n, scaling, &out[0], tbad, nt, grain)
-        for k in range(nk):
-            for t in range(1, nt):
-                tbad[k] |= tbad[t * nk + k]
-            if tbad[k] & NONFINITE:
-                return k
-        return -1
+        return first_nonfinite(tbad, nk, nt)
     finally:
         free(tbad)
         free(p)
@@ -854,18 +839,12 @@ def safe_moments(list xs, object base, const double[::1] wn, double[::1] var, fl
         return -1
     cdef const float** px = _ptrs(xs, n)
     cdef uint32_t* tflags = <uint32_t*>calloc(nk * nt, sizeof(uint32_t))
-    cdef Py_ssize_t k, t
     try:
         if tflags == NULL:
             raise MemoryError()
         with nogil:
             mm_safe_moments_par(px, b, &wn[0], nk, n, &var[0], &out[0], tflags, nt, grain)
-        for k in range(nk):
-            for t in range(1, nt):
-                tflags[k] |= tflags[t * nk + k]
-            if tflags[k] & NONFINITE:
-                return k
-        return -1
+        return first_nonfinite(tflags, nk, nt)
     finally:
         free(tflags)
         free(px)

@@ -42,7 +42,7 @@ cimport numpy as cnp
 from libc.stdint cimport uint32_t
 from libc.stdlib cimport calloc, free, malloc
 
-from meshmerge.cext._common cimport NONFINITE, gather_f32, optional_f32
+from meshmerge.cext._common cimport first_nonfinite, gather_f32, optional_f32
 from meshmerge.cext.threads import get_threads
 
 cnp.import_array()
@@ -390,7 +390,7 @@ def gram_accumulate(
     cdef double* sl = <double*>malloc(nt * npairs * MM_GL_ * sizeof(double))
     cdef uint32_t* flags = <uint32_t*>calloc(nt * nk, sizeof(uint32_t))
     cdef const float* b
-    cdef Py_ssize_t s, j, k, q, t, g0, g1, off
+    cdef Py_ssize_t s, j, k, q, g0, g1, off
     cdef const float* gb
     cdef int bad = -1
     if ptrs == NULL or gp == NULL or res == NULL or v == NULL or sl == NULL or flags == NULL:
@@ -419,11 +419,7 @@ def gram_accumulate(
                             acc[j, k] = acc[j, k] + res[s * npairs + q]
                             q += 1
                 g0 = g1
-            for k in range(nk):
-                for t in range(1, nt):
-                    flags[k] |= flags[t * nk + k]
-                if (flags[k] & NONFINITE) and bad < 0:
-                    bad = <int>k
+            bad = first_nonfinite(flags, nk, nt)
         return bad
     finally:
         free(ptrs); free(gp); free(res); free(v); free(sl); free(flags)

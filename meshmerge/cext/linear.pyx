@@ -19,7 +19,7 @@ from libc.stdlib cimport calloc, free, malloc
 
 from libc.stdint cimport uint32_t
 
-from meshmerge.cext._common cimport NONFINITE, gather_f32, optional_f32
+from meshmerge.cext._common cimport first_nonfinite, gather_f32, optional_f32
 from meshmerge.cext.threads import get_grain, get_threads
 
 cnp.import_array()
@@ -132,18 +132,7 @@ cdef extern from *:
                 }
             }
             mm_put_f32(out + lo, row, m, stream);
-            if (bad & 0x8000000000000000ULL) {
-                for (Py_ssize_t k = 0; k < nk; k++) {
-                    const float *x = p[k] + lo;
-                    uint32_t f = 0;
-                    for (Py_ssize_t j = 0; j < m; j++) {
-                        uint32_t bits;
-                        memcpy(&bits, &x[j], 4);
-                        f |= (bits & 0x7F800000u) + 0x00800000u;
-                    }
-                    flags[k] |= f;
-                }
-            }
+            if (bad & 0x8000000000000000ULL) mm_flag_nonfinite(p, nk, lo, m, flags);
         }
     #if defined(__x86_64__)
         if (stream) _mm_sfence();  /* streaming stores visible before the join */
@@ -180,7 +169,6 @@ cdef int _wsum(list inputs, object base, const double[::1] weights, float[::1] o
                double lam, double inv_den, int threads) except -2:
     cdef Py_ssize_t n = out.shape[0]
     cdef Py_ssize_t nk = len(inputs)
-    cdef Py_ssize_t k, t
     cdef Py_ssize_t grain = get_grain()
     cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, grain)
     cdef const float* b = optional_f32(base, n)
@@ -202,12 +190,7 @@ cdef int _wsum(list inputs, object base, const double[::1] weights, float[::1] o
             if task:
                 raise ValueError("no inputs")
             out[:] = 0.0
-        for k in range(nk):
-            for t in range(1, nt):
-                chk[k] |= chk[t * nk + k]
-            if chk[k] & NONFINITE:
-                return <int>k
-        return -1
+        return first_nonfinite(chk, nk, nt)
     finally:
         free(ptrs)
         free(chk)

@@ -89,4 +89,21 @@ static inline __attribute__((always_inline)) void mm_put_f32(float *dst, const f
     memcpy(dst, row, (size_t)m * sizeof(float));
 }
 
+/* flags[k] gets bit 31 if x_k[lo .. lo+m) holds a NaN or Inf: the rescan of a
+   block whose float64 sums came out non-finite, to name the inputs. */
+static inline void mm_flag_nonfinite(const float *const *xs, Py_ssize_t nk, Py_ssize_t lo, Py_ssize_t m,
+                                     uint32_t *flags)
+{
+    for (Py_ssize_t k = 0; k < nk; k++) {
+        const float *x = xs[k] + lo;
+        uint32_t f = 0;
+        for (Py_ssize_t j = 0; j < m; j++) {
+            uint32_t bits;
+            memcpy(&bits, &x[j], 4);
+            f |= (bits & 0x7F800000u) + 0x00800000u;
+        }
+        flags[k] |= f;
+    }
+}
+
 #endif

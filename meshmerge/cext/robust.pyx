@@ -18,7 +18,7 @@ cimport numpy as cnp
 from libc.stdint cimport uint32_t
 from libc.stdlib cimport calloc, free, malloc
 
-from meshmerge.cext._common cimport NONFINITE, gather_f32
+from meshmerge.cext._common cimport first_nonfinite, gather_f32
 from meshmerge.cext.threads import get_grain, get_threads
 
 cnp.import_array()
@@ -127,8 +127,6 @@ def sorted_reduce(list xs, int mode, Py_ssize_t trim, float[::1] out, int thread
     cdef const float** ptrs = <const float**>malloc(nk * sizeof(float*))
     cdef float* buf = <float*>malloc(nt * nk * BLOCK * sizeof(float))
     cdef uint32_t* flags = <uint32_t*>calloc(nt * nk, sizeof(uint32_t))
-    cdef Py_ssize_t k
-    cdef int bad = -1
     if ptrs == NULL or buf == NULL or flags == NULL:
         free(ptrs); free(buf); free(flags)
         raise MemoryError()
@@ -137,11 +135,6 @@ def sorted_reduce(list xs, int mode, Py_ssize_t trim, float[::1] out, int thread
         if n:
             with nogil:
                 mm_sorted_reduce_par(ptrs, nk, n, mode, trim, &out[0], buf, flags, nt, grain)
-        for k in range(nk):
-            for t in range(1, nt):
-                flags[k] |= flags[t * nk + k]
-            if (flags[k] & NONFINITE) and bad < 0:
-                bad = k
-        return bad
+        return first_nonfinite(flags, nk, nt)
     finally:
         free(ptrs); free(buf); free(flags)

@@ -25,7 +25,9 @@ from meshmerge.crdt.strategies.elementwise import (
     Sce,
 )
 from meshmerge.crdt.strategies.fisher import FisherMerge
+from meshmerge.crdt.strategies.fusion import ArceeFusion
 from meshmerge.crdt.strategies.linear import Linear, NegativeMerge, TaskArithmetic
+from meshmerge.crdt.strategies.overlap import Ram, RamPlus
 from meshmerge.crdt.strategies.robust import (
     CenteredClipping,
     FoolsGold,
@@ -94,6 +96,9 @@ register(LedMerge())
 register(SafeMerge())
 register(Sce())
 register(WeightScopeAlignment())
+register(Ram())
+register(RamPlus())
+register(ArceeFusion())
 register(EvolutionaryMerge())
 register(GeneticMerge())
 register(Star())

@@ -1,8 +1,9 @@
 """Elementwise strategies: EMR elect, DELLA, nearswap, passthrough.
 
-EMR, DELLA and safe_merge run in :mod:`meshmerge.cext.elemwise`, which performs exactly the
+EMR, DELLA and safe_merge run in :mod:`meshmerge.cext.elemwise`, SCE, nearswap
+and led_merge in :mod:`meshmerge.cext.selective`; both perform exactly the
 float64 operations written below in the same order (a stable radix sort gives
-DELLA's ranks); the rest use numpy. Elementwise ``+ - * /``, ``abs``,
+DELLA's ranks). Elementwise ``+ - * /``, ``abs``,
 ``maximum`` and comparisons are exactly rounded / exact, and every sum runs
 over contributors in canonical order, so the bytes are the same on every
 replica and for every chunk size and thread count.
@@ -22,7 +23,9 @@ replica and for every chunk size and thread count.
   ``lane < round(p * 65536)``.
 * ``nearswap`` — mergekit's nearswap: one contribution x and the base b,
   ``w = clip(t / |b - x|, 0, 1)`` (1 where they are equal) and
-  ``out = w x + (1 - w) b``: take x where it is near the base.
+  ``out = w x + (1 - w) b``: take x where it is near the base. In float64:
+  ``d = x - b``, ``w = 1`` where ``d == 0`` else ``min(1, t / |d|)``,
+  ``out = float32(w (d + b) + (1 - w) b)``.
 * ``passthrough`` — exactly one contribution, returned unchanged.
 """
 
@@ -36,12 +39,19 @@ import numpy as np
 import numpy.typing as npt
 
 from meshmerge.cext import (
+    EXACT_LIMBS,
     della_merge,
     emr_elect,
+    exact_round,
     has_nonfinite,
     kth_smallest_nonnegative,
+    led_select,
+    nearswap_merge,
     safe_freeze,
     safe_moments,
+    sce_combine,
+    sce_energy,
+    sce_variance,
     stream_key,
 )
 from meshmerge.cext.outbuf import empty_f32
@@ -53,7 +63,6 @@ from meshmerge.crdt.strategies._stream import (
     to_storage,
 )
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
-from meshmerge.crdt.tensors import TensorSpec
 
 F64 = npt.NDArray[np.float64]
 
@@ -63,17 +72,6 @@ def _check_finite(stream: TensorStream, xs: list[npt.NDArray[np.float32]]) -> No
     for k, x in enumerate(xs):
         if has_nonfinite(x):
             stream.check(k)
-
-
-def _task_chunks(inp: MergeInput, spec: TensorSpec, chunk: int, use_base: bool) -> Any:
-    """Yield (lo, hi, [t_k float64], b float64 or 0.0) with finiteness checked."""
-    stream = TensorStream(inp, spec, chunk, base=use_base)
-    for lo, hi, xs, b in stream.chunks():
-        for k, x in enumerate(xs):
-            if not np.all(np.isfinite(x)):
-                stream.check(k)
-        bb: F64 | float = b.astype(np.float64) if b is not None else 0.0
-        yield lo, hi, [x.astype(np.float64) - bb for x in xs], bb
 
 
 @dataclass(frozen=True)
@@ -180,12 +178,10 @@ class Nearswap(Strategy):
         out: dict[str, Any] = {}
         for spec in inp.specs:
             flat = np.empty(spec.numel, dtype=np.float32)
-            for lo, hi, ts, b in _task_chunks(inp, spec, chunk, True):
-                dist = np.abs(ts[0])
-                wgt = np.where(dist == 0.0, 1.0, np.minimum(1.0, params.t / np.where(dist == 0.0, 1.0, dist)))
-                x = ts[0] + b
-                flat[lo:hi] = wgt * x + (1.0 - wgt) * b
-            out[spec.name] = to_storage(flat, spec)
+            stream = TensorStream(inp, spec, in_place_chunk(spec, chunk), base=True)
+            for lo, hi, xs, b in stream.chunks():
+                stream.check(nearswap_merge(xs[0], b, params.t, flat[lo:hi]))
+            out[spec.name] = stream.finish(flat)
         return out
 
 
@@ -210,30 +206,22 @@ class LedMerge(Strategy):
     """Per element, the contribution value closest to the weighted mean (crdt-merge's
     ``led_merge``, "layer-wise evaluation-driven" best-source selection without an
     evaluator): a coordinate-wise medoid that never invents a value. Ties go to the
-    smaller value, so the choice does not depend on arrival order."""
+    smaller value, so the choice does not depend on arrival order. In float64:
+    ``mean = sum_k wn_k x_k`` (k in order, ``wn = w / sum w``), distances ``|x_k - mean|``."""
 
     name = "led_merge"
     kinds = frozenset({"weights", "delta"})
 
     def merge(self, inp: MergeInput, params: Params, chunk: int) -> dict[str, Any]:
         w = checked_weights(inp, positive=True)
-        wn = w / float(w.sum())
+        wn = np.ascontiguousarray(w / float(w.sum()), dtype=np.float64)
         out: dict[str, Any] = {}
         for spec in inp.specs:
             flat = np.empty(spec.numel, dtype=np.float32)
-            for lo, hi, xs, _b in _task_chunks(inp, spec, chunk, False):
-                mean = np.zeros(hi - lo)
-                for k, x in enumerate(xs):
-                    mean = mean + wn[k] * x
-                best = xs[0].copy()
-                dist = np.abs(best - mean)
-                for x in xs[1:]:
-                    d = np.abs(x - mean)
-                    better = (d < dist) | ((d == dist) & (x < best))
-                    best = np.where(better, x, best)
-                    dist = np.where(better, d, dist)
-                flat[lo:hi] = best
-            out[spec.name] = to_storage(flat, spec)
+            stream = TensorStream(inp, spec, in_place_chunk(spec, chunk))
+            for lo, hi, xs, _b in stream.chunks():
+                stream.check(led_select(xs, wn, flat[lo:hi]))
+            out[spec.name] = stream.finish(flat)
         return out
 
 
@@ -299,7 +287,19 @@ class Sce(Strategy):
     values across contributions (ties at the threshold all count); calculate each
     contribution's coefficient as its share of the squared task values on the selected
     entries; erase entries whose sign disagrees with the sign of the coefficient-weighted
-    sum; output ``b + sum c_k t_k / sum c_k`` over the agreeing selected entries. The
+    sum; output ``b + sum c_k t_k / sum c_k`` over the agreeing selected entries.
+
+    Exactly, per element in float64 with k = 0..N-1 in order: ``t_k = x_k - b``;
+    ``m = (sum t_k) * (1/N)``, ``var = sum (t_k - m)(t_k - m)``; the threshold is the
+    order statistic ``var[numel - keep]`` (``keep = ceil(select_topk * numel)``; no
+    threshold when keep is numel), found by ``kth_smallest_nonnegative``; ``e_k`` is the
+    exact sum of ``t_k * t_k`` (each square rounded to float64) over the selected
+    entries of the whole tensor, rounded once (= ``math.fsum``); ``c_k = e_k / fsum(e)``
+    (``1/N`` each if that is 0); ``s = sum c_k t_k``; ``num``, ``den`` add ``c_k t_k``,
+    ``c_k`` where selected and ``t_k``, ``s`` are both > 0 or both < 0;
+    ``out = float32(b + num / den)`` (den 0 counts as 1). The first numpy version rounded
+    the energy sums once per chunk; the bytes are the same for any tensor that fitted one
+    chunk. Three passes over the contributions (two when every entry is selected); the
     variance threshold holds one float64 per element of the tensor in memory."""
 
     name = "sce"
@@ -311,37 +311,23 @@ class Sce(Strategy):
         n = len(inp.tensors)
         out: dict[str, Any] = {}
         for spec in inp.specs:
-            var = np.zeros(spec.numel)
-            for lo, hi, ts, _b in _task_chunks(inp, spec, chunk, use_base):
-                m = np.zeros(hi - lo)
-                for t in ts:
-                    m = m + t
-                m = m * (1.0 / n)
-                v = np.zeros(hi - lo)
-                for t in ts:
-                    v = v + (t - m) * (t - m)
-                var[lo:hi] = v
+            stream = TensorStream(inp, spec, in_place_chunk(spec, chunk), base=use_base)
             keep = math.ceil(params.select_topk * spec.numel)
-            thr = np.partition(var, spec.numel - keep)[spec.numel - keep] if 0 < keep < spec.numel else -1.0
-            energy = [0.0] * n
-            for lo, hi, ts, _b in _task_chunks(inp, spec, chunk, use_base):
-                sel = var[lo:hi] >= thr
-                for k, t in enumerate(ts):
-                    energy[k] = math.fsum([energy[k], math.fsum(np.where(sel, t * t, 0.0).tolist())])
+            var: F64 | None = None
+            thr = -1.0
+            if 0 < keep < spec.numel:
+                var = np.empty(spec.numel)
+                for lo, hi, xs, b in stream.chunks():
+                    stream.check(sce_variance(xs, b, 1.0 / n, var[lo:hi]))
+                thr = float(kth_smallest_nonnegative(var, spec.numel - keep))
+            acc = np.zeros((n, EXACT_LIMBS), dtype=np.uint64)
+            for lo, hi, xs, b in stream.chunks():
+                stream.check(sce_energy(xs, b, None if var is None else var[lo:hi], thr, acc))
+            energy = exact_round(acc)
             total = math.fsum(energy)
-            c = [e / total if total > 0.0 else 1.0 / n for e in energy]
+            c = np.array([e / total if total > 0.0 else 1.0 / n for e in energy], dtype=np.float64)
             flat = np.empty(spec.numel, dtype=np.float32)
-            for lo, hi, ts, b in _task_chunks(inp, spec, chunk, use_base):
-                sel = var[lo:hi] >= thr
-                s = np.zeros(hi - lo)
-                for k, t in enumerate(ts):
-                    s = s + c[k] * t
-                num = np.zeros(hi - lo)
-                den = np.zeros(hi - lo)
-                for k, t in enumerate(ts):
-                    agree = sel & (((t > 0) & (s > 0)) | ((t < 0) & (s < 0)))
-                    num = num + np.where(agree, c[k] * t, 0.0)
-                    den = den + np.where(agree, c[k], 0.0)
-                flat[lo:hi] = b + num / np.where(den == 0.0, 1.0, den)
-            out[spec.name] = to_storage(flat, spec)
+            for lo, hi, xs, b in stream.chunks():
+                stream.check(sce_combine(xs, b, None if var is None else var[lo:hi], thr, c, flat[lo:hi]))
+            out[spec.name] = stream.finish(flat)
         return out

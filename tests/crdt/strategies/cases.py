@@ -43,6 +43,8 @@ RUNNABLE: dict[str, dict[str, Any]] = {
     "adarank": {"energy": 0.8},
     "svd_knot_tying": {"density": 0.5},
     "dual_projection": {"stability": 0.5, "rank_fraction": 0.4},
+    "ram": {"epsilon": 0.01},
+    "ramplus_tl": {"epsilon": 0.01, "r": 0.5, "alpha": 1.0},
 }
 
 # name -> params under which N identical contributions must give the contribution back
@@ -72,6 +74,8 @@ IDENTITY: dict[str, dict[str, Any]] = {
     "weight_scope_alignment": {},
     "sce": {"select_topk": 0.5},
     "nuslerp": {},
+    "ram": {"epsilon": 0.0},
+    "ramplus_tl": {"epsilon": 0.0},
 }
 
 # Symmetric strategies whose float64 accumulation is exact on quantised inputs with equal
@@ -86,4 +90,6 @@ PERMUTATION: dict[str, dict[str, Any]] = {
     "trimmed_mean": {"trim": 0.25},
     "krum": {},
     "multi_krum": {},
+    "ram": {"epsilon": 0.01},
+    "ramplus_tl": {"epsilon": 0.01, "r": 0.5, "alpha": 1.0},
 }

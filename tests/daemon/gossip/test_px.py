@@ -234,11 +234,13 @@ def test_records_we_hand_out_are_ours_from_identify_and_never_oversized() -> Non
 def test_daemon_bootstrapper_hands_out_px_that_its_clients_accept_and_dial() -> None:
     """The daemon's [gossip] roles on real hosts: B runs as a bootstrapper (no mesh, PRUNE +
     PX to every GRAFT); A is configured with B as its bootstrap peer, so B's P5 puts it above
-    A's accept-PX threshold. A meets only B, grafts it, is pruned with PX naming C, and dials C."""
+    A's accept-PX threshold. A meets only B, grafts it, is pruned with PX naming C, and dials C.
+    C runs the daemon's config without bootstrap peers, so it takes PX from nobody: otherwise
+    B's PRUNE to C could name A and C dial A first, and A would never need the PX."""
     boot_cfg = daemon_gossip_config(GossipSection(bootstrapper=True))
 
     async def body() -> None:
-        async with gossip_nodes(2, configs=[boot_cfg, GossipConfig()]) as (b, c):
+        async with gossip_nodes(2, configs=[boot_cfg, daemon_gossip_config(GossipSection())]) as (b, c):
             b_addr = f"{b.host.get_transport_addrs()[0]}/p2p/{b.host.get_id().to_base58()}"
             client_cfg = daemon_gossip_config(GossipSection(), [b_addr])
             async with gossip_nodes(1, configs=[client_cfg]) as (a,):
