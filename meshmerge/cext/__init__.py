@@ -22,6 +22,7 @@ from meshmerge.cext.datafree import (
     mean_abs,
     regmean_average,
 )
+from meshmerge.cext.eigen import jacobi_eigh, matmul
 from meshmerge.cext.elemwise import (
     della_merge,
     emr_elect,
@@ -66,11 +67,13 @@ __all__ = [
     "gram_accumulate",
     "gram_finalize",
     "has_nonfinite",
+    "jacobi_eigh",
     "keep_base_at_most",
     "kth_smallest_nonnegative",
     "led_select",
     "mag_range",
     "mag_select",
+    "matmul",
     "mean_abs",
     "moment_lanes",
     "nearswap_merge",

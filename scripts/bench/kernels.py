@@ -317,7 +317,21 @@ COVERAGE: list[tuple[str, str, dict[str, Any], dict[str, Any], int]] = [
     ("representation_surgery", "representation_surgery", {"correction": "rescale"},
      {"correction_method": "rescale"}, 10_000_000),
     ("split_unlearn_merge", "split_unlearn_merge", {"fraction": 0.1}, {"target_fraction": 0.1}, 250_000),
+    # SVD-based: per-layer matrices (crdt-merge runs LAPACK SVDs; ours a Jacobi eigensolve of the
+    # Gram matrix, capped at min(rows, cols) <= 512). dual_projection only decomposes the N x N Gram.
+    ("star (256x1024)", "star", {}, {}, 256 * 1024),
+    ("adarank (256x1024)", "adarank", {}, {}, 256 * 1024),
+    ("svd_knot_tying (256x1024)", "svd_knot_tying", {}, {}, 256 * 1024),
+    ("star (512x1024)", "star", {}, {}, 512 * 1024),
+    ("svd_knot_tying (512x1024)", "svd_knot_tying", {}, {}, 512 * 1024),
+    ("dual_projection", "dual_projection", {}, {}, 1_000_000),
 ]
+#: 2-D shapes for the rows that need matrices (label -> shape); the others are 1-D of M elements.
+COVERAGE_SHAPES: dict[str, tuple[int, ...]] = {
+    label: tuple(int(x) for x in label.split("(")[1].rstrip(")").split("x"))
+    for label, *_ in COVERAGE
+    if label.endswith(")") and "x" in label.split("(")[1]
+}
 
 
 def coverage_table(n: int, small: bool, only: set[str] | None = None) -> str:
@@ -329,14 +343,17 @@ def coverage_table(n: int, small: bool, only: set[str] | None = None) -> str:
     for cm_name, our_name, params, cm_kw, m_full in COVERAGE:
         if only is not None and cm_name.split(" ")[0] not in only:
             continue
-        m = max(1_000, m_full // 10) if small and m_full > 1_000 else m_full
+        shape = COVERAGE_SHAPES.get(cm_name)
+        m = max(1_000, m_full // 10) if small and m_full > 1_000 and shape is None else m_full
         if m not in data:
             data.clear()
             data[m] = make_data(n, m)
         base, xs = data[m]
         kw = dict(cm_kw)
+        if shape is not None:
+            base, xs = base.reshape(shape), [x.reshape(shape) for x in xs]
         tensors = [{"w": x} for x in xs]
-        spec = [TensorSpec("w", "F32", (m,))]
+        spec = [TensorSpec("w", "F32", shape or (m,))]
         if kw.pop("fisher", False):
             fishers = [x * x for x in xs]
             tensors = [{"w": x, "w.fisher": f} for x, f in zip(xs, fishers, strict=True)]

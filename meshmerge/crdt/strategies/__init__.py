@@ -47,8 +47,8 @@ from meshmerge.crdt.strategies.robust import (
 from meshmerge.crdt.strategies.scope import WeightScopeAlignment
 from meshmerge.crdt.strategies.search import EvolutionaryMerge, GeneticMerge
 from meshmerge.crdt.strategies.sparse import Breadcrumbs, BreadcrumbsTies, Dare, DareTies, Ties
+from meshmerge.crdt.strategies.spectral import AdaRank, DualProjection, Star, SvdKnotTying
 from meshmerge.crdt.strategies.spherical import Karcher, ModelStock, MultiSlerp, Slerp
-from meshmerge.crdt.strategies.unsupported import UNSUPPORTED
 
 _REGISTRY: dict[str, Strategy] = {}
 
@@ -112,7 +112,9 @@ register(AdaMerging())
 register(Dam())
 register(RepresentationSurgery())
 register(SplitUnlearnMerge())
-for _s in UNSUPPORTED:
-    register(_s)
+register(Star())
+register(SvdKnotTying())
+register(DualProjection())
+register(AdaRank())
 
 __all__ = ["MergeInput", "Params", "Strategy", "StrategyError", "UnknownStrategy", "get", "names", "register"]

@@ -9,7 +9,6 @@ import pytest
 
 from meshmerge.crdt import strategies
 from meshmerge.crdt.strategies import MergeInput, StrategyError, UnknownStrategy
-from meshmerge.crdt.strategies.unsupported import UNSUPPORTED
 from meshmerge.crdt.tensors import TensorSpec
 from tests.crdt.strategies.cases import RUNNABLE
 from tests.crdt.strategies.helpers import make_input, run
@@ -124,12 +123,6 @@ def test_strategies_that_need_more_inputs() -> None:
         run("krum", inp)
     with pytest.raises(StrategyError, match=r"N > 2f \+ 2"):
         run("krum", make_input(4), {"f": 1})
-
-
-@pytest.mark.parametrize("name", [s.name for s in UNSUPPORTED])
-def test_unsupported_methods_say_why(name: str) -> None:
-    with pytest.raises(StrategyError, match=f"{name} cannot run here: .{{40}}"):
-        run(name, make_input(2))
 
 
 def test_fisher_without_companions_says_what_is_missing() -> None:

@@ -14,10 +14,8 @@ from tests.crdt.strategies.helpers import make_input, run, same
 
 
 def test_every_registered_strategy_is_classified() -> None:
-    from meshmerge.crdt.strategies.unsupported import UNSUPPORTED
-
     special = {"fisher_merge", "nearswap", "passthrough", "arcee_fusion"}  # own test files
-    classified = set(RUNNABLE) | special | {s.name for s in UNSUPPORTED}
+    classified = set(RUNNABLE) | special
     assert set(strategies.names()) == classified
 
 

@@ -1,0 +1,443 @@
+"""Spectral (SVD-based) merges on a deterministic eigensolver.
+
+LAPACK SVDs differ in the last bits between builds and CPUs, so these
+strategies get their singular vectors from :mod:`meshmerge.cext.eigen`
+(cyclic Jacobi and fixed-order matrix products, IEEE ``+ - * / sqrt`` only):
+every replica computes the same bytes. All are task-vector merges
+(``delta`` contributions, or ``weights`` with the base model; LoRA A/B factor
+contributions are not supported: merging the factors separately is not the
+merge of their products) with weights normalised to sum 1 (they must be >= 0
+with a positive total).
+
+**Matrix view.** A tensor of shape ``(r, ...)`` is the ``r x c`` matrix with
+``c = numel / r``; a 1-D tensor is the ``1 x numel`` matrix. Let ``m =
+min(r, c)`` and ``B`` the ``m x L`` orientation (the matrix or its transpose).
+The SVD comes from the eigen-decomposition of the ``m x m`` Gram matrix
+``B B^T`` (fixed-order float64 products): ``s_j = sqrt(max(lambda_j, 0))``,
+left singular vectors = eigenvectors. Rank truncation is the projection
+``U_k U_k^T B``, so it never divides by a small singular value. Precision:
+going through the Gram matrix squares the condition number, so singular
+values below about ``1e-8 * s_max`` are noise; the truncations here keep the
+largest ones, whose subspaces are accurate to about ``1e-16 * s_1^2 /
+gap(s_k^2, s_{k+1}^2)``. A vector (``m = 1``) has one singular value, so rank
+truncation keeps it whole and ``star``/``adarank`` give the weighted task
+average there (crdt-merge switches to magnitude pruning for vectors, a
+different method: use ``ties`` or ``breadcrumbs`` for that); for
+``svd_knot_tying`` the shared basis of vectors is trivial, so it is TIES (or
+the linear average) of the task vectors (crdt-merge: the weighted average).
+
+**Cost and limit.** Per matrix: the Gram (``m^2 L`` multiply-adds, threaded),
+a Jacobi eigensolve (about ``12 m^3`` flops per sweep, about 10 sweeps,
+single-threaded: ~0.13 s at m = 256, ~1.1 s at m = 512, ~16 s at m = 1024 on
+the shared 2-core development machine) and the projection (``2 k m L``);
+contributions are decomposed in parallel on the kernel threads. ``m`` is capped at :data:`MAX_RANK` = 512 so a merge
+cannot run for minutes per tensor; larger matrices raise a StrategyError
+naming the tensor. Memory: the float64 matrices of one tensor (for
+``svd_knot_tying`` all N task matrices of one tensor at once).
+
+* ``star`` — STAR, "Spectral Truncation and Rescale" (Lee et al., NAACL 2025):
+  each task matrix is truncated to its top ``k = max(1, floor(rank_fraction *
+  m))`` singular components and rescaled so a norm of the spectrum is kept
+  (``rescale``: ``energy`` = Frobenius norm, crdt-merge's default; ``nuclear``
+  = sum of singular values, as in the paper; ``none``); then ``b + sum_k w_k
+  T_k``. The paper picks ``k`` per matrix from a nuclear-norm fraction
+  ``eta``; we take crdt-merge's fixed fraction.
+* ``adarank`` — AdaRank (Lee et al. 2025) learns which singular components of
+  each task vector to keep by entropy minimisation on unlabeled test data,
+  which the merge layer does not have. Data-free proxy (as in crdt-merge):
+  keep the smallest rank whose squared singular values reach ``energy`` of
+  the total (or a fixed ``target_rank``), no rescale; then ``b + sum_k w_k
+  T_k``.
+* ``svd_knot_tying`` — KnOTS (Stoica et al., ICLR 2025): the task matrices
+  ``B_i`` are concatenated side by side, ``[B_1 .. B_N] = U S [V_1^T .. V_N^T]``
+  (one shared basis ``U``; ``B_i = U S V_i^T``, so ``V_i^T = S^-1 U^T B_i``),
+  the per-task coordinates ``V_i`` are merged — ``method="ties"`` (the paper's
+  KnOTS-TIES: keep each task's top ``density`` fraction by magnitude, elect
+  the sign of the weighted sum, average the agreeing entries by their
+  weights) or ``"linear"`` (weighted average, which is exactly the weighted
+  task-vector average since the basis is shared) — and ``U S V_merged^T`` is
+  added to the base. Components with ``s_j^2 <= m * 2^-52 * s_1^2`` carry no
+  signal and are dropped. crdt-merge instead Procrustes-rotates each task's
+  own left singular vectors onto the first task's, which depends on which
+  contribution comes first.
+* ``dual_projection`` — dual-projection merging as crdt-merge defines it
+  (``DualProjectionMerge``; it cites Yuan et al., NeurIPS 2025, whose
+  continual-learning projections need per-task data we do not have): the
+  stacked task vectors
+  ``D`` (N rows) are split by the projection onto their top ``k = max(1,
+  min(N, floor(rank_fraction * N + 1/2)))`` right singular vectors into a
+  shared part and a task-specific rest, and the merge is ``b + sum_i w_i
+  (shared_i + (1 - stability) rest_i)``. Everything happens in the span of
+  the contributions: with ``G = D D^T`` (the model Gram pass of
+  :mod:`meshmerge.cext.gram`) and its top eigenvectors ``U_k``, the shared
+  part of ``d_i`` is ``D^T U_k U_k^T e_i``, so the merge is ``b + sum_i c_i
+  d_i`` with ``c = (1 - stability) w + stability U_k U_k^T w``: one N x N
+  eigensolve per tensor, never an SVD of size M.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from meshmerge.cext import get_threads, has_nonfinite
+from meshmerge.cext.eigen import jacobi_eigh, matmul
+from meshmerge.crdt.strategies._combine import combine_tensor, model_gram
+from meshmerge.crdt.strategies._stream import (
+    TensorStream,
+    _flat,
+    _widen,
+    checked_weights,
+    task_base,
+    to_storage,
+)
+from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
+from meshmerge.crdt.tensors import TensorSpec
+
+F64 = npt.NDArray[np.float64]
+
+#: Largest min(rows, cols) of a matrix the spectral strategies decompose.
+MAX_RANK = 512
+#: Smallest min(rows, cols) for which contributions are decomposed on several threads.
+PARALLEL_RANK = 32
+#: Eigenvalues of the joint Gram at or below ``m * DROP * lambda_max`` are treated as zero.
+DROP = 2.0**-52
+
+
+def _nonfinite(flat: npt.NDArray[Any], dtype: str) -> bool:
+    if dtype == "F32":
+        return bool(has_nonfinite(np.ascontiguousarray(flat)))
+    if dtype == "BF16":
+        return bool(np.any((flat & 0x7F80) == 0x7F80))
+    return not bool(np.all(np.isfinite(flat)))
+
+
+def content_order(inp: MergeInput) -> MergeInput:
+    """The same input with contributions sorted by (sha256 of their tensors, weight).
+
+    Sums over contributions in float64 and Jacobi on a permuted matrix are not
+    bit-for-bit invariant under reordering; sorting by content first makes the
+    result independent of the order the contributions come in. Also checks
+    every contribution's tensors (shape, dtype, NaN/Inf) under its original index.
+    """
+    keys = []
+    for k, t in enumerate(inp.tensors):
+        h = hashlib.sha256()
+        for spec in inp.specs:
+            flat = _flat(t, spec, f"contribution {k}")
+            if _nonfinite(flat, spec.dtype):
+                raise StrategyError(
+                    f"contribution {k} tensor {spec.name!r} holds NaN or Inf; "
+                    "non-finite contributions cannot be merged"
+                )
+            h.update(np.ascontiguousarray(flat).view(np.uint8).data)
+        keys.append((h.digest(), float(inp.weights[k])))
+    order = sorted(range(len(keys)), key=lambda k: keys[k])
+    return MergeInput(
+        [inp.tensors[k] for k in order],
+        [inp.weights[k] for k in order],
+        inp.kind,
+        inp.specs,
+        inp.seed,
+        inp.base,
+    )
+
+
+def unit_weights(inp: MergeInput) -> list[float]:
+    w = checked_weights(inp)
+    if np.any(w < 0):
+        raise StrategyError("spectral merges need non-negative weights")
+    total = math.fsum(float(x) for x in w)
+    if total == 0.0:
+        raise StrategyError("total contribution weight is zero: nothing to average")
+    return [float(x) / total for x in w]
+
+
+class TaskMatrices:
+    """The task matrices ``x_k - b`` (or ``x_k``) of one tensor in the ``m x L`` orientation.
+
+    Contributions must have passed :func:`content_order` (which checks them).
+    """
+
+    def __init__(self, inp: MergeInput, spec: TensorSpec, use_base: bool, strategy: str) -> None:
+        self.spec = spec
+        self.stream = TensorStream(inp, spec, max(8, spec.numel), base=use_base)
+        rows = spec.shape[0] if len(spec.shape) >= 2 else 1
+        cols = spec.numel // rows if rows else 0
+        self.transposed = rows > cols
+        self.m = min(rows, cols)
+        self.rows, self.cols = rows, cols
+        if self.m > MAX_RANK:
+            raise StrategyError(
+                f"{strategy}: tensor {spec.name!r} is a {rows}x{cols} matrix; the deterministic SVD "
+                f"is limited to min(rows, cols) <= {MAX_RANK} (cost grows as min^3)"
+            )
+        self.base: F64 | None = None
+        if self.stream.base is not None:
+            b = _widen(self.stream.base, spec.dtype, 0, spec.numel)
+            if has_nonfinite(b):
+                raise StrategyError(f"base model tensor {spec.name!r} holds NaN or Inf")
+            self.base = b.astype(np.float64)
+
+    def __len__(self) -> int:
+        return len(self.stream.flats)
+
+    def get(self, k: int) -> F64:
+        v = _widen(self.stream.flats[k], self.spec.dtype, 0, self.spec.numel).astype(np.float64)
+        if self.base is not None:
+            v = v - self.base
+        mat = v.reshape(self.rows, self.cols)
+        return np.ascontiguousarray(mat.T) if self.transposed else mat
+
+    def finish(self, delta: F64) -> npt.NDArray[Any]:
+        flat = (delta.T if self.transposed else delta).reshape(-1)
+        if self.base is not None:
+            flat = self.base + flat
+        return to_storage(flat.astype(np.float32), self.spec)
+
+
+def gram(b: F64) -> F64:
+    return matmul(b, np.ascontiguousarray(b.T))
+
+
+def spectrum(g: F64) -> tuple[list[float], F64]:
+    """Eigenvalues (clipped at 0) and eigenvectors (columns) of a Gram matrix, largest first."""
+    vals, vecs = jacobi_eigh(g)
+    lam = [max(0.0, float(x)) for x in vals[::-1]]
+    return lam, np.ascontiguousarray(vecs[:, ::-1])
+
+
+def project(u: F64, k: int, b: F64) -> F64:
+    """``U_k U_k^T B``: B's component in the span of the first k columns of U."""
+    uk = np.ascontiguousarray(u[:, :k])
+    return matmul(uk, matmul(np.ascontiguousarray(uk.T), b))
+
+
+def accumulate(acc: F64 | None, w: float, part: F64) -> F64:
+    return w * part if acc is None else acc + w * part
+
+
+@dataclass(frozen=True)
+class StarParams(Params):
+    """rank_fraction: share of each matrix's singular components kept (at least one);
+    rescale: which norm of the spectrum the truncation keeps ("energy", "nuclear", "none")."""
+
+    rank_fraction: float = 0.5
+    rescale: str = "energy"
+
+    def validate(self) -> None:
+        self._number("rank_fraction", 0.0, 1.0, lo_open=True)
+        self._choice("rescale", ("energy", "nuclear", "none"))
+
+
+def star_factor(lam: list[float], k: int, rescale: str) -> float:
+    if rescale == "energy":
+        kept = math.fsum(lam[:k])
+        return math.sqrt(math.fsum(lam) / kept) if kept > 0.0 else 1.0
+    if rescale == "nuclear":
+        s = [math.sqrt(x) for x in lam]
+        kept = math.fsum(s[:k])
+        return math.fsum(s) / kept if kept > 0.0 else 1.0
+    return 1.0
+
+
+class _Truncating(Strategy):
+    """Per-contribution rank truncation, then the weighted sum of the truncated task matrices."""
+
+    def rank(self, lam: list[float], params: Any) -> tuple[int, float]:
+        raise NotImplementedError
+
+    def merge(self, inp: MergeInput, params: Any, chunk: int) -> dict[str, Any]:
+        use_base = task_base(inp, self.name)
+        unit_weights(inp)  # reject bad weights before reading any tensor
+        inp = content_order(inp)
+        w = unit_weights(inp)
+        out: dict[str, Any] = {}
+        for spec in inp.specs:
+            mats = TaskMatrices(inp, spec, use_base, self.name)
+
+            def truncated(k: int, mats: TaskMatrices = mats) -> tuple[float, F64]:
+                b = mats.get(k)
+                lam, u = spectrum(gram(b))
+                rank, factor = self.rank(lam, params)
+                return w[k] * factor, b if rank >= mats.m else project(u, rank, b)
+
+            # Contributions are independent (the kernels release the GIL), so matrices worth
+            # it run on the kernel threads; the sum is still taken in contribution order.
+            acc: F64 | None = None
+            workers = min(get_threads(), len(mats)) if mats.m >= PARALLEL_RANK else 1
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                parts = pool.map(truncated, range(len(mats))) if workers > 1 else map(truncated, range(len(mats)))
+                for coef, part in parts:
+                    acc = accumulate(acc, coef, part)
+            assert acc is not None
+            out[spec.name] = mats.finish(acc)
+        return out
+
+
+class Star(_Truncating):
+    name = "star"
+    params_type = StarParams
+
+    def rank(self, lam: list[float], params: StarParams) -> tuple[int, float]:
+        k = max(1, math.floor(params.rank_fraction * len(lam)))
+        return k, star_factor(lam, k, params.rescale)
+
+
+@dataclass(frozen=True)
+class AdaRankParams(Params):
+    """energy: share of the squared singular values the kept rank must reach;
+    target_rank: a fixed rank instead (None: choose by energy)."""
+
+    energy: float = 0.9
+    target_rank: int | None = None
+
+    def validate(self) -> None:
+        self._number("energy", 0.0, 1.0, lo_open=True)
+        if self.target_rank is not None:
+            self._integer("target_rank", 1, 1 << 30)
+
+
+def energy_rank(lam: list[float], energy: float) -> int:
+    """Smallest k with ``sum(lam[:k]) >= energy * sum(lam)`` (sums correctly rounded)."""
+    goal = energy * math.fsum(lam)
+    for k in range(1, len(lam) + 1):
+        if math.fsum(lam[:k]) >= goal:
+            return k
+    return len(lam)
+
+
+class AdaRank(_Truncating):
+    name = "adarank"
+    params_type = AdaRankParams
+
+    def rank(self, lam: list[float], params: AdaRankParams) -> tuple[int, float]:
+        if params.target_rank is not None:
+            return min(params.target_rank, len(lam)), 1.0
+        return energy_rank(lam, params.energy), 1.0
+
+
+@dataclass(frozen=True)
+class KnotParams(Params):
+    """method: how the per-task coordinates in the shared basis merge ("ties" or "linear");
+    density: share of each task's coordinates TIES keeps (by magnitude)."""
+
+    method: str = "ties"
+    density: float = 0.5
+
+    def validate(self) -> None:
+        self._choice("method", ("ties", "linear"))
+        self._number("density", 0.0, 1.0, lo_open=True)
+
+
+def trim(v: F64, density: float) -> F64:
+    """Keep the entries of v whose magnitude is at least the ceil(density * size)-th largest."""
+    a = np.abs(v).reshape(-1)
+    keep = max(1, math.ceil(density * a.size))
+    if keep >= a.size:
+        return v
+    thresh = np.partition(a, a.size - keep)[a.size - keep]
+    return np.where(np.abs(v) >= thresh, v, 0.0)
+
+
+def ties_coordinates(vs: list[F64], w: list[float], density: float) -> F64:
+    """TIES on coordinate matrices: trim, elect the sign of the weighted sum, weighted mean of agreeing."""
+    trimmed = [trim(v, density) for v in vs]
+    total = np.zeros_like(trimmed[0])
+    for wk, v in zip(w, trimmed, strict=True):
+        total = total + wk * v
+    sign = np.sign(total)
+    num = np.zeros_like(total)
+    den = np.zeros_like(total)
+    for wk, v in zip(w, trimmed, strict=True):
+        agree = (np.sign(v) == sign) & (v != 0.0)
+        num = num + np.where(agree, wk * v, 0.0)
+        den = den + np.where(agree, wk, 0.0)
+    return np.where(den > 0.0, num / np.where(den > 0.0, den, 1.0), 0.0)
+
+
+class SvdKnotTying(Strategy):
+    name = "svd_knot_tying"
+    params_type = KnotParams
+
+    def merge(self, inp: MergeInput, params: KnotParams, chunk: int) -> dict[str, Any]:
+        use_base = task_base(inp, self.name)
+        unit_weights(inp)  # reject bad weights before reading any tensor
+        inp = content_order(inp)
+        w = unit_weights(inp)
+        out: dict[str, Any] = {}
+        for spec in inp.specs:
+            mats = TaskMatrices(inp, spec, use_base, self.name)
+            bs = [mats.get(k) for k in range(len(mats))]
+            if params.method == "linear":
+                acc: F64 | None = None
+                for wk, b in zip(w, bs, strict=True):
+                    acc = accumulate(acc, wk, b)
+                assert acc is not None
+                out[spec.name] = mats.finish(acc)
+                continue
+            g: F64 | None = None
+            for b in bs:
+                g = gram(b) if g is None else g + gram(b)
+            assert g is not None
+            lam, u = spectrum(g)
+            live = [j for j, x in enumerate(lam) if x > mats.m * DROP * lam[0]] if lam and lam[0] > 0.0 else []
+            if not live:
+                out[spec.name] = mats.finish(np.zeros_like(bs[0]))
+                continue
+            r = len(live)
+            ur = np.ascontiguousarray(u[:, :r])
+            urt = np.ascontiguousarray(ur.T)
+            s = np.array([math.sqrt(lam[j]) for j in range(r)])
+            vs = [matmul(urt, b) / s[:, None] for b in bs]
+            merged = ties_coordinates(vs, w, params.density)
+            out[spec.name] = mats.finish(matmul(ur, s[:, None] * merged))
+        return out
+
+
+@dataclass(frozen=True)
+class DualProjectionParams(Params):
+    """stability: share of the task-specific (non-shared) part dropped (1: shared part only);
+    rank_fraction: share of the N singular directions that form the shared subspace."""
+
+    stability: float = 0.5
+    rank_fraction: float = 0.5
+
+    def validate(self) -> None:
+        self._number("stability", 0.0, 1.0)
+        self._number("rank_fraction", 0.0, 1.0, lo_open=True)
+
+
+def dual_coefficients(g: F64, w: list[float], params: DualProjectionParams) -> list[float]:
+    """``(1 - stability) w + stability U_k U_k^T w`` for the Gram matrix g of the task vectors."""
+    n = len(w)
+    k = max(1, min(n, math.floor(params.rank_fraction * n + 0.5)))
+    _, u = spectrum(np.ascontiguousarray(g))
+    uk = [[float(u[i, j]) for j in range(k)] for i in range(n)]
+    proj_w = [math.fsum(uk[i][j] * math.fsum(uk[t][j] * w[t] for t in range(n)) for j in range(k))
+              for i in range(n)]
+    return [(1.0 - params.stability) * w[i] + params.stability * proj_w[i] for i in range(n)]
+
+
+class DualProjection(Strategy):
+    name = "dual_projection"
+    params_type = DualProjectionParams
+
+    def merge(self, inp: MergeInput, params: DualProjectionParams, chunk: int) -> dict[str, Any]:
+        use_base = task_base(inp, self.name)
+        unit_weights(inp)  # reject bad weights before reading any tensor
+        inp = content_order(inp)
+        w = unit_weights(inp)
+        grams = model_gram(inp, chunk, base=use_base)
+        return {
+            spec.name: combine_tensor(
+                inp, spec, np.array(dual_coefficients(g, w, params)), chunk, base=use_base
+            )
+            for spec, g in zip(inp.specs, grams, strict=True)
+        }
