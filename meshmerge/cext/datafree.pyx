@@ -42,6 +42,7 @@ cdef extern from *:
     """
     #include <math.h>
     #include "mm_par.h"
+    #include "mm_detmath.h"
 
     #define MM_RM_BLOCK 1024
     #define MM_LOG_SPAN 16384
@@ -191,41 +192,6 @@ cdef extern from *:
             mm_regmean(xs, fs, w, nk, lo, hi, lam, out, fout, mine, mine + nk,
                        (double *)(scratch + (size_t)tid * mm_regmean_scratch()), stream);
         });
-    }
-
-    /* Natural log of a normal, finite a > 0, plus e0 * ln 2, with IEEE operations only
-       (see the module docstring). Branch-free, so the span loop vectorises. */
-    static inline double mm_log_normal(double a, int e0)
-    {
-        uint64_t u;
-        memcpy(&u, &a, 8);
-        uint64_t frac = u & 0x000FFFFFFFFFFFFFULL;
-        /* mantissa 1.frac > sqrt(2) (0x6A09E667F3BCD is sqrt(2)'s fraction): halve it, exactly,
-           by giving it exponent -1; arithmetic, not ?:, so the loop has no branch to vectorise around */
-        int up = frac > 0x6A09E667F3BCDULL;
-        int e = (int)((u >> 52) & 0x7FF) - 1023 + e0 + up;
-        u = frac | (0x3FF0000000000000ULL - ((uint64_t)up << 52));
-        double m;
-        memcpy(&m, &u, 8);
-        double s = (m - 1.0) / (m + 1.0);
-        double s2 = s * s;
-        double p = 1.0 / 17.0;
-        p = p * s2 + 1.0 / 15.0;
-        p = p * s2 + 1.0 / 13.0;
-        p = p * s2 + 1.0 / 11.0;
-        p = p * s2 + 1.0 / 9.0;
-        p = p * s2 + 1.0 / 7.0;
-        p = p * s2 + 1.0 / 5.0;
-        p = p * s2 + 1.0 / 3.0;
-        p = p * s2 + 1.0;
-        return (double)e * 0.6931471805599453 + 2.0 * (s * p);
-    }
-
-    /* Natural log of any finite a > 0: subnormals are scaled by 2^64 first (exact). */
-    static inline double mm_det_log(double a)
-    {
-        return a < 2.2250738585072014e-308 ? mm_log_normal(a * 18446744073709551616.0, -64)
-                                            : mm_log_normal(a, 0);
     }
 
     /* Element i (value t) into lane l: a = |t|, s1 += a, s2 += a log a (a = 0 takes log 1 = 0;

@@ -5,8 +5,9 @@ For each row (the last axis) of a model tensor ``x`` and its base ``b``:
 ``p = softmax(x) + 1e-8``, ``q = softmax(b) + 1e-8`` and
 ``kl = sum_i p_i log(p_i / q_i)``, all in float64.
 
-Determinism: ``exp`` and ``log`` are our own (IEEE ``+ - * /`` and exact
-scaling by powers of two only, no libm), so every CPU gets the same bits.
+Determinism: ``exp`` and ``log`` are our own (``mm_detmath.h``: IEEE
+``+ - * /`` and exact scaling by powers of two only, no libm), so every CPU
+gets the same bits.
 Sums over a row run in blocks of ``FUSION_BLOCK`` elements (each block's sum
 in index order, then the blocks' sums in block order); threads take whole
 blocks, so neither the thread count nor the chunking changes a result.
@@ -28,64 +29,9 @@ cdef extern from *:
     #include <stdint.h>
     #include <string.h>
     #include "mm_par.h"
+    #include "mm_detmath.h"
 
     #define MM_FU_BLOCK 4096
-    #define MM_LN2_HI 6.93147180369123816490e-01  /* ln 2 with 21 trailing zero bits */
-    #define MM_LN2_LO 1.90821492927058770002e-10  /* ln 2 - MM_LN2_HI */
-    #define MM_INV_LN2 1.44269504088896338700e+00
-
-    /* 2^k as a double for -1022 <= k <= 1023 (exact: built from its bits). */
-    static inline double mm_pow2(int k)
-    {
-        uint64_t bits = (uint64_t)(k + 1023) << 52;
-        double d;
-        memcpy(&d, &bits, 8);
-        return d;
-    }
-
-    /* e^x for x <= 0: x = k ln2 + r with |r| <= ln2/2 (Cody-Waite, two-part ln 2),
-       e^r by its Taylor series to r^14/14! (Horner), times 2^k in at most two exact
-       power-of-two scalings (the second rounds once, in the subnormal range). */
-    static inline double mm_exp_nonpos(double x)
-    {
-        if (x != x) return x;
-        if (x < -746.0) return 0.0;
-        double kd = floor(x * MM_INV_LN2 + 0.5);
-        int k = (int)kd;
-        double r = (x - kd * MM_LN2_HI) - kd * MM_LN2_LO;
-        double p = 1.0 / 87178291200.0;            /* 1/14! */
-        p = p * r + 1.0 / 6227020800.0;            /* 1/13! */
-        p = p * r + 1.0 / 479001600.0;
-        p = p * r + 1.0 / 39916800.0;
-        p = p * r + 1.0 / 3628800.0;
-        p = p * r + 1.0 / 362880.0;
-        p = p * r + 1.0 / 40320.0;
-        p = p * r + 1.0 / 5040.0;
-        p = p * r + 1.0 / 720.0;
-        p = p * r + 1.0 / 120.0;
-        p = p * r + 1.0 / 24.0;
-        p = p * r + 1.0 / 6.0;
-        p = p * r + 0.5;
-        p = p * r + 1.0;
-        p = p * r + 1.0;
-        if (k >= -1022) return p * mm_pow2(k);
-        return (p * mm_pow2(k + 1022)) * mm_pow2(-1022);
-    }
-
-    /* log y for finite y > 0: y = m 2^e with m in [sqrt(1/2), sqrt(2)) (exact, frexp),
-       log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172, by 17 series terms. */
-    static inline double mm_log_pos(double y)
-    {
-        int e;
-        double m = frexp(y, &e);
-        if (m < 0.70710678118654752440) { m = m * 2.0; e = e - 1; }
-        double s = (m - 1.0) / (m + 1.0), s2 = s * s;
-        double t = 1.0 / 33.0;
-        for (int j = 31; j >= 1; j -= 2) t = t * s2 + 1.0 / (double)j;
-        double ed = (double)e;
-        return ed * MM_LN2_HI + (ed * MM_LN2_LO + 2.0 * s * t);
-    }
-
     /* Block g of rows of length c (blocks never cross a row): the sums of
        exp(x - mx[row]) and exp(b - mb[row]) over its elements, in index order. */
     static void mm_fusion_expsums(const float *x, const float *b, const float *mx, const float *mb,
@@ -124,7 +70,7 @@ cdef extern from *:
             for (Py_ssize_t i = lo; i < hi; i++) {
                 double p = mm_exp_nonpos((double)xr[i] - ax) / ux + 1e-8;
                 double q = mm_exp_nonpos((double)br[i] - ab) / ub + 1e-8;
-                s = s + p * mm_log_pos(p / q);
+                s = s + p * mm_det_log(p / q);
             }
             kl[g] = s;
         }
@@ -135,7 +81,6 @@ cdef extern from *:
     void mm_fusion_kl(const float* x, const float* b, const float* mx, const float* mb, const double* zx,
                       const double* zb, Py_ssize_t rows, Py_ssize_t c, double* kl, int nt) nogil
     double mm_exp_nonpos(double x) nogil
-    double mm_log_pos(double y) nogil
 
 cdef enum:
     MM_FU_BLOCK_ = 4096
@@ -195,9 +140,3 @@ def det_exp(double x):
         raise ValueError("det_exp is defined for x <= 0")
     return mm_exp_nonpos(x)
 
-
-def det_log(double y):
-    """Our natural log for finite ``y > 0`` (for tests)."""
-    if not (y > 0.0) or y == float("inf"):
-        raise ValueError("det_log is defined for finite y > 0")
-    return mm_log_pos(y)
