@@ -44,6 +44,12 @@ class FisherMerge(Strategy):
         by_name = {s.name: s for s in inp.specs}
         fisher_names = {s.name for s in inp.specs if s.name.endswith(params.suffix)}
         plain = [s for s in inp.specs if s.name not in fisher_names]
+        orphans = sorted(n for n in fisher_names if n[: -len(params.suffix)] not in by_name)
+        if orphans:
+            raise StrategyError(
+                f"fisher_merge: Fisher tensor(s) {orphans[:5]} have no tensor to go with them "
+                f"('<name>{params.suffix}' needs '<name>')"
+            )
         missing = [s.name for s in plain if s.name + params.suffix not in by_name]
         if missing:
             raise StrategyError(

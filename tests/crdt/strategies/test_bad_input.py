@@ -130,6 +130,14 @@ def test_fisher_without_companions_says_what_is_missing() -> None:
         run("fisher_merge", make_input(2))
 
 
+def test_fisher_companion_without_its_tensor_is_an_error_not_dropped() -> None:
+    spec = TensorSpec("w.fisher", "F32", (4,))
+    ones = np.ones(4, np.float32)
+    inp = MergeInput([{"w.fisher": ones}, {"w.fisher": ones}], [1.0, 1.0], "weights", [spec], bytes(32))
+    with pytest.raises(StrategyError, match=re.escape("Fisher tensor(s) ['w.fisher'] have no tensor")):
+        run("fisher_merge", inp)
+
+
 def test_empty_tensor_is_fine() -> None:
     spec = [TensorSpec("e", "F32", (0, 3))]
     t = {"e": np.zeros((0, 3), np.float32)}
