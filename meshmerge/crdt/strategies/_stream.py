@@ -120,6 +120,42 @@ def in_place_chunk(spec: TensorSpec, chunk: int) -> int:
     return max(spec.numel, 1) if spec.dtype == "F32" else chunk
 
 
+def companion_pairs(
+    inp: MergeInput, suffix: str, strategy: str, label: str, *, required: bool
+) -> list[tuple[TensorSpec, TensorSpec | None]]:
+    """Each tensor with its ``<name><suffix>`` companion (Fisher, Gram diagonal), in spec order.
+
+    A companion without its tensor, a tensor without its companion (when companions are
+    ``required`` or any tensor has one) and a shape mismatch are errors: nothing is
+    silently left out of the merged model. Without companions (and not required) every
+    companion is None.
+    """
+    by_name = {s.name: s for s in inp.specs}
+    companions = {s.name for s in inp.specs if s.name.endswith(suffix)}
+    plain = [s for s in inp.specs if s.name not in companions]
+    if not companions and not required:
+        return [(spec, None) for spec in plain]
+    orphans = sorted(c for c in companions if c[: -len(suffix)] not in by_name)
+    if orphans:
+        raise StrategyError(
+            f"{strategy}: {label} tensor(s) {orphans[:5]} have no tensor to go with them "
+            f"('<name>{suffix}' needs '<name>')"
+        )
+    missing = [s.name for s in plain if s.name + suffix not in by_name]
+    if missing:
+        raise StrategyError(
+            f"{strategy} needs a {label} companion tensor '<name>{suffix}' for every tensor"
+            f"{'' if required else ' once one tensor has one'}; missing for {missing[:5]}"
+        )
+    pairs: list[tuple[TensorSpec, TensorSpec | None]] = []
+    for spec in plain:
+        comp = by_name[spec.name + suffix]
+        if comp.shape != spec.shape:
+            raise StrategyError(f"{label} tensor {comp.name!r} shape {comp.shape} != {spec.shape}")
+        pairs.append((spec, comp))
+    return pairs
+
+
 def to_storage(out: F32, spec: TensorSpec) -> npt.NDArray[Any]:
     if spec.dtype == "F32":
         res: npt.NDArray[Any] = out

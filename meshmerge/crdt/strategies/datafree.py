@@ -125,7 +125,13 @@ from meshmerge.crdt.strategies._combine import (
     quad,
     total_gram,
 )
-from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, in_place_chunk, task_base
+from meshmerge.crdt.strategies._stream import (
+    TensorStream,
+    checked_weights,
+    companion_pairs,
+    in_place_chunk,
+    task_base,
+)
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
 from meshmerge.crdt.tensors import TensorSpec
 
@@ -152,28 +158,9 @@ class RegressionMean(Strategy):
     def merge(self, inp: MergeInput, params: RegMeanParams, chunk: int) -> dict[str, Any]:
         w = checked_weights(inp, positive=True)
         wn = np.ascontiguousarray(w / math.fsum(w.tolist()), dtype=np.float64)
-        by_name = {s.name: s for s in inp.specs}
-        companions = {s.name for s in inp.specs if s.name.endswith(params.suffix)}
-        plain = [s for s in inp.specs if s.name not in companions]
-        if companions:
-            orphans = sorted(c for c in companions if c[: -len(params.suffix)] not in by_name)
-            if orphans:
-                raise StrategyError(
-                    f"regression_mean: Gram companion(s) {orphans[:5]} have no tensor to go with "
-                    f"(no '<name>' for '<name>{params.suffix}')"
-                )
-            missing = [s.name for s in plain if s.name + params.suffix not in by_name]
-            if missing:
-                raise StrategyError(
-                    f"regression_mean: some tensors carry a Gram diagonal companion '<name>{params.suffix}', "
-                    f"so every tensor must; missing for {missing[:5]}"
-                )
         lam = float(params.regularization)
         out: dict[str, Any] = {}
-        for spec in plain:
-            gspec = by_name.get(spec.name + params.suffix) if companions else None
-            if gspec is not None and gspec.shape != spec.shape:
-                raise StrategyError(f"Gram companion {gspec.name!r} shape {gspec.shape} != {spec.shape}")
+        for spec, gspec in companion_pairs(inp, params.suffix, self.name, "Gram diagonal", required=False):
             step = in_place_chunk(spec, chunk)
             if gspec is not None:
                 step = min(step, in_place_chunk(gspec, chunk))

@@ -18,7 +18,7 @@ import numpy as np
 
 from meshmerge.cext import fisher_average
 from meshmerge.cext.outbuf import empty_f32
-from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, in_place_chunk
+from meshmerge.crdt.strategies._stream import TensorStream, checked_weights, companion_pairs, in_place_chunk
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
 
 
@@ -41,28 +41,11 @@ class FisherMerge(Strategy):
 
     def merge(self, inp: MergeInput, params: FisherParams, chunk: int) -> dict[str, Any]:
         w = checked_weights(inp, positive=True)
-        by_name = {s.name: s for s in inp.specs}
-        fisher_names = {s.name for s in inp.specs if s.name.endswith(params.suffix)}
-        plain = [s for s in inp.specs if s.name not in fisher_names]
-        orphans = sorted(n for n in fisher_names if n[: -len(params.suffix)] not in by_name)
-        if orphans:
-            raise StrategyError(
-                f"fisher_merge: Fisher tensor(s) {orphans[:5]} have no tensor to go with them "
-                f"('<name>{params.suffix}' needs '<name>')"
-            )
-        missing = [s.name for s in plain if s.name + params.suffix not in by_name]
-        if missing:
-            raise StrategyError(
-                f"fisher_merge needs a diagonal Fisher companion tensor '<name>{params.suffix}' for every "
-                f"tensor; missing for {missing[:5]}"
-            )
         eps = params.epsilon
         total = float(np.sum(w))
         out: dict[str, Any] = {}
-        for spec in plain:
-            fspec = by_name[spec.name + params.suffix]
-            if fspec.shape != spec.shape:
-                raise StrategyError(f"Fisher tensor {fspec.name!r} shape {fspec.shape} != {spec.shape}")
+        for spec, fspec in companion_pairs(inp, params.suffix, self.name, "Fisher", required=True):
+            assert fspec is not None
             # One kernel call when both tensors are F32 (see in_place_chunk); a 16-bit
             # tensor of the pair keeps ``chunk``, since its chunks are widened copies.
             step = min(in_place_chunk(spec, chunk), in_place_chunk(fspec, chunk))
