@@ -156,20 +156,8 @@ cdef extern from *:
                 }
             }
             if ((badsum & 0x8000000000000000ULL) || (sgn & 0x80000000u)) {
-                for (Py_ssize_t q = 0; q < nk; q++) {
-                    const float *x = xs[q] + lo;
-                    uint32_t bx = 0, bf = 0;
-                    for (Py_ssize_t j = 0; j < m; j++) bx |= (mm_bits32(x[j]) & 0x7F800000u) + 0x00800000u;
-                    if (fs != NULL) {
-                        const float *f = fs[q] + lo;
-                        for (Py_ssize_t j = 0; j < m; j++) {
-                            uint32_t fb = mm_bits32(f[j]);
-                            bf |= (uint32_t)(fb > 0x7F7FFFFFu && fb != 0x80000000u) << 31;
-                        }
-                    }
-                    bad_x[q] |= bx;
-                    bad_f[q] |= bf;
-                }
+                mm_flag_nonfinite(xs, nk, lo, m, bad_x);
+                if (fs != NULL) mm_flag_bad_weights(fs, nk, lo, m, bad_f);
             }
         }
     #if defined(__x86_64__)

@@ -464,20 +464,8 @@ cdef extern from *:
             mm_put_f32(out + lo, row, m, stream);
             mm_put_f32(fout + lo, frow, m, stream);
             if ((bad & 0x8000000000000000ULL) || (sgn & 0x80000000u)) {
-                for (Py_ssize_t q = 0; q < nk; q++) {
-                    const float *x = xs[q] + lo, *f = fs[q] + lo;
-                    uint32_t bf = 0, bx = 0;
-                    for (Py_ssize_t j = 0; j < m; j++) {
-                        uint32_t fb, xb;
-                        memcpy(&fb, &f[j], 4);
-                        memcpy(&xb, &x[j], 4);
-                        /* bad iff fb > 0x7F7FFFFF (Inf, NaN or negative) and not -0.0 */
-                        bf |= (uint32_t)(fb > 0x7F7FFFFFu && fb != 0x80000000u) << 31;
-                        bx |= (xb & 0x7F800000u) + 0x00800000u;
-                    }
-                    bad_f[q] |= bf;
-                    bad_x[q] |= bx;
-                }
+                mm_flag_nonfinite(xs, nk, lo, m, bad_x);
+                mm_flag_bad_weights(fs, nk, lo, m, bad_f);
             }
         }
     #if defined(__x86_64__)

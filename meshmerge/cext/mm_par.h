@@ -89,6 +89,25 @@ static inline __attribute__((always_inline)) void mm_put_f32(float *dst, const f
     memcpy(dst, row, (size_t)m * sizeof(float));
 }
 
+/* flags[k] gets bit 31 if the per-element weights f_k[lo .. lo+m) (Fisher values,
+   Gram diagonals) hold a NaN, an Inf or a negative value (-0.0 is fine): the rescan
+   of a block whose sums or sign bits said something is wrong. */
+static inline void mm_flag_bad_weights(const float *const *fs, Py_ssize_t nk, Py_ssize_t lo, Py_ssize_t m,
+                                       uint32_t *flags)
+{
+    for (Py_ssize_t k = 0; k < nk; k++) {
+        const float *f = fs[k] + lo;
+        uint32_t bf = 0;
+        for (Py_ssize_t j = 0; j < m; j++) {
+            uint32_t bits;
+            memcpy(&bits, &f[j], 4);
+            /* bad iff bits > 0x7F7FFFFF (Inf, NaN or negative) and not -0.0 */
+            bf |= (uint32_t)(bits > 0x7F7FFFFFu && bits != 0x80000000u) << 31;
+        }
+        flags[k] |= bf;
+    }
+}
+
 /* flags[k] gets bit 31 if x_k[lo .. lo+m) holds a NaN or Inf: the rescan of a
    block whose float64 sums came out non-finite, to name the inputs. */
 static inline void mm_flag_nonfinite(const float *const *xs, Py_ssize_t nk, Py_ssize_t lo, Py_ssize_t m,
