@@ -7,6 +7,7 @@ function of ``(key, i)``, so masks do not depend on chunking or threads.
 """
 
 from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 cimport numpy as cnp
 
@@ -45,6 +46,19 @@ cdef inline int gather_f32(list xs, Py_ssize_t n, const float** out) except -1:
             raise ValueError(f"input {k} has {cnp.PyArray_SIZE(a)} elements, expected {n}")
         out[k] = <const float*>cnp.PyArray_DATA(a)
     return 0
+
+
+cdef inline const float** gather_new_f32(list xs, Py_ssize_t n) except NULL:
+    """:func:`gather_f32` into a new malloc'd pointer array (the caller frees it)."""
+    cdef const float** p = <const float**>malloc(max(len(xs), 1) * sizeof(float*))
+    if p == NULL:
+        raise MemoryError()
+    try:
+        gather_f32(xs, n, p)
+    except BaseException:
+        free(p)
+        raise
+    return p
 
 
 cdef inline const float* optional_f32(object a, Py_ssize_t n) except? NULL:

@@ -30,7 +30,7 @@ cimport numpy as cnp
 from libc.stdlib cimport calloc, free, malloc
 from libc.stdint cimport uint32_t
 
-from meshmerge.cext._common cimport NONFINITE, gather_f32, optional_f32
+from meshmerge.cext._common cimport NONFINITE, first_nonfinite, gather_new_f32, optional_f32
 from meshmerge.cext.threads import get_grain, get_threads
 
 cnp.import_array()
@@ -286,16 +286,6 @@ cdef extern from *:
     int mm_team(int want, Py_ssize_t n, Py_ssize_t grain) nogil
 
 
-cdef const float** _ptrs(list xs, Py_ssize_t n) except NULL:
-    cdef const float** p = <const float**>malloc(max(len(xs), 1) * sizeof(float*))
-    if p == NULL:
-        raise MemoryError()
-    try:
-        gather_f32(xs, n, p)
-    except BaseException:
-        free(p)
-        raise
-    return p
 
 
 def regmean_average(list xs, object fs, const double[::1] weights, double lam, float[::1] out,
@@ -329,7 +319,7 @@ def regmean_average(list xs, object fs, const double[::1] weights, double lam, f
         if fo.shape[0] != n:
             raise ValueError("fout must match out")
         fop = &fo[0]
-    cdef const float** px = _ptrs(xs, n)
+    cdef const float** px = gather_new_f32(xs, n)
     cdef const float** pf = NULL
     cdef uint32_t* tbad = <uint32_t*>calloc(2 * nk * nt, sizeof(uint32_t))
     cdef char* scratch = <char*>malloc(nt * mm_regmean_scratch())
@@ -337,7 +327,7 @@ def regmean_average(list xs, object fs, const double[::1] weights, double lam, f
         if tbad == NULL or scratch == NULL:
             raise MemoryError()
         if fs is not None:
-            pf = _ptrs(fs, n)
+            pf = gather_new_f32(fs, n)
         with nogil:
             mm_regmean_par(px, pf, &weights[0], nk, n, lam, &out[0], fop, tbad, nt, grain, scratch)
         for k in range(nk):
@@ -371,10 +361,9 @@ def abs_log_spans(list xs, object base, double[:, :, ::1] spans, int threads=0):
     if spans.shape[0] != nk or spans.shape[1] != nspan or spans.shape[2] != 2:
         raise ValueError(f"spans must have shape ({nk}, {nspan}, 2)")
     cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, LOG_SPAN)
-    cdef Py_ssize_t k, t
     if n == 0:
         return -1
-    cdef const float** px = _ptrs(xs, n)
+    cdef const float** px = gather_new_f32(xs, n)
     cdef const float* b
     cdef uint32_t* tbad = <uint32_t*>calloc(nk * nt, sizeof(uint32_t))
     try:
@@ -383,12 +372,7 @@ def abs_log_spans(list xs, object base, double[:, :, ::1] spans, int threads=0):
         b = optional_f32(base, n)
         with nogil:
             mm_abslog_par(px, b, nk, n, &spans[0, 0, 0], tbad, nt)
-        for k in range(nk):
-            for t in range(1, nt):
-                tbad[k] |= tbad[t * nk + k]
-            if tbad[k] & NONFINITE:
-                return k
-        return -1
+        return first_nonfinite(tbad, nk, nt)
     finally:
         free(tbad)
         free(px)
@@ -410,12 +394,11 @@ def mean_abs(list xs, object base, const double[::1] weights, double[::1] mag, i
     cdef Py_ssize_t nk = len(xs)
     cdef Py_ssize_t grain = get_grain()
     cdef int nt = mm_team(threads if threads > 0 else get_threads(), n, grain)
-    cdef Py_ssize_t k, t
     if nk == 0 or weights.shape[0] != nk:
         raise ValueError("xs and weights must be non-empty and match")
     if n == 0:
         return -1
-    cdef const float** px = _ptrs(xs, n)
+    cdef const float** px = gather_new_f32(xs, n)
     cdef const float* b
     cdef uint32_t* tbad = <uint32_t*>calloc(nk * nt, sizeof(uint32_t))
     try:
@@ -424,12 +407,7 @@ def mean_abs(list xs, object base, const double[::1] weights, double[::1] mag, i
         b = optional_f32(base, n)
         with nogil:
             mm_mean_abs_par(px, b, &weights[0], nk, n, &mag[0], tbad, nt, grain)
-        for k in range(nk):
-            for t in range(1, nt):
-                tbad[k] |= tbad[t * nk + k]
-            if tbad[k] & NONFINITE:
-                return k
-        return -1
+        return first_nonfinite(tbad, nk, nt)
     finally:
         free(tbad)
         free(px)

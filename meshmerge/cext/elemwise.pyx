@@ -17,7 +17,7 @@ cimport numpy as cnp
 from libc.stdlib cimport calloc, free, malloc
 from libc.stdint cimport uint32_t, uint64_t
 
-from meshmerge.cext._common cimport NONFINITE, first_nonfinite, gather_f32, optional_f32
+from meshmerge.cext._common cimport NONFINITE, first_nonfinite, gather_new_f32, optional_f32
 from meshmerge.cext.threads import get_grain, get_threads
 
 cnp.import_array()
@@ -647,17 +647,6 @@ cdef extern from *:
     double mm_kth_nonneg(const double* v, Py_ssize_t n, Py_ssize_t k, uint64_t* hist) nogil
 
 
-cdef const float** _ptrs(list xs, Py_ssize_t n) except NULL:
-    cdef Py_ssize_t nk = len(xs)
-    cdef const float** p = <const float**>malloc(max(nk, 1) * sizeof(float*))
-    if p == NULL:
-        raise MemoryError()
-    try:
-        gather_f32(xs, n, p)
-    except BaseException:
-        free(p)
-        raise
-    return p
 
 
 def della_merge(list xs, object base, const double[::1] weights, const uint64_t[::1] keys,
@@ -686,7 +675,7 @@ def della_merge(list xs, object base, const double[::1] weights, const uint64_t[
     if n == 0:
         return
     cdef const float* b = optional_f32(base, n)
-    cdef const float** p = _ptrs(xs, n)
+    cdef const float** p = gather_new_f32(xs, n)
     cdef uint32_t* thr = <uint32_t*>malloc(nk * n * sizeof(uint32_t))
     if thr == NULL:
         free(p)
@@ -717,7 +706,7 @@ def emr_elect(list xs, object base, double scaling, float[::1] out, int threads=
     if n == 0:
         return -1
     cdef const float* b = optional_f32(base, n)
-    cdef const float** p = _ptrs(xs, n)
+    cdef const float** p = gather_new_f32(xs, n)
     cdef uint32_t* tbad = <uint32_t*>calloc(max(nk, 1) * nt, sizeof(uint32_t))
     try:
         if tbad == NULL:
@@ -747,14 +736,14 @@ def fisher_average(list xs, list fs, const double[::1] weights, double epsilon, 
         raise ValueError("xs, fs, weights and outputs must match")
     if n == 0:
         return -1, 0
-    cdef const float** px = _ptrs(xs, n)
+    cdef const float** px = gather_new_f32(xs, n)
     cdef const float** pf = NULL
     cdef uint32_t* tbad = <uint32_t*>calloc(2 * nk * nt, sizeof(uint32_t))
     cdef char* scratch = <char*>malloc(nt * mm_fisher_scratch())
     try:
         if tbad == NULL or scratch == NULL:
             raise MemoryError()
-        pf = _ptrs(fs, n)
+        pf = gather_new_f32(fs, n)
         with nogil:
             mm_fisher_par(px, pf, &weights[0], nk, n, epsilon, total, &out[0], &fout[0], tbad, nt, grain,
                           scratch)
@@ -791,7 +780,7 @@ def moment_lanes(list xs, uint64_t start, double[:, :, ::1] lanes, int threads=0
     n = (<cnp.ndarray>xs[0]).size
     if nt > nk:
         nt = <int>nk
-    cdef const float** p = _ptrs(xs, n)
+    cdef const float** p = gather_new_f32(xs, n)
     cdef uint32_t* flags = <uint32_t*>calloc(nk, sizeof(uint32_t))
     try:
         if flags == NULL:
@@ -825,7 +814,7 @@ def safe_moments(list xs, object base, const double[::1] wn, double[::1] var, fl
     cdef const float* b = optional_f32(base, n)
     if n == 0:
         return -1
-    cdef const float** px = _ptrs(xs, n)
+    cdef const float** px = gather_new_f32(xs, n)
     cdef uint32_t* tflags = <uint32_t*>calloc(nk * nt, sizeof(uint32_t))
     try:
         if tflags == NULL:

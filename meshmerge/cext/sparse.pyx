@@ -37,7 +37,7 @@ from libc.stdlib cimport calloc, free, malloc
 
 from libc.stdint cimport int32_t, uint8_t
 
-from meshmerge.cext._common cimport NONFINITE, gather_f32, optional_f32
+from meshmerge.cext._common cimport first_nonfinite, gather_f32, optional_f32
 from meshmerge.cext.threads import get_grain, get_threads
 
 cnp.import_array()
@@ -526,18 +526,6 @@ cdef class _Ptrs:
         free(self.p)
 
 
-cdef int _first_bad(uint32_t* tflags, Py_ssize_t nk, int nt) noexcept:
-    """OR the per-thread NaN/Inf flags; index of the first flagged input or -1."""
-    cdef Py_ssize_t k, t
-    for k in range(nk):
-        for t in range(1, nt):
-            tflags[k] |= tflags[t * nk + k]
-    for k in range(nk):
-        if tflags[k] & NONFINITE:
-            return <int>k
-    return -1
-
-
 def mag_range(
     list xs,
     object base,
@@ -642,7 +630,7 @@ def mag_range(
                             if active[k, r]:
                                 for j in range(nbins):
                                     hist[k, r, j] += hb[((t * nk + k) * R + r) * nbins + j]
-        return _first_bad(fl, nk, nt)
+        return first_nonfinite(fl, nk, nt)
     finally:
         free(ab); free(hb); free(fl); free(tbuf); free(tcnt)
 
@@ -734,7 +722,7 @@ def sparse_merge(
                     ptrs.p, b, &w[0], &lo[0], &hi[0], kp, drop_thr, rescale, consensus, disjoint,
                     inv_den, lam, start, nk, n, &out[0], flags, vals, nt, grain,
                 )
-        return _first_bad(flags, nk, nt)
+        return first_nonfinite(flags, nk, nt)
     finally:
         free(vals)
         free(flags)
