@@ -17,6 +17,7 @@ and turns a kernel's "input k has NaN/Inf" report into a StrategyError.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -118,6 +119,18 @@ def in_place_chunk(spec: TensorSpec, chunk: int) -> int:
     Kernels whose results do not depend on the chunk size only.
     """
     return max(spec.numel, 1) if spec.dtype == "F32" else chunk
+
+
+def unit_sum_weights(inp: MergeInput, family: str) -> list[float]:
+    """Weights divided by their correctly rounded total, for means that need them
+    non-negative (``family`` names the strategies in the error) and not all zero."""
+    w = checked_weights(inp)
+    if np.any(w < 0):
+        raise StrategyError(f"{family} need non-negative weights")
+    total = math.fsum(float(x) for x in w)
+    if total == 0.0:
+        raise StrategyError("total contribution weight is zero: nothing to average")
+    return [float(x) / total for x in w]
 
 
 def companion_pairs(

@@ -93,9 +93,9 @@ from meshmerge.crdt.strategies._stream import (
     TensorStream,
     _flat,
     _widen,
-    checked_weights,
     task_base,
     to_storage,
+    unit_sum_weights,
 )
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
 from meshmerge.crdt.tensors import TensorSpec
@@ -149,14 +149,12 @@ def content_order(inp: MergeInput) -> MergeInput:
     )
 
 
-def unit_weights(inp: MergeInput) -> list[float]:
-    w = checked_weights(inp)
-    if np.any(w < 0):
-        raise StrategyError("spectral merges need non-negative weights")
-    total = math.fsum(float(x) for x in w)
-    if total == 0.0:
-        raise StrategyError("total contribution weight is zero: nothing to average")
-    return [float(x) / total for x in w]
+def ordered_weights(inp: MergeInput) -> tuple[MergeInput, list[float]]:
+    """The input in :func:`content_order` and its normalised weights in that order; bad
+    weights are rejected before any tensor is read."""
+    unit_sum_weights(inp, "spectral merges")
+    ordered = content_order(inp)
+    return ordered, unit_sum_weights(ordered, "spectral merges")
 
 
 class TaskMatrices:
@@ -255,9 +253,7 @@ class _Truncating(Strategy):
 
     def merge(self, inp: MergeInput, params: Any, chunk: int) -> dict[str, Any]:
         use_base = task_base(inp, self.name)
-        unit_weights(inp)  # reject bad weights before reading any tensor
-        inp = content_order(inp)
-        w = unit_weights(inp)
+        inp, w = ordered_weights(inp)
         out: dict[str, Any] = {}
         for spec in inp.specs:
             mats = TaskMatrices(inp, spec, use_base, self.name)
@@ -368,9 +364,7 @@ class SvdKnotTying(Strategy):
 
     def merge(self, inp: MergeInput, params: KnotParams, chunk: int) -> dict[str, Any]:
         use_base = task_base(inp, self.name)
-        unit_weights(inp)  # reject bad weights before reading any tensor
-        inp = content_order(inp)
-        w = unit_weights(inp)
+        inp, w = ordered_weights(inp)
         out: dict[str, Any] = {}
         for spec in inp.specs:
             mats = TaskMatrices(inp, spec, use_base, self.name)
@@ -431,9 +425,7 @@ class DualProjection(Strategy):
 
     def merge(self, inp: MergeInput, params: DualProjectionParams, chunk: int) -> dict[str, Any]:
         use_base = task_base(inp, self.name)
-        unit_weights(inp)  # reject bad weights before reading any tensor
-        inp = content_order(inp)
-        w = unit_weights(inp)
+        inp, w = ordered_weights(inp)
         grams = model_gram(inp, chunk, base=use_base)
         return {
             spec.name: combine_tensor(

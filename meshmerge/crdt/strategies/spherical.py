@@ -39,22 +39,12 @@ import numpy.typing as npt
 
 from meshmerge.crdt.strategies import detmath
 from meshmerge.crdt.strategies._combine import combine_tensor, model_gram
-from meshmerge.crdt.strategies._stream import checked_weights, task_base
+from meshmerge.crdt.strategies._stream import task_base, unit_sum_weights
 from meshmerge.crdt.strategies.base import MergeInput, Params, Strategy, StrategyError
 
 PARALLEL = 1.0 - 1e-7
 #: A Karcher step shorter than this (radians) ends the iteration without being taken.
 KARCHER_TOL = 1e-12
-
-
-def _normalized(inp: MergeInput) -> list[float]:
-    w = checked_weights(inp)
-    if np.any(w < 0):
-        raise StrategyError("spherical means need non-negative weights")
-    total = math.fsum(float(x) for x in w)
-    if total == 0.0:
-        raise StrategyError("total contribution weight is zero: nothing to average")
-    return [float(x) / total for x in w]
 
 
 def slerp_coefficients(g: npt.NDArray[np.float64], t: float) -> list[float]:
@@ -131,7 +121,7 @@ class Slerp(Strategy):
     params_type = SlerpParams
 
     def merge(self, inp: MergeInput, params: SlerpParams, chunk: int) -> dict[str, Any]:
-        w = _normalized(inp)
+        w = unit_sum_weights(inp, "spherical means")
         n = len(inp.tensors)
         if params.t is not None and n != 2:
             raise StrategyError(f"slerp parameter t needs exactly 2 contributions, got {n}")
@@ -164,7 +154,7 @@ class Karcher(Strategy):
     default_steps: int | None = None
 
     def merge(self, inp: MergeInput, params: KarcherParams, chunk: int) -> dict[str, Any]:
-        w = _normalized(inp)
+        w = unit_sum_weights(inp, "spherical means")
         steps = params.steps if self.default_steps is None else self.default_steps
         grams = model_gram(inp, chunk, base=False)
         return {
