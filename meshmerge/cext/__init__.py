@@ -22,7 +22,7 @@ from meshmerge.cext.datafree import (
     mean_abs,
     regmean_average,
 )
-from meshmerge.cext.eigen import jacobi_eigh, matmul
+from meshmerge.cext.eigen import eigh, matmul
 from meshmerge.cext.elemwise import (
     della_merge,
     emr_elect,
@@ -59,6 +59,7 @@ __all__ = [
     "det_log",
     "drop_lanes",
     "drop_threshold",
+    "eigh",
     "emr_elect",
     "exact_round",
     "f32_to_bf16",
@@ -67,7 +68,6 @@ __all__ = [
     "gram_accumulate",
     "gram_finalize",
     "has_nonfinite",
-    "jacobi_eigh",
     "keep_base_at_most",
     "kth_smallest_nonnegative",
     "led_select",

@@ -3,7 +3,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-MAX_SWEEPS: int
+MAX_ITERATIONS: int
 
-def jacobi_eigh(a: npt.NDArray[Any]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def eigh(a: npt.NDArray[Any]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 def matmul(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> npt.NDArray[np.float64]: ...

@@ -1,6 +1,6 @@
-"""The deterministic Jacobi eigensolver and fixed-order matmul against numpy/LAPACK.
+"""The deterministic eigensolver (Householder + QL) and fixed-order matmul against numpy/LAPACK.
 
-Tolerances: Jacobi and LAPACK's eigh both compute eigenvalues to a small
+Tolerances: our QL and LAPACK's eigh both compute eigenvalues to a small
 multiple of ``eps * ||A||``; we allow ``1e-13 * n * ||A||_max``. Eigenvectors
 are compared through residuals ``||A v - lambda v||`` and orthogonality (same
 bound), and directly against LAPACK's (up to its sign) where eigenvalues are
@@ -16,7 +16,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from meshmerge.cext import jacobi_eigh, matmul, using_threads
+from meshmerge.cext import eigh, matmul, using_threads
 from tests.crdt.strategies.helpers import det_values
 
 
@@ -43,7 +43,7 @@ def check_decomposition(a: np.ndarray, vals: np.ndarray, vecs: np.ndarray) -> No
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 16, 33, 64, 100])
 def test_random_symmetric_matches_lapack(n: int) -> None:
     a = sym(n, n)
-    vals, vecs = jacobi_eigh(a)
+    vals, vecs = eigh(a)
     check_decomposition(a, vals, vecs)
     ref_vals, ref_vecs = np.linalg.eigh(a)
     scale = float(np.max(np.abs(a)))
@@ -58,7 +58,7 @@ def test_positive_semidefinite_gram() -> None:
     b = np.random.default_rng(3).standard_normal((40, 90))
     g = b @ b.T
     g = np.triu(g) + np.triu(g, 1).T  # exactly symmetric
-    vals, vecs = jacobi_eigh(g)
+    vals, vecs = eigh(g)
     check_decomposition(g, vals, vecs)
     s = np.sqrt(vals[::-1])
     assert np.allclose(s, np.linalg.svd(b, compute_uv=False), rtol=1e-12, atol=1e-12 * s[0])
@@ -68,51 +68,86 @@ def test_repeated_eigenvalues() -> None:
     q, _ = np.linalg.qr(np.random.default_rng(4).standard_normal((6, 6)))
     a = q @ np.diag([1.0, 1.0, 1.0, 2.0, 2.0, 3.0]) @ q.T
     a = np.triu(a) + np.triu(a, 1).T
-    vals, vecs = jacobi_eigh(a)
+    vals, vecs = eigh(a)
     check_decomposition(a, vals, vecs)
     assert np.allclose(vals, [1, 1, 1, 2, 2, 3], atol=1e-14)
 
 
 def test_zero_and_diagonal_matrices() -> None:
-    vals, vecs = jacobi_eigh(np.zeros((4, 4)))
+    vals, vecs = eigh(np.zeros((4, 4)))
     assert vals.tolist() == [0.0] * 4 and vecs.tolist() == np.eye(4).tolist()
     # ties keep diagonal order; vectors are the unit vectors, no rotation happens
-    vals, vecs = jacobi_eigh(np.diag([3.0, -1.0, 3.0, 0.5]))
+    vals, vecs = eigh(np.diag([3.0, -1.0, 3.0, 0.5]))
     assert vals.tolist() == [-1.0, 0.5, 3.0, 3.0]
     assert vecs.tolist() == np.eye(4)[:, [1, 3, 0, 2]].tolist()
 
 
 def test_one_by_one_and_empty() -> None:
-    vals, vecs = jacobi_eigh(np.array([[-2.5]]))
+    vals, vecs = eigh(np.array([[-2.5]]))
     assert vals.tolist() == [-2.5] and vecs.tolist() == [[1.0]]
-    vals, vecs = jacobi_eigh(np.zeros((0, 0)))
+    vals, vecs = eigh(np.zeros((0, 0)))
     assert vals.shape == (0,) and vecs.shape == (0, 0)
 
 
 def test_extreme_scales() -> None:
     for scale in (1e-150, 1e150):
         a = sym(12, 9) * scale
-        vals, vecs = jacobi_eigh(a)
+        vals, vecs = eigh(a)
         ref = np.linalg.eigvalsh(a)
         assert np.all(np.isfinite(vals)) and np.all(np.isfinite(vecs))
         assert np.max(np.abs(vals - ref)) <= 1e-12 * np.max(np.abs(ref))
 
 
+def test_large_gram_matches_lapack() -> None:
+    """The sizes the spectral merges use: a 256 x 256 Gram of a 256 x 1024 task matrix."""
+    b = np.random.default_rng(21).standard_normal((256, 1024))
+    g = matmul(b, np.ascontiguousarray(b.T))
+    vals, vecs = eigh(g)
+    check_decomposition(g, vals, vecs)
+
+
+def test_rank_deficient_gram() -> None:
+    """Many (numerically) zero eigenvalues: the rank-20 Gram of a 120 x 20 matrix."""
+    b = np.random.default_rng(22).standard_normal((120, 20))
+    g = matmul(b, np.ascontiguousarray(b.T))
+    vals, vecs = eigh(g)
+    check_decomposition(g, vals, vecs)
+    assert np.max(np.abs(vals[:100])) <= 1e-12 * vals[-1]
+    assert np.allclose(vals[100:], np.linalg.eigvalsh(b.T @ b), rtol=1e-12)
+
+
+def test_wilkinson_matrix_close_pairs() -> None:
+    """Wilkinson's W21+: pairs of eigenvalues that agree to ~1e-14 (hard for shifts)."""
+    n = 21
+    a = np.diag(np.abs(np.arange(n) - 10.0)) + np.diag(np.ones(n - 1), 1) + np.diag(np.ones(n - 1), -1)
+    vals, vecs = eigh(a)
+    check_decomposition(a, vals, vecs)
+
+
+def test_graded_matrix() -> None:
+    """Entries spanning 60 orders of magnitude along the diagonal."""
+    n = 30
+    d = 10.0 ** -np.linspace(0, 60, n)
+    a = np.sqrt(np.outer(d, d)) * sym(n, 23) / 10.0 + np.diag(d)
+    vals, vecs = eigh(a)
+    check_decomposition(a, vals, vecs)
+
+
 def test_reconstruction() -> None:
     a = sym(30, 11)
-    vals, vecs = jacobi_eigh(a)
+    vals, vecs = eigh(a)
     assert np.max(np.abs(vecs @ np.diag(vals) @ vecs.T - a)) <= 1e-12 * np.max(np.abs(a))
 
 
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match="square"):
-        jacobi_eigh(np.zeros((2, 3)))
+        eigh(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="float64"):
-        jacobi_eigh(np.zeros((2, 2), dtype=np.float32))
+        eigh(np.zeros((2, 2), dtype=np.float32))
     with pytest.raises(ValueError, match="symmetric"):
-        jacobi_eigh(np.array([[1.0, 2.0], [2.5, 1.0]]))
+        eigh(np.array([[1.0, 2.0], [2.5, 1.0]]))
     with pytest.raises(ValueError, match="NaN or Inf"):
-        jacobi_eigh(np.array([[1.0, np.nan], [np.nan, 1.0]]))
+        eigh(np.array([[1.0, np.nan], [np.nan, 1.0]]))
     with pytest.raises(ValueError, match="do not chain"):
         matmul(np.zeros((2, 3)), np.zeros((2, 3)))
 
@@ -121,14 +156,14 @@ def test_same_bits_every_run_and_golden() -> None:
     """A fixed input from our own PRNG: the eigen-decomposition's bytes are pinned."""
     v = det_values("eigen/golden", 48 * 48).astype(np.float64).reshape(48, 48)
     a = v + v.T
-    vals, vecs = jacobi_eigh(a)
-    again = jacobi_eigh(a.copy())
+    vals, vecs = eigh(a)
+    again = eigh(a.copy())
     assert vals.tobytes() == again[0].tobytes() and vecs.tobytes() == again[1].tobytes()
     digest = hashlib.sha256(vals.tobytes() + vecs.tobytes()).hexdigest()
     assert digest == GOLDEN_EIGEN
 
 
-GOLDEN_EIGEN = "34fd6b163f6035fe2b0f69f630667027c6636775e09ea6db3aebabaffe899569"
+GOLDEN_EIGEN = "9edc3dd397f1412677784a889fa9ee66368e8ab497e91e0784df59a8c061d26f"
 
 
 def reference_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -87,7 +87,7 @@ import numpy as np
 import numpy.typing as npt
 
 from meshmerge.cext import get_threads, has_nonfinite
-from meshmerge.cext.eigen import jacobi_eigh, matmul
+from meshmerge.cext.eigen import eigh, matmul
 from meshmerge.crdt.strategies._combine import combine_tensor, model_gram
 from meshmerge.crdt.strategies._stream import (
     TensorStream,
@@ -206,7 +206,7 @@ def gram(b: F64) -> F64:
 
 def spectrum(g: F64) -> tuple[list[float], F64]:
     """Eigenvalues (clipped at 0) and eigenvectors (columns) of a Gram matrix, largest first."""
-    vals, vecs = jacobi_eigh(g)
+    vals, vecs = eigh(g)
     lam = [max(0.0, float(x)) for x in vals[::-1]]
     return lam, np.ascontiguousarray(vecs[:, ::-1])
 
