@@ -22,7 +22,7 @@ from meshmerge.cext.datafree import (
     mean_abs,
     regmean_average,
 )
-from meshmerge.cext.eigen import eigh, matmul
+from meshmerge.cext.eigen import eigh, eigh_top, matmul
 from meshmerge.cext.elemwise import (
     della_merge,
     emr_elect,
@@ -60,6 +60,7 @@ __all__ = [
     "drop_lanes",
     "drop_threshold",
     "eigh",
+    "eigh_top",
     "emr_elect",
     "exact_round",
     "f32_to_bf16",

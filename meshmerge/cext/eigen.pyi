@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -5,5 +6,8 @@ import numpy.typing as npt
 
 MAX_ITERATIONS: int
 
+def eigh_top(
+    a: npt.NDArray[Any], choose: Callable[[npt.NDArray[np.float64]], int]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 def eigh(a: npt.NDArray[Any]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 def matmul(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> npt.NDArray[np.float64]: ...

@@ -128,13 +128,6 @@ cdef extern from *:
         for (Py_ssize_t j = 0; j < n; j++) y[j] = y[j] + f * x[j];
     }
 
-    /* row[j] -= vi * w[j] + wi * v[j]: the symmetric rank-2 update of one row. */
-    MM_CLONES static void mm_rank2_row(double *restrict row, const double *restrict v,
-                                       const double *restrict w, double vi, double wi, Py_ssize_t n)
-    {
-        for (Py_ssize_t j = 0; j < n; j++) row[j] = row[j] - (vi * w[j] + wi * v[j]);
-    }
-
     /* row[j] -= f * r[j]. */
     MM_CLONES static void mm_sub_scaled(double *restrict row, const double *restrict r, double f,
                                         Py_ssize_t n)
@@ -151,21 +144,6 @@ cdef extern from *:
         if (big > MM_EIG_SMALL && big < MM_EIG_HUGE) return sqrt(f * f + g * g);
         double x = f / big, y = g / big;
         return big * sqrt(x * x + y * y);
-    }
-
-    /* row[j] -= vi * w[j] + wi * v[j] (the symmetric rank-2 update of one row), and
-       p[j-1] += f * row[j] for j >= 1 with the updated values: the next reduction step's
-       product, accumulated in the same pass. */
-    MM_CLONES static void mm_rank2_axpy(double *restrict row, const double *restrict v,
-                                        const double *restrict w, double vi, double wi,
-                                        Py_ssize_t n, double *restrict p, double f)
-    {
-        row[0] = row[0] - (vi * w[0] + wi * v[0]);
-        for (Py_ssize_t j = 1; j < n; j++) {
-            double r = row[j] - (vi * w[j] + wi * v[j]);
-            row[j] = r;
-            p[j - 1] = p[j - 1] + f * r;
-        }
     }
 
     /* Reduction step k's reflection from row k (final by then): d[k], e[k], tau[k]; row k
@@ -191,11 +169,57 @@ cdef extern from *:
         return 1;
     }
 
-    /* Householder reduction of symmetric a (n x n, rows ld apart) to tridiagonal (d, e).
-       Row k of a then holds v_k in columns k+1.., tau[k] its factor (0: no reflection).
-       Step k: p = tau A22 v (rows of A22 summed in ascending order), K = tau/2 p.v,
-       w = p - K v, A22 -= v w^T + w v^T; the update of A22's rows also accumulates step
-       k+1's product, so each step reads the trailing block once. work: 3n doubles. */
+    /* sum_j x[j] * y[j] with eight fixed lanes (lane = j mod 8, each summed in j order,
+       then ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))): vectorises, and no vector width changes it. */
+    static inline __attribute__((always_inline)) double mm_dot8(const double *restrict x,
+                                                                const double *restrict y, Py_ssize_t n)
+    {
+        double l[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+        Py_ssize_t j = 0;
+        for (; j + 8 <= n; j += 8)
+            for (int t = 0; t < 8; t++) l[t] = l[t] + x[j + t] * y[j + t];
+        for (int t = 0; j + t < n; t++) l[t] = l[t] + x[j + t] * y[j + t];
+        return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+    }
+
+    /* One row of the symmetric product p = A v from the upper triangle: row points at the
+       diagonal entry A[i][i], v and p at index i, len = entries from the diagonal on.
+       p[t] += v[0] * row[t] (the row as a column), then p[0] += row[1:] . v[1:]. */
+    MM_CLONES static void mm_symv_row(const double *row, const double *v, Py_ssize_t len, double *p)
+    {
+        mm_axpy(p, row, v[0], len);
+        p[0] = p[0] + mm_dot8(row + 1, v + 1, len - 1);
+    }
+
+    /* The rank-2 update row[t] -= v_i w[t] + w_i v[t] of an upper-triangle row (pointers at
+       the diagonal), then its mm_symv_row for the next step's product (vn, pn at index i). */
+    MM_CLONES static void mm_rank2_symv(double *restrict row, const double *restrict v,
+                                        const double *restrict w, Py_ssize_t len,
+                                        const double *restrict vn, double *restrict pn)
+    {
+        double vi = v[0], wi = w[0], f = vn[0];
+        for (Py_ssize_t t = 0; t < len; t++) {
+            double r = row[t] - (vi * w[t] + wi * v[t]);
+            row[t] = r;
+            pn[t] = pn[t] + f * r;
+        }
+        pn[0] = pn[0] + mm_dot8(row + 1, vn + 1, len - 1);
+    }
+
+    /* The rank-2 update alone. */
+    MM_CLONES static void mm_rank2_upper(double *restrict row, const double *restrict v,
+                                         const double *restrict w, Py_ssize_t len)
+    {
+        double vi = v[0], wi = w[0];
+        for (Py_ssize_t t = 0; t < len; t++) row[t] = row[t] - (vi * w[t] + wi * v[t]);
+    }
+
+    /* Householder reduction of symmetric a (n x n, rows ld apart; only the upper triangle is
+       read and kept) to tridiagonal (d, e). Row k of a then holds v_k in columns k+1..,
+       tau[k] its factor (0: no reflection). Step k: p = tau A22 v (mm_symv_row over the
+       rows of A22 in order), K = tau/2 p.v, w = p - K v, A22 -= v w^T + w v^T; updating a
+       row of A22 also feeds it into step k+1's product, so each step reads the trailing
+       triangle once. work: 3n doubles. */
     static void mm_tridiag(double *a, Py_ssize_t ld, Py_ssize_t n, double *d, double *e,
                            double *tau, double *work)
     {
@@ -208,7 +232,7 @@ cdef extern from *:
             if (!have_p) {
                 if (!mm_reflect(a, ld, n, k, d, e, tau)) continue;
                 for (Py_ssize_t j = 0; j < m; j++) p[j] = 0.0;
-                for (Py_ssize_t j = 0; j < m; j++) mm_axpy(p, a22 + j * ld, x[j], m);
+                for (Py_ssize_t i = 0; i < m; i++) mm_symv_row(a22 + i * ld + i, x + i, m - i, p + i);
             }
             double t = tau[k];
             double pv = 0.0;
@@ -218,18 +242,18 @@ cdef extern from *:
             }
             double kk = 0.5 * t * pv;
             for (Py_ssize_t i = 0; i < m; i++) w[i] = p[i] - kk * x[i];
-            mm_rank2_row(a22, x, w, x[0], w[0], m);
+            mm_rank2_upper(a22, x, w, m);
             have_p = k + 3 < n && mm_reflect(a, ld, n, k + 1, d, e, tau);
             if (have_p) {
                 const double *xn = a22 + 1;
                 for (Py_ssize_t j = 0; j + 1 < m; j++) pn[j] = 0.0;
                 for (Py_ssize_t i = 1; i < m; i++)
-                    mm_rank2_axpy(a22 + i * ld, x, w, x[i], w[i], m, pn, xn[i - 1]);
+                    mm_rank2_symv(a22 + i * ld + i, x + i, w + i, m - i, xn + i - 1, pn + i - 1);
                 double *tmp = p;
                 p = pn;
                 pn = tmp;
             } else {
-                for (Py_ssize_t i = 1; i < m; i++) mm_rank2_row(a22 + i * ld, x, w, x[i], w[i], m);
+                for (Py_ssize_t i = 1; i < m; i++) mm_rank2_upper(a22 + i * ld + i, x + i, w + i, m - i);
                 if (k + 3 < n) k++;
             }
         }
@@ -353,27 +377,169 @@ cdef extern from *:
         return 0;
     }
 
+
+    /* Tridiagonalise a into (d, e) (reflections left in a and tau, n each) and put the
+       tridiagonal's eigenvalues, unsorted, in vals (QL without vectors). work: 4n doubles. */
+    static int mm_eigvals(double *a, Py_ssize_t n, double *d, double *e, double *tau,
+                          double *vals, double *work, int max_iter)
+    {
+        mm_tridiag(a, n, n, d, e, tau, work);
+        double *e2 = work + 3 * n;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            vals[i] = d[i];
+            e2[i] = e[i];
+        }
+        return mm_ql(vals, e2, NULL, n, max_iter, NULL, work, work + n);
+    }
+
     /* The whole solver: a is overwritten; d receives the eigenvalues (unsorted), zt (n x n)
        the eigenvectors as rows. A first QL pass without vectors on a copy of the tridiagonal
        gives its eigenvalues; the pass with vectors then starts each position with that
-       eigenvalue as its shift, which mostly deflates it in one step (about half the rotations
-       of the usual shifts, and the rotations on the vectors are most of the cost).
+       eigenvalue as its shift, which mostly deflates it in one step (about a quarter
+       fewer rotations than the usual shifts; rotating the vectors is most of the cost).
        work: 7n doubles + n*n (q). Returns mm_ql's status. */
-    static int mm_eigh(double *a, Py_ssize_t ld, Py_ssize_t n, double *d, double *zt,
-                       double *work, int max_iter)
+    static int mm_eigh(double *a, Py_ssize_t n, double *d, double *zt, double *work, int max_iter)
     {
-        double *e = work, *tau = work + n, *tmp = work + 2 * n, *q = work + 7 * n;
-        mm_tridiag(a, ld, n, d, e, tau, tmp);
-        mm_tridiag_q(a, ld, n, tau, q, tmp);
+        double *e = work, *tau = work + n, *shifts = work + 2 * n, *tmp = work + 3 * n;
+        double *q = work + 7 * n;
+        if (mm_eigvals(a, n, d, e, tau, shifts, tmp, max_iter) != 0) return -1;
+        mm_tridiag_q(a, n, n, tau, q, tmp);
         for (Py_ssize_t i = 0; i < n; i++)
             for (Py_ssize_t j = 0; j < n; j++) zt[i * n + j] = q[j * n + i];
-        double *d2 = tmp + 2 * n, *e2 = tmp + 3 * n;
+        return mm_ql(d, e, zt, n, max_iter, shifts, tmp, tmp + n);
+    }
+
+
+    /* x / ||x||_2 after scaling by the largest |x_j| (no overflow however large x grew). */
+    static void mm_unit(double *x, Py_ssize_t n)
+    {
+        double big = 0.0;
+        for (Py_ssize_t j = 0; j < n; j++) if (fabs(x[j]) > big) big = fabs(x[j]);
+        if (big == 0.0) return;
+        for (Py_ssize_t j = 0; j < n; j++) x[j] = x[j] / big;
+        double inv = 1.0 / sqrt(mm_dot8(x, x, n));
+        for (Py_ssize_t j = 0; j < n; j++) x[j] = x[j] * inv;
+    }
+
+    /* LU factors of T - lam I for the tridiagonal T (d, e) with partial pivoting (rows i and
+       i+1 swap when |e_i| > |pivot|; piv[i] = 1), pivots smaller than tiny in magnitude
+       replaced by +-tiny; f (6n doubles) receives the reciprocal pivots, the two
+       superdiagonals of U, the multipliers and the swaps. */
+    static void mm_lu_shifted(const double *d, const double *e, Py_ssize_t n, double lam,
+                              double tiny, double *f)
+    {
+        double *dg = f, *u1 = f + n, *u2 = f + 2 * n, *ml = f + 3 * n, *piv = f + 4 * n;
+        double *rcp = f + 5 * n;
         for (Py_ssize_t i = 0; i < n; i++) {
-            d2[i] = d[i];
-            e2[i] = e[i];
+            dg[i] = d[i] - lam;
+            u1[i] = e[i];
+            u2[i] = 0.0;
         }
-        if (mm_ql(d2, e2, NULL, n, max_iter, NULL, tmp, tmp + n) != 0) return -1;
-        return mm_ql(d, e, zt, n, max_iter, d2, tmp, tmp + n);
+        for (Py_ssize_t i = 0; i + 1 < n; i++) {
+            double sub = e[i];
+            if (fabs(dg[i]) >= fabs(sub)) {
+                if (fabs(dg[i]) < tiny) dg[i] = dg[i] >= 0.0 ? tiny : -tiny;
+                double fact = sub / dg[i];
+                ml[i] = fact;
+                piv[i] = 0.0;
+                dg[i + 1] = dg[i + 1] - fact * u1[i];
+            } else {
+                double fact = dg[i] / sub;
+                double t = u1[i];
+                dg[i] = sub;
+                ml[i] = fact;
+                piv[i] = 1.0;
+                u1[i] = dg[i + 1];
+                dg[i + 1] = t - fact * dg[i + 1];
+                if (i + 2 < n) {
+                    u2[i] = u1[i + 1];
+                    u1[i + 1] = -fact * u1[i + 1];
+                }
+            }
+        }
+        if (fabs(dg[n - 1]) < tiny) dg[n - 1] = dg[n - 1] >= 0.0 ? tiny : -tiny;
+        for (Py_ssize_t i = 0; i < n; i++) rcp[i] = 1.0 / dg[i];
+    }
+
+    /* b := (T - lam I)^-1 b with the factors of mm_lu_shifted. */
+    static void mm_lu_solve(const double *f, Py_ssize_t n, double *b)
+    {
+        const double *u1 = f + n, *u2 = f + 2 * n, *ml = f + 3 * n, *piv = f + 4 * n;
+        const double *rcp = f + 5 * n;
+        for (Py_ssize_t i = 0; i + 1 < n; i++) {
+            if (piv[i] != 0.0) {
+                double bi = b[i];
+                b[i] = b[i + 1];
+                b[i + 1] = bi - ml[i] * b[i];
+            } else {
+                b[i + 1] = b[i + 1] - ml[i] * b[i];
+            }
+        }
+        b[n - 1] = b[n - 1] * rcp[n - 1];
+        if (n >= 2) b[n - 2] = (b[n - 2] - u1[n - 2] * b[n - 1]) * rcp[n - 2];
+        for (Py_ssize_t i = n - 3; i >= 0; i--)
+            b[i] = ((b[i] - u1[i] * b[i + 1]) - u2[i] * b[i + 2]) * rcp[i];
+    }
+
+    /* Unit eigenvectors of the tridiagonal (d, e) for the eigenvalues lam[0..k-1] (descending)
+       by inverse iteration, then taken back through the reflections in a (from mm_tridiag)
+       into x (n x k, vectors as columns). Eigenvalues closer than 1e-3 ||T|| to the previous
+       one form a cluster: shifts in a cluster are kept at least 10 eps ||T|| apart, and each
+       vector is orthogonalised (modified Gram-Schmidt, in order) against the earlier ones of
+       its cluster after every solve. Start vector: the fixed sequence 1, -1/2, 1/3, -1/4, ...
+       shifted by the vector's index; INVIT_STEPS solves each. work: 8n doubles + k*n. */
+    #define MM_INVIT_STEPS 3
+    static void mm_top_vectors(const double *a, Py_ssize_t n, const double *d, const double *e,
+                               const double *tau, const double *lam, Py_ssize_t k, double *x,
+                               double *work)
+    {
+        double tnorm = 0.0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            double row = fabs(d[i]) + fabs(e[i]) + (i > 0 ? fabs(e[i - 1]) : 0.0);
+            if (row > tnorm) tnorm = row;
+        }
+        if (tnorm == 0.0) tnorm = 1.0;
+        double tiny = MM_EIG_SKIP * tnorm, gap = 1e-3 * tnorm, sep = 10.0 * MM_EIG_SKIP * tnorm;
+        double *b = work, *f = work + n, *r = work + 7 * n, *vs = work + 8 * n;
+        Py_ssize_t first = 0;
+        double shift = 0.0;
+        for (Py_ssize_t j = 0; j < k; j++) {
+            double want = lam[j];
+            if (j == 0 || lam[j - 1] - lam[j] > gap) {
+                first = j;
+                shift = want;
+            } else {
+                shift = want < shift - sep ? want : shift - sep;
+            }
+            double *v = vs + j * n;
+            for (Py_ssize_t i = 0; i < n; i++) {
+                Py_ssize_t t = i + j;
+                v[i] = (t % 2 ? -1.0 : 1.0) / (double)(t % n + 1);
+            }
+            mm_lu_shifted(d, e, n, shift, tiny, f);
+            for (int step = 0; step < MM_INVIT_STEPS; step++) {
+                for (Py_ssize_t i = 0; i < n; i++) b[i] = v[i];
+                mm_lu_solve(f, n, b);
+                mm_unit(b, n);
+                for (Py_ssize_t c = first; c < j; c++) {
+                    double h = mm_dot8(vs + c * n, b, n);
+                    for (Py_ssize_t i = 0; i < n; i++) b[i] = b[i] - h * vs[c * n + i];
+                }
+                mm_unit(b, n);
+                for (Py_ssize_t i = 0; i < n; i++) v[i] = b[i];
+            }
+        }
+        for (Py_ssize_t i = 0; i < n; i++)
+            for (Py_ssize_t j = 0; j < k; j++) x[i * k + j] = vs[j * n + i];
+        for (Py_ssize_t s = n - 3; s >= 0; s--) {
+            if (tau[s] == 0.0) continue;
+            Py_ssize_t m = n - s - 1;
+            const double *v = a + s * n + s + 1;
+            double *xs = x + (s + 1) * k;
+            for (Py_ssize_t j = 0; j < k; j++) r[j] = 0.0;
+            for (Py_ssize_t i = 0; i < m; i++) mm_axpy(r, xs + i * k, v[i], k);
+            for (Py_ssize_t i = 0; i < m; i++) mm_sub_scaled(xs + i * k, r, tau[s] * v[i], k);
+        }
     }
 
     /* out (p x s) = a (p x q) @ b (q x s); row i: sum over t ascending. */
@@ -400,7 +566,11 @@ cdef extern from *:
         MM_PAR_BLOCKS(p, rows, nt, { (void)tid; mm_matmul_rows(a, b, out, lo, hi, q, s); });
     }
     """
-    int mm_eigh(double *a, Py_ssize_t ld, Py_ssize_t n, double *d, double *zt, double *work, int max_iter) nogil
+    int mm_eigh(double *a, Py_ssize_t n, double *d, double *zt, double *work, int max_iter) nogil
+    int mm_eigvals(double *a, Py_ssize_t n, double *d, double *e, double *tau, double *vals,
+                   double *work, int max_iter) nogil
+    void mm_top_vectors(const double *a, Py_ssize_t n, const double *d, const double *e,
+                        const double *tau, const double *lam, Py_ssize_t k, double *x, double *work) nogil
     void mm_matmul(const double *a, const double *b, double *out,
                    Py_ssize_t p, Py_ssize_t q, Py_ssize_t s, int want, Py_ssize_t grain) nogil
 
@@ -417,6 +587,31 @@ def _square_f64(a, what):
     return arr
 
 
+def _scaled(a):
+    """The validated matrix times the power of two that puts max |a_ij| in [1, 2), and that power."""
+    arr = _square_f64(a, "matrix")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("matrix holds NaN or Inf")
+    if not np.array_equal(arr, arr.T):
+        raise ValueError("matrix is not exactly symmetric")
+    amax = float(np.max(np.abs(arr))) if arr.size else 0.0
+    shift = 1 - math.frexp(amax)[1] if amax > 0.0 else 0
+    return np.ascontiguousarray(np.ldexp(arr, shift)), shift
+
+
+def _positive_lead(rows):
+    """Flip each row so its largest-magnitude component (the first on ties) is positive."""
+    if rows.size:
+        lead = np.argmax(np.abs(rows), axis=1)
+        flip = rows[np.arange(rows.shape[0]), lead] < 0.0
+        rows[flip] = -rows[flip]
+    return rows
+
+
+def _no_convergence():
+    return ValueError(f"eigensolver: the QL iteration did not converge in {MAX_ITERATIONS} steps")
+
+
 def eigh(a):
     """Eigen-decomposition of a symmetric float64 matrix: ``(values, vectors)``.
 
@@ -425,17 +620,10 @@ def eigh(a):
     largest-magnitude component positive. Raises ValueError for a non-square,
     non-symmetric or non-finite matrix, or if the QL iteration does not converge.
     """
-    arr = _square_f64(a, "matrix")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("matrix holds NaN or Inf")
-    if not np.array_equal(arr, arr.T):
-        raise ValueError("matrix is not exactly symmetric")
-    n = arr.shape[0]
+    work_a, shift = _scaled(a)
+    n = work_a.shape[0]
     if n == 0:
         return np.zeros(0), np.zeros((0, 0))
-    amax = float(np.max(np.abs(arr)))
-    shift = 1 - math.frexp(amax)[1] if amax > 0.0 else 0
-    work_a = np.ascontiguousarray(np.ldexp(arr, shift))
     diag = np.zeros(n, dtype=np.float64)
     zt = np.zeros((n, n), dtype=np.float64)
     scratch = np.zeros(7 * n + n * n, dtype=np.float64)
@@ -446,16 +634,58 @@ def eigh(a):
     cdef Py_ssize_t nn = n
     cdef int cap = MAX_ITERATIONS, status
     with nogil:
-        status = mm_eigh(&av[0, 0], nn, nn, &dv[0], &zv[0, 0], &sv[0], cap)
+        status = mm_eigh(&av[0, 0], nn, &dv[0], &zv[0, 0], &sv[0], cap)
     if status != 0:
-        raise ValueError(f"eigensolver: the QL iteration did not converge in {MAX_ITERATIONS} steps")
+        raise _no_convergence()
     order = np.argsort(diag, kind="stable")
-    values = np.ldexp(diag[order], -shift)
-    vectors = zt[order]
-    lead = np.argmax(np.abs(vectors), axis=1)
-    flip = vectors[np.arange(n), lead] < 0.0
-    vectors[flip] = -vectors[flip]
-    return values, np.ascontiguousarray(vectors.T)
+    return np.ldexp(diag[order], -shift), np.ascontiguousarray(_positive_lead(zt[order]).T)
+
+
+def eigh_top(a, choose):
+    """All eigenvalues of a symmetric float64 matrix, largest first, and the unit
+    eigenvectors (columns, same order) of the ``k = choose(values)`` largest.
+
+    For rank truncations, which need only the leading vectors: the values come from
+    QL without vectors, the k vectors from inverse iteration on the tridiagonal form,
+    taken back through the reflections (about ``n^2 k`` flops instead of QL's ``~6 n^3``
+    on the vectors; see ``mm_top_vectors`` for the exact procedure). Ties among the
+    values keep their order on the tridiagonal; the sign rule is :func:`eigh`'s. A
+    cluster of eigenvalues cut by k gets an arbitrary (but deterministic) orthonormal
+    basis of the part kept, as any eigensolver would. Errors as :func:`eigh`, plus a
+    ValueError if ``choose`` returns anything but an int in ``0..n``.
+    """
+    work_a, shift = _scaled(a)
+    n = work_a.shape[0]
+    diag = np.zeros(n, dtype=np.float64)
+    off = np.zeros(n, dtype=np.float64)
+    tau = np.zeros(n, dtype=np.float64)
+    vals = np.zeros(n, dtype=np.float64)
+    scratch = np.zeros(max(7 * n, 1), dtype=np.float64)
+    cdef double[:, ::1] av = work_a
+    cdef double[::1] dv = diag, ev = off, tv = tau, vv = vals, sv = scratch
+    cdef Py_ssize_t nn = n, kk
+    cdef int cap = MAX_ITERATIONS, status = 0
+    if n > 0:
+        with nogil:
+            status = mm_eigvals(&av[0, 0], nn, &dv[0], &ev[0], &tv[0], &vv[0], &sv[0], cap)
+    if status != 0:
+        raise _no_convergence()
+    order = np.argsort(-vals, kind="stable")
+    scaled_desc = np.ascontiguousarray(vals[order])
+    values = np.ldexp(scaled_desc, -shift)
+    k = choose(values.copy())
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= k <= n:
+        raise ValueError(f"eigh_top: choose() must return an int in 0..{n}, got {k!r}")
+    kk = int(k)
+    x = np.zeros((n, kk), dtype=np.float64)
+    if kk == 0:
+        return values, x
+    work = np.zeros(8 * n + kk * n, dtype=np.float64)
+    cdef double[:, ::1] xv = x
+    cdef double[::1] wv = work, lv = scaled_desc
+    with nogil:
+        mm_top_vectors(&av[0, 0], nn, &dv[0], &ev[0], &tv[0], &lv[0], kk, &xv[0, 0], &wv[0])
+    return values, np.ascontiguousarray(_positive_lead(np.ascontiguousarray(x.T)).T)
 
 
 def matmul(a, b):

@@ -16,7 +16,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from meshmerge.cext import eigh, matmul, using_threads
+from meshmerge.cext import eigh, eigh_top, matmul, using_threads
 from tests.crdt.strategies.helpers import det_values
 
 
@@ -163,7 +163,7 @@ def test_same_bits_every_run_and_golden() -> None:
     assert digest == GOLDEN_EIGEN
 
 
-GOLDEN_EIGEN = "9edc3dd397f1412677784a889fa9ee66368e8ab497e91e0784df59a8c061d26f"
+GOLDEN_EIGEN = "c796c0f3e81d4c1888723774e8229a6ba19b5d9cba9d5208fbe107306e40f3e7"
 
 
 def reference_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -182,3 +182,78 @@ def test_matmul_exact_and_thread_independent(shape: tuple[int, int, int]) -> Non
     for threads in (1, 2, 3):
         with using_threads(threads, grain=8):
             assert matmul(a, b).tobytes() == ref.tobytes(), threads
+
+
+def check_top(a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """eigh_top's values (all, largest first) and k vectors: residuals, orthonormality, sign rule."""
+    n = a.shape[0]
+    vals, u = eigh_top(a, lambda v: k)
+    scale = max(1.0, float(np.max(np.abs(a))))
+    tol = 1e-13 * max(n, 1) * scale
+    assert vals.shape == (n,) and u.shape == (n, k)
+    assert np.all(np.diff(vals) <= 0)
+    assert np.max(np.abs(vals - np.linalg.eigvalsh(a)[::-1]), initial=0.0) <= tol
+    assert np.max(np.abs(a @ u - u * vals[:k]), initial=0.0) <= tol
+    assert np.max(np.abs(u.T @ u - np.eye(k)), initial=0.0) <= 1e-13 * max(n, 1)
+    for i in range(k):
+        lead = int(np.argmax(np.abs(u[:, i])))
+        assert u[lead, i] > 0
+    return vals, u
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 33, 100, 256])
+def test_top_vectors_span_lapacks_leading_subspace(n: int) -> None:
+    b = np.random.default_rng(30 + n).standard_normal((n, 2 * n + 5))
+    g = matmul(b, np.ascontiguousarray(b.T))
+    for k in sorted({0, 1, n // 2, n}):
+        _, u = check_top(g, k)
+        ref = np.linalg.eigh(g)[1][:, ::-1][:, :k]
+        # Gram eigenvalues are well separated here: the projectors agree to rounding
+        assert np.max(np.abs(u @ u.T - ref @ ref.T), initial=0.0) <= 1e-10
+
+
+def test_top_vectors_in_clusters_and_null_spaces() -> None:
+    """Cut clusters get an orthonormal basis of eigenvectors (any basis is right there)."""
+    q, _ = np.linalg.qr(np.random.default_rng(31).standard_normal((40, 40)))
+    a = q @ np.diag(np.repeat([3.0, 2.0, 1.0, 0.5], 10)) @ q.T
+    a = np.triu(a) + np.triu(a, 1).T
+    for k in (5, 10, 15, 40):
+        check_top(a, k)
+    b = np.random.default_rng(32).standard_normal((120, 20))
+    check_top(matmul(b, np.ascontiguousarray(b.T)), 60)  # 40 of the 100 zero eigenvalues
+    n = 21
+    w = np.diag(np.abs(np.arange(n) - 10.0)) + np.diag(np.ones(n - 1), 1) + np.diag(np.ones(n - 1), -1)
+    check_top(w, 10)
+    vals, u = eigh_top(np.zeros((5, 5)), lambda v: 3)
+    assert vals.tolist() == [0.0] * 5 and np.allclose(u.T @ u, np.eye(3), atol=1e-15)
+
+
+def test_top_choose_sees_the_values_and_is_checked() -> None:
+    a = sym(9, 33)
+    seen: list[np.ndarray] = []
+
+    def energy(v: np.ndarray) -> int:
+        seen.append(v)
+        return 4
+
+    vals, u = eigh_top(a, energy)
+    assert seen[0].tolist() == vals.tolist() and u.shape == (9, 4)
+    for bad in (-1, 10, 2.0, True, None):
+        with pytest.raises(ValueError, match="choose"):
+            eigh_top(a, lambda v, bad=bad: bad)
+    with pytest.raises(ValueError, match="symmetric"):
+        eigh_top(np.array([[1.0, 2.0], [2.5, 1.0]]), lambda v: 1)
+    vals, u = eigh_top(np.zeros((0, 0)), lambda v: 0)
+    assert vals.shape == (0,) and u.shape == (0, 0)
+
+
+def test_top_same_bits_every_run_and_golden() -> None:
+    v = det_values("eigen/golden", 48 * 48).astype(np.float64).reshape(48, 48)
+    a = v + v.T
+    vals, u = eigh_top(a, lambda v: 20)
+    again = eigh_top(a.copy(), lambda v: 20)
+    assert vals.tobytes() == again[0].tobytes() and u.tobytes() == again[1].tobytes()
+    assert hashlib.sha256(vals.tobytes() + u.tobytes()).hexdigest() == GOLDEN_TOP
+
+
+GOLDEN_TOP = "19351b9302edcda5afde8dcac381793b1fe1de458dabe09fc9e17c0467925a59"
