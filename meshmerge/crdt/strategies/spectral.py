@@ -2,7 +2,8 @@
 
 LAPACK SVDs differ in the last bits between builds and CPUs, so these
 strategies get their singular vectors from :mod:`meshmerge.cext.eigen`
-(cyclic Jacobi and fixed-order matrix products, IEEE ``+ - * / sqrt`` only):
+(Householder tridiagonalisation with implicit QL or inverse iteration, and
+fixed-order matrix products; IEEE ``+ - * / sqrt`` only):
 every replica computes the same bytes. All are task-vector merges
 (``delta`` contributions, or ``weights`` with the base model; LoRA A/B factor
 contributions are not supported: merging the factors separately is not the
@@ -27,13 +28,15 @@ different method: use ``ties`` or ``breadcrumbs`` for that); for
 the linear average) of the task vectors (crdt-merge: the weighted average).
 
 **Cost and limit.** Per matrix: the Gram (``m^2 L`` multiply-adds, threaded),
-a Jacobi eigensolve (about ``12 m^3`` flops per sweep, about 10 sweeps,
-single-threaded: ~0.13 s at m = 256, ~1.1 s at m = 512, ~16 s at m = 1024 on
-the shared 2-core development machine) and the projection (``2 k m L``);
-contributions are decomposed in parallel on the kernel threads. ``m`` is capped at :data:`MAX_RANK` = 512 so a merge
-cannot run for minutes per tensor; larger matrices raise a StrategyError
-naming the tensor. Memory: the float64 matrices of one tensor (for
-``svd_knot_tying`` all N task matrices of one tensor at once).
+an eigensolve and the projection (``2 k m L``). ``star`` and ``adarank`` take
+all eigenvalues but only the ``k`` vectors they keep (:func:`eigh_top`: ~5.7 ms
+at m = 256, ~32 ms at m = 512, ~0.2 s at m = 1024 for k = m/2, single-threaded
+on the shared 2-core development machine); ``svd_knot_tying`` needs every
+vector (:func:`eigh`: ~8 ms, ~66 ms, ~0.43 s). Contributions are decomposed in
+parallel on the kernel threads. ``m`` is capped at :data:`MAX_RANK` = 1024 so
+a merge cannot run for minutes per tensor; larger matrices raise a
+StrategyError naming the tensor. Memory: the float64 matrices of one tensor
+(for ``svd_knot_tying`` all N task matrices of one tensor at once).
 
 * ``star`` — STAR, "Spectral Truncation and Rescale" (Lee et al., NAACL 2025):
   each task matrix is truncated to its top ``k = max(1, floor(rank_fraction *
@@ -87,7 +90,7 @@ import numpy as np
 import numpy.typing as npt
 
 from meshmerge.cext import get_threads, has_nonfinite
-from meshmerge.cext.eigen import eigh, matmul
+from meshmerge.cext.eigen import eigh, eigh_top, matmul
 from meshmerge.crdt.strategies._combine import combine_tensor, model_gram
 from meshmerge.crdt.strategies._stream import (
     TensorStream,
@@ -103,7 +106,7 @@ from meshmerge.crdt.tensors import TensorSpec
 F64 = npt.NDArray[np.float64]
 
 #: Largest min(rows, cols) of a matrix the spectral strategies decompose.
-MAX_RANK = 512
+MAX_RANK = 1024
 #: Smallest min(rows, cols) for which contributions are decomposed on several threads.
 PARALLEL_RANK = 32
 #: Eigenvalues of the joint Gram at or below ``m * DROP * lambda_max`` are treated as zero.
@@ -121,7 +124,7 @@ def _nonfinite(flat: npt.NDArray[Any], dtype: str) -> bool:
 def content_order(inp: MergeInput) -> MergeInput:
     """The same input with contributions sorted by (sha256 of their tensors, weight).
 
-    Sums over contributions in float64 and Jacobi on a permuted matrix are not
+    Sums over contributions in float64 and an eigensolve of a permuted matrix are not
     bit-for-bit invariant under reordering; sorting by content first makes the
     result independent of the order the contributions come in. Also checks
     every contribution's tensors (shape, dtype, NaN/Inf) under its original index.
@@ -260,8 +263,15 @@ class _Truncating(Strategy):
 
             def truncated(k: int, mats: TaskMatrices = mats) -> tuple[float, F64]:
                 b = mats.get(k)
-                lam, u = spectrum(gram(b))
-                rank, factor = self.rank(lam, params)
+                chosen: list[tuple[int, float]] = []
+
+                def choose(vals: F64) -> int:
+                    chosen.append(self.rank([max(0.0, float(x)) for x in vals], params))
+                    rank = chosen[0][0]
+                    return rank if rank < mats.m else 0  # full rank: no projection, no vectors
+
+                _, u = eigh_top(gram(b), choose)
+                rank, factor = chosen[0]
                 return w[k] * factor, b if rank >= mats.m else project(u, rank, b)
 
             # Contributions are independent (the kernels release the GIL), so matrices worth
