@@ -487,8 +487,10 @@ cdef extern from *:
        one form a cluster: shifts in a cluster are kept at least 10 eps ||T|| apart, and each
        vector is orthogonalised (modified Gram-Schmidt, in order) against the earlier ones of
        its cluster after every solve. Start vector: the fixed sequence 1, -1/2, 1/3, -1/4, ...
-       shifted by the vector's index; INVIT_STEPS solves each. work: 8n doubles + k*n. */
-    #define MM_INVIT_STEPS 3
+       shifted by the vector's index; MM_INVIT_STEPS = 2 solves each (the first from a
+       shift accurate to eps ||T|| already leaves a residual near eps ||T||; the second guards
+       against a start vector nearly orthogonal to the eigenvector). work: 8n doubles + k*n. */
+    #define MM_INVIT_STEPS 2
     static void mm_top_vectors(const double *a, Py_ssize_t n, const double *d, const double *e,
                                const double *tau, const double *lam, Py_ssize_t k, double *x,
                                double *work)

@@ -29,8 +29,8 @@ the linear average) of the task vectors (crdt-merge: the weighted average).
 
 **Cost and limit.** Per matrix: the Gram (``m^2 L`` multiply-adds, threaded),
 an eigensolve and the projection (``2 k m L``). ``star`` and ``adarank`` take
-all eigenvalues but only the ``k`` vectors they keep (:func:`eigh_top`: ~5.7 ms
-at m = 256, ~32 ms at m = 512, ~0.2 s at m = 1024 for k = m/2, single-threaded
+all eigenvalues but only the ``k`` vectors they keep (:func:`eigh_top`: ~5.0 ms
+at m = 256, ~30 ms at m = 512, ~0.2 s at m = 1024 for k = m/2, single-threaded
 on the shared 2-core development machine); ``svd_knot_tying`` needs every
 vector (:func:`eigh`: ~8 ms, ~66 ms, ~0.43 s). Contributions are decomposed in
 parallel on the kernel threads. ``m`` is capped at :data:`MAX_RANK` = 1024 so
