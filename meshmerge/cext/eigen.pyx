@@ -15,13 +15,16 @@ against Jacobi's ``~60 n^3``), on a symmetric float64 matrix ``A`` (n x n):
 * scaling: ``A`` is multiplied by the power of two ``2^s`` that puts
   ``max |a_ij|`` in ``[1, 2)`` (exact), so no square below over- or underflows
   in a way that matters; eigenvalues are scaled back by ``2^-s`` at the end;
-* reduction, ``k = 0 .. n-3``: ``x = A[k+1:, k]``, ``sigma = sum_{i>=1} x_i^2``
-  (ascending); if ``sigma == 0`` nothing happens (``e_k = x_0``); otherwise
-  ``mu = sqrt(x_0^2 + sigma)``, ``alpha = -mu`` if ``x_0 >= 0`` else ``mu``,
-  ``v = (x_0 - alpha, x_1, ..)``, ``tau = 2 / (v_0^2 + sigma)``, ``e_k =
-  alpha``; ``p = tau * sum_j v_j A22[j, :]`` (j ascending), ``K = tau / 2 *
-  sum_i p_i v_i``, ``w = p - K v`` and ``A22[i, j] -= v_i w_j + w_i v_j``
-  (which keeps ``A22`` exactly symmetric);
+* reduction, ``k = 0 .. n-3``, on the upper triangle only: ``x = A[k, k+1:]``,
+  ``sigma = sum_{i>=1} x_i^2`` (ascending); if ``sigma == 0`` nothing happens
+  (``e_k = x_0``); otherwise ``mu = sqrt(x_0^2 + sigma)``, ``alpha = -mu`` if
+  ``x_0 >= 0`` else ``mu``, ``v = (x_0 - alpha, x_1, ..)``, ``tau = 2 / (v_0^2
+  + sigma)``, ``e_k = alpha``; ``p = tau * A22 v``, where row ``i`` of the
+  triangle adds ``v_i A22[i, i:]`` to ``p[i:]`` and then ``A22[i, i+1:] .
+  v[i+1:]`` to ``p_i`` (rows in order; the dot product in eight fixed lanes
+  ``j mod 8``, combined as ``((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))``); ``K = tau
+  / 2 * sum_i p_i v_i``, ``w = p - K v`` and ``A22[i, j] -= v_i w_j + w_i v_j``
+  for ``j >= i``;
 * ``Q = H_0 .. H_{n-3}`` by backward accumulation (``r = sum_i v_i Q[i, :]``,
   then ``Q[i, :] -= (tau v_i) r``); both the reduction and the accumulation
   compute the next step's sum in the same pass over the rows as this step's
@@ -35,10 +38,10 @@ against Jacobi's ``~60 n^3``), on a symmetric float64 matrix ``A`` (n x n):
   tridiagonal as the QL pass starts: a perturbation of ``eps ||T||``, which
   is what backward stability allows; a test relative to the neighbouring
   ``d`` never fires in a cluster of eigenvalues at the rounding level, such as
-  the zero eigenvalues of a rank-deficient Gram); while ``m > l`` one implicit QL step (later steps shifted by the
-  Wilkinson-type shift from ``d_l, d_l+1, e_l``) runs plane rotations from
-  ``m-1`` down to ``l`` (their lengths by a scaled ``sqrt(f^2 + g^2)``, no libm
-  ``hypot``), applied to the rows of ``Q^T`` four at a time in one pass; more
+  the zero eigenvalues of a rank-deficient Gram); while ``m > l`` one
+  implicit QL step (later steps shifted by the Wilkinson-type shift from
+  ``d_l, d_l+1, e_l``) runs plane rotations from ``m-1`` down to ``l``
+  (their lengths by a scaled ``sqrt(f^2 + g^2)``, no libm ``hypot``), applied to the rows of ``Q^T`` four at a time in one pass; more
   than ``MAX_ITERATIONS`` = 60 steps for one eigenvalue raise (LAPACK allows
   30 on average);
 * eigenvalues ascending, ties by position on the tridiagonal's diagonal
@@ -48,8 +51,19 @@ against Jacobi's ``~60 n^3``), on a symmetric float64 matrix ``A`` (n x n):
 Accuracy is that of a backward-stable method: eigenvalues to a small multiple
 of ``eps * ||A||``, eigenvectors to about ``eps * ||A|| / gap``. Cost,
 single-threaded, on the shared 2-core development machine: about 8 ms at
-n = 256 and 70 ms at n = 512 (LAPACK's eigh: 5 and 25-35 ms; the old cyclic
-Jacobi: 132 and 934 ms).
+n = 256 and 60-66 ms at n = 512 (single-threaded LAPACK eigh: 6.5 and 36 ms;
+the cyclic Jacobi solver used before: 132 and 934 ms).
+
+``eigh_top`` — all eigenvalues (the same reduction, then QL without vectors)
+and the unit eigenvectors of the k largest only, by inverse iteration on the
+tridiagonal form: per eigenvalue (descending) one LU factorisation of ``T -
+sigma I`` with partial pivoting (pivots below ``2^-53 ||T||`` in magnitude
+replaced by that value, sign kept), two solves from a fixed start vector, each
+followed by normalisation, modified Gram-Schmidt against the earlier vectors
+of its cluster (eigenvalues closer than ``1e-3 ||T||`` to the previous one;
+shifts in a cluster kept ``10 * 2^-53 ||T||`` apart) and normalisation again;
+then the vectors go back through the reflections (``n^2 k`` multiply-adds).
+About 5 ms at n = 256 and 30 ms at n = 512 for k = n/2.
 
 ``matmul`` — ``out = a @ b`` in float64: ``out[i, :] = sum_t a[i, t] * b[t, :]``
 with ``t`` ascending, one rounding per multiply and per add; rows are split
