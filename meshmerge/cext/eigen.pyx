@@ -63,7 +63,8 @@ followed by normalisation, modified Gram-Schmidt against the earlier vectors
 of its cluster (eigenvalues closer than ``1e-3 ||T||`` to the previous one;
 shifts in a cluster kept ``10 * 2^-53 ||T||`` apart) and normalisation again;
 then the vectors go back through the reflections (``n^2 k`` multiply-adds).
-About 5 ms at n = 256 and 30 ms at n = 512 for k = n/2.
+About 5 ms at n = 256 and 30 ms at n = 512 for k = n/2. For ``k > n/2`` it can
+give the ``n - k`` trailing vectors instead (the leading ones of ``-T``).
 
 ``matmul`` — ``out = a @ b`` in float64: ``out[i, :] = sum_t a[i, t] * b[t, :]``
 with ``t`` ascending, one rounding per multiply and per add; rows are split
@@ -657,14 +658,18 @@ def eigh(a):
     return np.ldexp(diag[order], -shift), np.ascontiguousarray(_positive_lead(zt[order]).T)
 
 
-def eigh_top(a, choose):
+def eigh_top(a, choose, complement=False):
     """All eigenvalues of a symmetric float64 matrix, largest first, and the unit
     eigenvectors (columns, same order) of the ``k = choose(values)`` largest.
 
     For rank truncations, which need only the leading vectors: the values come from
     QL without vectors, the k vectors from inverse iteration on the tridiagonal form,
     taken back through the reflections (about ``n^2 k`` flops instead of QL's ``~6 n^3``
-    on the vectors; see ``mm_top_vectors`` for the exact procedure). Ties among the
+    on the vectors; see ``mm_top_vectors`` for the exact procedure). With
+    ``complement`` and ``k > n - k`` it returns instead the ``n - k`` trailing
+    eigenvectors (smallest eigenvalue first), the cheaper side of the split: the
+    projection onto the leading k is then ``I - U U^T``; a caller tells which side it
+    got from the column count (trailing only when ``n - k < k``). Ties among the
     values keep their order on the tridiagonal; the sign rule is :func:`eigh`'s. A
     cluster of eigenvalues cut by k gets an arbitrary (but deterministic) orthonormal
     basis of the part kept, as any eigensolver would. Errors as :func:`eigh`, plus a
@@ -679,7 +684,7 @@ def eigh_top(a, choose):
     scratch = np.zeros(max(7 * n, 1), dtype=np.float64)
     cdef double[:, ::1] av = work_a
     cdef double[::1] dv = diag, ev = off, tv = tau, vv = vals, sv = scratch
-    cdef Py_ssize_t nn = n, kk
+    cdef Py_ssize_t nn = n, cnt
     cdef int cap = MAX_ITERATIONS, status = 0
     if n > 0:
         with nogil:
@@ -692,15 +697,22 @@ def eigh_top(a, choose):
     k = choose(values.copy())
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= k <= n:
         raise ValueError(f"eigh_top: choose() must return an int in 0..{n}, got {k!r}")
-    kk = int(k)
-    x = np.zeros((n, kk), dtype=np.float64)
-    if kk == 0:
+    if complement and n - k < k:
+        # The trailing vectors are the leading ones of -T: same code, same reflections.
+        cnt = n - k
+        lam = np.ascontiguousarray(-scaled_desc[k:][::-1])
+        diag, off = -diag, -off
+    else:
+        cnt = k
+        lam = scaled_desc
+    x = np.zeros((n, cnt), dtype=np.float64)
+    if cnt == 0:
         return values, x
-    work = np.zeros(8 * n + kk * n, dtype=np.float64)
+    work = np.zeros(8 * n + cnt * n, dtype=np.float64)
     cdef double[:, ::1] xv = x
-    cdef double[::1] wv = work, lv = scaled_desc
+    cdef double[::1] wv = work, lv = lam, dv2 = diag, ev2 = off
     with nogil:
-        mm_top_vectors(&av[0, 0], nn, &dv[0], &ev[0], &tv[0], &lv[0], kk, &xv[0, 0], &wv[0])
+        mm_top_vectors(&av[0, 0], nn, &dv2[0], &ev2[0], &tv[0], &lv[0], cnt, &xv[0, 0], &wv[0])
     return values, np.ascontiguousarray(_positive_lead(np.ascontiguousarray(x.T)).T)
 
 

@@ -212,6 +212,24 @@ def test_top_vectors_span_lapacks_leading_subspace(n: int) -> None:
         assert np.max(np.abs(u @ u.T - ref @ ref.T), initial=0.0) <= 1e-10
 
 
+@pytest.mark.parametrize("n", [2, 7, 100, 256])
+def test_complement_gives_the_trailing_side(n: int) -> None:
+    """k > n/2 with complement: the n - k trailing vectors, smallest first; I - U U^T is the
+    leading projector; k <= n/2 still gives the leading ones."""
+    b = np.random.default_rng(40 + n).standard_normal((n, 2 * n + 5))
+    g = matmul(b, np.ascontiguousarray(b.T))
+    ref_vecs = np.linalg.eigh(g)[1]
+    for k in sorted({n // 2, n // 2 + 1, n - 1, n}):
+        vals, u = eigh_top(g, lambda v, k=k: k, complement=True)
+        want = n - k if n - k < k else k
+        assert u.shape == (n, want)
+        if want < k:
+            assert np.max(np.abs(g @ u - u * vals[k:][::-1]), initial=0.0) <= 1e-13 * n * np.max(np.abs(g))
+            lead = ref_vecs[:, ::-1][:, :k]
+            assert np.max(np.abs((np.eye(n) - u @ u.T) - lead @ lead.T)) <= 1e-10
+        assert np.max(np.abs(u.T @ u - np.eye(want)), initial=0.0) <= 1e-13 * n
+
+
 def test_top_vectors_in_clusters_and_null_spaces() -> None:
     """Cut clusters get an orthonormal basis of eigenvectors (any basis is right there)."""
     q, _ = np.linalg.qr(np.random.default_rng(31).standard_normal((40, 40)))

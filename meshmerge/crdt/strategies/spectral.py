@@ -16,7 +16,9 @@ min(r, c)`` and ``B`` the ``m x L`` orientation (the matrix or its transpose).
 The SVD comes from the eigen-decomposition of the ``m x m`` Gram matrix
 ``B B^T`` (fixed-order float64 products): ``s_j = sqrt(max(lambda_j, 0))``,
 left singular vectors = eigenvectors. Rank truncation is the projection
-``U_k U_k^T B``, so it never divides by a small singular value. Precision:
+``U_k U_k^T B`` (for ``k > m/2`` computed as ``B - U_r U_r^T B`` with the
+``r = m - k`` trailing vectors, the cheaper side), so it never divides by a
+small singular value. Precision:
 going through the Gram matrix squares the condition number, so singular
 values below about ``1e-8 * s_max`` are noise; the truncations here keep the
 largest ones, whose subspaces are accurate to about ``1e-16 * s_1^2 /
@@ -270,9 +272,13 @@ class _Truncating(Strategy):
                     rank = chosen[0][0]
                     return rank if rank < mats.m else 0  # full rank: no projection, no vectors
 
-                _, u = eigh_top(gram(b), choose)
+                _, u = eigh_top(gram(b), choose, complement=True)
                 rank, factor = chosen[0]
-                return w[k] * factor, b if rank >= mats.m else project(u, rank, b)
+                if rank >= mats.m:
+                    return w[k] * factor, b
+                if u.shape[1] == rank:
+                    return w[k] * factor, project(u, rank, b)
+                return w[k] * factor, b - project(u, u.shape[1], b)  # the trailing m - rank
 
             # Contributions are independent (the kernels release the GIL), so matrices worth
             # it run on the kernel threads; the sum is still taken in contribution order.
