@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Deterministic symmetric eigensolver and the matrix products around it.
+"""Deterministic symmetric eigensolver.
 
 LAPACK/BLAS results differ in the last bits between builds, CPUs and thread
 counts (blocking, vector width, FMA), so SVD-based merges computed with them
@@ -38,9 +38,7 @@ depends on the previous one); about 0.13 s at n = 256, 1.1 s at n = 512 and
 matrix are an odd number of cache lines apart, so the column copies do not all
 land in one cache set.
 
-``matmul`` — ``out = a @ b`` in float64: ``out[i, :] = sum_t a[i, t] * b[t, :]``
-with ``t`` ascending, one rounding per multiply and per add; rows are split
-over threads (disjoint rows, so the thread count changes no byte).
+The matrix products around it (``matmul``, ``gram``) are in :mod:`meshmerge.cext.gemm`.
 """
 
 import numpy as np
@@ -128,33 +126,8 @@ cdef extern from *:
         return -1;
     }
 
-    /* out (p x s) = a (p x q) @ b (q x s); row i: sum over t ascending. */
-    MM_CLONES static void mm_matmul_rows(const double *a, const double *b, double *out,
-                                         Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t q, Py_ssize_t s)
-    {
-        for (Py_ssize_t i = lo; i < hi; i++) {
-            double *restrict o = out + i * s;
-            for (Py_ssize_t j = 0; j < s; j++) o[j] = 0.0;
-            for (Py_ssize_t t = 0; t < q; t++) {
-                double f = a[i * q + t];
-                const double *restrict br = b + t * s;
-                for (Py_ssize_t j = 0; j < s; j++) o[j] = o[j] + f * br[j];
-            }
-        }
-    }
-
-    /* Blocks of rows holding at least `grain` multiply-adds each, handed out to threads. */
-    static void mm_matmul(const double *a, const double *b, double *out,
-                          Py_ssize_t p, Py_ssize_t q, Py_ssize_t s, int want, Py_ssize_t grain)
-    {
-        Py_ssize_t rows = grain / (q * s) + 1;
-        int nt = mm_team(want, p, rows);
-        MM_PAR_BLOCKS(p, rows, nt, { (void)tid; mm_matmul_rows(a, b, out, lo, hi, q, s); });
-    }
     """
     int mm_jacobi(double *a, Py_ssize_t ld, double *vt, Py_ssize_t n, int max_sweeps) nogil
-    void mm_matmul(const double *a, const double *b, double *out,
-                   Py_ssize_t p, Py_ssize_t q, Py_ssize_t s, int want, Py_ssize_t grain) nogil
 
 #: Sweep cap of the Jacobi iteration (part of the definition of the result).
 MAX_SWEEPS = 60
@@ -207,19 +180,3 @@ def jacobi_eigh(a):
         vectors[flip] = -vectors[flip]
     return values, np.ascontiguousarray(vectors.T)
 
-
-def matmul(a, b):
-    """``a @ b`` for C-contiguous float64 matrices, in the fixed order above."""
-    cdef double[:, ::1] av = np.ascontiguousarray(a, dtype=np.float64)
-    cdef double[:, ::1] bv = np.ascontiguousarray(b, dtype=np.float64)
-    if av.shape[1] != bv.shape[0]:
-        raise ValueError(f"matmul: shapes {tuple(np.shape(a))} and {tuple(np.shape(b))} do not chain")
-    cdef Py_ssize_t p = av.shape[0], q = av.shape[1], s = bv.shape[1]
-    out = np.zeros((p, s), dtype=np.float64)
-    cdef double[:, ::1] ov = out
-    cdef int want = get_threads()
-    cdef Py_ssize_t grain = get_grain()
-    if p > 0 and s > 0 and q > 0:
-        with nogil:
-            mm_matmul(&av[0, 0], &bv[0, 0], &ov[0, 0], p, q, s, want, grain)
-    return out

@@ -87,7 +87,9 @@ import numpy as np
 import numpy.typing as npt
 
 from meshmerge.cext import get_threads, has_nonfinite
-from meshmerge.cext.eigen import jacobi_eigh, matmul
+from meshmerge.cext.eigen import jacobi_eigh
+from meshmerge.cext.gemm import gram_rows, matmul
+from meshmerge.cext.ties64 import ties_coordinates
 from meshmerge.crdt.strategies._combine import combine_tensor, model_gram
 from meshmerge.crdt.strategies._stream import (
     TensorStream,
@@ -200,10 +202,6 @@ class TaskMatrices:
         return to_storage(flat.astype(np.float32), self.spec)
 
 
-def gram(b: F64) -> F64:
-    return matmul(b, np.ascontiguousarray(b.T))
-
-
 def spectrum(g: F64) -> tuple[list[float], F64]:
     """Eigenvalues (clipped at 0) and eigenvectors (columns) of a Gram matrix, largest first."""
     vals, vecs = jacobi_eigh(g)
@@ -213,8 +211,8 @@ def spectrum(g: F64) -> tuple[list[float], F64]:
 
 def project(u: F64, k: int, b: F64) -> F64:
     """``U_k U_k^T B``: B's component in the span of the first k columns of U."""
-    uk = np.ascontiguousarray(u[:, :k])
-    return matmul(uk, matmul(np.ascontiguousarray(uk.T), b))
+    uk = u[:, :k]
+    return matmul(uk, matmul(uk.T, b))
 
 
 def accumulate(acc: F64 | None, w: float, part: F64) -> F64:
@@ -260,7 +258,7 @@ class _Truncating(Strategy):
 
             def truncated(k: int, mats: TaskMatrices = mats) -> tuple[float, F64]:
                 b = mats.get(k)
-                lam, u = spectrum(gram(b))
+                lam, u = spectrum(gram_rows(b))
                 rank, factor = self.rank(lam, params)
                 return w[k] * factor, b if rank >= mats.m else project(u, rank, b)
 
@@ -332,32 +330,6 @@ class KnotParams(Params):
         self._number("density", 0.0, 1.0, lo_open=True)
 
 
-def trim(v: F64, density: float) -> F64:
-    """Keep the entries of v whose magnitude is at least the ceil(density * size)-th largest."""
-    a = np.abs(v).reshape(-1)
-    keep = max(1, math.ceil(density * a.size))
-    if keep >= a.size:
-        return v
-    thresh = np.partition(a, a.size - keep)[a.size - keep]
-    return np.where(np.abs(v) >= thresh, v, 0.0)
-
-
-def ties_coordinates(vs: list[F64], w: list[float], density: float) -> F64:
-    """TIES on coordinate matrices: trim, elect the sign of the weighted sum, weighted mean of agreeing."""
-    trimmed = [trim(v, density) for v in vs]
-    total = np.zeros_like(trimmed[0])
-    for wk, v in zip(w, trimmed, strict=True):
-        total = total + wk * v
-    sign = np.sign(total)
-    num = np.zeros_like(total)
-    den = np.zeros_like(total)
-    for wk, v in zip(w, trimmed, strict=True):
-        agree = (np.sign(v) == sign) & (v != 0.0)
-        num = num + np.where(agree, wk * v, 0.0)
-        den = den + np.where(agree, wk, 0.0)
-    return np.where(den > 0.0, num / np.where(den > 0.0, den, 1.0), 0.0)
-
-
 class SvdKnotTying(Strategy):
     name = "svd_knot_tying"
     params_type = KnotParams
@@ -376,20 +348,18 @@ class SvdKnotTying(Strategy):
                 assert acc is not None
                 out[spec.name] = mats.finish(acc)
                 continue
-            g: F64 | None = None
-            for b in bs:
-                g = gram(b) if g is None else g + gram(b)
-            assert g is not None
+            g = gram_rows(bs[0])
+            for b in bs[1:]:
+                np.add(g, gram_rows(b), out=g)
             lam, u = spectrum(g)
             live = [j for j, x in enumerate(lam) if x > mats.m * DROP * lam[0]] if lam and lam[0] > 0.0 else []
             if not live:
                 out[spec.name] = mats.finish(np.zeros_like(bs[0]))
                 continue
             r = len(live)
-            ur = np.ascontiguousarray(u[:, :r])
-            urt = np.ascontiguousarray(ur.T)
+            ur = u[:, :r]
             s = np.array([math.sqrt(lam[j]) for j in range(r)])
-            vs = [matmul(urt, b) / s[:, None] for b in bs]
+            vs = [matmul(ur.T, b) / s[:, None] for b in bs]
             merged = ties_coordinates(vs, w, params.density)
             out[spec.name] = mats.finish(matmul(ur, s[:, None] * merged))
         return out
