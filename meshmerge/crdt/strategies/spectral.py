@@ -189,11 +189,14 @@ class TaskMatrices:
         return len(self.stream.flats)
 
     def get(self, k: int) -> F64:
-        v = _widen(self.stream.flats[k], self.spec.dtype, 0, self.spec.numel).astype(np.float64)
-        if self.base is not None:
-            v = v - self.base
+        """Task matrix k, fresh (the caller may overwrite it); a transposed view when rows > cols
+        (the kernels take strided views, so the transpose costs no copy)."""
+        x = _widen(self.stream.flats[k], self.spec.dtype, 0, self.spec.numel)
+        # float64(x) - base in one pass; the widening is exact, so the bytes are those of
+        # x.astype(float64) - base.
+        v = x.astype(np.float64) if self.base is None else np.subtract(x, self.base, dtype=np.float64)
         mat = v.reshape(self.rows, self.cols)
-        return np.ascontiguousarray(mat.T) if self.transposed else mat
+        return mat.T if self.transposed else mat
 
     def finish(self, delta: F64) -> npt.NDArray[Any]:
         flat = (delta.T if self.transposed else delta).reshape(-1)
@@ -216,7 +219,11 @@ def project(u: F64, k: int, b: F64) -> F64:
 
 
 def accumulate(acc: F64 | None, w: float, part: F64) -> F64:
-    return w * part if acc is None else acc + w * part
+    """``acc + w * part`` (``w * part`` when acc is None) in place: part is consumed."""
+    np.multiply(part, w, out=part)
+    if acc is None:
+        return part
+    return np.add(acc, part, out=acc)
 
 
 @dataclass(frozen=True)
@@ -359,9 +366,11 @@ class SvdKnotTying(Strategy):
             r = len(live)
             ur = u[:, :r]
             s = np.array([math.sqrt(lam[j]) for j in range(r)])
-            vs = [matmul(ur.T, b) / s[:, None] for b in bs]
+            vs = [matmul(ur.T, b) for b in bs]
+            for v in vs:
+                v /= s[:, None]
             merged = ties_coordinates(vs, w, params.density)
-            out[spec.name] = mats.finish(matmul(ur, s[:, None] * merged))
+            out[spec.name] = mats.finish(matmul(ur, np.multiply(merged, s[:, None], out=merged)))
         return out
 
 
