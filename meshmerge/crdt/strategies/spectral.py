@@ -108,6 +108,8 @@ F64 = npt.NDArray[np.float64]
 MAX_RANK = 512
 #: Smallest min(rows, cols) for which contributions are decomposed on several threads.
 PARALLEL_RANK = 32
+#: Fewest elements (all contributions together) for which content_order hashes on several threads.
+PARALLEL_HASH = 1 << 20
 #: Eigenvalues of the joint Gram at or below ``m * DROP * lambda_max`` are treated as zero.
 DROP = 2.0**-52
 
@@ -120,6 +122,20 @@ def _nonfinite(flat: npt.NDArray[Any], dtype: str) -> bool:
     return not bool(np.all(np.isfinite(flat)))
 
 
+def content_digest(inp: MergeInput, k: int) -> bytes:
+    """sha256 of contribution k's tensors (in spec order), after checking them."""
+    h = hashlib.sha256()
+    for spec in inp.specs:
+        flat = _flat(inp.tensors[k], spec, f"contribution {k}")
+        if _nonfinite(flat, spec.dtype):
+            raise StrategyError(
+                f"contribution {k} tensor {spec.name!r} holds NaN or Inf; "
+                "non-finite contributions cannot be merged"
+            )
+        h.update(np.ascontiguousarray(flat).view(np.uint8).data)
+    return h.digest()
+
+
 def content_order(inp: MergeInput) -> MergeInput:
     """The same input with contributions sorted by (sha256 of their tensors, weight).
 
@@ -128,18 +144,15 @@ def content_order(inp: MergeInput) -> MergeInput:
     result independent of the order the contributions come in. Also checks
     every contribution's tensors (shape, dtype, NaN/Inf) under its original index.
     """
-    keys = []
-    for k, t in enumerate(inp.tensors):
-        h = hashlib.sha256()
-        for spec in inp.specs:
-            flat = _flat(t, spec, f"contribution {k}")
-            if _nonfinite(flat, spec.dtype):
-                raise StrategyError(
-                    f"contribution {k} tensor {spec.name!r} holds NaN or Inf; "
-                    "non-finite contributions cannot be merged"
-                )
-            h.update(np.ascontiguousarray(flat).view(np.uint8).data)
-        keys.append((h.digest(), float(inp.weights[k])))
+    n = len(inp.tensors)
+    elements = n * sum(spec.numel for spec in inp.specs)
+    workers = min(get_threads(), n) if elements >= PARALLEL_HASH else 1
+    if workers > 1:  # hashlib and the NaN scan release the GIL; errors still come in index order
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            digests = list(pool.map(lambda k: content_digest(inp, k), range(n)))
+    else:
+        digests = [content_digest(inp, k) for k in range(n)]
+    keys = [(d, float(inp.weights[k])) for k, d in enumerate(digests)]
     order = sorted(range(len(keys)), key=lambda k: keys[k])
     return MergeInput(
         [inp.tensors[k] for k in order],
@@ -308,10 +321,18 @@ class AdaRankParams(Params):
 def energy_rank(lam: list[float], energy: float) -> int:
     """Smallest k with ``sum(lam[:k]) >= energy * sum(lam)`` (sums correctly rounded)."""
     goal = energy * math.fsum(lam)
-    for k in range(1, len(lam) + 1):
-        if math.fsum(lam[:k]) >= goal:
-            return k
-    return len(lam)
+    # lam >= 0, so the exact prefix sums never decrease, and neither do their correctly
+    # rounded values: the first k that reaches the goal is found by bisection.
+    lo, hi = 1, len(lam)
+    if not lam or math.fsum(lam) < goal:
+        return len(lam)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if math.fsum(lam[:mid]) >= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 class AdaRank(_Truncating):
