@@ -2,6 +2,12 @@
 
     nice .venv/bin/python scripts/bench/spectral_profile.py [--n 16] [--reps 3] [--shapes 256x1024,512x1024]
                                                             [names...]
+    nice .venv/bin/python scripts/bench/spectral_profile.py --kernels [--old MODULE]
+
+``--kernels`` instead times the matrix products alone (best of 7, GMAC/s = multiply-adds
+per second; ``gram_rows`` counted as the full m x m product it replaces) for 1 and 2
+kernel threads and each instruction-set variant; ``--old`` also times ``matmul`` of
+another compiled module (e.g. the previous implementation built outside the tree).
 
 Builds the inputs of ``kernels.py --coverage`` (N float32 contributions of one matrix
 with a base, ``make_data``) and prints, per strategy and shape, the best wall time of
@@ -89,13 +95,61 @@ def best_run(strat: Any, inp: MergeInput, reps: int) -> tuple[float, dict[str, f
     return best, best_spent, out
 
 
+def kernels(old: str | None) -> None:
+    import importlib
+
+    from meshmerge.cext.gemm import gram_rows, matmul
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for m, L, k in [(256, 1024, 128), (512, 1024, 256)]:
+        b = rng.standard_normal((m, L))
+        bt = np.ascontiguousarray(b.T)
+        u = rng.standard_normal((m, k))
+        c = rng.standard_normal((k, L))
+        cases: list[tuple[str, Callable[..., Any], tuple[Any, ...], int]] = [
+            (f"matmul {m}x{L} @ {L}x{m}", matmul, (b, bt), m * m * L),
+            (f"gram_rows {m}x{L}", gram_rows, (b,), m * m * L),
+            (f"matmul U_k^T B ({k}x{m} @ {m}x{L})", matmul, (u.T, b), k * m * L),
+            (f"matmul U_k C ({m}x{k} @ {k}x{L})", matmul, (u, c), k * m * L),
+        ]
+        if old is not None:
+            old_mm = importlib.import_module(old).matmul
+            cases.append((f"old {old}.matmul {m}x{L} @ {L}x{m}", old_mm, (b, bt), m * m * L))
+        for label, fn, fargs, macs in cases:
+            for isa in ([None, "avx2", "generic"] if not label.startswith("old") else [None]):
+                kw = {"isa": isa} if isa is not None else {}
+                cells = []
+                for threads in (1, 2):
+                    with using_threads(threads):
+                        fn(*fargs, **kw)
+                        best = float("inf")
+                        for _ in range(7):
+                            t0 = time.perf_counter()
+                            fn(*fargs, **kw)
+                            best = min(best, time.perf_counter() - t0)
+                    cells += [f"{best * 1e3:.2f}", f"{macs / best / 1e9:.1f}"]
+                rows.append([label, isa or "best", *cells])
+                print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    print(table(["product", "variant", "ms (1 thread)", "GMAC/s (1 thread)", "ms (2 threads)",
+                 "GMAC/s (2 threads)"], rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--shapes", default="256x1024,512x1024")
+    ap.add_argument("--kernels", action="store_true")
+    ap.add_argument("--old", default=None)
     ap.add_argument("names", nargs="*", default=["star", "adarank", "svd_knot_tying"])
     args = ap.parse_args()
+    if args.kernels:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()[0]:.1f}",
+              file=sys.stderr)
+        kernels(args.old)
+        print(f"end {time.strftime('%H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+        return
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()[0]:.1f}, "
           f"N = {args.n}", file=sys.stderr)
     rows = []
