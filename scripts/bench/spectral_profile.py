@@ -133,6 +133,30 @@ def kernels(old: str | None) -> None:
                 print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     print(table(["product", "variant", "ms (1 thread)", "GMAC/s (1 thread)", "ms (2 threads)",
                  "GMAC/s (2 threads)"], rows))
+    # coordinate TIES of 16 tasks (svd_knot_tying, density 0.5): the kernel and the numpy code
+    # it replaced (kept in the tests as the reference)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from meshmerge.cext.ties64 import ties_coordinates
+    from tests.cext.test_ties64 import reference
+
+    trows = []
+    for m in (256, 512):
+        vs = [rng.standard_normal((m, 1024)) for _ in range(16)]
+        w = [float(x) for x in rng.random(16) / 16]
+        assert ties_coordinates(vs, w, 0.5).tobytes() == reference(vs, w, 0.5).tobytes()
+        for label, fn in (("ties64 kernel", ties_coordinates), ("numpy (before)", reference)):
+            cells = []
+            for threads in (1, 2):
+                with using_threads(threads):
+                    best = float("inf")
+                    for _ in range(3):
+                        t0 = time.perf_counter()
+                        fn(vs, w, 0.5)
+                        best = min(best, time.perf_counter() - t0)
+                cells.append(f"{best * 1e3:.1f}")
+            trows.append([f"16 x {m}x1024", label, *cells])
+    print()
+    print(table(["coordinate TIES", "implementation", "ms (1 thread)", "ms (2 threads)"], trows))
 
 
 def main() -> None:
