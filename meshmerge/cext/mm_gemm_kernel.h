@@ -103,9 +103,30 @@ MMG_TARGET static void MMG_CAT(mmg_block, MMG_SUFFIX)(const double *a, Py_ssize_
         for (; i + MMG_MR <= r1; i += MMG_MR)
             MMG_CAT(mmg_tile, MMG_SUFFIX)(a + i * sai + t0 * sat, sai, sat, bp, kc, out + i * ldo + j0, ldo,
                                           MMG_MR, nc, t0 == 0);
-        for (; i < r1; i++)
-            MMG_CAT(mmg_tile, MMG_SUFFIX)(a + i * sai + t0 * sat, sai, sat, bp, kc, out + i * ldo + j0, ldo,
-                                          1, nc, t0 == 0);
+        /* the last rows as one shorter tile (a constant height per case, so it stays in registers) */
+#define MMG_REST(h)                                                                                      \
+    MMG_CAT(mmg_tile, MMG_SUFFIX)(a + i * sai + t0 * sat, sai, sat, bp, kc, out + i * ldo + j0, ldo, h, nc, \
+                                  t0 == 0)
+        switch (r1 - i) {
+        case 1: MMG_REST(1); break;
+#if MMG_MR > 2
+        case 2: MMG_REST(2); break;
+#endif
+#if MMG_MR > 3
+        case 3: MMG_REST(3); break;
+#endif
+#if MMG_MR > 4
+        case 4: MMG_REST(4); break;
+#endif
+#if MMG_MR > 5
+        case 5: MMG_REST(5); break;
+#endif
+#if MMG_MR > 6
+#error "add cases for taller tiles"
+#endif
+        default: break;
+        }
+#undef MMG_REST
     }
 }
 
