@@ -33,48 +33,66 @@ cdef extern from *:
 
     #define MM_TB 256  /* elements per block of the elect/mean pass (its sums stay in L1) */
 
-    /* The k-th smallest (0-based) of |v[0..n)| (finite v; *bad = 1 otherwise). Non-negative
-       doubles order like their bit patterns: one counting pass over the top 16 bits, then
-       the values in the bucket holding the answer are gathered into cand (n uint64) and
-       three more 16-bit counting passes run over those only. hist: 65536 entries. */
-    static double mm_kth_abs(const double *v, Py_ssize_t n, Py_ssize_t k, uint32_t *hist, uint64_t *cand,
-                             int *bad)
+    #define MM_TIES_CAND (1 << 20)  /* most bucket values gathered per thread (8 MiB) */
+
+    static inline uint64_t mm_abs_bits(const double *v, Py_ssize_t e)
     {
-        const uint64_t mag = 0x7FFFFFFFFFFFFFFFull, inf = 0x7FF0000000000000ull;
+        uint64_t bits;
+        memcpy(&bits, &v[e], 8);
+        return bits & 0x7FFFFFFFFFFFFFFFull;
+    }
+
+    /* The k-th smallest (0-based) of |v[0..n)| (finite v; *bad = 1 otherwise). Non-negative
+       doubles order like their bit patterns: one counting pass over the top 16 bits, then the
+       values in the bucket holding the answer are gathered into cand (capacity cap) and three
+       more 16-bit counting passes run over those only (over all of v, filtered by the bits
+       fixed so far, when the bucket holds cap values or more). hist: 65536 entries. */
+    static double mm_kth_abs(const double *v, Py_ssize_t n, Py_ssize_t k, uint32_t *hist, uint64_t *cand,
+                             Py_ssize_t cap, int *bad)
+    {
         uint64_t worst = 0;
         memset(hist, 0, 65536 * sizeof(uint32_t));
         for (Py_ssize_t e = 0; e < n; e++) {
-            uint64_t bits;
-            memcpy(&bits, &v[e], 8);
-            bits &= mag;
+            uint64_t bits = mm_abs_bits(v, e);
             worst = bits > worst ? bits : worst;
             hist[bits >> 48]++;
         }
-        if (worst >= inf) { *bad = 1; return 0.0; }
+        if (worst >= 0x7FF0000000000000ull) { *bad = 1; return 0.0; }
         uint64_t d = 0;
         while ((Py_ssize_t)hist[d] <= k) { k -= (Py_ssize_t)hist[d]; d++; }
         uint64_t prefix = d;
-        Py_ssize_t m = 0;
-        for (Py_ssize_t e = 0; e < n; e++) {
-            uint64_t bits;
-            memcpy(&bits, &v[e], 8);
-            bits &= mag;
-            cand[m] = bits;
-            m += (bits >> 48) == prefix;
+        Py_ssize_t m = (Py_ssize_t)hist[d];
+        const int gathered = m < cap;
+        if (gathered) {
+            m = 0;
+            for (Py_ssize_t e = 0; e < n; e++) {
+                uint64_t bits = mm_abs_bits(v, e);
+                cand[m] = bits;  /* m <= bucket count < cap: in bounds */
+                m += (bits >> 48) == prefix;
+            }
         }
         for (int level = 1; level < 4; level++) {
             const int sh = 48 - 16 * level;
             memset(hist, 0, 65536 * sizeof(uint32_t));
-            for (Py_ssize_t i = 0; i < m; i++) hist[(cand[i] >> sh) & 0xFFFF]++;
+            if (gathered) {
+                for (Py_ssize_t i = 0; i < m; i++) hist[(cand[i] >> sh) & 0xFFFF]++;
+            } else {
+                for (Py_ssize_t e = 0; e < n; e++) {
+                    uint64_t bits = mm_abs_bits(v, e);
+                    if ((bits >> (sh + 16)) == prefix) hist[(bits >> sh) & 0xFFFF]++;
+                }
+            }
             d = 0;
             while ((Py_ssize_t)hist[d] <= k) { k -= (Py_ssize_t)hist[d]; d++; }
             prefix = (prefix << 16) | d;
-            Py_ssize_t kept = 0;
-            for (Py_ssize_t i = 0; i < m; i++) {
-                cand[kept] = cand[i];
-                kept += (cand[i] >> sh) == prefix;
+            if (gathered) {
+                Py_ssize_t kept = 0;
+                for (Py_ssize_t i = 0; i < m; i++) {
+                    cand[kept] = cand[i];
+                    kept += (cand[i] >> sh) == prefix;
+                }
+                m = kept;
             }
-            m = kept;
         }
         double r;
         memcpy(&r, &prefix, 8);
@@ -90,7 +108,8 @@ cdef extern from *:
         if (nt > nk) nt = (int)nk;
         if (nt < 1) nt = 1;
         uint32_t *hist = malloc((size_t)nt * 65536 * sizeof(uint32_t));
-        uint64_t *cand = malloc((size_t)nt * (size_t)n * sizeof(uint64_t));
+        Py_ssize_t cap = n < MM_TIES_CAND ? n : MM_TIES_CAND;
+        uint64_t *cand = malloc((size_t)nt * (size_t)cap * sizeof(uint64_t));
         if (hist == NULL || cand == NULL) { free(hist); free(cand); return -1; }
         MM_PAR_BLOCKS(nk, 1, nt, {
             (void)hi;
@@ -98,7 +117,7 @@ cdef extern from *:
             thr[lo] = 0.0;
             if (keep < n)
                 thr[lo] = mm_kth_abs(vs[lo], n, n - keep, hist + (size_t)tid * 65536,
-                                     cand + (size_t)tid * (size_t)n, &bad[lo]);
+                                     cand + (size_t)tid * (size_t)cap, cap, &bad[lo]);
             else
                 for (Py_ssize_t e = 0; e < n; e++) bad[lo] |= !(fabs(vs[lo][e]) <= 1.7976931348623157e308);
         });

@@ -64,6 +64,16 @@ def test_same_bytes_as_the_numpy_code(shape: tuple[int, int], nk: int, density: 
             assert ties_coordinates(vs, w, density).tobytes() == ref, threads
 
 
+def test_one_magnitude_bucket() -> None:
+    """All magnitudes share their top 16 bits: the threshold search cannot gather the bucket and
+    rescans the matrix (the path large matrices take when one bucket holds >= 2^20 values)."""
+    rng = np.random.default_rng(11)
+    vs = [(1.0 + 0.01 * rng.random((30, 40))) * rng.choice([-1.0, 1.0], (30, 40)) for _ in range(5)]
+    w = [float(x) for x in rng.random(5)]
+    for density in (0.1, 0.5, 0.99):
+        assert ties_coordinates(vs, w, density).tobytes() == reference(vs, w, density).tobytes()
+
+
 def test_all_zero_and_disagreeing_inputs() -> None:
     z = [np.zeros((4, 5)), -np.zeros((4, 5))]
     assert ties_coordinates(z, [0.5, 0.5], 0.5).tobytes() == np.zeros((4, 5)).tobytes()
