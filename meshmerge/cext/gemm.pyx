@@ -155,8 +155,8 @@ cdef object _f64_view(x):
 
 
 cdef object _product(a, b, bint upper, int force):
-    cdef double[:, :] av = a
-    cdef double[:, :] bv = b
+    cdef const double[:, :] av = a
+    cdef const double[:, :] bv = b
     cdef Py_ssize_t p = av.shape[0], q = av.shape[1], s = bv.shape[1]
     if q == 0 or p == 0 or s == 0:
         return np.zeros((p, s), dtype=np.float64)

@@ -202,7 +202,7 @@ def ties_coordinates(list vs, weights, double density):
     cdef double[::1] thr = np.zeros(nk, dtype=np.float64)
     cdef int[::1] bad = np.zeros(nk, dtype=np.intc)
     cdef double[::1] ov = out.reshape(-1)
-    cdef double[::1] vk
+    cdef const double[::1] vk
     cdef Py_ssize_t keep = max(1, math.ceil(density * n))
     cdef int want = get_threads()
     cdef Py_ssize_t grain = get_grain()

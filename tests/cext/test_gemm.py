@@ -83,6 +83,15 @@ def test_signed_zeros_and_zero_matrices() -> None:
     assert gram_rows(np.zeros((0, 4))).shape == (0, 0)
 
 
+def test_read_only_and_broadcast_inputs() -> None:
+    a = np.random.default_rng(2).standard_normal((9, 20))
+    a.setflags(write=False)
+    row = np.broadcast_to(np.arange(20.0), (5, 20))  # zero row stride, read-only
+    for isa in ISAS:
+        assert matmul(a, a.T, isa=isa).tobytes() == reference_matmul(a, np.ascontiguousarray(a.T)).tobytes()
+        assert gram_rows(row, isa=isa).tobytes() == reference_matmul(np.array(row), np.array(row).T).tobytes()
+
+
 def test_other_dtypes_are_widened() -> None:
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     b = np.arange(8, dtype=np.int64).reshape(4, 2)

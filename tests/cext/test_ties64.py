@@ -74,6 +74,13 @@ def test_one_magnitude_bucket() -> None:
         assert ties_coordinates(vs, w, density).tobytes() == reference(vs, w, density).tobytes()
 
 
+def test_read_only_inputs() -> None:
+    vs, w = tasks((6, 9), 3, 5)
+    for v in vs:
+        v.setflags(write=False)
+    assert ties_coordinates(vs, w, 0.4).tobytes() == reference(vs, w, 0.4).tobytes()
+
+
 def test_all_zero_and_disagreeing_inputs() -> None:
     z = [np.zeros((4, 5)), -np.zeros((4, 5))]
     assert ties_coordinates(z, [0.5, 0.5], 0.5).tobytes() == np.zeros((4, 5)).tobytes()
