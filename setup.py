@@ -25,7 +25,7 @@ extensions = [
         include_dirs=[numpy.get_include(), "meshmerge/cext"],
         extra_compile_args=DETERMINISTIC_CFLAGS + OPENMP,
         extra_link_args=OPENMP,
-        depends=["meshmerge/cext/mm_par.h", "meshmerge/cext/mm_detmath.h"],
+        depends=["meshmerge/cext/mm_par.h", "meshmerge/cext/mm_detmath.h", "meshmerge/cext/mm_gemm_kernel.h"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
     for pyx in sorted(Path("meshmerge/cext").glob("*.pyx"))

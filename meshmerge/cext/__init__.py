@@ -22,7 +22,7 @@ from meshmerge.cext.datafree import (
     mean_abs,
     regmean_average,
 )
-from meshmerge.cext.eigen import eigh, eigh_top, matmul
+from meshmerge.cext.eigen import eigh, eigh_top
 from meshmerge.cext.elemwise import (
     della_merge,
     emr_elect,
@@ -32,6 +32,7 @@ from meshmerge.cext.elemwise import (
     safe_freeze,
     safe_moments,
 )
+from meshmerge.cext.gemm import gram_rows, matmul
 from meshmerge.cext.gram import GRAM_SPAN, gram_accumulate, gram_finalize
 from meshmerge.cext.linear import task_sum_f32, weighted_sum_f32, weighted_sum_f64
 from meshmerge.cext.overlap import overlap_counts, overlap_merge
@@ -68,6 +69,7 @@ __all__ = [
     "get_threads",
     "gram_accumulate",
     "gram_finalize",
+    "gram_rows",
     "has_nonfinite",
     "keep_base_at_most",
     "kth_smallest_nonnegative",

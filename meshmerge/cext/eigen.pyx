@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Deterministic symmetric eigensolver and the matrix products around it.
+"""Deterministic symmetric eigensolver.
 
 LAPACK/BLAS results differ in the last bits between builds, CPUs and thread
 counts (blocking, vector width, FMA), so SVD-based merges computed with them
@@ -66,9 +66,7 @@ then the vectors go back through the reflections (``n^2 k`` multiply-adds).
 About 5 ms at n = 256 and 30 ms at n = 512 for k = n/2. For ``k > n/2`` it can
 give the ``n - k`` trailing vectors instead (the leading ones of ``-T``).
 
-``matmul`` — ``out = a @ b`` in float64: ``out[i, :] = sum_t a[i, t] * b[t, :]``
-with ``t`` ascending, one rounding per multiply and per add; rows are split
-over threads (disjoint rows, so the thread count changes no byte).
+The matrix products around it (``matmul``, ``gram``) are in :mod:`meshmerge.cext.gemm`.
 """
 
 import math
@@ -559,37 +557,12 @@ cdef extern from *:
         }
     }
 
-    /* out (p x s) = a (p x q) @ b (q x s); row i: sum over t ascending. */
-    MM_CLONES static void mm_matmul_rows(const double *a, const double *b, double *out,
-                                         Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t q, Py_ssize_t s)
-    {
-        for (Py_ssize_t i = lo; i < hi; i++) {
-            double *restrict o = out + i * s;
-            for (Py_ssize_t j = 0; j < s; j++) o[j] = 0.0;
-            for (Py_ssize_t t = 0; t < q; t++) {
-                double f = a[i * q + t];
-                const double *restrict br = b + t * s;
-                for (Py_ssize_t j = 0; j < s; j++) o[j] = o[j] + f * br[j];
-            }
-        }
-    }
-
-    /* Blocks of rows holding at least `grain` multiply-adds each, handed out to threads. */
-    static void mm_matmul(const double *a, const double *b, double *out,
-                          Py_ssize_t p, Py_ssize_t q, Py_ssize_t s, int want, Py_ssize_t grain)
-    {
-        Py_ssize_t rows = grain / (q * s) + 1;
-        int nt = mm_team(want, p, rows);
-        MM_PAR_BLOCKS(p, rows, nt, { (void)tid; mm_matmul_rows(a, b, out, lo, hi, q, s); });
-    }
     """
     int mm_eigh(double *a, Py_ssize_t n, double *d, double *zt, double *work, int max_iter) nogil
     int mm_eigvals(double *a, Py_ssize_t n, double *d, double *e, double *tau, double *vals,
                    double *work, int max_iter) nogil
     void mm_top_vectors(const double *a, Py_ssize_t n, const double *d, const double *e,
                         const double *tau, const double *lam, Py_ssize_t k, double *x, double *work) nogil
-    void mm_matmul(const double *a, const double *b, double *out,
-                   Py_ssize_t p, Py_ssize_t q, Py_ssize_t s, int want, Py_ssize_t grain) nogil
 
 #: QL steps allowed for one eigenvalue (exceeding it raises; part of the definition).
 MAX_ITERATIONS = 60
@@ -715,19 +688,3 @@ def eigh_top(a, choose, complement=False):
         mm_top_vectors(&av[0, 0], nn, &dv2[0], &ev2[0], &tv[0], &lv[0], cnt, &xv[0, 0], &wv[0])
     return values, np.ascontiguousarray(_positive_lead(np.ascontiguousarray(x.T)).T)
 
-
-def matmul(a, b):
-    """``a @ b`` for C-contiguous float64 matrices, in the fixed order above."""
-    cdef double[:, ::1] av = np.ascontiguousarray(a, dtype=np.float64)
-    cdef double[:, ::1] bv = np.ascontiguousarray(b, dtype=np.float64)
-    if av.shape[1] != bv.shape[0]:
-        raise ValueError(f"matmul: shapes {tuple(np.shape(a))} and {tuple(np.shape(b))} do not chain")
-    cdef Py_ssize_t p = av.shape[0], q = av.shape[1], s = bv.shape[1]
-    out = np.zeros((p, s), dtype=np.float64)
-    cdef double[:, ::1] ov = out
-    cdef int want = get_threads()
-    cdef Py_ssize_t grain = get_grain()
-    if p > 0 and s > 0 and q > 0:
-        with nogil:
-            mm_matmul(&av[0, 0], &bv[0, 0], &ov[0, 0], p, q, s, want, grain)
-    return out

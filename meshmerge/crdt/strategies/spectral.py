@@ -92,7 +92,9 @@ import numpy as np
 import numpy.typing as npt
 
 from meshmerge.cext import get_threads, has_nonfinite
-from meshmerge.cext.eigen import eigh, eigh_top, matmul
+from meshmerge.cext.eigen import eigh, eigh_top
+from meshmerge.cext.gemm import gram_rows, matmul
+from meshmerge.cext.ties64 import ties_coordinates
 from meshmerge.crdt.strategies._combine import combine_tensor, model_gram
 from meshmerge.crdt.strategies._stream import (
     TensorStream,
@@ -111,6 +113,8 @@ F64 = npt.NDArray[np.float64]
 MAX_RANK = 1024
 #: Smallest min(rows, cols) for which contributions are decomposed on several threads.
 PARALLEL_RANK = 32
+#: Fewest elements (all contributions together) for which content_order hashes on several threads.
+PARALLEL_HASH = 1 << 20
 #: Eigenvalues of the joint Gram at or below ``m * DROP * lambda_max`` are treated as zero.
 DROP = 2.0**-52
 
@@ -123,6 +127,20 @@ def _nonfinite(flat: npt.NDArray[Any], dtype: str) -> bool:
     return not bool(np.all(np.isfinite(flat)))
 
 
+def content_digest(inp: MergeInput, k: int) -> bytes:
+    """sha256 of contribution k's tensors (in spec order), after checking them."""
+    h = hashlib.sha256()
+    for spec in inp.specs:
+        flat = _flat(inp.tensors[k], spec, f"contribution {k}")
+        if _nonfinite(flat, spec.dtype):
+            raise StrategyError(
+                f"contribution {k} tensor {spec.name!r} holds NaN or Inf; "
+                "non-finite contributions cannot be merged"
+            )
+        h.update(np.ascontiguousarray(flat).view(np.uint8).data)
+    return h.digest()
+
+
 def content_order(inp: MergeInput) -> MergeInput:
     """The same input with contributions sorted by (sha256 of their tensors, weight).
 
@@ -131,18 +149,15 @@ def content_order(inp: MergeInput) -> MergeInput:
     result independent of the order the contributions come in. Also checks
     every contribution's tensors (shape, dtype, NaN/Inf) under its original index.
     """
-    keys = []
-    for k, t in enumerate(inp.tensors):
-        h = hashlib.sha256()
-        for spec in inp.specs:
-            flat = _flat(t, spec, f"contribution {k}")
-            if _nonfinite(flat, spec.dtype):
-                raise StrategyError(
-                    f"contribution {k} tensor {spec.name!r} holds NaN or Inf; "
-                    "non-finite contributions cannot be merged"
-                )
-            h.update(np.ascontiguousarray(flat).view(np.uint8).data)
-        keys.append((h.digest(), float(inp.weights[k])))
+    n = len(inp.tensors)
+    elements = n * sum(spec.numel for spec in inp.specs)
+    workers = min(get_threads(), n) if elements >= PARALLEL_HASH else 1
+    if workers > 1:  # hashlib and the NaN scan release the GIL; errors still come in index order
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            digests = list(pool.map(lambda k: content_digest(inp, k), range(n)))
+    else:
+        digests = [content_digest(inp, k) for k in range(n)]
+    keys = [(d, float(inp.weights[k])) for k, d in enumerate(digests)]
     order = sorted(range(len(keys)), key=lambda k: keys[k])
     return MergeInput(
         [inp.tensors[k] for k in order],
@@ -192,21 +207,20 @@ class TaskMatrices:
         return len(self.stream.flats)
 
     def get(self, k: int) -> F64:
-        v = _widen(self.stream.flats[k], self.spec.dtype, 0, self.spec.numel).astype(np.float64)
-        if self.base is not None:
-            v = v - self.base
+        """Task matrix k, fresh (the caller may overwrite it); a transposed view when rows > cols
+        (the kernels take strided views, so the transpose costs no copy)."""
+        x = _widen(self.stream.flats[k], self.spec.dtype, 0, self.spec.numel)
+        # float64(x) - base in one pass; the widening is exact, so the bytes are those of
+        # x.astype(float64) - base.
+        v = x.astype(np.float64) if self.base is None else np.subtract(x, self.base, dtype=np.float64)
         mat = v.reshape(self.rows, self.cols)
-        return np.ascontiguousarray(mat.T) if self.transposed else mat
+        return mat.T if self.transposed else mat
 
     def finish(self, delta: F64) -> npt.NDArray[Any]:
         flat = (delta.T if self.transposed else delta).reshape(-1)
         if self.base is not None:
             flat = self.base + flat
         return to_storage(flat.astype(np.float32), self.spec)
-
-
-def gram(b: F64) -> F64:
-    return matmul(b, np.ascontiguousarray(b.T))
 
 
 def spectrum(g: F64) -> tuple[list[float], F64]:
@@ -218,12 +232,16 @@ def spectrum(g: F64) -> tuple[list[float], F64]:
 
 def project(u: F64, k: int, b: F64) -> F64:
     """``U_k U_k^T B``: B's component in the span of the first k columns of U."""
-    uk = np.ascontiguousarray(u[:, :k])
-    return matmul(uk, matmul(np.ascontiguousarray(uk.T), b))
+    uk = u[:, :k]
+    return matmul(uk, matmul(uk.T, b))
 
 
 def accumulate(acc: F64 | None, w: float, part: F64) -> F64:
-    return w * part if acc is None else acc + w * part
+    """``acc + w * part`` (``w * part`` when acc is None) in place: part is consumed."""
+    np.multiply(part, w, out=part)
+    if acc is None:
+        return part
+    return np.add(acc, part, out=acc)
 
 
 @dataclass(frozen=True)
@@ -272,7 +290,7 @@ class _Truncating(Strategy):
                     rank = chosen[0][0]
                     return rank if rank < mats.m else 0  # full rank: no projection, no vectors
 
-                _, u = eigh_top(gram(b), choose, complement=True)
+                _, u = eigh_top(gram_rows(b), choose, complement=True)
                 rank, factor = chosen[0]
                 if rank >= mats.m:
                     return w[k] * factor, b
@@ -319,10 +337,18 @@ class AdaRankParams(Params):
 def energy_rank(lam: list[float], energy: float) -> int:
     """Smallest k with ``sum(lam[:k]) >= energy * sum(lam)`` (sums correctly rounded)."""
     goal = energy * math.fsum(lam)
-    for k in range(1, len(lam) + 1):
-        if math.fsum(lam[:k]) >= goal:
-            return k
-    return len(lam)
+    # lam >= 0, so the exact prefix sums never decrease, and neither do their correctly
+    # rounded values: the first k that reaches the goal is found by bisection.
+    lo, hi = 1, len(lam)
+    if not lam or math.fsum(lam) < goal:
+        return len(lam)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if math.fsum(lam[:mid]) >= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 class AdaRank(_Truncating):
@@ -348,32 +374,6 @@ class KnotParams(Params):
         self._number("density", 0.0, 1.0, lo_open=True)
 
 
-def trim(v: F64, density: float) -> F64:
-    """Keep the entries of v whose magnitude is at least the ceil(density * size)-th largest."""
-    a = np.abs(v).reshape(-1)
-    keep = max(1, math.ceil(density * a.size))
-    if keep >= a.size:
-        return v
-    thresh = np.partition(a, a.size - keep)[a.size - keep]
-    return np.where(np.abs(v) >= thresh, v, 0.0)
-
-
-def ties_coordinates(vs: list[F64], w: list[float], density: float) -> F64:
-    """TIES on coordinate matrices: trim, elect the sign of the weighted sum, weighted mean of agreeing."""
-    trimmed = [trim(v, density) for v in vs]
-    total = np.zeros_like(trimmed[0])
-    for wk, v in zip(w, trimmed, strict=True):
-        total = total + wk * v
-    sign = np.sign(total)
-    num = np.zeros_like(total)
-    den = np.zeros_like(total)
-    for wk, v in zip(w, trimmed, strict=True):
-        agree = (np.sign(v) == sign) & (v != 0.0)
-        num = num + np.where(agree, wk * v, 0.0)
-        den = den + np.where(agree, wk, 0.0)
-    return np.where(den > 0.0, num / np.where(den > 0.0, den, 1.0), 0.0)
-
-
 class SvdKnotTying(Strategy):
     name = "svd_knot_tying"
     params_type = KnotParams
@@ -392,22 +392,22 @@ class SvdKnotTying(Strategy):
                 assert acc is not None
                 out[spec.name] = mats.finish(acc)
                 continue
-            g: F64 | None = None
-            for b in bs:
-                g = gram(b) if g is None else g + gram(b)
-            assert g is not None
+            g = gram_rows(bs[0])
+            for b in bs[1:]:
+                np.add(g, gram_rows(b), out=g)
             lam, u = spectrum(g)
             live = [j for j, x in enumerate(lam) if x > mats.m * DROP * lam[0]] if lam and lam[0] > 0.0 else []
             if not live:
                 out[spec.name] = mats.finish(np.zeros_like(bs[0]))
                 continue
             r = len(live)
-            ur = np.ascontiguousarray(u[:, :r])
-            urt = np.ascontiguousarray(ur.T)
+            ur = u[:, :r]
             s = np.array([math.sqrt(lam[j]) for j in range(r)])
-            vs = [matmul(urt, b) / s[:, None] for b in bs]
+            vs = [matmul(ur.T, b) for b in bs]
+            for v in vs:
+                v /= s[:, None]
             merged = ties_coordinates(vs, w, params.density)
-            out[spec.name] = mats.finish(matmul(ur, s[:, None] * merged))
+            out[spec.name] = mats.finish(matmul(ur, np.multiply(merged, s[:, None], out=merged)))
         return out
 
 
