@@ -154,7 +154,7 @@ cdef object _f64_view(x):
     return arr
 
 
-cdef object _product(a, b, bint upper, int force):
+cdef object _product(a, b, bint upper, int force, int threads):
     cdef const double[:, :] av = a
     cdef const double[:, :] bv = b
     cdef Py_ssize_t p = av.shape[0], q = av.shape[1], s = bv.shape[1]
@@ -164,7 +164,7 @@ cdef object _product(a, b, bint upper, int force):
     cdef double[:, ::1] ov = out
     cdef Py_ssize_t sai = av.strides[0] // 8, sat = av.strides[1] // 8
     cdef Py_ssize_t sbt = bv.strides[0] // 8, sbj = bv.strides[1] // 8
-    cdef int want = get_threads()
+    cdef int want = threads if threads > 0 else get_threads()
     cdef Py_ssize_t grain = get_grain()
     cdef int rc
     with nogil:
@@ -174,21 +174,24 @@ cdef object _product(a, b, bint upper, int force):
     return out
 
 
-def matmul(a, b, *, isa=None):
+def matmul(a, b, *, isa=None, int threads=0):
     """``a @ b`` in float64 in the fixed order above (any strides; other dtypes are converted).
 
-    ``isa`` ("generic" or "avx2") forces a narrower kernel, for tests; the bytes are the same.
+    ``isa`` ("generic" or "avx2") forces a narrower kernel, for tests; ``threads`` > 0
+    caps the threads of this call (0: :func:`meshmerge.cext.threads.get_threads`), for
+    callers that already run products in parallel. Neither changes a byte.
     """
     av, bv = _f64_view(a), _f64_view(b)
     if av.shape[1] != bv.shape[0]:
         raise ValueError(f"matmul: shapes {tuple(np.shape(a))} and {tuple(np.shape(b))} do not chain")
-    return _product(av, bv, False, _force(isa))
+    return _product(av, bv, False, _force(isa), threads)
 
 
-def gram_rows(b, *, isa=None):
-    """``b @ b.T`` with the bytes of ``matmul(b, b.T)``, computing only the upper triangle."""
+def gram_rows(b, *, isa=None, int threads=0):
+    """``b @ b.T`` with the bytes of ``matmul(b, b.T)``, computing only the upper triangle
+    (``isa`` and ``threads`` as for :func:`matmul`)."""
     bv = _f64_view(b)
-    return _product(bv, bv.T, True, _force(isa))
+    return _product(bv, bv.T, True, _force(isa), threads)
 
 
 cdef int _force(isa) except -1:

@@ -230,10 +230,11 @@ def spectrum(g: F64) -> tuple[list[float], F64]:
     return lam, np.ascontiguousarray(vecs[:, ::-1])
 
 
-def project(u: F64, k: int, b: F64) -> F64:
-    """``U_k U_k^T B``: B's component in the span of the first k columns of U."""
+def project(u: F64, k: int, b: F64, threads: int = 0) -> F64:
+    """``U_k U_k^T B``: B's component in the span of the first k columns of U
+    (``threads`` as for :func:`matmul`)."""
     uk = u[:, :k]
-    return matmul(uk, matmul(uk.T, b))
+    return matmul(uk, matmul(uk.T, b, threads=threads), threads=threads)
 
 
 def accumulate(acc: F64 | None, w: float, part: F64) -> F64:
@@ -281,7 +282,14 @@ class _Truncating(Strategy):
         for spec in inp.specs:
             mats = TaskMatrices(inp, spec, use_base, self.name)
 
-            def truncated(k: int, mats: TaskMatrices = mats) -> tuple[float, F64]:
+            # Contributions are independent (the kernels release the GIL), so matrices worth
+            # it run on the kernel threads, each product then on one thread (kernel threads
+            # inside pool threads would put twice as many threads as cores to work); the sum
+            # is still taken in contribution order.
+            workers = min(get_threads(), len(mats)) if mats.m >= PARALLEL_RANK else 1
+            inner = 1 if workers > 1 else 0
+
+            def truncated(k: int, mats: TaskMatrices = mats, inner: int = inner) -> tuple[float, F64]:
                 b = mats.get(k)
                 chosen: list[tuple[int, float]] = []
 
@@ -290,18 +298,15 @@ class _Truncating(Strategy):
                     rank = chosen[0][0]
                     return rank if rank < mats.m else 0  # full rank: no projection, no vectors
 
-                _, u = eigh_top(gram_rows(b), choose, complement=True)
+                _, u = eigh_top(gram_rows(b, threads=inner), choose, complement=True)
                 rank, factor = chosen[0]
                 if rank >= mats.m:
                     return w[k] * factor, b
                 if u.shape[1] == rank:
-                    return w[k] * factor, project(u, rank, b)
-                return w[k] * factor, b - project(u, u.shape[1], b)  # the trailing m - rank
+                    return w[k] * factor, project(u, rank, b, inner)
+                return w[k] * factor, b - project(u, u.shape[1], b, inner)  # the trailing m - rank
 
-            # Contributions are independent (the kernels release the GIL), so matrices worth
-            # it run on the kernel threads; the sum is still taken in contribution order.
             acc: F64 | None = None
-            workers = min(get_threads(), len(mats)) if mats.m >= PARALLEL_RANK else 1
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 parts = pool.map(truncated, range(len(mats))) if workers > 1 else map(truncated, range(len(mats)))
                 for coef, part in parts:
