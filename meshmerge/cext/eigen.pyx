@@ -15,13 +15,14 @@ against Jacobi's ``~60 n^3``), on a symmetric float64 matrix ``A`` (n x n):
 * scaling: ``A`` is multiplied by the power of two ``2^s`` that puts
   ``max |a_ij|`` in ``[1, 2)`` (exact), so no square below over- or underflows
   in a way that matters; eigenvalues are scaled back by ``2^-s`` at the end;
-* reduction, ``k = 0 .. n-3``, on the upper triangle only: ``x = A[k, k+1:]``,
-  ``sigma = sum_{i>=1} x_i^2`` (ascending); if ``sigma == 0`` nothing happens
-  (``e_k = x_0``); otherwise ``mu = sqrt(x_0^2 + sigma)``, ``alpha = -mu`` if
-  ``x_0 >= 0`` else ``mu``, ``v = (x_0 - alpha, x_1, ..)``, ``tau = 2 / (v_0^2
-  + sigma)``, ``e_k = alpha``; ``p = tau * A22 v``, where row ``i`` of the
-  triangle adds ``v_i A22[i, i:]`` to ``p[i:]`` and then ``A22[i, i+1:] .
-  v[i+1:]`` to ``p_i`` (rows in order; the dot product in eight fixed lanes
+* reduction, ``k = 0 .. n-3``, on the upper triangle only: ``x = A[k, k+1:]``;
+  if ``x_1.. == 0`` nothing happens (``e_k = x_0``); otherwise, with ``c =
+  max |x_i|``, ``mu = c * sqrt(sum_i (x_i / c)^2)`` (ascending), ``beta = -mu``
+  if ``x_0 >= 0`` else ``mu``, ``tau = (beta - x_0) / beta``, ``v = (1, x_1 /
+  (x_0 - beta), ..)``, ``e_k = beta`` (LAPACK's normalisation: no column,
+  however tiny or huge, over- or underflows); ``p = tau * A22 v``, where row
+  ``i`` of the triangle adds ``v_i A22[i, i:]`` to ``p[i:]`` and then
+  ``A22[i, i+1:] . v[i+1:]`` to ``p_i`` (rows in order; the dot product in eight fixed lanes
   ``j mod 8``, combined as ``((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))``); ``K = tau
   / 2 * sum_i p_i v_i``, ``w = p - K v`` and ``A22[i, j] -= v_i w_j + w_i v_j``
   for ``j >= i``;
@@ -59,10 +60,15 @@ and the unit eigenvectors of the k largest only, by inverse iteration on the
 tridiagonal form: per eigenvalue (descending) one LU factorisation of ``T -
 sigma I`` with partial pivoting (pivots below ``2^-53 ||T||`` in magnitude
 replaced by that value, sign kept), two solves from a fixed start vector, each
-followed by normalisation, modified Gram-Schmidt against the earlier vectors
-of its cluster (eigenvalues closer than ``1e-3 ||T||`` to the previous one;
-shifts in a cluster kept ``10 * 2^-53 ||T||`` apart) and normalisation again;
-then the vectors go back through the reflections (``n^2 k`` multiply-adds).
+followed by normalisation and, twice, modified Gram-Schmidt against the earlier
+vectors of its cluster and normalisation again (a cluster: eigenvalues closer
+than ``1e-3 ||T||`` to the previous one; shifts in a cluster are kept
+``10 * 2^-53 ||T||`` apart);
+every vector must then satisfy ``|T x - lambda x| <= 16 n 2^-53 ||T||`` in each
+component (true for everything but extremely graded matrices, where replaced
+pivots hide eigenvalues far below ``eps ||T||``; then the vectors come from
+:func:`eigh` instead, deterministically); then the vectors go back through the
+reflections (``n^2 k`` multiply-adds).
 About 5 ms at n = 256 and 30 ms at n = 512 for k = n/2. For ``k > n/2`` it can
 give the ``n - k`` trailing vectors instead (the leading ones of ``-T``).
 
@@ -160,7 +166,9 @@ cdef extern from *:
     }
 
     /* Reduction step k's reflection from row k (final by then): d[k], e[k], tau[k]; row k
-       keeps v_k in columns k+1... Returns 0 when no reflection is needed. */
+       keeps v_k in columns k+1.. with v_0 = 1 (LAPACK's convention: tau in [1, 2], and the
+       norm is taken of x / max|x_i|, so neither tiny nor huge columns over- or underflow).
+       Returns 0 when no reflection is needed (x_1.. all zero). */
     static int mm_reflect(double *a, Py_ssize_t ld, Py_ssize_t n, Py_ssize_t k, double *d,
                           double *e, double *tau)
     {
@@ -168,17 +176,25 @@ cdef extern from *:
         double *x = a + k * ld + k + 1;
         d[k] = a[k * ld + k];
         tau[k] = 0.0;
-        double sigma = 0.0;
-        for (Py_ssize_t i = 1; i < m; i++) sigma = sigma + x[i] * x[i];
-        if (sigma == 0.0) {
+        double big = 0.0;
+        for (Py_ssize_t i = 1; i < m; i++) if (fabs(x[i]) > big) big = fabs(x[i]);
+        if (big == 0.0) {
             e[k] = x[0];
             return 0;
         }
-        double mu = sqrt(x[0] * x[0] + sigma);
-        double alpha = x[0] >= 0.0 ? -mu : mu;
-        x[0] = x[0] - alpha;
-        tau[k] = 2.0 / (x[0] * x[0] + sigma);
-        e[k] = alpha;
+        if (fabs(x[0]) > big) big = fabs(x[0]);
+        double s2 = 0.0;
+        for (Py_ssize_t i = 0; i < m; i++) {
+            double y = x[i] / big;
+            s2 = s2 + y * y;
+        }
+        double mu = big * sqrt(s2);
+        double beta = x[0] >= 0.0 ? -mu : mu;
+        double v0 = x[0] - beta;
+        tau[k] = (beta - x[0]) / beta;
+        for (Py_ssize_t i = 1; i < m; i++) x[i] = x[i] / v0;
+        x[0] = 1.0;
+        e[k] = beta;
         return 1;
     }
 
@@ -499,14 +515,16 @@ cdef extern from *:
        into x (n x k, vectors as columns). Eigenvalues closer than 1e-3 ||T|| to the previous
        one form a cluster: shifts in a cluster are kept at least 10 eps ||T|| apart, and each
        vector is orthogonalised (modified Gram-Schmidt, in order) against the earlier ones of
-       its cluster after every solve. Start vector: the fixed sequence 1, -1/2, 1/3, -1/4, ...
+       its cluster after every solve (twice, normalising after each pass: one pass loses
+       orthogonality when the solve leaves little outside the earlier vectors' span). Start vector: the fixed sequence 1, -1/2, 1/3, -1/4, ...
        shifted by the vector's index; MM_INVIT_STEPS = 2 solves each (the first from a
        shift accurate to eps ||T|| already leaves a residual near eps ||T||; the second guards
        against a start vector nearly orthogonal to the eigenvector). work: 8n doubles + k*n. */
     #define MM_INVIT_STEPS 2
-    static void mm_top_vectors(const double *a, Py_ssize_t n, const double *d, const double *e,
-                               const double *tau, const double *lam, Py_ssize_t k, double *x,
-                               double *work)
+    #define MM_INVIT_RESID 16.0
+    static int mm_top_vectors(const double *a, Py_ssize_t n, const double *d, const double *e,
+                              const double *tau, const double *lam, Py_ssize_t k, double *x,
+                              double *work)
     {
         double tnorm = 0.0;
         for (Py_ssize_t i = 0; i < n; i++) {
@@ -536,12 +554,27 @@ cdef extern from *:
                 for (Py_ssize_t i = 0; i < n; i++) b[i] = v[i];
                 mm_lu_solve(f, n, b);
                 mm_unit(b, n);
-                for (Py_ssize_t c = first; c < j; c++) {
-                    double h = mm_dot8(vs + c * n, b, n);
-                    for (Py_ssize_t i = 0; i < n; i++) b[i] = b[i] - h * vs[c * n + i];
+                for (int pass = 0; pass < 2 && first < j; pass++) {
+                    for (Py_ssize_t c = first; c < j; c++) {
+                        double h = mm_dot8(vs + c * n, b, n);
+                        for (Py_ssize_t i = 0; i < n; i++) b[i] = b[i] - h * vs[c * n + i];
+                    }
+                    mm_unit(b, n);
                 }
-                mm_unit(b, n);
                 for (Py_ssize_t i = 0; i < n; i++) v[i] = b[i];
+            }
+        }
+        /* Every vector must be an eigenvector of T to within MM_INVIT_RESID n eps ||T||;
+           otherwise (extremely graded matrices, where replaced pivots hide eigenvalues far
+           below eps ||T||) the caller falls back to QL. */
+        double limit = MM_INVIT_RESID * (double)n * MM_EIG_SKIP * tnorm;
+        for (Py_ssize_t j = 0; j < k; j++) {
+            const double *v = vs + j * n;
+            for (Py_ssize_t i = 0; i < n; i++) {
+                double t = d[i] * v[i] - lam[j] * v[i];
+                if (i > 0) t = t + e[i - 1] * v[i - 1];
+                if (i + 1 < n) t = t + e[i] * v[i + 1];
+                if (!(fabs(t) <= limit)) return 1;
             }
         }
         for (Py_ssize_t i = 0; i < n; i++)
@@ -555,14 +588,15 @@ cdef extern from *:
             for (Py_ssize_t i = 0; i < m; i++) mm_axpy(r, xs + i * k, v[i], k);
             for (Py_ssize_t i = 0; i < m; i++) mm_sub_scaled(xs + i * k, r, tau[s] * v[i], k);
         }
+        return 0;
     }
 
     """
     int mm_eigh(double *a, Py_ssize_t n, double *d, double *zt, double *work, int max_iter) nogil
     int mm_eigvals(double *a, Py_ssize_t n, double *d, double *e, double *tau, double *vals,
                    double *work, int max_iter) nogil
-    void mm_top_vectors(const double *a, Py_ssize_t n, const double *d, const double *e,
-                        const double *tau, const double *lam, Py_ssize_t k, double *x, double *work) nogil
+    int mm_top_vectors(const double *a, Py_ssize_t n, const double *d, const double *e,
+                       const double *tau, const double *lam, Py_ssize_t k, double *x, double *work) nogil
 
 #: QL steps allowed for one eigenvalue (exceeding it raises; part of the definition).
 MAX_ITERATIONS = 60
@@ -684,7 +718,13 @@ def eigh_top(a, choose, complement=False):
     work = np.zeros(8 * n + cnt * n, dtype=np.float64)
     cdef double[:, ::1] xv = x
     cdef double[::1] wv = work, lv = lam, dv2 = diag, ev2 = off
+    cdef int bad
     with nogil:
-        mm_top_vectors(&av[0, 0], nn, &dv2[0], &ev2[0], &tv[0], &lv[0], cnt, &xv[0, 0], &wv[0])
+        bad = mm_top_vectors(&av[0, 0], nn, &dv2[0], &ev2[0], &tv[0], &lv[0], cnt, &xv[0, 0], &wv[0])
+    if bad:
+        # Inverse iteration missed its residual bound: the same vectors from the QL solver.
+        _, full = eigh(a)
+        x = np.ascontiguousarray(full[:, :cnt] if cnt != k else full[:, ::-1][:, :cnt])
+        return values, x
     return values, np.ascontiguousarray(_positive_lead(np.ascontiguousarray(x.T)).T)
 
