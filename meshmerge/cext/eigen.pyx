@@ -80,8 +80,6 @@ import math
 import numpy as np
 cimport numpy as cnp
 
-from meshmerge.cext.threads import get_grain, get_threads
-
 cnp.import_array()
 
 cdef extern from *:
