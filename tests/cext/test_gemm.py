@@ -29,7 +29,8 @@ def reference_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # odd shapes, one tile, partial tiles in both directions, and q > 512 (accumulators are
 # stored and reloaded between t-blocks)
-SHAPES = [(1, 1, 1), (7, 13, 5), (6, 40, 32), (33, 1000, 65), (130, 17, 9), (13, 1100, 40), (97, 64, 70)]
+SHAPES = [(1, 1, 1), (5, 7, 3), (7, 13, 5), (6, 40, 32), (37, 64, 51), (33, 1000, 65), (130, 17, 9),
+          (13, 1100, 40), (97, 64, 70)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -39,7 +40,7 @@ def test_matmul_same_bytes_as_the_sequential_loop(shape: tuple[int, int, int]) -
     a, b = rng.standard_normal((p, q)), rng.standard_normal((q, s))
     ref = reference_matmul(a, b).tobytes()
     for isa in ISAS:
-        for threads in (1, 2):
+        for threads in (1, 2, 3):
             with using_threads(threads, grain=8):
                 assert matmul(a, b, isa=isa).tobytes() == ref, (isa, threads)
 
