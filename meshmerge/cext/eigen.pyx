@@ -407,10 +407,10 @@ cdef extern from *:
 
     /* Tridiagonalise a into (d, e) (reflections left in a and tau, n each) and put the
        tridiagonal's eigenvalues, unsorted, in vals (QL without vectors). work: 4n doubles. */
-    static int mm_eigvals(double *a, Py_ssize_t n, double *d, double *e, double *tau,
+    static int mm_eigvals(double *a, Py_ssize_t ld, Py_ssize_t n, double *d, double *e, double *tau,
                           double *vals, double *work, int max_iter)
     {
-        mm_tridiag(a, n, n, d, e, tau, work);
+        mm_tridiag(a, ld, n, d, e, tau, work);
         double *e2 = work + 3 * n;
         for (Py_ssize_t i = 0; i < n; i++) {
             vals[i] = d[i];
@@ -425,12 +425,13 @@ cdef extern from *:
        eigenvalue as its shift, which mostly deflates it in one step (about a quarter
        fewer rotations than the usual shifts; rotating the vectors is most of the cost).
        work: 7n doubles + n*n (q). Returns mm_ql's status. */
-    static int mm_eigh(double *a, Py_ssize_t n, double *d, double *zt, double *work, int max_iter)
+    static int mm_eigh(double *a, Py_ssize_t ld, Py_ssize_t n, double *d, double *zt, double *work,
+                       int max_iter)
     {
         double *e = work, *tau = work + n, *shifts = work + 2 * n, *tmp = work + 3 * n;
         double *q = work + 7 * n;
-        if (mm_eigvals(a, n, d, e, tau, shifts, tmp, max_iter) != 0) return -1;
-        mm_tridiag_q(a, n, n, tau, q, tmp);
+        if (mm_eigvals(a, ld, n, d, e, tau, shifts, tmp, max_iter) != 0) return -1;
+        mm_tridiag_q(a, ld, n, tau, q, tmp);
         for (Py_ssize_t i = 0; i < n; i++)
             for (Py_ssize_t j = 0; j < n; j++) zt[i * n + j] = q[j * n + i];
         return mm_ql(d, e, zt, n, max_iter, shifts, tmp, tmp + n);
@@ -451,61 +452,223 @@ cdef extern from *:
     /* LU factors of T - lam I for the tridiagonal T (d, e) with partial pivoting (rows i and
        i+1 swap when |e_i| > |pivot|; piv[i] = 1), pivots smaller than tiny in magnitude
        replaced by +-tiny; f (6n doubles) receives the reciprocal pivots, the two
-       superdiagonals of U, the multipliers and the swaps. */
-    static void mm_lu_shifted(const double *d, const double *e, Py_ssize_t n, double lam,
-                              double tiny, double *f)
+       superdiagonals of U, the multipliers and the swaps, in six arrays ld >= n apart.
+       mm_lu_begin, then mm_lu_step for i = 0 .. n-2, then mm_lu_end. */
+    static void mm_lu_begin(const double *d, const double *e, Py_ssize_t n, double lam, double *f,
+                            Py_ssize_t ld)
     {
-        double *dg = f, *u1 = f + n, *u2 = f + 2 * n, *ml = f + 3 * n, *piv = f + 4 * n;
-        double *rcp = f + 5 * n;
+        double *dg = f, *u1 = f + ld, *u2 = f + 2 * ld;
         for (Py_ssize_t i = 0; i < n; i++) {
             dg[i] = d[i] - lam;
             u1[i] = e[i];
             u2[i] = 0.0;
         }
-        for (Py_ssize_t i = 0; i + 1 < n; i++) {
-            double sub = e[i];
-            if (fabs(dg[i]) >= fabs(sub)) {
-                if (fabs(dg[i]) < tiny) dg[i] = dg[i] >= 0.0 ? tiny : -tiny;
-                double fact = sub / dg[i];
-                ml[i] = fact;
-                piv[i] = 0.0;
-                dg[i + 1] = dg[i + 1] - fact * u1[i];
-            } else {
-                double fact = dg[i] / sub;
-                double t = u1[i];
-                dg[i] = sub;
-                ml[i] = fact;
-                piv[i] = 1.0;
-                u1[i] = dg[i + 1];
-                dg[i + 1] = t - fact * dg[i + 1];
-                if (i + 2 < n) {
-                    u2[i] = u1[i + 1];
-                    u1[i + 1] = -fact * u1[i + 1];
-                }
+    }
+
+    static inline __attribute__((always_inline)) void mm_lu_step(const double *e, Py_ssize_t n,
+                                                                 Py_ssize_t i, double tiny, double *f,
+                                                                 Py_ssize_t ld)
+    {
+        double *dg = f, *u1 = f + ld, *u2 = f + 2 * ld, *ml = f + 3 * ld, *piv = f + 4 * ld;
+        double sub = e[i];
+        if (fabs(dg[i]) >= fabs(sub)) {
+            if (fabs(dg[i]) < tiny) dg[i] = dg[i] >= 0.0 ? tiny : -tiny;
+            double fact = sub / dg[i];
+            ml[i] = fact;
+            piv[i] = 0.0;
+            dg[i + 1] = dg[i + 1] - fact * u1[i];
+        } else {
+            double fact = dg[i] / sub;
+            double t = u1[i];
+            dg[i] = sub;
+            ml[i] = fact;
+            piv[i] = 1.0;
+            u1[i] = dg[i + 1];
+            dg[i + 1] = t - fact * dg[i + 1];
+            if (i + 2 < n) {
+                u2[i] = u1[i + 1];
+                u1[i + 1] = -fact * u1[i + 1];
             }
         }
+    }
+
+    static void mm_lu_end(Py_ssize_t n, double tiny, double *f, Py_ssize_t ld)
+    {
+        double *dg = f, *rcp = f + 5 * ld;
         if (fabs(dg[n - 1]) < tiny) dg[n - 1] = dg[n - 1] >= 0.0 ? tiny : -tiny;
         for (Py_ssize_t i = 0; i < n; i++) rcp[i] = 1.0 / dg[i];
     }
 
-    /* b := (T - lam I)^-1 b with the factors of mm_lu_shifted. */
-    static void mm_lu_solve(const double *f, Py_ssize_t n, double *b)
+    /* b := (T - lam I)^-1 b with the factors above: mm_solve_down for i = 0 .. n-2, then
+       mm_solve_up for i = n-1 .. 0. */
+    static inline __attribute__((always_inline)) void mm_solve_down(const double *f, Py_ssize_t ld,
+                                                                    Py_ssize_t i, double *b)
     {
-        const double *u1 = f + n, *u2 = f + 2 * n, *ml = f + 3 * n, *piv = f + 4 * n;
-        const double *rcp = f + 5 * n;
-        for (Py_ssize_t i = 0; i + 1 < n; i++) {
-            if (piv[i] != 0.0) {
-                double bi = b[i];
-                b[i] = b[i + 1];
-                b[i + 1] = bi - ml[i] * b[i];
+        const double *ml = f + 3 * ld, *piv = f + 4 * ld;
+        if (piv[i] != 0.0) {
+            double bi = b[i];
+            b[i] = b[i + 1];
+            b[i + 1] = bi - ml[i] * b[i];
+        } else {
+            b[i + 1] = b[i + 1] - ml[i] * b[i];
+        }
+    }
+
+    static inline __attribute__((always_inline)) void mm_solve_up(const double *f, Py_ssize_t n,
+                                                                  Py_ssize_t ld, Py_ssize_t i, double *b)
+    {
+        const double *u1 = f + ld, *u2 = f + 2 * ld, *rcp = f + 5 * ld;
+        if (i == n - 1) b[i] = b[i] * rcp[i];
+        else if (i == n - 2) b[i] = (b[i] - u1[i] * b[i + 1]) * rcp[i];
+        else b[i] = ((b[i] - u1[i] * b[i + 1]) - u2[i] * b[i + 2]) * rcp[i];
+    }
+
+    /* Inverse iteration handles up to MM_INVIT_LANES vectors side by side when they are
+       independent (no two in one cluster): the factorisation and the solves are chains of
+       dependent divisions and multiplications, and interleaving independent chains keeps
+       the floating-point units busy. Each vector still gets exactly the operations it
+       would get alone. Its arrays are ld = n + 8 doubles apart: with n a power of two,
+       n apart would put all of them in the same L1 sets. */
+    #define MM_INVIT_LANES 4
+
+    static void mm_lu_many(const double *d, const double *e, Py_ssize_t n, Py_ssize_t ld,
+                           const double *shift, int cnt, double tiny, double *f)
+    {
+        for (int q = 0; q < cnt; q++) mm_lu_begin(d, e, n, shift[q], f + q * 6 * ld, ld);
+        for (Py_ssize_t i = 0; i + 1 < n; i++)
+            for (int q = 0; q < cnt; q++) mm_lu_step(e, n, i, tiny, f + q * 6 * ld, ld);
+        for (int q = 0; q < cnt; q++) mm_lu_end(n, tiny, f + q * 6 * ld, ld);
+    }
+
+    static void mm_solve_many(const double *f, Py_ssize_t n, Py_ssize_t ld, int cnt, double *b)
+    {
+        for (Py_ssize_t i = 0; i + 1 < n; i++)
+            for (int q = 0; q < cnt; q++) mm_solve_down(f + q * 6 * ld, ld, i, b + q * ld);
+        for (Py_ssize_t i = n - 1; i >= 0; i--)
+            for (int q = 0; q < cnt; q++) mm_solve_up(f + q * 6 * ld, n, ld, i, b + q * ld);
+    }
+
+    /* Eight doubles as one GCC vector: element-wise IEEE operations, lowered to the widest
+       registers of each clone. Unaligned loads and stores by macro (a vector return value
+       would change the ABI of the narrower clones). */
+    typedef double mm_v8d __attribute__((vector_size(64)));
+    #define MM_LD8(p) __extension__({ mm_v8d v_; memcpy(&v_, (p), sizeof v_); v_; })
+    #define MM_ST8(p, v) __extension__({ mm_v8d w_ = (v); memcpy((p), &w_, sizeof w_); })
+
+    /* The reflections on 32 columns of x (rows 32 apart): for s = n-3 .. 0, r = sum_i v_i
+       x[s+1+i, :] (rows ascending), then x[s+1+i, :] -= (tau_s v_i) r, whose row updates
+       also accumulate step s-1's r (same operations, one pass over the rows instead of
+       two). Columns are independent, so one block runs every step with r and the next r
+       in registers (four vectors of eight: four independent chains) and its rows in L1/L2. */
+    static inline __attribute__((always_inline)) void mm_back_block32(const double *a, Py_ssize_t ld,
+                                                                      Py_ssize_t n, const double *tau,
+                                                                      double *x)
+    {
+        mm_v8d zero = {0}, r0 = zero, r1 = zero, r2 = zero, r3 = zero;
+        int have_r = 0;
+        for (Py_ssize_t s = n - 3; s >= 0; s--) {
+            if (tau[s] == 0.0) continue;
+            Py_ssize_t m = n - s - 1;
+            const double *v = a + s * ld + s + 1;
+            double *xs = x + (s + 1) * 32;
+            if (!have_r) {
+                r0 = r1 = r2 = r3 = zero;
+                for (Py_ssize_t i = 0; i < m; i++) {
+                    const double *row = xs + i * 32;
+                    r0 = r0 + v[i] * MM_LD8(row);
+                    r1 = r1 + v[i] * MM_LD8(row + 8);
+                    r2 = r2 + v[i] * MM_LD8(row + 16);
+                    r3 = r3 + v[i] * MM_LD8(row + 24);
+                }
+            }
+            have_r = s >= 1 && tau[s - 1] != 0.0;
+            if (have_r) {
+                const double *vn = a + (s - 1) * ld + s, *top = x + s * 32;
+                mm_v8d n0 = zero + vn[0] * MM_LD8(top), n1 = zero + vn[0] * MM_LD8(top + 8);
+                mm_v8d n2 = zero + vn[0] * MM_LD8(top + 16), n3 = zero + vn[0] * MM_LD8(top + 24);
+                for (Py_ssize_t i = 0; i < m; i++) {
+                    double *row = xs + i * 32, f = tau[s] * v[i], g = vn[i + 1];
+                    mm_v8d y0 = MM_LD8(row) - f * r0, y1 = MM_LD8(row + 8) - f * r1;
+                    mm_v8d y2 = MM_LD8(row + 16) - f * r2, y3 = MM_LD8(row + 24) - f * r3;
+                    MM_ST8(row, y0);
+                    MM_ST8(row + 8, y1);
+                    MM_ST8(row + 16, y2);
+                    MM_ST8(row + 24, y3);
+                    n0 = n0 + g * y0;
+                    n1 = n1 + g * y1;
+                    n2 = n2 + g * y2;
+                    n3 = n3 + g * y3;
+                }
+                r0 = n0;
+                r1 = n1;
+                r2 = n2;
+                r3 = n3;
             } else {
-                b[i + 1] = b[i + 1] - ml[i] * b[i];
+                for (Py_ssize_t i = 0; i < m; i++) {
+                    double *row = xs + i * 32, f = tau[s] * v[i];
+                    MM_ST8(row, MM_LD8(row) - f * r0);
+                    MM_ST8(row + 8, MM_LD8(row + 8) - f * r1);
+                    MM_ST8(row + 16, MM_LD8(row + 16) - f * r2);
+                    MM_ST8(row + 24, MM_LD8(row + 24) - f * r3);
+                }
             }
         }
-        b[n - 1] = b[n - 1] * rcp[n - 1];
-        if (n >= 2) b[n - 2] = (b[n - 2] - u1[n - 2] * b[n - 1]) * rcp[n - 2];
-        for (Py_ssize_t i = n - 3; i >= 0; i--)
-            b[i] = ((b[i] - u1[i] * b[i + 1]) - u2[i] * b[i + 2]) * rcp[i];
+    }
+
+    /* The same on w <= 32 columns, rows k apart, in plain loops (a last, narrower group). */
+    static void mm_back_block(const double *a, Py_ssize_t ld, Py_ssize_t n, const double *tau, Py_ssize_t k,
+                              double *x, int w)
+    {
+        double r[32], rn[32];
+        int have_r = 0;
+        for (Py_ssize_t s = n - 3; s >= 0; s--) {
+            if (tau[s] == 0.0) continue;
+            Py_ssize_t m = n - s - 1;
+            const double *v = a + s * ld + s + 1;
+            double *xs = x + (s + 1) * k;
+            if (!have_r) {
+                for (int j = 0; j < w; j++) r[j] = 0.0;
+                for (Py_ssize_t i = 0; i < m; i++)
+                    for (int j = 0; j < w; j++) r[j] = r[j] + v[i] * xs[i * k + j];
+            }
+            have_r = s >= 1 && tau[s - 1] != 0.0;
+            if (have_r) {
+                const double *vn = a + (s - 1) * ld + s;
+                for (int j = 0; j < w; j++) rn[j] = 0.0 + vn[0] * x[s * k + j];
+                for (Py_ssize_t i = 0; i < m; i++) {
+                    double f = tau[s] * v[i], g = vn[i + 1];
+                    for (int j = 0; j < w; j++) {
+                        double y = xs[i * k + j] - f * r[j];
+                        xs[i * k + j] = y;
+                        rn[j] = rn[j] + g * y;
+                    }
+                }
+                for (int j = 0; j < w; j++) r[j] = rn[j];
+            } else {
+                for (Py_ssize_t i = 0; i < m; i++) {
+                    double f = tau[s] * v[i];
+                    for (int j = 0; j < w; j++) xs[i * k + j] = xs[i * k + j] - f * r[j];
+                }
+            }
+        }
+    }
+
+    /* x (n x k) := H_0 .. H_{n-3} V^T for the k vectors in the rows of vs (n apart), 32 at
+       a time: each group is copied into buf (n x 32, contiguous, so its rows fill
+       consecutive cache lines whatever k is), reflected and copied into its columns of x.
+       The last group, if narrower, goes through plain loops. */
+    MM_CLONES static void mm_reflect_back(const double *a, Py_ssize_t ld, Py_ssize_t n, const double *tau,
+                                          Py_ssize_t k, const double *vs, double *x, double *buf)
+    {
+        for (Py_ssize_t j0 = 0; j0 < k; j0 += 32) {
+            int w = k - j0 < 32 ? (int)(k - j0) : 32;
+            for (Py_ssize_t i = 0; i < n; i++)
+                for (int j = 0; j < w; j++) buf[i * w + j] = vs[(j0 + j) * n + i];
+            if (w == 32) mm_back_block32(a, ld, n, tau, buf);
+            else mm_back_block(a, ld, n, tau, w, buf, w);
+            for (Py_ssize_t i = 0; i < n; i++)
+                for (int j = 0; j < w; j++) x[i * k + j0 + j] = buf[i * w + j];
+        }
     }
 
     /* Unit eigenvectors of the tridiagonal (d, e) for the eigenvalues lam[0..k-1] (descending)
@@ -517,11 +680,13 @@ cdef extern from *:
        orthogonality when the solve leaves little outside the earlier vectors' span). Start vector: the fixed sequence 1, -1/2, 1/3, -1/4, ...
        shifted by the vector's index; MM_INVIT_STEPS = 2 solves each (the first from a
        shift accurate to eps ||T|| already leaves a residual near eps ||T||; the second guards
-       against a start vector nearly orthogonal to the eigenvector). work: 8n doubles + k*n. */
+       against a start vector nearly orthogonal to the eigenvector). Consecutive vectors
+       that each start a cluster (after the first of the group) run MM_INVIT_LANES at a time.
+       work: 7 MM_INVIT_LANES (n + 8) + 32 n doubles + k*n. */
     #define MM_INVIT_STEPS 2
     #define MM_INVIT_RESID 16.0
-    static int mm_top_vectors(const double *a, Py_ssize_t n, const double *d, const double *e,
-                              const double *tau, const double *lam, Py_ssize_t k, double *x,
+    static int mm_top_vectors(const double *a, Py_ssize_t ld, Py_ssize_t n, const double *d,
+                              const double *e, const double *tau, const double *lam, Py_ssize_t k, double *x,
                               double *work)
     {
         double tnorm = 0.0;
@@ -531,36 +696,51 @@ cdef extern from *:
         }
         if (tnorm == 0.0) tnorm = 1.0;
         double tiny = MM_EIG_SKIP * tnorm, gap = 1e-3 * tnorm, sep = 10.0 * MM_EIG_SKIP * tnorm;
-        double *b = work, *f = work + n, *r = work + 7 * n, *vs = work + 8 * n;
+        Py_ssize_t fl = n + 8;
+        double *b = work, *f = work + MM_INVIT_LANES * fl;
+        double *buf = work + 7 * MM_INVIT_LANES * fl, *vs = buf + 32 * n;
         Py_ssize_t first = 0;
-        double shift = 0.0;
-        for (Py_ssize_t j = 0; j < k; j++) {
-            double want = lam[j];
-            if (j == 0 || lam[j - 1] - lam[j] > gap) {
-                first = j;
-                shift = want;
-            } else {
-                shift = want < shift - sep ? want : shift - sep;
-            }
-            double *v = vs + j * n;
-            for (Py_ssize_t i = 0; i < n; i++) {
-                Py_ssize_t t = i + j;
-                v[i] = (t % 2 ? -1.0 : 1.0) / (double)(t % n + 1);
-            }
-            mm_lu_shifted(d, e, n, shift, tiny, f);
-            for (int step = 0; step < MM_INVIT_STEPS; step++) {
-                for (Py_ssize_t i = 0; i < n; i++) b[i] = v[i];
-                mm_lu_solve(f, n, b);
-                mm_unit(b, n);
-                for (int pass = 0; pass < 2 && first < j; pass++) {
-                    for (Py_ssize_t c = first; c < j; c++) {
-                        double h = mm_dot8(vs + c * n, b, n);
-                        for (Py_ssize_t i = 0; i < n; i++) b[i] = b[i] - h * vs[c * n + i];
-                    }
-                    mm_unit(b, n);
+        double shift = 0.0, shifts[MM_INVIT_LANES];
+        for (Py_ssize_t j = 0; j < k;) {
+            int cnt = 0;
+            Py_ssize_t first_j = 0;
+            do {
+                Py_ssize_t t = j + cnt;
+                if (t == 0 || lam[t - 1] - lam[t] > gap) {
+                    first = t;
+                    shift = lam[t];
+                } else {
+                    shift = lam[t] < shift - sep ? lam[t] : shift - sep;
                 }
-                for (Py_ssize_t i = 0; i < n; i++) v[i] = b[i];
+                if (cnt == 0) first_j = first;  /* vector j may continue an earlier cluster */
+                shifts[cnt++] = shift;
+            } while (cnt < MM_INVIT_LANES && j + cnt < k && lam[j + cnt - 1] - lam[j + cnt] > gap);
+            for (int q = 0; q < cnt; q++) {
+                double *v = vs + (j + q) * n;
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    Py_ssize_t t = i + j + q;
+                    v[i] = (t % 2 ? -1.0 : 1.0) / (double)(t % n + 1);
+                }
             }
+            mm_lu_many(d, e, n, fl, shifts, cnt, tiny, f);
+            for (int step = 0; step < MM_INVIT_STEPS; step++) {
+                for (int q = 0; q < cnt; q++)
+                    for (Py_ssize_t i = 0; i < n; i++) b[q * fl + i] = vs[(j + q) * n + i];
+                mm_solve_many(f, n, fl, cnt, b);
+                for (int q = 0; q < cnt; q++) {
+                    double *bq = b + q * fl;
+                    mm_unit(bq, n);
+                    for (int pass = 0; pass < 2 && q == 0 && first_j < j; pass++) {
+                        for (Py_ssize_t c = first_j; c < j; c++) {
+                            double h = mm_dot8(vs + c * n, bq, n);
+                            for (Py_ssize_t i = 0; i < n; i++) bq[i] = bq[i] - h * vs[c * n + i];
+                        }
+                        mm_unit(bq, n);
+                    }
+                    for (Py_ssize_t i = 0; i < n; i++) vs[(j + q) * n + i] = bq[i];
+                }
+            }
+            j += cnt;
         }
         /* Every vector must be an eigenvector of T to within MM_INVIT_RESID n eps ||T||;
            otherwise (extremely graded matrices, where replaced pivots hide eigenvalues far
@@ -575,26 +755,17 @@ cdef extern from *:
                 if (!(fabs(t) <= limit)) return 1;
             }
         }
-        for (Py_ssize_t i = 0; i < n; i++)
-            for (Py_ssize_t j = 0; j < k; j++) x[i * k + j] = vs[j * n + i];
-        for (Py_ssize_t s = n - 3; s >= 0; s--) {
-            if (tau[s] == 0.0) continue;
-            Py_ssize_t m = n - s - 1;
-            const double *v = a + s * n + s + 1;
-            double *xs = x + (s + 1) * k;
-            for (Py_ssize_t j = 0; j < k; j++) r[j] = 0.0;
-            for (Py_ssize_t i = 0; i < m; i++) mm_axpy(r, xs + i * k, v[i], k);
-            for (Py_ssize_t i = 0; i < m; i++) mm_sub_scaled(xs + i * k, r, tau[s] * v[i], k);
-        }
+        mm_reflect_back(a, ld, n, tau, k, vs, x, buf);
         return 0;
     }
 
     """
-    int mm_eigh(double *a, Py_ssize_t n, double *d, double *zt, double *work, int max_iter) nogil
-    int mm_eigvals(double *a, Py_ssize_t n, double *d, double *e, double *tau, double *vals,
+    int mm_eigh(double *a, Py_ssize_t ld, Py_ssize_t n, double *d, double *zt, double *work, int max_iter) nogil
+    int mm_eigvals(double *a, Py_ssize_t ld, Py_ssize_t n, double *d, double *e, double *tau, double *vals,
                    double *work, int max_iter) nogil
-    int mm_top_vectors(const double *a, Py_ssize_t n, const double *d, const double *e,
+    int mm_top_vectors(const double *a, Py_ssize_t ld, Py_ssize_t n, const double *d, const double *e,
                        const double *tau, const double *lam, Py_ssize_t k, double *x, double *work) nogil
+    enum: MM_INVIT_LANES
 
 #: QL steps allowed for one eigenvalue (exceeding it raises; part of the definition).
 MAX_ITERATIONS = 60
@@ -653,10 +824,10 @@ def eigh(a):
     cdef double[::1] dv = diag
     cdef double[:, ::1] zv = zt
     cdef double[::1] sv = scratch
-    cdef Py_ssize_t nn = n
+    cdef Py_ssize_t nn = n, ld = work_a.shape[1]
     cdef int cap = MAX_ITERATIONS, status
     with nogil:
-        status = mm_eigh(&av[0, 0], nn, &dv[0], &zv[0, 0], &sv[0], cap)
+        status = mm_eigh(&av[0, 0], ld, nn, &dv[0], &zv[0, 0], &sv[0], cap)
     if status != 0:
         raise _no_convergence()
     order = np.argsort(diag, kind="stable")
@@ -689,11 +860,11 @@ def eigh_top(a, choose, complement=False):
     scratch = np.zeros(max(7 * n, 1), dtype=np.float64)
     cdef double[:, ::1] av = work_a
     cdef double[::1] dv = diag, ev = off, tv = tau, vv = vals, sv = scratch
-    cdef Py_ssize_t nn = n, cnt
+    cdef Py_ssize_t nn = n, ld = work_a.shape[1], cnt
     cdef int cap = MAX_ITERATIONS, status = 0
     if n > 0:
         with nogil:
-            status = mm_eigvals(&av[0, 0], nn, &dv[0], &ev[0], &tv[0], &vv[0], &sv[0], cap)
+            status = mm_eigvals(&av[0, 0], ld, nn, &dv[0], &ev[0], &tv[0], &vv[0], &sv[0], cap)
     if status != 0:
         raise _no_convergence()
     order = np.argsort(-vals, kind="stable")
@@ -713,12 +884,12 @@ def eigh_top(a, choose, complement=False):
     x = np.zeros((n, cnt), dtype=np.float64)
     if cnt == 0:
         return values, x
-    work = np.zeros(8 * n + cnt * n, dtype=np.float64)
+    work = np.zeros(7 * MM_INVIT_LANES * (n + 8) + 32 * n + cnt * n, dtype=np.float64)
     cdef double[:, ::1] xv = x
     cdef double[::1] wv = work, lv = lam, dv2 = diag, ev2 = off
     cdef int bad
     with nogil:
-        bad = mm_top_vectors(&av[0, 0], nn, &dv2[0], &ev2[0], &tv[0], &lv[0], cnt, &xv[0, 0], &wv[0])
+        bad = mm_top_vectors(&av[0, 0], ld, nn, &dv2[0], &ev2[0], &tv[0], &lv[0], cnt, &xv[0, 0], &wv[0])
     if bad:
         # Inverse iteration missed its residual bound: the same vectors from the QL solver.
         _, full = eigh(a)
