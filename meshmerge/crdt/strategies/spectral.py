@@ -86,6 +86,7 @@ import hashlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -389,31 +390,46 @@ class SvdKnotTying(Strategy):
         out: dict[str, Any] = {}
         for spec in inp.specs:
             mats = TaskMatrices(inp, spec, use_base, self.name)
-            bs = [mats.get(k) for k in range(len(mats))]
-            if params.method == "linear":
-                acc: F64 | None = None
-                for wk, b in zip(w, bs, strict=True):
-                    acc = accumulate(acc, wk, b)
-                assert acc is not None
-                out[spec.name] = mats.finish(acc)
-                continue
-            g = gram_rows(bs[0])
-            for b in bs[1:]:
-                np.add(g, gram_rows(b), out=g)
-            lam, u = spectrum(g)
-            live = [j for j, x in enumerate(lam) if x > mats.m * DROP * lam[0]] if lam and lam[0] > 0.0 else []
-            if not live:
-                out[spec.name] = mats.finish(np.zeros_like(bs[0]))
-                continue
-            r = len(live)
-            ur = u[:, :r]
-            s = np.array([math.sqrt(lam[j]) for j in range(r)])
-            vs = [matmul(ur.T, b) for b in bs]
-            for v in vs:
-                v /= s[:, None]
-            merged = ties_coordinates(vs, w, params.density)
-            out[spec.name] = mats.finish(matmul(ur, np.multiply(merged, s[:, None], out=merged)))
+            # As in _Truncating: contributions on the kernel threads, one thread per product;
+            # sums are still taken in contribution order, so the bytes do not change.
+            workers = min(get_threads(), len(mats)) if mats.m >= PARALLEL_RANK else 1
+            if workers > 1:
+                with ThreadPoolExecutor(max_workers=workers) as pool:
+                    out[spec.name] = self._tensor(mats, w, params, pool.map, 1)
+            else:
+                out[spec.name] = self._tensor(mats, w, params, map, 0)
         return out
+
+    def _tensor(self, mats: TaskMatrices, w: list[float], params: KnotParams,
+                run: Callable[..., Iterator[Any]], inner: int) -> npt.NDArray[Any]:
+        """One tensor's merge; ``run`` maps over contributions (in order), ``inner`` is
+        the thread count of each product (as for :func:`matmul`)."""
+        bs = list(run(mats.get, range(len(mats))))
+        if params.method == "linear":
+            acc: F64 | None = None
+            for wk, b in zip(w, bs, strict=True):
+                acc = accumulate(acc, wk, b)
+            assert acc is not None
+            return mats.finish(acc)
+        g: F64 | None = None
+        for part in run(lambda b: gram_rows(b, threads=inner), bs):
+            g = part if g is None else np.add(g, part, out=g)
+        assert g is not None
+        lam, u = spectrum(g)
+        live = [j for j, x in enumerate(lam) if x > mats.m * DROP * lam[0]] if lam and lam[0] > 0.0 else []
+        if not live:
+            return mats.finish(np.zeros_like(bs[0]))
+        r = len(live)
+        ur = u[:, :r]
+        s = np.array([math.sqrt(lam[j]) for j in range(r)])
+
+        def coordinates(b: F64) -> F64:
+            v = matmul(ur.T, b, threads=inner)
+            v /= s[:, None]
+            return v
+
+        merged = ties_coordinates(list(run(coordinates, bs)), w, params.density)
+        return mats.finish(matmul(ur, np.multiply(merged, s[:, None], out=merged)))
 
 
 @dataclass(frozen=True)
