@@ -209,6 +209,13 @@ cdef extern from *:
         return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
     }
 
+    /* Eight doubles as one GCC vector: element-wise IEEE operations, lowered to the widest
+       registers of each clone. Unaligned loads and stores by macro (a vector return value
+       would change the ABI of the narrower clones). */
+    typedef double mm_v8d __attribute__((vector_size(64)));
+    #define MM_LD8(p) __extension__({ mm_v8d v_; memcpy(&v_, (p), sizeof v_); v_; })
+    #define MM_ST8(p, v) __extension__({ mm_v8d w_ = (v); memcpy((p), &w_, sizeof w_); })
+
     /* One row of the symmetric product p = A v from the upper triangle: row points at the
        diagonal entry A[i][i], v and p at index i, len = entries from the diagonal on.
        p[t] += v[0] * row[t] (the row as a column), then p[0] += row[1:] . v[1:]. */
@@ -219,18 +226,35 @@ cdef extern from *:
     }
 
     /* The rank-2 update row[t] -= v_i w[t] + w_i v[t] of an upper-triangle row (pointers at
-       the diagonal), then its mm_symv_row for the next step's product (vn, pn at index i). */
+       the diagonal), then its mm_symv_row for the next step's product (vn, pn at index i).
+       The dot product row[1:] . vn[1:] is accumulated while the row is updated (lane
+       (t - 1) mod 8 for entry t, as mm_dot8 sums it), so its chain of additions overlaps
+       the update instead of following it. */
     MM_CLONES static void mm_rank2_symv(double *restrict row, const double *restrict v,
                                         const double *restrict w, Py_ssize_t len,
                                         const double *restrict vn, double *restrict pn)
     {
         double vi = v[0], wi = w[0], f = vn[0];
-        for (Py_ssize_t t = 0; t < len; t++) {
-            double r = row[t] - (vi * w[t] + wi * v[t]);
-            row[t] = r;
-            pn[t] = pn[t] + f * r;
+        double r = row[0] - (vi * w[0] + wi * v[0]);
+        row[0] = r;
+        pn[0] = pn[0] + f * r;
+        mm_v8d acc = {0};
+        Py_ssize_t t = 1;
+        for (; t + 8 <= len; t += 8) {
+            mm_v8d x = MM_LD8(row + t) - (vi * MM_LD8(w + t) + wi * MM_LD8(v + t));
+            MM_ST8(row + t, x);
+            MM_ST8(pn + t, MM_LD8(pn + t) + f * x);
+            acc = acc + x * MM_LD8(vn + t);
         }
-        pn[0] = pn[0] + mm_dot8(row + 1, vn + 1, len - 1);
+        double l[8];
+        memcpy(l, &acc, sizeof l);
+        for (int q = 0; t < len; t++, q++) {
+            double x = row[t] - (vi * w[t] + wi * v[t]);
+            row[t] = x;
+            pn[t] = pn[t] + f * x;
+            l[q] = l[q] + x * vn[t];
+        }
+        pn[0] = pn[0] + (((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])));
     }
 
     /* The rank-2 update alone. */
@@ -547,13 +571,6 @@ cdef extern from *:
         for (Py_ssize_t i = n - 1; i >= 0; i--)
             for (int q = 0; q < cnt; q++) mm_solve_up(f + q * 6 * ld, n, ld, i, b + q * ld);
     }
-
-    /* Eight doubles as one GCC vector: element-wise IEEE operations, lowered to the widest
-       registers of each clone. Unaligned loads and stores by macro (a vector return value
-       would change the ABI of the narrower clones). */
-    typedef double mm_v8d __attribute__((vector_size(64)));
-    #define MM_LD8(p) __extension__({ mm_v8d v_; memcpy(&v_, (p), sizeof v_); v_; })
-    #define MM_ST8(p, v) __extension__({ mm_v8d w_ = (v); memcpy((p), &w_, sizeof w_); })
 
     /* The reflections on 32 columns of x (rows 32 apart): for s = n-3 .. 0, r = sum_i v_i
        x[s+1+i, :] (rows ascending), then x[s+1+i, :] -= (tau_s v_i) r, whose row updates
