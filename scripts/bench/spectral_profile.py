@@ -14,7 +14,7 @@ with a base, ``make_data``) and prints, per strategy and shape, the best wall ti
 ``strategy.run`` with the default kernel threads and with one thread, and for the
 one-thread run the time per task matrix (total / N) spent in each phase: ``order``
 (content_order: sha256 and NaN/Inf checks), ``widen`` (float32 -> float64, base
-subtraction, transpose: TaskMatrices), ``gram``, ``eigensolve`` (``spectrum``),
+subtraction, transpose: TaskMatrices), ``gram``, ``eigensolve`` (``spectrum``, ``eigh_top``),
 ``projection`` (U_k U_k^T B, and svd_knot_tying's U^T B_i and U S V^T), ``ties``
 (coordinate TIES), ``finish`` (back to float32) and ``other`` (the rest). Phases are
 measured by wrapping those functions of :mod:`meshmerge.crdt.strategies.spectral`
@@ -50,6 +50,7 @@ WRAPPED: dict[str, str] = {
     "content_order": "order",
     "gram_rows": "gram",
     "spectrum": "eigensolve",
+    "eigh_top": "eigensolve",
     "project": "projection",
     "matmul": "projection",
     "ties_coordinates": "ties",
