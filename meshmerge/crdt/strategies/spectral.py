@@ -30,12 +30,12 @@ different method: use ``ties`` or ``breadcrumbs`` for that); for
 the linear average) of the task vectors (crdt-merge: the weighted average).
 
 **Cost and limit.** Per matrix: the Gram (``m^2 L`` multiply-adds, threaded),
-an eigensolve and the projection (``2 k m L``). ``star`` and ``adarank`` take
-all eigenvalues but only the ``k`` vectors they keep (:func:`eigh_top`: ~5.0 ms
-at m = 256, ~30 ms at m = 512, ~0.2 s at m = 1024 for k = m/2, single-threaded
-on the shared 2-core development machine); ``svd_knot_tying`` needs every
-vector (:func:`eigh`: ~8 ms, ~66 ms, ~0.43 s). Contributions are decomposed in
-parallel on the kernel threads. ``m`` is capped at :data:`MAX_RANK` = 1024 so
+an eigensolve and the projection (``2 k m L``). All three take all eigenvalues
+but only the vectors they keep (:func:`eigh_top`, single-threaded on the shared
+2-core development machine: ~4.3 ms at m = 256, ~29 ms at m = 512, ~0.18 s at
+m = 1024 for k = m/2; ~7 ms, ~44 ms, ~0.27 s for every vector, which
+``svd_knot_tying`` usually keeps). Contributions are decomposed, and their
+products computed, in parallel on the kernel threads. ``m`` is capped at :data:`MAX_RANK` = 1024 so
 a merge cannot run for minutes per tensor; larger matrices raise a
 StrategyError naming the tensor. Memory: the float64 matrices of one tensor
 (for ``svd_knot_tying`` all N task matrices of one tensor at once).
@@ -84,9 +84,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -299,7 +299,7 @@ class _Truncating(Strategy):
                     rank = chosen[0][0]
                     return rank if rank < mats.m else 0  # full rank: no projection, no vectors
 
-                _, u = eigh_top(gram_rows(b, threads=inner), choose, complement=True)
+                _, u = eigh_top(gram_rows(b, threads=inner), choose, complement=True, threads=inner)
                 rank, factor = chosen[0]
                 if rank >= mats.m:
                     return w[k] * factor, b
@@ -415,16 +415,20 @@ class SvdKnotTying(Strategy):
         for part in run(lambda b: gram_rows(b, threads=inner), bs):
             g = part if g is None else np.add(g, part, out=g)
         assert g is not None
-        lam, u = spectrum(g)
-        live = [j for j, x in enumerate(lam) if x > mats.m * DROP * lam[0]] if lam and lam[0] > 0.0 else []
-        if not live:
+        def live(vals: F64) -> int:
+            """Components above ``m * DROP * lambda_max`` (a prefix: vals are descending)."""
+            top = float(vals[0]) if len(vals) else 0.0
+            return sum(1 for x in vals if x > mats.m * DROP * top) if top > 0.0 else 0
+
+        vals, ur = eigh_top(g, live)
+        r = ur.shape[1]
+        if r == 0:
             return mats.finish(np.zeros_like(bs[0]))
-        r = len(live)
-        ur = u[:, :r]
-        s = np.array([math.sqrt(lam[j]) for j in range(r)])
+        s = np.array([math.sqrt(float(vals[j])) for j in range(r)])
+        urt = np.ascontiguousarray(ur.T)
 
         def coordinates(b: F64) -> F64:
-            v = matmul(ur.T, b, threads=inner)
+            v = matmul(urt, b, threads=inner)
             v /= s[:, None]
             return v
 
