@@ -679,7 +679,9 @@ cdef extern from *:
 
     /* Columns j0 .. j0+w-1 (w <= 32) of x (n x k) := H_0 .. H_{n-3} applied to the vectors
        in rows j0 .. of vs (n apart): the group is copied into buf (n x w, contiguous, so
-       its rows fill consecutive cache lines whatever k is), reflected and copied out. */
+       its rows fill consecutive cache lines whatever k is), reflected and copied out,
+       each vector negated if its largest-magnitude component (the first on ties) is
+       negative (eigh's sign rule). */
     MM_CLONES static void mm_reflect_group(const double *a, Py_ssize_t ld, Py_ssize_t n,
                                            const double *tau, Py_ssize_t k, const double *vs,
                                            double *x, Py_ssize_t j0, int w, double *buf)
@@ -688,8 +690,23 @@ cdef extern from *:
             for (int j = 0; j < w; j++) buf[i * w + j] = vs[(j0 + j) * n + i];
         if (w == 32) mm_back_block32(a, ld, n, tau, buf);
         else mm_back_block(a, ld, n, tau, w, buf, w);
+        int flip[32];
+        for (int j = 0; j < w; j++) {
+            double big = -1.0, lead = 0.0;
+            for (Py_ssize_t i = 0; i < n; i++) {
+                double v = buf[i * w + j];
+                if (fabs(v) > big) {
+                    big = fabs(v);
+                    lead = v;
+                }
+            }
+            flip[j] = lead < 0.0;
+        }
         for (Py_ssize_t i = 0; i < n; i++)
-            for (int j = 0; j < w; j++) x[i * k + j0 + j] = buf[i * w + j];
+            for (int j = 0; j < w; j++) {
+                double v = buf[i * w + j];
+                x[i * k + j0 + j] = flip[j] ? -v : v;
+            }
     }
 
     /* x (n x k) := H_0 .. H_{n-3} V^T for the k vectors in the rows of vs: groups of 32
@@ -939,5 +956,5 @@ def eigh_top(a, choose, complement=False, *, int threads=0):
         _, full = eigh(a)
         x = np.ascontiguousarray(full[:, :cnt] if cnt != k else full[:, ::-1][:, :cnt])
         return values, x
-    return values, np.ascontiguousarray(_positive_lead(np.ascontiguousarray(x.T)).T)
+    return values, x
 

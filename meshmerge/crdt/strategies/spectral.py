@@ -238,9 +238,10 @@ def project(u: F64, k: int, b: F64, threads: int = 0) -> F64:
     return matmul(uk, matmul(uk.T, b, threads=threads), threads=threads)
 
 
-def accumulate(acc: F64 | None, w: float, part: F64) -> F64:
-    """``acc + w * part`` (``w * part`` when acc is None) in place: part is consumed."""
-    np.multiply(part, w, out=part)
+def accumulate(acc: F64 | None, part: F64) -> F64:
+    """``acc + part`` in place (part itself when acc is None): part is consumed. Callers
+    scale each part first, ``np.multiply(part, w, out=part)``: the same roundings as
+    ``acc + w * part``, and the scaling can run on the worker that made the part."""
     if acc is None:
         return part
     return np.add(acc, part, out=acc)
@@ -290,7 +291,7 @@ class _Truncating(Strategy):
             workers = min(get_threads(), len(mats)) if mats.m >= PARALLEL_RANK else 1
             inner = 1 if workers > 1 else 0
 
-            def truncated(k: int, mats: TaskMatrices = mats, inner: int = inner) -> tuple[float, F64]:
+            def truncated(k: int, mats: TaskMatrices = mats, inner: int = inner) -> F64:
                 b = mats.get(k)
                 chosen: list[tuple[int, float]] = []
 
@@ -302,16 +303,19 @@ class _Truncating(Strategy):
                 _, u = eigh_top(gram_rows(b, threads=inner), choose, complement=True, threads=inner)
                 rank, factor = chosen[0]
                 if rank >= mats.m:
-                    return w[k] * factor, b
-                if u.shape[1] == rank:
-                    return w[k] * factor, project(u, rank, b, inner)
-                return w[k] * factor, b - project(u, u.shape[1], b, inner)  # the trailing m - rank
+                    part = b
+                elif u.shape[1] == rank:
+                    part = project(u, rank, b, inner)
+                else:  # u holds the trailing m - rank vectors: b - U U^T b
+                    part = project(u, u.shape[1], b, inner)
+                    np.subtract(b, part, out=part)
+                return np.multiply(part, w[k] * factor, out=part)
 
             acc: F64 | None = None
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 parts = pool.map(truncated, range(len(mats))) if workers > 1 else map(truncated, range(len(mats)))
-                for coef, part in parts:
-                    acc = accumulate(acc, coef, part)
+                for part in parts:
+                    acc = accumulate(acc, part)
             assert acc is not None
             out[spec.name] = mats.finish(acc)
         return out
@@ -408,7 +412,7 @@ class SvdKnotTying(Strategy):
         if params.method == "linear":
             acc: F64 | None = None
             for wk, b in zip(w, bs, strict=True):
-                acc = accumulate(acc, wk, b)
+                acc = accumulate(acc, np.multiply(b, wk, out=b))
             assert acc is not None
             return mats.finish(acc)
         g: F64 | None = None
