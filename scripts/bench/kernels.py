@@ -320,8 +320,9 @@ COVERAGE: list[tuple[str, str, dict[str, Any], dict[str, Any], int]] = [
     ("representation_surgery", "representation_surgery", {"correction": "rescale"},
      {"correction_method": "rescale"}, 10_000_000),
     ("split_unlearn_merge", "split_unlearn_merge", {"fraction": 0.1}, {"target_fraction": 0.1}, 250_000),
-    # SVD-based: per-layer matrices (crdt-merge runs LAPACK SVDs; ours a Jacobi eigensolve of the
-    # Gram matrix, capped at min(rows, cols) <= 512). dual_projection only decomposes the N x N Gram.
+    # SVD-based: per-layer matrices (crdt-merge runs LAPACK SVDs; ours the deterministic eigensolver
+    # on the Gram matrix, capped at min(rows, cols) <= 1024; --small keeps these shapes).
+    # dual_projection only decomposes the N x N Gram.
     ("star (256x1024)", "star", {}, {}, 256 * 1024),
     ("adarank (256x1024)", "adarank", {}, {}, 256 * 1024),
     ("svd_knot_tying (256x1024)", "svd_knot_tying", {}, {}, 256 * 1024),
