@@ -379,6 +379,10 @@ def coverage_table(n: int, small: bool, only: set[str] | None = None) -> str:
             )
         except Exception as e:  # report, do not hide: their failure is a result too
             t_cm = f"failed: {type(e).__name__}"
+        # OpenBLAS's threads busy-wait for a while after crdt-merge's last LAPACK call; the
+        # next row's timing of ours (star 256 x 1024: 0.144-0.166 s right after, 0.116-0.126 s
+        # once they sleep) would pay for them. Half a second lets them go idle.
+        time.sleep(0.5)
         nb = n * m * 4
         if isinstance(t_cm, float):
             cells = [f"{t_cm:.3f}", f"{nb / t_cm / 1e9:.3f}", f"{t_cm / t_ours:.3g}x"]
