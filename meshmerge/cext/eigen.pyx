@@ -579,122 +579,75 @@ cdef extern from *:
             for (int q = 0; q < cnt; q++) mm_solve_up(f + q * 6 * ld, n, ld, i, b + q * ld);
     }
 
-    /* The reflections on 32 columns of x (rows 32 apart): for s = n-3 .. 0, r = sum_i v_i
-       x[s+1+i, :] (rows ascending), then x[s+1+i, :] -= (tau_s v_i) r, whose row updates
-       also accumulate step s-1's r (same operations, one pass over the rows instead of
-       two). Columns are independent, so one block runs every step with r and the next r
-       in registers (four vectors of eight: four independent chains) and its rows in L1/L2. */
-    static inline __attribute__((always_inline)) void mm_back_block32(const double *a, Py_ssize_t ld,
-                                                                      Py_ssize_t n, const double *tau,
-                                                                      double *x)
+    /* The reflections on 8 nv columns of x (nv = 1 .. 4 vectors of eight; rows 8 nv apart):
+       for s = n-3 .. 0, r = sum_i v_i x[s+1+i, :] (rows ascending), then x[s+1+i, :] -=
+       (tau_s v_i) r, whose row updates also accumulate step s-1's r (same operations, one
+       pass over the rows instead of two). Columns are independent, so one block runs every
+       step with r and the next r in registers (nv independent chains) and its rows in
+       L1/L2. nv is a constant at each call, so the loops over it unroll. */
+    static inline __attribute__((always_inline)) void mm_back_block(const double *a, Py_ssize_t ld,
+                                                                    Py_ssize_t n, const double *tau,
+                                                                    double *x, const int nv)
     {
-        mm_v8d zero = {0}, r0 = zero, r1 = zero, r2 = zero, r3 = zero;
+        const Py_ssize_t w = 8 * nv;
+        mm_v8d zero = {0}, r[4] = {zero, zero, zero, zero}, rn[4];
         int have_r = 0;
         for (Py_ssize_t s = n - 3; s >= 0; s--) {
             if (tau[s] == 0.0) continue;
             Py_ssize_t m = n - s - 1;
             const double *v = a + s * ld + s + 1;
-            double *xs = x + (s + 1) * 32;
+            double *xs = x + (s + 1) * w;
             if (!have_r) {
-                r0 = r1 = r2 = r3 = zero;
-                for (Py_ssize_t i = 0; i < m; i++) {
-                    const double *row = xs + i * 32;
-                    r0 = r0 + v[i] * MM_LD8(row);
-                    r1 = r1 + v[i] * MM_LD8(row + 8);
-                    r2 = r2 + v[i] * MM_LD8(row + 16);
-                    r3 = r3 + v[i] * MM_LD8(row + 24);
-                }
-            }
-            have_r = s >= 1 && tau[s - 1] != 0.0;
-            if (have_r) {
-                const double *vn = a + (s - 1) * ld + s, *top = x + s * 32;
-                mm_v8d n0 = zero + vn[0] * MM_LD8(top), n1 = zero + vn[0] * MM_LD8(top + 8);
-                mm_v8d n2 = zero + vn[0] * MM_LD8(top + 16), n3 = zero + vn[0] * MM_LD8(top + 24);
-                for (Py_ssize_t i = 0; i < m; i++) {
-                    double *row = xs + i * 32, f = tau[s] * v[i], g = vn[i + 1];
-                    mm_v8d y0 = MM_LD8(row) - f * r0, y1 = MM_LD8(row + 8) - f * r1;
-                    mm_v8d y2 = MM_LD8(row + 16) - f * r2, y3 = MM_LD8(row + 24) - f * r3;
-                    MM_ST8(row, y0);
-                    MM_ST8(row + 8, y1);
-                    MM_ST8(row + 16, y2);
-                    MM_ST8(row + 24, y3);
-                    n0 = n0 + g * y0;
-                    n1 = n1 + g * y1;
-                    n2 = n2 + g * y2;
-                    n3 = n3 + g * y3;
-                }
-                r0 = n0;
-                r1 = n1;
-                r2 = n2;
-                r3 = n3;
-            } else {
-                for (Py_ssize_t i = 0; i < m; i++) {
-                    double *row = xs + i * 32, f = tau[s] * v[i];
-                    MM_ST8(row, MM_LD8(row) - f * r0);
-                    MM_ST8(row + 8, MM_LD8(row + 8) - f * r1);
-                    MM_ST8(row + 16, MM_LD8(row + 16) - f * r2);
-                    MM_ST8(row + 24, MM_LD8(row + 24) - f * r3);
-                }
-            }
-        }
-    }
-
-    /* The same on w <= 32 columns, rows k apart, in plain loops (a last, narrower group). */
-    static void mm_back_block(const double *a, Py_ssize_t ld, Py_ssize_t n, const double *tau, Py_ssize_t k,
-                              double *x, int w)
-    {
-        double r[32], rn[32];
-        int have_r = 0;
-        for (Py_ssize_t s = n - 3; s >= 0; s--) {
-            if (tau[s] == 0.0) continue;
-            Py_ssize_t m = n - s - 1;
-            const double *v = a + s * ld + s + 1;
-            double *xs = x + (s + 1) * k;
-            if (!have_r) {
-                for (int j = 0; j < w; j++) r[j] = 0.0;
+                for (int q = 0; q < nv; q++) r[q] = zero;
                 for (Py_ssize_t i = 0; i < m; i++)
-                    for (int j = 0; j < w; j++) r[j] = r[j] + v[i] * xs[i * k + j];
+                    for (int q = 0; q < nv; q++) r[q] = r[q] + v[i] * MM_LD8(xs + i * w + 8 * q);
             }
             have_r = s >= 1 && tau[s - 1] != 0.0;
             if (have_r) {
-                const double *vn = a + (s - 1) * ld + s;
-                for (int j = 0; j < w; j++) rn[j] = 0.0 + vn[0] * x[s * k + j];
+                const double *vn = a + (s - 1) * ld + s, *top = x + s * w;
+                for (int q = 0; q < nv; q++) rn[q] = zero + vn[0] * MM_LD8(top + 8 * q);
                 for (Py_ssize_t i = 0; i < m; i++) {
-                    double f = tau[s] * v[i], g = vn[i + 1];
-                    for (int j = 0; j < w; j++) {
-                        double y = xs[i * k + j] - f * r[j];
-                        xs[i * k + j] = y;
-                        rn[j] = rn[j] + g * y;
+                    double *row = xs + i * w, f = tau[s] * v[i], g = vn[i + 1];
+                    for (int q = 0; q < nv; q++) {
+                        mm_v8d y = MM_LD8(row + 8 * q) - f * r[q];
+                        MM_ST8(row + 8 * q, y);
+                        rn[q] = rn[q] + g * y;
                     }
                 }
-                for (int j = 0; j < w; j++) r[j] = rn[j];
+                for (int q = 0; q < nv; q++) r[q] = rn[q];
             } else {
                 for (Py_ssize_t i = 0; i < m; i++) {
-                    double f = tau[s] * v[i];
-                    for (int j = 0; j < w; j++) xs[i * k + j] = xs[i * k + j] - f * r[j];
+                    double *row = xs + i * w, f = tau[s] * v[i];
+                    for (int q = 0; q < nv; q++) MM_ST8(row + 8 * q, MM_LD8(row + 8 * q) - f * r[q]);
                 }
             }
         }
     }
 
     /* Columns j0 .. j0+w-1 (w <= 32) of x (n x k) := H_0 .. H_{n-3} applied to the vectors
-       in rows j0 .. of vs (n apart): the group is copied into buf (n x w, contiguous, so
-       its rows fill consecutive cache lines whatever k is), reflected and copied out,
-       each vector negated if its largest-magnitude component (the first on ties) is
-       negative (eigh's sign rule). */
+       in rows j0 .. of vs (n apart): the group is copied into buf (n rows of the next
+       multiple of 8 >= w, zero-padded, contiguous, so its rows fill consecutive cache lines
+       whatever k is; the zero columns stay zero and change no other column), reflected and
+       copied out, each vector negated if its largest-magnitude component (the first on
+       ties) is negative (eigh's sign rule). */
     MM_CLONES static void mm_reflect_group(const double *a, Py_ssize_t ld, Py_ssize_t n,
                                            const double *tau, Py_ssize_t k, const double *vs,
                                            double *x, Py_ssize_t j0, int w, double *buf)
     {
+        int nv = (w + 7) / 8, wp = 8 * nv;
         for (Py_ssize_t i = 0; i < n; i++)
-            for (int j = 0; j < w; j++) buf[i * w + j] = vs[(j0 + j) * n + i];
-        if (w == 32) mm_back_block32(a, ld, n, tau, buf);
-        else mm_back_block(a, ld, n, tau, w, buf, w);
+            for (int j = 0; j < wp; j++) buf[i * wp + j] = j < w ? vs[(j0 + j) * n + i] : 0.0;
+        switch (nv) {
+        case 1: mm_back_block(a, ld, n, tau, buf, 1); break;
+        case 2: mm_back_block(a, ld, n, tau, buf, 2); break;
+        case 3: mm_back_block(a, ld, n, tau, buf, 3); break;
+        default: mm_back_block(a, ld, n, tau, buf, 4); break;
+        }
         int flip[32];
         for (int j = 0; j < w; j++) {
             double big = -1.0, lead = 0.0;
             for (Py_ssize_t i = 0; i < n; i++) {
-                double v = buf[i * w + j];
+                double v = buf[i * wp + j];
                 if (fabs(v) > big) {
                     big = fabs(v);
                     lead = v;
@@ -704,7 +657,7 @@ cdef extern from *:
         }
         for (Py_ssize_t i = 0; i < n; i++)
             for (int j = 0; j < w; j++) {
-                double v = buf[i * w + j];
+                double v = buf[i * wp + j];
                 x[i * k + j0 + j] = flip[j] ? -v : v;
             }
     }
